@@ -1,0 +1,3 @@
+"""Piccolo field spectrometer server on Twisted."""
+
+__version__ = "0.1.0"

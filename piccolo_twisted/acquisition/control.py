@@ -1,0 +1,471 @@
+"""/control: settings, batches of dark and light sequences, autointegration.
+
+A batch is a coroutine on the reactor: shutters are pulsed with the clock,
+every connected spectrometer acquires in parallel (each in its own worker
+thread, serialised per device), files are written in worker threads while
+the next acquisitions run. ``abort`` and ``pause`` take effect at the next
+step: within one integration time.
+"""
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from ..api import Resource
+from ..datadir import DataDir, check_run_name
+from ..errors import BusyError, PiccoloError
+from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
+from ..observable import Observable
+from ..values import to_float, to_int
+from . import pico
+from .autointegrate import AutoIntegration
+
+
+class Aborted(Exception):
+    """The batch was aborted."""
+
+
+class BatchFailed(Exception):
+    """The batch cannot go on (no device left, files cannot be written)."""
+
+
+class Control:
+    log = Logger()
+
+    def __init__(self, instrument, datadir, clock, to_thread=threads.deferToThread):
+        self.instrument = instrument
+        self.datadir = datadir
+        self.clock = clock
+        self.to_thread = to_thread
+        self.scheduler = None
+        self.num_sequences = Observable(1)
+        self.autointegration = Observable(0)
+        self.delay = Observable(0.0)
+        self.target = Observable(80)
+        self.status = Observable("idle")
+        self.current_sequence = Observable(-1)
+        self.fault = Observable("")
+        self.files_written = 0
+        self._task = None
+        self._abort = False
+        self._paused = False
+        self._resume = None
+        self._wait = None
+        self._writes = defer.DeferredLock()
+        self._write_failed = None
+
+    # -- state --------------------------------------------------------------
+
+    @property
+    def busy(self):
+        return self._task is not None
+
+    def _start(self, kind, coro):
+        if self.busy:
+            raise BusyError()
+        self._abort = False
+        self._paused = False
+        self._write_failed = None
+        self.fault.set("")
+        if self.instrument.leds is not None:
+            self.instrument.leds.recording(True)
+        d = defer.Deferred.fromCoroutine(self._guarded(coro))
+        self._task = d
+
+        def finished(result):
+            self._task = None
+            self.current_sequence.set(-1)
+            self.status.set("idle")
+            for s in self.instrument.spectrometers:
+                s.set_busy(IDLE)
+            if self.instrument.leds is not None:
+                self.instrument.leds.recording(False)
+            return result
+
+        def failed(f):
+            if f.check(Aborted):
+                self.log.info("{kind} aborted", kind=kind)
+            elif f.check(BatchFailed):
+                self.fault.set(str(f.value))
+                self.log.error("{kind} stopped: {why}", kind=kind, why=f.value)
+            else:
+                self.fault.set(f"unexpected error: {f.value}")
+                self.log.failure("{kind} failed", f, kind=kind)
+            return None
+        d.addErrback(failed)
+        d.addBoth(finished)
+        return d
+
+    async def _guarded(self, coro):
+        """Run a procedure; whatever happens, let queued files complete and
+        leave every shutter closed."""
+        try:
+            await coro
+        finally:
+            await self._writes.run(lambda: None)
+            try:
+                await self.instrument.shutters.only(None)
+            except Exception:
+                self.log.failure("closing the shutters failed")
+
+    async def _checkpoint(self):
+        if self._abort:
+            raise Aborted()
+        if self._write_failed is not None:
+            raise BatchFailed(self._write_failed)
+        if self._paused:
+            previous = self.status.value
+            self.status.set("paused")
+            self.log.info("paused")
+            self._resume = defer.Deferred()
+            await self._resume
+            self._resume = None
+            if self._abort:
+                raise Aborted()
+            self.status.set(previous)
+            self.log.info("resumed")
+
+    async def _sleep(self, seconds):
+        if seconds <= 0:
+            return
+        d = defer.Deferred()
+        call = self.clock.callLater(seconds, d.callback, None)
+        self._wait = (d, call)
+        try:
+            await d
+        finally:
+            self._wait = None
+
+    # -- acquisition steps -------------------------------------------------
+
+    def _devices(self):
+        devices = self.instrument.spectrometers.connected()
+        if not devices:
+            raise BatchFailed("no spectrometer is connected")
+        return devices
+
+    async def _acquire_channel(self, channel, dark, devices, state):
+        """Acquire ``channel`` on every device in parallel; [(device, reading)]."""
+        for s in devices:
+            s.set_busy(state)
+        results = await defer.DeferredList(
+            [s.acquire(s.current_time[channel].value) for s in devices],
+            consumeErrors=True)
+        good = []
+        for s, (ok, value) in zip(devices, results):
+            if ok:
+                good.append((s, value))
+            else:
+                self.log.error("{name}: {channel} {kind} failed: {error}",
+                               name=s.name, channel=channel,
+                               kind="dark" if dark else "light",
+                               error=value.getErrorMessage())
+        if not good:
+            raise BatchFailed(f"no spectrometer delivered a {channel} spectrum")
+        return good
+
+    async def _record_set(self, dark, sequence, batch, run, devices):
+        """One dark or light set: every channel on every device."""
+        spectra = []
+        shutters = self.instrument.shutters
+        kind = "dark" if dark else "light"
+        for channel in self.instrument.channels:
+            await self._checkpoint()
+            self.status.set(f"{channel} {kind}")
+            await shutters.only(None if dark else channel)
+            try:
+                results = await self._acquire_channel(channel, dark, devices, RECORDING)
+            finally:
+                if not dark:
+                    await shutters.only(None)
+            for s, reading in results:
+                spectra.append(pico.spectrum(
+                    s.metadata(channel, reading), reading.pixels, channel,
+                    dark, sequence, batch, run))
+            devices = [s for s in devices if s.connected] or devices
+        return spectra
+
+    async def _autointegrate(self, devices, target):
+        """Find integration times for every channel and device."""
+        shutters = self.instrument.shutters
+        for channel in self.instrument.channels:
+            await self._checkpoint()
+            self.status.set(f"autointegrate {channel}")
+            jobs = {s: AutoIntegration(target, s.info.saturation, s.min_time.value,
+                                       s.max_time.value, s.current_time[channel].value,
+                                       s.info.dark_pixels)
+                    for s in devices if s.connected}
+            await shutters.only(channel)
+            try:
+                while True:
+                    todo = [s for s, job in jobs.items() if not job.done and s.connected]
+                    if not todo:
+                        break
+                    await self._checkpoint()
+                    for s in todo:
+                        s.set_busy(AUTOINTEGRATING)
+                    results = await defer.DeferredList(
+                        [s.acquire(jobs[s].next_time) for s in todo], consumeErrors=True)
+                    for s, (ok, value) in zip(todo, results):
+                        if ok:
+                            jobs[s].feed(value.integration_time, value.pixels)
+                        else:
+                            jobs[s]._finish("f", s.current_time[channel].value)
+            finally:
+                await shutters.only(None)
+            for s, job in jobs.items():
+                if job.result is not None and s.connected:
+                    s.current_time[channel].set(
+                        min(max(job.result, s.min_time.value), s.max_time.value))
+                s.auto_state[channel].set(job.state)
+                self.log.info("{name}: {channel} autointegration {state} at {t} ms "
+                              "after {n} acquisitions", name=s.name, channel=channel,
+                              state=job.state, t=job.result, n=job.steps)
+
+    def _write(self, run, name, spectra, clobber):
+        """Queue a file write; failures stop the batch at its next step."""
+        data_dir = self.datadir.run_path(run).path
+
+        def encode_and_write():
+            return pico.write_atomic(data_dir, name, pico.encode(pico.document(spectra)),
+                                     clobber=clobber)
+
+        def written(_):
+            self.files_written += 1
+            self.datadir.files_written.set(self.files_written)
+
+        def failed(f):
+            f.trap(OSError)
+            message = f"cannot write {name}: {f.value.strerror or f.value}"
+            if self._write_failed is None:
+                self._write_failed = message
+            self.log.error("{message}", message=message)
+        # counting inside the lock: a flush sees every earlier write counted
+        return self._writes.run(
+            lambda: self.to_thread(encode_and_write).addCallbacks(written, failed))
+
+    async def _flush_writes(self):
+        await self._writes.run(lambda: None)
+        if self._write_failed is not None:
+            raise BatchFailed(self._write_failed)
+
+    async def _prepare_run(self, run):
+        await self.datadir.ensure_run(run)
+        path = self.datadir.run_path(run).path
+        await self.to_thread(pico.remove_leftovers, path)
+        return await self.to_thread(DataDir.highest_batch, path) + 1
+
+    # -- procedures --------------------------------------------------------
+
+    async def _batch(self, run, nsequence, auto, delay, target):
+        split = self.instrument.config.split
+        clobber = self.instrument.config.clobber
+        batch = await self._prepare_run(run)
+        self.log.info("batch {batch} of run {run}: {n} sequences, autointegration "
+                      "{auto}, delay {delay} s", batch=batch, run=run, n=nsequence,
+                      auto=auto, delay=delay)
+        written_before = self.files_written
+        if auto == 0:
+            await self._autointegrate(self._devices(), target)
+        dark_done = set()
+        pending_dark = None
+
+        def save(sequence, kind, spectra):
+            if split:
+                self._write(run, pico.file_name(batch, sequence, kind), spectra, clobber)
+            return spectra
+
+        for sequence in range(nsequence):
+            await self._checkpoint()
+            self.current_sequence.set(sequence)
+            devices = self._devices()
+            dark = None
+            if auto > 0 and sequence % auto == 0:
+                await self._autointegrate(devices, target)
+                dark = await self._record_set(True, sequence, batch, run, devices)
+            elif sequence == 0 and auto < 1:
+                dark = await self._record_set(True, sequence, batch, run, devices)
+            light = await self._record_set(False, sequence, batch, run, devices)
+            if dark is not None:
+                save(sequence, "dark", dark)
+                dark_done.add(sequence)
+            save(sequence, "light", light)
+            if not split:
+                self._write(run, pico.file_name(batch, sequence),
+                            (dark or []) + light, clobber)
+            if sequence < nsequence - 1:
+                self.status.set("waiting")
+                await self._sleep(delay)
+        if nsequence > 1:
+            await self._checkpoint()
+            last = nsequence - 1
+            final_seq = last if (split and last not in dark_done) else nsequence
+            dark = await self._record_set(True, final_seq, batch, run, self._devices())
+            if split:
+                save(final_seq, "dark", dark)
+            else:
+                self._write(run, pico.file_name(batch, final_seq), dark, clobber)
+        await self._flush_writes()
+        self.log.info("batch {batch} of run {run} done: {n} files written",
+                      batch=batch, run=run, n=self.files_written - written_before)
+
+    async def _dark_only(self, run):
+        batch = await self._prepare_run(run)
+        self.current_sequence.set(0)
+        dark = await self._record_set(True, 0, batch, run, self._devices())
+        name = (pico.file_name(batch, 0, "dark") if self.instrument.config.split
+                else pico.file_name(batch, 0))
+        self._write(run, name, dark, self.instrument.config.clobber)
+        await self._flush_writes()
+        self.log.info("dark sequence written: run {run} batch {batch}", run=run, batch=batch)
+
+    async def _auto_only(self, target):
+        await self._autointegrate(self._devices(), target)
+
+    async def shutdown(self):
+        """Stop a running batch cleanly and wait for it (service stop)."""
+        if self._task is not None:
+            task = self._task
+            self.abort()
+            await task
+        await self.instrument.shutters.close_all()
+
+    # -- the CoAP-facing operations ----------------------------------------
+
+    @staticmethod
+    def _check_target(value):
+        value = to_float(value, "target", lo=10, hi=90)
+        return int(value) if value == int(value) else value
+
+    def set_num_sequences(self, value):
+        self.num_sequences.set(to_int(value, "numSequences", lo=1, hi=1000000))
+
+    def set_autointegration(self, value):
+        self.autointegration.set(to_int(value, "autointegration", lo=-1, hi=1000000))
+
+    def set_delay(self, value):
+        self.delay.set(to_float(value, "delay", lo=0.0, hi=7 * 24 * 3600.0))
+
+    def set_target(self, value):
+        self.target.set(self._check_target(value))
+
+    def validate_record(self, run=None, nsequence=None, auto=None, delay=None,
+                        target=None):
+        """Checked settings for a batch, falling back to the current ones."""
+        return dict(
+            run=check_run_name(run) if run is not None else self.datadir.current_run.value,
+            nsequence=(to_int(nsequence, "nsequence", lo=1, hi=1000000)
+                       if nsequence is not None else self.num_sequences.value),
+            auto=(to_int(auto, "auto", lo=-1, hi=1000000)
+                  if auto is not None else self.autointegration.value),
+            delay=(to_float(delay, "delay", lo=0.0, hi=7 * 24 * 3600.0)
+                   if delay is not None else self.delay.value),
+            target=(self._check_target(target) if target is not None
+                    else self.target.value))
+
+    def record_sequence(self, run=None, nsequence=None, auto=None, delay=None,
+                        target=None, at_time=None, interval=None, end_time=None):
+        given = dict(nsequence=nsequence, auto=auto, delay=delay, target=target)
+        job = self.validate_record(run, nsequence, auto, delay, target)
+        if at_time is not None:
+            if self.scheduler is None:
+                raise PiccoloError("no scheduler")
+            job_id = self.scheduler.add("record", job, at_time, interval, end_time)
+            self.log.info("scheduled record_sequence job {id}", id=job_id)
+            return None
+        if interval is not None or end_time is not None:
+            raise PiccoloError("interval and end_time need at_time")
+        return self.run_record(job, update_settings=given)
+
+    def run_record(self, job, update_settings=None):
+        """Start a batch now (used by the scheduler too); BusyError if busy."""
+        if self.busy:
+            raise BusyError()
+        if update_settings:
+            for key, obs in (("nsequence", self.num_sequences), ("auto", self.autointegration),
+                             ("delay", self.delay), ("target", self.target)):
+                if update_settings.get(key) is not None:
+                    obs.set(job[key])
+        run = job["run"]
+        if run != self.datadir.current_run.value:
+            self.datadir.current_run.set(run)
+        self._start("batch", self._batch(run, job["nsequence"], job["auto"],
+                                         job["delay"], job["target"]))
+        return None
+
+    def record_dark(self, run=None):
+        run = check_run_name(run) if run is not None else self.datadir.current_run.value
+        if self.busy:
+            raise BusyError()
+        if run != self.datadir.current_run.value:
+            self.datadir.current_run.set(run)
+        self._start("dark sequence", self._dark_only(run))
+
+    def auto(self, target=None):
+        target = self._check_target(target) if target is not None else self.target.value
+        if self.busy:
+            raise BusyError()
+        self._start("autointegration", self._auto_only(target))
+
+    def _power(self, on, at_time):
+        if at_time is not None:
+            if self.scheduler is None:
+                raise PiccoloError("no scheduler")
+            self.scheduler.add("power_on" if on else "power_off", None, at_time,
+                               24 * 3600, None)
+            return None
+        if self.busy:
+            raise BusyError()
+        spectrometers = self.instrument.spectrometers
+        d = spectrometers.power_on_all() if on else spectrometers.power_off_all()
+        d.addErrback(lambda f: self.log.failure("power switching failed", f))
+        return None
+
+    def power_on(self, at_time=None):
+        return self._power(True, at_time)
+
+    def power_off(self, at_time=None):
+        return self._power(False, at_time)
+
+    def abort(self):
+        if not self.busy:
+            raise PiccoloError("nothing to abort: piccolo system is idle")
+        self._abort = True
+        if self._wait is not None:
+            d, call = self._wait
+            if call.active():
+                call.cancel()
+            d.callback(None)
+        if self._resume is not None:
+            self._resume.callback(None)
+        self.log.info("abort requested")
+
+    def pause(self):
+        if not self.busy:
+            raise PiccoloError("nothing to pause: piccolo system is idle")
+        if self._paused:
+            self._paused = False
+            if self._resume is not None:
+                self._resume.callback(None)
+        else:
+            self._paused = True
+
+    def resources(self):
+        def setting(obs, setter):
+            return Resource(get=lambda: obs.value, put=setter, observe=obs)
+        return {
+            "status": Resource(get=lambda: self.status.value, observe=self.status),
+            "current_sequence": Resource(get=lambda: self.current_sequence.value),
+            "fault": Resource(get=lambda: self.fault.value, observe=self.fault),
+            "numSequences": setting(self.num_sequences, self.set_num_sequences),
+            "autointegration": setting(self.autointegration, self.set_autointegration),
+            "delay": setting(self.delay, self.set_delay),
+            "target": setting(self.target, self.set_target),
+            "record_sequence": Resource(put=self.record_sequence),
+            "record_dark": Resource(put=self.record_dark),
+            "auto": Resource(put=self.auto),
+            "power_on": Resource(put=self.power_on),
+            "power_off": Resource(put=self.power_off),
+            "abort": Resource(get=self.abort),
+            "pause": Resource(get=self.pause),
+        }
+

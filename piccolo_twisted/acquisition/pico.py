@@ -1,0 +1,123 @@
+"""Spectra, .pico JSON documents and atomic, never-overwriting file writes.
+
+``write_atomic`` runs in a worker thread: temporary file in the same
+directory, write, flush, fsync, publish (a hard link, which fails rather
+than overwrite; rename where the file system has no links), fsync of the
+directory. A crash or power cut leaves the whole file or none.
+"""
+
+import errno
+import json
+import os
+from datetime import datetime, timezone
+
+DATETIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f%z"
+
+
+def timestamp(when=None):
+    when = when or datetime.now(timezone.utc)
+    return when.strftime(DATETIME_FORMAT)
+
+
+def spectrum(metadata, pixels, direction, dark, sequence, batch, run, when=None):
+    meta = dict(metadata)
+    meta.update({
+        "Direction": direction,
+        "Dark": bool(dark),
+        "Type": "dark" if dark else "light",
+        "Datetime": timestamp(when),
+        "SequenceNumber": sequence,
+        "Batch": batch,
+        "Run": run,
+    })
+    return {"Metadata": meta, "Pixels": list(pixels)}
+
+
+def document(spectra):
+    return {"Spectra": list(spectra)}
+
+
+def encode(doc):
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def file_name(batch, sequence, kind=None):
+    """``b000001_s000002_light.pico``; kind None gives the unsplit name."""
+    suffix = f"_{kind}" if kind else ""
+    return f"b{batch:06d}_s{sequence:06d}{suffix}.pico"
+
+
+class FileExists(OSError):
+    pass
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(directory, name, data, clobber=False, fsync=os.fsync):
+    """Write ``data`` to ``directory/name`` atomically (thread side)."""
+    final = os.path.join(directory, name)
+    if not clobber and os.path.lexists(final):
+        raise FileExists(errno.EEXIST, f"{name} exists already", final)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            fsync(fd)
+        finally:
+            os.close(fd)
+        if clobber:
+            os.replace(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    raise FileExists(errno.EEXIST, f"{name} exists already", final) from None
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                # no hard links (FAT): rename; we are the only writer
+                if os.path.lexists(final):
+                    raise FileExists(errno.EEXIST, f"{name} exists already", final) from None
+                os.rename(tmp, final)
+            else:
+                os.unlink(tmp)
+        _fsync_dir(directory)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return final
+
+
+def remove_leftovers(directory):
+    """Delete temporary files a crash left behind (thread side)."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp") and ".pico." in name:
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed

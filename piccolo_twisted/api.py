@@ -1,0 +1,22 @@
+"""How components declare their CoAP resources, without knowing CoAP.
+
+A component returns a dict mapping a path (``"status"``,
+``"S_QEP1/current_time"``) to a :class:`Resource`. ``coap.site`` builds the
+txThings tree from it.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+@dataclass
+class Resource:
+    #: GET handler: called with the path arguments; returns a JSON-able value.
+    get: Optional[Callable] = None
+    #: PUT handler: called with path args, then the payload's args and kwargs.
+    put: Optional[Callable] = None
+    #: An Observable, or (for path-parsing resources) a callable mapping path
+    #: args to an Observable; makes the resource observable.
+    observe: object = None
+    #: Remaining path segments become the first positional arguments.
+    parse_path: bool = False

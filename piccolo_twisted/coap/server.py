@@ -1,0 +1,19 @@
+"""The UDP service that serves a Site over CoAP."""
+
+from twisted.application import internet
+
+from .protocol import ServerCoap
+from .site import Site
+
+
+def coap_service(components, address="::", port=5683, clock=None):
+    """A ``UDPServer`` (binds in privilegedStartService) for the components.
+
+    ``maxPacketSize`` is the largest UDP datagram: Twisted's default of 8192
+    cut larger PUTs short (#13); bodies over the Block1 limit get 4.13.
+    """
+    protocol = ServerCoap(Site(components), clock=clock)
+    service = internet.UDPServer(port, protocol, interface=address,
+                                 maxPacketSize=65535)
+    service.protocol = protocol
+    return service

@@ -1,0 +1,245 @@
+"""Components' declared resources -> a txThings resource tree, and the rules
+of API.md for payloads and errors.
+
+- PUT payloads are JSON, turned into call arguments (``[[args], {kw}]``,
+  a list, an object, or one value); path arguments come first.
+- Results are JSON (content-format 50), 2.05 for GET and 2.04 for PUT.
+- ``PiccoloError`` -> 4.00 with its message (``NotFoundError`` 4.04,
+  ``MethodNotAllowedError`` 4.05); anything else -> 5.00, traceback logged,
+  never sent (#3, #4).
+- ``/.well-known/core`` is our own link-format resource (#1).
+"""
+
+import inspect
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError
+from . import _tx, _txresource
+
+JSON = 50
+LINK_FORMAT = 40
+TEXT = 0
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_arguments(payload):
+    """Turn a PUT payload into (args, kwargs) following API.md."""
+    if not payload:
+        return (), {}
+    try:
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PiccoloError(f"payload is not valid JSON: {e}") from None
+    if (isinstance(value, list) and len(value) == 2
+            and isinstance(value[0], list) and isinstance(value[1], dict)):
+        return tuple(value[0]), value[1]
+    if isinstance(value, list):
+        return tuple(value), {}
+    if isinstance(value, dict):
+        return (), value
+    return (value,), {}
+
+
+def encode_json(value):
+    if value is None:
+        return b""
+    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+class Leaf(_txresource.CoAPResource):
+    """A resource declared by a component (an ``api.Resource``)."""
+
+    def __init__(self, spec, path):
+        super().__init__()
+        self.spec = spec
+        self.path = path
+        self.visible = True
+        self.observable = spec.observe is not None
+        self.isLeaf = spec.parse_path
+        self.get_signature = _signature(spec.get)
+        self.put_signature = _signature(spec.put)
+
+    def observable_for(self, args):
+        observe = self.spec.observe
+        if observe is None:
+            return None
+        if callable(observe) and not hasattr(observe, "watch"):
+            return observe(*args)
+        return observe
+
+
+class Node(_txresource.CoAPResource):
+    """An inner node of the tree; children are keyed by bytes (#2)."""
+
+    def __init__(self):
+        super().__init__()
+
+    def put_child(self, name, child):
+        self.putChild(name.encode("utf-8"), child)
+
+
+def _signature(fn):
+    if fn is None:
+        return None
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+class WellKnownCore:
+    """Marker spec for /.well-known/core."""
+
+
+class Site:
+    """The resource tree and the request semantics of API.md."""
+
+    log = Logger()
+
+    def __init__(self, components):
+        """``components``: mapping prefix -> {path: api.Resource}."""
+        self.root = Node()
+        self.leaves = []
+        for prefix, resources in components.items():
+            for path, spec in resources.items():
+                full = "/".join(p for p in (prefix, path) if p)
+                self._add(full, Leaf(spec, full))
+        self._core = None
+        self._add(".well-known/core", WellKnownCore)
+
+    def _add(self, path, leaf):
+        node = self.root
+        parts = path.split("/")
+        for part in parts[:-1]:
+            key = part.encode("utf-8")
+            child = node.children.get(key)
+            if child is None:
+                child = Node()
+                node.put_child(part, child)
+            node = child
+        node.children[parts[-1].encode("utf-8")] = leaf
+        if isinstance(leaf, Leaf):
+            self.leaves.append(leaf)
+
+    def link_format(self):
+        if self._core is None:
+            links = []
+            for leaf in sorted(self.leaves, key=lambda l: l.path):
+                link = f"</{leaf.path}>"
+                if leaf.observable:
+                    link += ";obs"
+                links.append(link)
+            self._core = ",".join(links).encode("utf-8")
+        return self._core
+
+    def resolve(self, path):
+        """Return (leaf, path args) for a path tuple, or raise NotFoundError."""
+        node = self.root
+        for i, part in enumerate(path):
+            child = node.children.get(part.encode("utf-8"))
+            if child is None:
+                raise NotFoundError("no such resource: /" + "/".join(path))
+            if child is WellKnownCore or isinstance(child, Leaf):
+                rest = path[i + 1:]
+                if rest and (child is WellKnownCore or not child.spec.parse_path):
+                    raise NotFoundError("no such resource: /" + "/".join(path))
+                return child, tuple(rest)
+            node = child
+        raise NotFoundError("no such resource: /" + "/".join(path))
+
+    # -- the entry point used by the protocol -----------------------------
+
+    def handle(self, code, path, payload, observing=False):
+        """Handle one request.
+
+        Returns ``(code, body, content_format, observe_handle)`` or a Deferred
+        firing with it; ``observe_handle`` is ``(leaf, args, observable)``
+        when the resource can be observed, else None.
+        """
+        try:
+            leaf, args = self.resolve(path)
+        except NotFoundError as e:
+            return _tx.NOT_FOUND, str(e).encode(), TEXT, None
+        if leaf is WellKnownCore:
+            if code != _tx.GET:
+                return _tx.METHOD_NOT_ALLOWED, b"GET only", TEXT, None
+            return _tx.CONTENT, self.link_format(), LINK_FORMAT, None
+        handle = None
+        if code == _tx.GET:
+            if observing and leaf.observable:
+                try:
+                    observable = leaf.observable_for(args)
+                except Exception as e:
+                    return self._error(Failure(e), code) + (None,)
+                handle = (leaf, args, observable)
+            result = self._call(leaf.spec.get, leaf.get_signature, args, {}, code)
+        elif code == _tx.PUT:
+            if leaf.spec.put is None:
+                return self._not_allowed(leaf, code) + (None,)
+            try:
+                call_args, kwargs = parse_arguments(payload)
+            except PiccoloError as e:
+                return _tx.BAD_REQUEST, str(e).encode(), TEXT, None
+            result = self._call(leaf.spec.put, leaf.put_signature,
+                                args + call_args, kwargs, code)
+        else:
+            return self._not_allowed(leaf, code) + (None,)
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(lambda r: r + (handle,))
+        return result + (handle,)
+
+    def render_target(self, leaf, args):
+        """Render an observed resource for a notification."""
+        return self._call(leaf.spec.get, leaf.get_signature, args, {}, _tx.GET)
+
+    # -- helpers ----------------------------------------------------------
+
+    def _not_allowed(self, leaf, code):
+        methods = [m for m, f in (("GET", leaf.spec.get), ("PUT", leaf.spec.put)) if f]
+        method = _tx.requests.get(code, f"code {code}")
+        return (_tx.METHOD_NOT_ALLOWED,
+                f"{method} not allowed on /{leaf.path}; use {' or '.join(methods)}".encode(),
+                TEXT)
+
+    def _call(self, fn, signature, args, kwargs, code):
+        if fn is None:
+            return _tx.METHOD_NOT_ALLOWED, b"method not allowed", TEXT
+        if signature is not None and (args or kwargs):
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as e:
+                return _tx.BAD_REQUEST, f"bad arguments: {e}".encode(), TEXT
+        try:
+            result = fn(*args, **kwargs)
+        except Exception:
+            return self._error(Failure(), code)
+        if isinstance(result, defer.Deferred):
+            return result.addCallbacks(self._success, self._error,
+                                       callbackArgs=(code,), errbackArgs=(code,))
+        return self._success(result, code)
+
+    def _success(self, value, code):
+        try:
+            body = encode_json(value)
+        except (TypeError, ValueError):
+            return self._error(Failure(), code)
+        ok = _tx.CONTENT if code == _tx.GET else _tx.CHANGED
+        return ok, body, (JSON if body else None)
+
+    def _error(self, failure, code):
+        error = failure.value
+        if isinstance(error, NotFoundError):
+            return _tx.NOT_FOUND, str(error).encode("utf-8"), TEXT
+        if isinstance(error, MethodNotAllowedError):
+            return _tx.METHOD_NOT_ALLOWED, str(error).encode("utf-8"), TEXT
+        if isinstance(error, PiccoloError):
+            return _tx.BAD_REQUEST, str(error).encode("utf-8"), TEXT
+        self.log.failure("unexpected error in a request handler", failure)
+        return _tx.INTERNAL_SERVER_ERROR, b"internal server error (see the server log)", TEXT

@@ -1,0 +1,259 @@
+"""Server and instrument configuration, parsed once into plain objects.
+
+Both files are configobj files checked against a validate spec; any problem
+becomes a :class:`ConfigError` whose message is one line naming the file,
+the key and what is wrong, so that ``twistd`` can print it and exit.
+"""
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from configobj.validate import Validator
+
+SERVER_SPEC = """
+config = string(default=piccolo.config)
+[coap]
+address = string(default="::")
+port = integer(min=0, max=65535, default=5683)
+[daemon]
+daemon = boolean(default=False)
+pid_file = string(default=/var/run/piccolo.pid)
+logfile = string(default=/var/log/piccolo.log)
+[datadir]
+datadir = string(default=piccolo_data)
+mount = boolean(default=False)
+device = string(default=/dev/sda1)
+mntpnt = string(default=/mnt)
+[logging]
+debug = boolean(default=False)
+logfile = string(default="")
+[manhole]
+port = integer(min=0, max=65535, default=0)
+interface = string(default=127.0.0.1)
+keys = string(default="")
+"""
+
+INSTRUMENT_SPEC = """
+[channels]
+[[__many__]]
+direction = string(min=1)
+reverse = boolean(default=False)
+fibreDiameter = float(min=0, default=600)
+open_pin = integer(min=0, max=53, default=None)
+close_pin = integer(min=0, max=53, default=None)
+[spectrometers]
+[[__many__]]
+detectorSetTemperature = float(min=-60, max=40, default=0)
+fan = boolean(default=False)
+power_switch = integer(min=-1, max=53, default=-1)
+min_integration_time = integer(min=0, default=None)
+max_integration_time = integer(min=1, default=None)
+[[[calibration]]]
+[[[[__many__]]]]
+wavelengthCalibrationCoefficientsPiccolo = float_list(default=None)
+[output]
+clobber = boolean(default=False)
+split = boolean(default=True)
+"""
+
+#: (open, close) pins of the latching shutters, by shutter section name.
+DEFAULT_SHUTTER_PINS = {
+    "shutter_1": (17, 18),
+    "shutter_2": (27, 22),
+    "shutter_3": (23, 24),
+}
+
+
+class ConfigError(Exception):
+    """A configuration file cannot be used; the message is one line."""
+
+
+def _load(path, spec, text=None):
+    """Parse and validate one configobj file; return the validated ConfigObj."""
+    name = path if path is not None else "<string>"
+    try:
+        if text is not None:
+            cfg = ConfigObj(text.splitlines(), configspec=spec.splitlines())
+        else:
+            if not os.path.isfile(path):
+                raise ConfigError(f"{name}: no such file")
+            cfg = ConfigObj(path, configspec=spec.splitlines(), file_error=True)
+    except ConfigObjError as e:
+        raise ConfigError(f"{name}: cannot parse: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{name}: cannot read: {e}") from None
+    result = cfg.validate(Validator(), preserve_errors=True)
+    if result is not True:
+        for sections, key, err in flatten_errors(cfg, result):
+            where = "/".join(list(sections) + ([key] if key else []))
+            if err is False:
+                problem = "missing value" if key else "missing section"
+            else:
+                problem = str(err) or type(err).__name__
+            raise ConfigError(f"{name}: [{where}] {problem}")
+    for sections, key in get_extra_values(cfg):
+        where = "/".join(list(sections) + [key])
+        # unknown keys inside validated sections are tolerated only where
+        # the spec says __many__; anything else is a typo worth stopping on
+        raise ConfigError(f"{name}: [{where}] unknown section or key")
+    return cfg
+
+
+@dataclass
+class ServerConfig:
+    instrument: str = "piccolo.config"
+    address: str = "::"
+    port: int = 5683
+    daemon: bool = False
+    pid_file: str = "/var/run/piccolo.pid"
+    daemon_logfile: str = "/var/log/piccolo.log"
+    datadir: str = "piccolo_data"
+    mount: bool = False
+    device: str = "/dev/sda1"
+    mntpnt: str = "/mnt"
+    debug: bool = False
+    logfile: str = ""
+    manhole_port: int = 0
+    manhole_interface: str = "127.0.0.1"
+    manhole_keys: str = ""
+    source: str = "<defaults>"
+
+
+def load_server_config(path=None, text=None):
+    """Read the server config (``/etc/piccolo.cfg``); defaults when no file."""
+    if path is None and text is None:
+        cfg = _load(None, SERVER_SPEC, text="")
+    else:
+        cfg = _load(path, SERVER_SPEC, text=text)
+    return ServerConfig(
+        instrument=cfg["config"],
+        address=cfg["coap"]["address"],
+        port=cfg["coap"]["port"],
+        daemon=cfg["daemon"]["daemon"],
+        pid_file=cfg["daemon"]["pid_file"],
+        daemon_logfile=cfg["daemon"]["logfile"],
+        datadir=cfg["datadir"]["datadir"],
+        mount=cfg["datadir"]["mount"],
+        device=cfg["datadir"]["device"],
+        mntpnt=cfg["datadir"]["mntpnt"],
+        debug=cfg["logging"]["debug"],
+        logfile=cfg["logging"]["logfile"],
+        manhole_port=cfg["manhole"]["port"],
+        manhole_interface=cfg["manhole"]["interface"],
+        manhole_keys=cfg["manhole"]["keys"],
+        source=path or "<string>" if (path or text) else "<defaults>",
+    )
+
+
+@dataclass
+class ChannelConfig:
+    name: str            # the direction, e.g. "upwelling"
+    shutter: str         # the section name, e.g. "shutter_1"
+    reverse: bool
+    fibre_diameter: float
+    open_pin: int
+    close_pin: int
+
+
+@dataclass
+class SpectrometerConfig:
+    serial: str
+    set_temperature: float
+    fan: bool
+    power_switch: int
+    min_time: int | None
+    max_time: int | None
+    calibration: dict = field(default_factory=dict)  # channel -> coefficients
+
+    @property
+    def simulated(self):
+        return self.serial.startswith(("sim_", "dummy_"))
+
+    @property
+    def name(self):
+        """The CoAP name of the device: ``S_`` + its section name."""
+        return "S_" + self.serial
+
+
+@dataclass
+class InstrumentConfig:
+    channels: list
+    spectrometers: list
+    clobber: bool = False
+    split: bool = True
+    source: str = "<string>"
+
+    @property
+    def channel_names(self):
+        return [c.name for c in self.channels]
+
+
+def load_instrument_config(path=None, text=None):
+    """Read an instrument config (``piccolo.config``) into an InstrumentConfig."""
+    name = path or "<string>"
+    cfg = _load(path, INSTRUMENT_SPEC, text=text)
+    channels = []
+    seen = set()
+    for section in cfg["channels"]:
+        c = cfg["channels"][section]
+        if section not in DEFAULT_SHUTTER_PINS and (
+                c["open_pin"] is None or c["close_pin"] is None):
+            raise ConfigError(
+                f"{name}: [channels/{section}] unknown shutter: name it "
+                f"shutter_1..shutter_3 or give open_pin and close_pin")
+        direction = c["direction"]
+        if direction in seen or "/" in direction or direction.startswith("."):
+            raise ConfigError(
+                f"{name}: [channels/{section}/direction] duplicate or invalid "
+                f"direction {direction!r}")
+        seen.add(direction)
+        open_pin, close_pin = DEFAULT_SHUTTER_PINS.get(section, (None, None))
+        if c["reverse"]:
+            open_pin, close_pin = close_pin, open_pin
+        if c["open_pin"] is not None:
+            open_pin = c["open_pin"]
+        if c["close_pin"] is not None:
+            close_pin = c["close_pin"]
+        if open_pin == close_pin:
+            raise ConfigError(
+                f"{name}: [channels/{section}] open and close pins are the same")
+        channels.append(ChannelConfig(
+            name=direction, shutter=section, reverse=c["reverse"],
+            fibre_diameter=c["fibreDiameter"],
+            open_pin=open_pin, close_pin=close_pin))
+    if not channels:
+        raise ConfigError(f"{name}: [channels] no channel configured")
+    spectrometers = []
+    for serial in cfg["spectrometers"]:
+        s = cfg["spectrometers"][serial]
+        if "/" in serial or serial.startswith("."):
+            raise ConfigError(f"{name}: [spectrometers/{serial}] invalid serial")
+        calibration = {}
+        for channel, cal in s["calibration"].items():
+            if channel not in seen:
+                raise ConfigError(
+                    f"{name}: [spectrometers/{serial}/calibration/{channel}] "
+                    f"unknown channel")
+            if cal["wavelengthCalibrationCoefficientsPiccolo"] is not None:
+                calibration[channel] = list(
+                    cal["wavelengthCalibrationCoefficientsPiccolo"])
+        lo, hi = s["min_integration_time"], s["max_integration_time"]
+        if lo is not None and hi is not None and lo > hi:
+            raise ConfigError(
+                f"{name}: [spectrometers/{serial}] min_integration_time "
+                f"{lo} > max_integration_time {hi}")
+        spectrometers.append(SpectrometerConfig(
+            serial=serial, set_temperature=s["detectorSetTemperature"],
+            fan=s["fan"], power_switch=s["power_switch"],
+            min_time=lo, max_time=hi, calibration=calibration))
+    return InstrumentConfig(
+        channels=channels, spectrometers=spectrometers,
+        clobber=cfg["output"]["clobber"], split=cfg["output"]["split"],
+        source=name)
+
+
+def bundled_instrument_config():
+    """Path of the embedded default instrument config shipped in the package."""
+    return str(resources.files("piccolo_twisted") / "pdata" / "piccolo.config")

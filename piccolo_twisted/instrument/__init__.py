@@ -1,0 +1,78 @@
+"""The instrument: GPIO, shutters and spectrometers, real or simulated."""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .gpio import GPIO, StatusLEDs
+from .shutter import Shutter, Shutters
+from .simulator import SimulatedBus
+from .spectrometer import DROPPED, Spectrometer, Spectrometers
+
+
+class Instrument:
+    log = Logger()
+
+    def __init__(self, config, gpio, shutters, spectrometers, bus, clock):
+        self.config = config
+        self.gpio = gpio
+        self.shutters = shutters
+        self.spectrometers = spectrometers
+        self.bus = bus
+        self.clock = clock
+        self.leds = None
+        try:
+            self.leds = StatusLEDs(gpio, clock)
+        except Exception as e:      # a pin already in use, ...
+            self.log.warn("status LEDs unavailable: {e}", e=e)
+        for s in spectrometers:
+            s.status.watch(self._status_changed)
+
+    @property
+    def channels(self):
+        return self.config.channel_names
+
+    def _status_changed(self, _value):
+        if self.leds is not None and self.leds._loop is not None:
+            self.leds.serving(fault=any(s.status.value == DROPPED
+                                        for s in self.spectrometers))
+
+    def start(self):
+        """Close every shutter, connect every spectrometer, blink."""
+        if self.leds is not None:
+            self.leds.serving()
+        d1 = self.shutters.close_all()
+        d2 = self.spectrometers.connect_all()
+        return defer.gatherResults([d1, d2], consumeErrors=True)
+
+    @defer.inlineCallbacks
+    def stop(self):
+        try:
+            yield self.shutters.close_all()
+        finally:
+            if self.leds is not None:
+                self.leds.stop()
+                self.leds.recording(False)
+            yield self.spectrometers.disconnect_all()
+
+
+def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
+                     to_thread=None):
+    """An Instrument from an InstrumentConfig; simulated devices share ``bus``."""
+    from twisted.internet import threads
+    gpio = gpio or GPIO()
+    bus = bus or SimulatedBus(time_scale=time_scale)
+    optics = bus.optics
+    shutters = Shutters([Shutter(c, gpio, clock, optics=optics)
+                         for c in config.channels])
+    devices = []
+    for sc in config.spectrometers:
+        if sc.simulated:
+            device = bus.device(sc.serial)
+        else:
+            from .seabreeze_driver import SeabreezeDevice
+            device = SeabreezeDevice(sc.serial)
+        devices.append(Spectrometer(sc, config.channel_names, device, clock,
+                                    gpio=gpio,
+                                    to_thread=to_thread or threads.deferToThread))
+    spectrometers = Spectrometers(devices, config.channel_names, clock)
+    return Instrument(config, gpio, shutters, spectrometers, bus, clock)

@@ -1,0 +1,73 @@
+"""What the thread side of a spectrometer looks like.
+
+A *device* is a blocking object used only from worker threads: the seabreeze
+driver and the simulator both implement it. ``acquire_clean`` is the one
+acquisition procedure for both, run in a worker thread.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+
+class DeviceError(Exception):
+    """The device failed or vanished (USB error, timeout, unplugged)."""
+
+
+@dataclass
+class DeviceInfo:
+    """Facts read once at connect time, handed to the reactor side."""
+    serial: str
+    model: str
+    pixels: int
+    saturation: int
+    min_time: int                    # ms
+    max_time: int                    # ms
+    wavelength_coefficients: list
+    dark_pixels: list = field(default_factory=list)
+    nonlinearity: list = field(default_factory=list)
+    has_tec: bool = False
+
+
+@dataclass
+class Reading:
+    """One spectrum as it left the device, with the conditions it had."""
+    pixels: list
+    integration_time: int            # ms
+    started: float                   # time.monotonic() at integration start
+    temperature: float | None = None
+    acquisitions: int = 1            # reads it took, stale ones included
+
+
+def acquire_clean(device, ms, idle_ms):
+    """Read one spectrum at ``ms`` that began after this call (thread side).
+
+    Detectors free-run: the integration in progress when we ask began
+    earlier (before the shutter opened, or at another integration time) and
+    is stale. Between acquisitions the device idles at its minimum
+    integration time, so the stale read costs at most one ``idle_ms``; the
+    idle time is re-armed while the clean integration runs, so it applies
+    from the integration after it. Devices that report when an integration
+    began (the simulator) are checked; others follow the same two reads.
+    """
+    not_before = time.monotonic()
+    device.set_integration_time(ms)
+    reads = 0
+    while True:
+        pixels, started, duration = device.read()
+        reads += 1
+        if started is None:                      # real device: no timing info
+            if reads == 1:
+                device.set_integration_time(idle_ms)
+                continue
+            return Reading(pixels, ms, not_before, acquisitions=reads)
+        if duration == ms and started >= not_before:
+            device.set_integration_time(idle_ms)
+            return Reading(pixels, ms, started, acquisitions=reads)
+        if duration != ms:
+            # the stale idle integration: the next one runs at ``ms``; arm
+            # the idle time for the one after it
+            device.set_integration_time(idle_ms)
+        else:
+            device.set_integration_time(ms)
+        if reads > 4:
+            raise DeviceError("device does not apply the integration time")

@@ -1,0 +1,423 @@
+"""The reactor-side front of a spectrometer: state, settings, and every
+blocking device call sent to a worker thread, one at a time per device.
+
+All state lives here, in the reactor thread. Worker threads run the
+device's blocking methods and return values; they never touch this object.
+"""
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from ..api import Resource
+from ..errors import NotFoundError, PiccoloError
+from ..observable import Observable
+from ..values import to_bool, to_float, to_int
+from .device import DeviceError, acquire_clean
+
+NO_WORKER, POWERED_OFF, DROPPED, CONNECTING, DISCONNECTED, IDLE, RECORDING, \
+    AUTOINTEGRATING = range(1, 9)
+STATUS_NAMES = {1: "NO_WORKER", 2: "POWERED_OFF", 3: "DROPPED", 4: "CONNECTING",
+                5: "DISCONNECTED", 6: "IDLE", 7: "RECORDING", 8: "AUTOINTEGRATING"}
+CONNECTED = (IDLE, RECORDING, AUTOINTEGRATING)
+
+RECONNECT_INTERVAL = 5.0
+POWER_SETTLE = 2.0        # seconds between switching power on and connecting
+DEFAULT_TIME = 100        # ms, the integration time before autointegration
+
+
+class DeviceUnavailable(PiccoloError):
+    """The spectrometer is not connected."""
+
+
+class Spectrometer:
+    log = Logger()
+
+    def __init__(self, config, channels, device, clock, gpio=None,
+                 to_thread=threads.deferToThread):
+        self.config = config
+        self.name = config.name
+        self.serial = config.serial
+        self.channels = list(channels)
+        self.device = device
+        self.clock = clock
+        self.to_thread = to_thread
+        self.lock = defer.DeferredLock()
+        self.info = None
+        self.last_error = None
+        self.status = Observable(DISCONNECTED)
+        self.min_time = Observable(config.min_time if config.min_time is not None else 1)
+        self.max_time = Observable(config.max_time if config.max_time is not None else 10000)
+        start = min(max(DEFAULT_TIME, self.min_time.value), self.max_time.value)
+        self.current_time = {c: Observable(start) for c in self.channels}
+        self.auto_state = {c: Observable("n") for c in self.channels}
+        self.tec_enabled = Observable(bool(config.fan))
+        self.target_temperature = Observable(float(config.set_temperature))
+        self.power_pin = None
+        if gpio is not None and config.power_switch >= 0:
+            self.power_pin = gpio.output(config.power_switch, initial=True)
+        self._reconnect = None
+        self._want_connected = False
+
+    # -- connection -------------------------------------------------------
+
+    @property
+    def connected(self):
+        return self.status.value in CONNECTED
+
+    def _open(self):
+        """Thread side: open the device and apply the configured settings."""
+        info = self.device.open()
+        self.device.set_integration_time(self._idle_time(info))
+        if info.has_tec:
+            self.device.set_tec(self.tec_enabled.value, self.target_temperature.value)
+        return info
+
+    def _idle_time(self, info=None):
+        info = info or self.info
+        return max(info.min_time, self.min_time.value if self.config.min_time is not None else 0)
+
+    def connect(self):
+        """Connect (Deferred firing "ok" or a message saying why not)."""
+        self._want_connected = True
+        if self.connected:
+            return defer.succeed("ok")
+        if self.status.value == POWERED_OFF:
+            return defer.succeed(f"{self.name} is powered off")
+        if self.status.value == CONNECTING:
+            return defer.succeed(f"{self.name} is connecting")
+        self._cancel_reconnect()
+        was_dropped = self.status.value == DROPPED
+        self.status.set(CONNECTING)
+
+        def opened(info):
+            self.info = info
+            self._apply_limits(info)
+            self.last_error = None
+            self.status.set(IDLE)
+            self.log.info("{name}: connected ({model}, {pixels} pixels){again}",
+                          name=self.name, model=info.model, pixels=info.pixels,
+                          again=" again" if was_dropped else "")
+            return "ok"
+
+        def failed(f):
+            f.trap(DeviceError)
+            self.last_error = str(f.value)
+            self.status.set(DROPPED)
+            if not was_dropped:
+                self.log.warn("{name}: cannot connect: {error}; retrying every "
+                              "{interval:.0f} s", name=self.name, error=f.value,
+                              interval=RECONNECT_INTERVAL)
+            self._schedule_reconnect()
+            return f"{self.name}: {f.value}"
+        return self.lock.run(self.to_thread, self._open).addCallbacks(opened, failed)
+
+    def _apply_limits(self, info):
+        lo = info.min_time if self.config.min_time is None else max(info.min_time, self.config.min_time)
+        hi = info.max_time if self.config.max_time is None else min(info.max_time, self.config.max_time)
+        if lo > hi:
+            lo, hi = info.min_time, info.max_time
+        self._device_limits = (info.min_time, info.max_time)
+        self.min_time.set(lo)
+        self.max_time.set(hi)
+        self._clamp_times()
+
+    def _clamp_times(self):
+        for obs in self.current_time.values():
+            obs.set(min(max(obs.value, self.min_time.value), self.max_time.value))
+
+    def _schedule_reconnect(self):
+        if self._reconnect is None or not self._reconnect.active():
+            self._reconnect = self.clock.callLater(RECONNECT_INTERVAL, self._try_reconnect)
+
+    def _cancel_reconnect(self):
+        if self._reconnect is not None and self._reconnect.active():
+            self._reconnect.cancel()
+        self._reconnect = None
+
+    def _try_reconnect(self):
+        self._reconnect = None
+        if self._want_connected and self.status.value == DROPPED:
+            self.connect()
+
+    def disconnect(self):
+        self._want_connected = False
+        self._cancel_reconnect()
+        if self.status.value in (POWERED_OFF, DISCONNECTED):
+            return defer.succeed("ok")
+
+        def closed(_):
+            if self.status.value != POWERED_OFF:
+                self.status.set(DISCONNECTED)
+            self.log.info("{name}: disconnected", name=self.name)
+            return "ok"
+        return self.lock.run(self.to_thread, self.device.close).addBoth(closed)
+
+    def dropped(self, error):
+        """A device call failed: close it, report DROPPED, keep retrying."""
+        if self.status.value == DROPPED:
+            return
+        self.last_error = str(error)
+        self.status.set(DROPPED)
+        self.log.error("{name}: device dropped: {error}; reconnecting every "
+                       "{interval:.0f} s", name=self.name, error=error,
+                       interval=RECONNECT_INTERVAL)
+        self.to_thread(self.device.close).addErrback(lambda f: None)
+        self._schedule_reconnect()
+
+    # -- power ------------------------------------------------------------
+
+    def power_on(self):
+        if self.power_pin is None and not self.config.simulated:
+            return defer.succeed(f"{self.name} has no power switch")
+        if self.status.value != POWERED_OFF:
+            return self.connect()
+        if self.power_pin is not None:
+            self.power_pin.on()
+        self.status.set(DISCONNECTED)
+        self.log.info("{name}: power on", name=self.name)
+        return defer.Deferred.fromCoroutine(self._settle_and_connect())
+
+    async def _settle_and_connect(self):
+        from twisted.internet import task
+        await task.deferLater(self.clock, POWER_SETTLE, lambda: None)
+        return await self.connect()
+
+    def power_off(self):
+        if self.power_pin is None and not self.config.simulated:
+            return defer.succeed(f"{self.name} has no power switch")
+        if self.status.value == POWERED_OFF:
+            return defer.succeed("ok")
+        if self.status.value in (RECORDING, AUTOINTEGRATING):
+            return defer.succeed(f"{self.name} is busy")
+
+        def off(_):
+            if self.power_pin is not None:
+                self.power_pin.off()
+            self.status.set(POWERED_OFF)
+            self.log.info("{name}: power off", name=self.name)
+            return "ok"
+        d = self.disconnect()
+        self._want_connected = False
+        return d.addCallback(off)
+
+    # -- acquisition ------------------------------------------------------
+
+    def set_busy(self, status):
+        if self.connected:
+            self.status.set(status)
+
+    def acquire(self, ms):
+        """A clean spectrum at ``ms`` that began after this call (Deferred)."""
+        if not self.connected:
+            return defer.fail(DeviceUnavailable(f"{self.name} is not connected"))
+        idle = self._idle_time()
+        has_tec = self.info.has_tec
+
+        def work():
+            reading = acquire_clean(self.device, ms, idle)
+            if has_tec:
+                reading.temperature = self.device.temperature()
+            return reading
+
+        def failed(f):
+            f.trap(DeviceError)
+            self.dropped(f.value)
+            return f
+        return self.lock.run(self.to_thread, work).addErrback(failed)
+
+    def metadata(self, channel, reading):
+        """The device part of a spectrum's metadata."""
+        info = self.info
+        meta = {
+            "SerialNumber": self.serial,
+            "IntegrationTime": float(reading.integration_time),
+            "IntegrationTimeUnits": "milliseconds",
+            "SaturationLevel": info.saturation,
+            "WavelengthCalibrationCoefficients": list(info.wavelength_coefficients),
+            "NonlinearityCorrectionCoefficients": list(info.nonlinearity),
+            "DarkPixels": list(info.dark_pixels),
+            "TemperatureEnabled": bool(info.has_tec and self.tec_enabled.value),
+            "Temperature": reading.temperature,
+            "TemperatureUnits": "degC",
+            "Model": info.model,
+        }
+        calibration = self.config.calibration.get(channel)
+        if calibration is not None:
+            meta["WavelengthCalibrationCoefficientsPiccolo"] = list(calibration)
+        return meta
+
+    # -- settings (/spectrometer/<spec>/...) --------------------------------
+
+    def _channel(self, channel):
+        if channel not in self.current_time:
+            raise NotFoundError(f"{self.name} has no channel {channel!r}")
+        return channel
+
+    def set_min_time(self, value):
+        lo_dev = getattr(self, "_device_limits", (1, None))[0]
+        value = to_int(value, "min_time", lo=lo_dev, hi=self.max_time.value)
+        self.min_time.set(value)
+        self._clamp_times()
+
+    def set_max_time(self, value):
+        hi_dev = getattr(self, "_device_limits", (None, None))[1]
+        value = to_int(value, "max_time", lo=self.min_time.value, hi=hi_dev)
+        self.max_time.set(value)
+        self._clamp_times()
+
+    def get_current_time(self, channel=None, *extra):
+        if channel is None or extra:
+            raise NotFoundError("use current_time/<channel>")
+        return self.current_time[self._channel(channel)].value
+
+    def set_current_time(self, channel=None, value=None, *extra):
+        if channel is None or extra:
+            raise NotFoundError("use current_time/<channel>")
+        self._channel(channel)
+        value = to_int(value, "integration time", lo=self.min_time.value,
+                       hi=self.max_time.value)
+        self.current_time[channel].set(value)
+
+    def get_auto(self, channel=None, *extra):
+        if channel is None or extra:
+            raise NotFoundError("use autointegration/<channel>")
+        return self.auto_state[self._channel(channel)].value
+
+    def have_tec(self):
+        if self.info is not None:
+            return bool(self.info.has_tec)
+        return False
+
+    def current_temperature(self):
+        if not self.connected:
+            raise PiccoloError(f"{self.name} is not connected")
+        if not self.info.has_tec:
+            raise PiccoloError(f"{self.name} has no thermo-electric cooler")
+
+        def failed(f):
+            f.trap(DeviceError)
+            self.dropped(f.value)
+            raise PiccoloError(f"{self.name}: {f.value}")
+        return self.lock.run(self.to_thread, self.device.temperature).addErrback(failed)
+
+    def _apply_tec(self):
+        if not self.connected or not self.info.has_tec:
+            return None
+        enabled, target = self.tec_enabled.value, self.target_temperature.value
+
+        def failed(f):
+            f.trap(DeviceError)
+            self.dropped(f.value)
+            raise PiccoloError(f"{self.name}: {f.value}")
+        return self.lock.run(self.to_thread, self.device.set_tec, enabled,
+                             target).addCallbacks(lambda _: None, failed)
+
+    def set_tec_enabled(self, value):
+        value = to_bool(value, "TECenabled")
+        if self.info is not None and not self.info.has_tec:
+            raise PiccoloError(f"{self.name} has no thermo-electric cooler")
+        self.tec_enabled.set(value)
+        return self._apply_tec()
+
+    def set_target_temperature(self, value):
+        value = to_float(value, "target_temperature", lo=-60.0, hi=40.0)
+        if self.info is not None and not self.info.has_tec:
+            raise PiccoloError(f"{self.name} has no thermo-electric cooler")
+        self.target_temperature.set(value)
+        return self._apply_tec()
+
+    def resources(self):
+        def obs_channel(table):
+            def lookup(channel=None, *extra):
+                if channel not in table or extra:
+                    raise NotFoundError("no such channel")
+                return table[channel]
+            return lookup
+        return {
+            "connect": Resource(get=self.connect),
+            "disconnect": Resource(get=self.disconnect),
+            "power_on": Resource(get=self.power_on),
+            "power_off": Resource(get=self.power_off),
+            "status": Resource(get=lambda: self.status.value, observe=self.status),
+            "min_time": Resource(get=lambda: self.min_time.value,
+                                 put=self.set_min_time, observe=self.min_time),
+            "max_time": Resource(get=lambda: self.max_time.value,
+                                 put=self.set_max_time, observe=self.max_time),
+            "current_time": Resource(get=self.get_current_time,
+                                     put=self.set_current_time, parse_path=True,
+                                     observe=obs_channel(self.current_time)),
+            "autointegration": Resource(get=self.get_auto, parse_path=True,
+                                        observe=obs_channel(self.auto_state)),
+            "haveTEC": Resource(get=self.have_tec),
+            "current_temperature": Resource(get=self.current_temperature),
+            "TECenabled": Resource(get=lambda: self.tec_enabled.value,
+                                   put=self.set_tec_enabled, observe=self.tec_enabled),
+            "target_temperature": Resource(get=lambda: self.target_temperature.value,
+                                           put=self.set_target_temperature,
+                                           observe=self.target_temperature),
+        }
+
+
+class Spectrometers:
+    """All spectrometers: the /spectrometer resources and group actions."""
+
+    log = Logger()
+    POWER_STAGGER = 10.0
+
+    def __init__(self, spectrometers, channels, clock):
+        self.by_name = {s.name: s for s in spectrometers}
+        self.channels = list(channels)
+        self.clock = clock
+
+    def __iter__(self):
+        return iter(self.by_name.values())
+
+    def names(self):
+        return sorted(self.by_name)
+
+    def connected(self):
+        return [s for s in self if s.connected]
+
+    def _all(self, action):
+        ds = [getattr(s, action)() for s in self]
+
+        def join(results):
+            messages = [r for r in results if r != "ok"]
+            return "|".join(messages) if messages else "ok"
+        return defer.gatherResults(ds).addCallback(join)
+
+    def connect_all(self):
+        return self._all("connect")
+
+    def disconnect_all(self):
+        return self._all("disconnect")
+
+    def power_off_all(self):
+        return self._all("power_off")
+
+    def power_on_all(self):
+        """Power devices on 10 s apart (inrush current), then connect."""
+        from twisted.internet import task
+        ds = []
+        for i, s in enumerate(self):
+            if i == 0:
+                ds.append(s.power_on())
+            else:
+                ds.append(task.deferLater(self.clock, self.POWER_STAGGER * i,
+                                          s.power_on).addCallback(lambda d: d))
+        return defer.gatherResults(ds).addCallback(
+            lambda rs: "|".join(r for r in rs if r != "ok") or "ok")
+
+    def resources(self):
+        res = {
+            "spectrometers": Resource(get=self.names),
+            "channels": Resource(get=lambda: list(self.channels)),
+            "connect": Resource(get=self.connect_all),
+            "disconnect": Resource(get=self.disconnect_all),
+            "power_on": Resource(get=self.power_on_all),
+            "power_off": Resource(get=self.power_off_all),
+        }
+        for s in self:
+            for path, r in s.resources().items():
+                res[f"{s.name}/{path}"] = r
+        return res

@@ -1,0 +1,54 @@
+"""Logging set-up: level filtering and stdlib logging routed into twisted.logger."""
+
+import logging
+
+from twisted.logger import (FilteringLogObserver, LogLevel,
+                            LogLevelFilterPredicate, globalLogPublisher,
+                            STDLibLogObserver)
+from twisted.logger import Logger
+
+_installed = {}
+
+
+class _ToTwisted(logging.Handler):
+    """A stdlib handler that re-emits records as twisted.logger events."""
+
+    LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
+              logging.WARNING: LogLevel.warn, logging.ERROR: LogLevel.error,
+              logging.CRITICAL: LogLevel.critical}
+
+    def emit(self, record):
+        level = self.LEVELS.get(record.levelno, LogLevel.info)
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        Logger(namespace=record.name).emit(level, "{text}", text=text)
+
+
+def route_stdlib_logging(debug=False):
+    """Send seabreeze's, gpiozero's, ... stdlib log records to twisted.logger."""
+    root = logging.getLogger()
+    if any(isinstance(h, _ToTwisted) for h in root.handlers):
+        return
+    root.addHandler(_ToTwisted())
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def set_level(debug):
+    """Filter every installed observer to info (or debug) and above.
+
+    twistd installs its observers after makeService, so this runs from
+    startService; observers are wrapped once.
+    """
+    predicate = _installed.get("predicate")
+    if predicate is None:
+        predicate = LogLevelFilterPredicate(LogLevel.info)
+        observers = list(getattr(globalLogPublisher, "_observers", []))
+        for observer in observers:
+            if isinstance(observer, (FilteringLogObserver, STDLibLogObserver)):
+                continue
+            globalLogPublisher.removeObserver(observer)
+            globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
+        _installed["predicate"] = predicate
+    predicate.setLogLevelForNamespace(None, LogLevel.debug if debug else LogLevel.info)

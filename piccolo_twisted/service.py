@@ -1,0 +1,110 @@
+"""The top-level service: one MultiService, one child per concern."""
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .coap.server import coap_service
+from .datadir import DataDir
+from .sysinfo import SysInfo
+
+
+class PiccoloService(service.MultiService):
+    """Builds the instrument, the data directory, control, scheduler and the
+    CoAP server from parsed configuration, and shuts them down in order."""
+
+    log = Logger()
+
+    def __init__(self, settings, instrument, notes=(), clock=None,
+                 configure_logging=True, time_scale=1.0):
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.settings = settings
+        self.instrument_config = instrument
+        self.notes = list(notes)
+        self.clock = clock
+        self.configure_logging = configure_logging
+        self.sysinfo = SysInfo()
+        self.datadir = DataDir(settings.datadir, device=settings.device,
+                               mntpnt=settings.mntpnt)
+        self.components = {
+            "sysinfo": self.sysinfo.resources(),
+            "data_dir": self.datadir.resources(),
+        }
+        self._build_instrument(time_scale)
+        self.coap = coap_service(self.components, settings.address,
+                                 settings.port, clock=clock)
+        self.coap.setServiceParent(self)
+        self._build_manhole()
+
+    def _build_instrument(self, time_scale):
+        from .instrument import build_instrument
+        from .acquisition.control import Control
+        from .scheduler import Scheduler
+        self.instrument = build_instrument(self.instrument_config, self.clock,
+                                           time_scale=time_scale)
+        self.control = Control(self.instrument, self.datadir, self.clock)
+        self.scheduler = Scheduler(self.control, self.datadir.path.path,
+                                   self.clock)
+        self.control.scheduler = self.scheduler
+        self.components.update({
+            "shutter": self.instrument.shutters.resources(),
+            "spectrometer": self.instrument.spectrometers.resources(),
+            "control": self.control.resources(),
+            "control/scheduler": self.scheduler.resources(),
+        })
+        self.scheduler.timer.setServiceParent(self)
+
+    def _build_manhole(self):
+        self.manhole = None
+        if self.settings.manhole_port:
+            from .manhole import manhole_service
+            self.manhole = manhole_service(self)
+            self.manhole.setServiceParent(self)
+
+    def namespace(self):
+        """The live objects the SSH manhole exposes."""
+        return {
+            "service": self, "settings": self.settings,
+            "instrument": self.instrument,
+            "shutters": self.instrument.shutters,
+            "spectrometers": self.instrument.spectrometers,
+            "control": self.control, "scheduler": self.scheduler,
+            "datadir": self.datadir, "coap": self.coap.protocol,
+        }
+
+    def privilegedStartService(self):
+        if self.configure_logging:
+            from .logs import route_stdlib_logging, set_level
+            set_level(self.settings.debug)
+            route_stdlib_logging(self.settings.debug)
+        for note in self.notes:
+            self.log.info("{note}", note=note)
+        self.datadir.prepare()
+        self.scheduler.open()
+        super().privilegedStartService()
+
+    def startService(self):
+        super().startService()
+        self.instrument.start()
+        self.log.info("piccolo serving CoAP on [{address}]:{port}",
+                      address=self.settings.address, port=self.settings.port)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self.log.info("piccolo stopping")
+        try:
+            yield self.control.shutdown()
+        except Exception:
+            self.log.failure("stopping the acquisition failed")
+        try:
+            yield self.instrument.stop()
+        except Exception:
+            self.log.failure("stopping the instrument failed")
+        yield super().stopService()
+        try:
+            yield self.scheduler.close()
+        except Exception:
+            self.log.failure("closing the scheduler failed")
+        self.log.info("piccolo stopped")

@@ -1,0 +1,108 @@
+"""/sysinfo: host facts and the system clock."""
+
+import socket
+from datetime import datetime, timezone
+
+from twisted.internet import utils
+from twisted.logger import Logger
+
+from . import __version__
+from .api import Resource
+from .errors import PiccoloError
+
+
+def parse_datetime(value):
+    """An ISO 8601 date-time (naive means UTC) -> aware UTC datetime."""
+    if not isinstance(value, str) or not value.strip():
+        raise PiccoloError("expected an ISO 8601 date-time string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise PiccoloError(f"not an ISO 8601 date-time: {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc)
+
+
+def _read_cpu_times(path="/proc/stat"):
+    with open(path) as f:
+        fields = f.readline().split()[1:]
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values), idle
+
+
+class SysInfo:
+    log = Logger()
+
+    def __init__(self, run_command=None, clock_command=("sudo", "date", "-s")):
+        self._run = run_command or self._spawn
+        self.clock_command = tuple(clock_command)
+        try:
+            self._cpu_last = _read_cpu_times()
+        except OSError:
+            self._cpu_last = None
+
+    @staticmethod
+    def _spawn(argv):
+        return utils.getProcessOutputAndValue(argv[0], argv[1:])
+
+    def cpu(self):
+        """CPU use in percent since the previous call (or since boot)."""
+        try:
+            total, idle = _read_cpu_times()
+        except OSError:
+            raise PiccoloError("CPU statistics are not available here") from None
+        last_total, last_idle = self._cpu_last or (0, 0)
+        self._cpu_last = (total, idle)
+        busy_total = total - last_total
+        if busy_total <= 0:
+            return 0.0
+        return round(100.0 * (busy_total - (idle - last_idle)) / busy_total, 1)
+
+    def mem(self):
+        info = {}
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    info[key] = int(rest.split()[0])
+        except OSError:
+            raise PiccoloError("memory statistics are not available here") from None
+        total = info.get("MemTotal", 0)
+        available = info.get("MemAvailable", info.get("MemFree", 0))
+        return round(100.0 * (total - available) / total, 1) if total else 0.0
+
+    def host(self):
+        return socket.gethostname()
+
+    def get_clock(self):
+        return datetime.now(timezone.utc).isoformat()
+
+    def set_clock(self, value):
+        when = parse_datetime(value)
+        argv = self.clock_command + (when.strftime("%Y-%m-%dT%H:%M:%S%z"),)
+
+        def done(result):
+            out, err, code = result
+            if code != 0:
+                message = (err or out or b"").decode("utf-8", "replace").strip()
+                raise PiccoloError(f"setting the clock failed: {message or f'exit {code}'}")
+            self.log.info("system clock set to {when}", when=when.isoformat())
+
+        return self._run(argv).addCallback(done)
+
+    def version(self):
+        return __version__
+
+    def resources(self):
+        return {
+            "cpu": Resource(get=self.cpu),
+            "mem": Resource(get=self.mem),
+            "host": Resource(get=self.host),
+            "clock": Resource(get=self.get_clock, put=self.set_clock),
+            "version": Resource(get=self.version),
+        }
