@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("GPIOZERO_PIN_FACTORY", "mock")
