@@ -1,5 +1,7 @@
 """The top-level service: one MultiService, one child per concern."""
 
+import gc
+
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -88,8 +90,17 @@ class PiccoloService(service.MultiService):
     def startService(self):
         super().startService()
         self.instrument.start()
+        self.clock.callLater(0, self._freeze_heap)
         self.log.info("piccolo serving CoAP on [{address}]:{port}",
                       address=self.settings.address, port=self.settings.port)
+
+    def _freeze_heap(self):
+        """Move everything start-up created out of the collector's reach:
+        full collections then scan only what the server creates while
+        serving, which keeps them to a millisecond or two instead of
+        ~25 ms pauses over the import-time heap."""
+        gc.collect()
+        gc.freeze()
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -17,7 +17,6 @@ from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
 from ..values import to_float, to_int
 from . import pico
-from .autointegrate import AutoIntegration
 
 
 class Aborted(Exception):
@@ -186,6 +185,8 @@ class Control:
 
     async def _autointegrate(self, devices, target):
         """Find integration times for every channel and device."""
+        # numpy comes with the algorithm: imported when first needed
+        from .autointegrate import AutoIntegration
         shutters = self.instrument.shutters
         for channel in self.instrument.channels:
             await self._checkpoint()

@@ -154,7 +154,6 @@ class SimulatedSpectrometer:
         if self.refuse_connects > 0:
             self.refuse_connects -= 1
             raise DeviceError(f"{self.serial}: device refused to open")
-        self._prepare()
         self.is_open = True
         self._start = time.monotonic()
         self._current_ms = self._next_ms = self.spec["min_time"]
@@ -236,7 +235,9 @@ class SimulatedSpectrometer:
         return self._spectrum(started, end, ms), started, ms
 
     def _spectrum(self, t0, t1, ms):
+        # numpy (11 MiB) is imported with the first spectrum, not at start
         import numpy as np
+        self._prepare()
         s = self.spec
         light = 0.0
         for channel in self.optics.channels():
