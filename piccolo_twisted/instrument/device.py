@@ -51,6 +51,7 @@ def acquire_clean(device, ms, idle_ms):
     """
     not_before = time.monotonic()
     device.set_integration_time(ms)
+    pending = ms           # the time the next integration to start will use
     reads = 0
     while True:
         pixels, started, duration = device.read()
@@ -61,13 +62,16 @@ def acquire_clean(device, ms, idle_ms):
                 continue
             return Reading(pixels, ms, not_before, acquisitions=reads)
         if duration == ms and started >= not_before:
-            device.set_integration_time(idle_ms)
+            if pending != idle_ms:
+                device.set_integration_time(idle_ms)
             return Reading(pixels, ms, started, acquisitions=reads)
-        if duration != ms:
-            # the stale idle integration: the next one runs at ``ms``; arm
-            # the idle time for the one after it
-            device.set_integration_time(idle_ms)
+        if reads >= 8:
+            raise DeviceError("no clean spectrum after 8 reads: the device does "
+                              "not apply the integration time")
+        # stale: the integration now running started with ``pending``
+        if pending == ms:
+            # it is the clean one; arm the idle time for the one after it
+            pending = idle_ms
         else:
-            device.set_integration_time(ms)
-        if reads > 4:
-            raise DeviceError("device does not apply the integration time")
+            pending = ms
+        device.set_integration_time(pending)

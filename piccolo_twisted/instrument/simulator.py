@@ -200,8 +200,12 @@ class SimulatedSpectrometer:
         self._check()
         self._next_ms = int(ms)
 
+    #: shortest real duration of an integration: a scaled-down 1 ms
+    #: integration must still outlast the driver's Python between reads
+    MIN_REAL = 0.003
+
     def _seconds(self, ms):
-        return ms / 1000.0 * self.time_scale
+        return max(ms / 1000.0 * self.time_scale, min(ms / 1000.0, self.MIN_REAL))
 
     def read(self):
         """Block until the integration in progress completes; return it as
