@@ -65,6 +65,9 @@ class Control:
         self._paused = False
         self._write_failed = None
         self.fault.set("")
+        # busy from the first moment: a client polling status right after
+        # its PUT must not read "idle" before the first step has begun
+        self.status.set("waiting")
         if self.instrument.leds is not None:
             self.instrument.leds.recording(True)
         d = defer.Deferred.fromCoroutine(self._guarded(coro))

@@ -320,8 +320,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if block2 is not None and block2.size_exponent == 7:
             return self._reply(msg, remote, key, _tx.BAD_REQUEST,
                                "Block2 size exponent 7 is reserved")
-        if (block2 is not None and block2.block_number > 0
-                and msg.code == _tx.GET):
+        if block2 is not None and block2.block_number > 0:
+            # later blocks come from the body cached at block 0 (a PUT's
+            # follow-up block requests carry no payload to run it again)
             cached = self.block2.get((remote, path))
             if cached is not None:
                 body, cf, etag, code, _ = cached
@@ -423,12 +424,13 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def _reply(self, msg, remote, key, code, text, size1=None):
         self._send_response(msg, remote, key, code, text.encode("utf-8"), 0,
-                            size1=size1)
+                            size1=size1, blockwise=False)
 
     def _send_response(self, msg, remote, key, code, body, cf, etag=None,
-                       observe=None, block1=None, size1=None, separate=False):
+                       observe=None, block1=None, size1=None, separate=False,
+                       blockwise=True):
         szx = MAX_SZX
-        block2 = msg.opt.block2
+        block2 = msg.opt.block2 if blockwise else None
         number = 0
         if block2 is not None:
             szx = min(block2.size_exponent, MAX_SZX)
@@ -436,10 +438,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         blocks = None
         size = 16 << szx
         total = len(body)
-        if total > size or number:
+        if blockwise and (total > size or number):
             if etag is None:
                 etag = struct.pack("!I", zlib.crc32(body))
-                if msg.code == _tx.GET and 64 <= code < 96:
+                if 64 <= code < 96:
                     if len(self.block2) >= BLOCK_CACHE_MAX:
                         self.block2.pop(next(iter(self.block2)))
                     path = tuple(s.decode("utf-8", "replace") for s in msg.opt.uri_path)

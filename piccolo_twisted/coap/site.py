@@ -211,7 +211,7 @@ class Site:
     def _call(self, fn, signature, args, kwargs, code):
         if fn is None:
             return _tx.METHOD_NOT_ALLOWED, b"method not allowed", TEXT
-        if signature is not None and (args or kwargs):
+        if signature is not None and (args or kwargs or code != _tx.GET):
             try:
                 signature.bind(*args, **kwargs)
             except TypeError as e:
