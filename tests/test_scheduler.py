@@ -1,0 +1,293 @@
+"""The scheduler on task.Clock: jobs, fast-forward, quiet time, power window,
+persistence; schedule arithmetic as pure functions."""
+
+import os
+from datetime import datetime, timedelta, timezone
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from piccolo_twisted.errors import BusyError, PiccoloError
+from piccolo_twisted import scheduler as sch
+
+T0 = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def at(dt):
+    return dt.isoformat()
+
+
+class FakeSpectrometers:
+    def __init__(self, log):
+        self.log = log
+
+    def power_off_all(self):
+        self.log.append("power_off")
+        return defer.succeed("ok")
+
+    def power_on_all(self):
+        self.log.append("power_on")
+        return defer.succeed("ok")
+
+
+class FakeControl:
+    def __init__(self):
+        self.busy = False
+        self.runs = []
+        self.power = []
+
+        class Instrument:
+            pass
+        self.instrument = Instrument()
+        self.instrument.spectrometers = FakeSpectrometers(self.power)
+
+    def run_record(self, job):
+        if self.busy:
+            raise BusyError()
+        self.runs.append(job)
+
+    def record_dark(self, run):
+        self.runs.append(("dark", run))
+
+    def power_on(self):
+        self.power.append("power_on")
+
+    def power_off(self):
+        self.power.append("power_off")
+
+
+JOB = {"run": "r", "nsequence": 2, "auto": 0, "delay": 0.0, "target": 80}
+
+
+class PureTests(unittest.SynchronousTestCase):
+
+    def test_quiet_window_across_midnight(self):
+        ts = lambda h, m=0, d=1: datetime(2026, 6, d, h, m, tzinfo=timezone.utc).timestamp()
+        s, e = sch.quiet_window(ts(23), "22:00:00+0000", "04:00:00+0000")
+        self.assertEqual((s, e), (ts(22), ts(4, d=2)))
+        s, e = sch.quiet_window(ts(2), "22:00:00+0000", "04:00:00+0000")
+        may31 = datetime(2026, 5, 31, 22, tzinfo=timezone.utc).timestamp()
+        self.assertEqual((s, e), (may31, ts(4)))
+        self.assertTrue(sch.in_quiet(ts(3, 59), "22:00:00+0000", "04:00:00+0000"))
+        self.assertFalse(sch.in_quiet(ts(4), "22:00:00+0000", "04:00:00+0000"))
+        self.assertFalse(sch.in_quiet(ts(12), "22:00:00+0000", "04:00:00+0000"))
+        s, e = sch.quiet_window(ts(12), "22:00:00+0000", "04:00:00+0000")
+        self.assertEqual(s, ts(22))
+
+    def test_quiet_window_with_offset(self):
+        # 22:00 at UTC+2 is 20:00 UTC
+        ts = datetime(2026, 6, 1, 20, 30, tzinfo=timezone.utc).timestamp()
+        self.assertTrue(sch.in_quiet(ts, "22:00:00+0200", "06:00:00+0200"))
+
+    def test_parse_quiet_time_rejects(self):
+        for bad in ("25:00:00+0000", "22:00+0000", "abc", 2200, None, "22:00:00",
+                    "22:61:00+0000"):
+            self.assertRaises(PiccoloError, sch.parse_quiet_time, bad)
+
+    def test_next_run_fast_forward(self):
+        self.assertEqual(sch.next_run(100, 60, 50), 100)
+        self.assertEqual(sch.next_run(100, 60, 100), 160)
+        self.assertEqual(sch.next_run(100, 60, 1000), 1060)
+        self.assertIsNone(sch.next_run(100, None, 1000))
+
+
+class SchedulerTests(unittest.SynchronousTestCase):
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.clock = task.Clock()
+        self.clock.advance(T0.timestamp())
+        self.control = FakeControl()
+        self.s = self.make()
+
+    def make(self):
+        s = sch.Scheduler(self.control, self.dir, self.clock,
+                          run_db=lambda fn, *a: defer.maybeDeferred(fn, *a))
+        s.open()
+        self.addCleanup(s.close)
+        return s
+
+    def tick(self, seconds=1):
+        for _ in range(int(seconds)):
+            self.clock.advance(1)
+            self.s.tick()
+
+    def test_one_off_job_runs_on_time(self):
+        self.s.add("record", JOB, at(T0 + timedelta(seconds=10)))
+        self.tick(9)
+        self.assertEqual(self.control.runs, [])
+        self.tick(1)
+        self.assertEqual(self.control.runs, [JOB])
+        self.tick(100)
+        self.assertEqual(len(self.control.runs), 1)
+        self.assertEqual(self.s.listing(), [])          # done jobs are not listed
+
+    def test_repeating_until_end(self):
+        jid = self.s.add("record", JOB, at(T0 + timedelta(seconds=60)), 60,
+                         at(T0 + timedelta(seconds=300)))
+        self.assertEqual(self.s.listing()[0][0], jid)
+        self.tick(299)
+        self.assertEqual(len(self.control.runs), 4)     # 60, 120, 180, 240
+        self.tick(200)
+        self.assertEqual(len(self.control.runs), 5)     # and 300
+        self.assertEqual(self.s.jobs[jid].status, "done")
+
+    def test_fast_forward_after_gap(self):
+        self.s.add("record", JOB, at(T0 + timedelta(seconds=60)), 60)
+        self.clock.advance(3600)                        # the server was down
+        self.s.tick()
+        self.assertEqual(len(self.control.runs), 1)
+        job = list(self.s.jobs.values())[0]
+        self.assertGreater(job.next_time, self.clock.seconds())
+        self.assertEqual((job.next_time - (T0.timestamp() + 60)) % 60, 0)
+        self.s.tick()
+        self.assertEqual(len(self.control.runs), 1)
+
+    def test_suspend_unsuspend_delete(self):
+        jid = self.s.add("record", JOB, at(T0 + timedelta(seconds=5)), 10)
+        self.s.suspend(jid)
+        self.assertEqual(self.s.listing()[0][5], "suspended")
+        self.tick(30)
+        self.assertEqual(self.control.runs, [])
+        self.s.unsuspend(jid)
+        self.tick(10)
+        self.assertEqual(len(self.control.runs), 1)
+        self.s.delete(jid)
+        self.tick(30)
+        self.assertEqual(len(self.control.runs), 1)
+        self.assertEqual(self.s.listing(), [])
+        for bad in (jid, 999, "x", None):
+            self.assertRaises(PiccoloError, self.s.suspend, bad)
+
+    def test_listing_format(self):
+        self.s.add("record", JOB, at(T0 + timedelta(seconds=5)), 10)
+        self.s.add("power_on", None, at(T0 + timedelta(hours=1)), 86400)
+        [rec, power] = self.s.listing()
+        self.assertEqual(rec[1], ["record", ["r", 2, 0, 0.0, 80]])
+        self.assertEqual(rec[2], (T0 + timedelta(seconds=5)).isoformat())
+        self.assertEqual((rec[3], rec[4], rec[5]), (None, 10, "active"))
+        self.assertEqual(power[1], ["power_on"])
+
+    def test_bad_jobs_store_nothing(self):
+        past = at(T0 - timedelta(hours=1))
+        cases = [(past, None, None), ("soon", None, None),
+                 (at(T0 + timedelta(hours=1)), 0, None),
+                 (at(T0 + timedelta(hours=1)), -5, None),
+                 (at(T0 + timedelta(hours=1)), "Infinity", None),
+                 (at(T0 + timedelta(hours=2)), 60, at(T0 + timedelta(hours=1)))]
+        for start, interval, end in cases:
+            self.assertRaises(PiccoloError, self.s.add, "record", JOB, start, interval, end)
+        self.assertEqual(self.s.jobs, {})
+
+    def test_naive_and_legacy_times(self):
+        self.s.add("record", JOB, "2026-06-01 12:00:30")              # naive = UTC
+        self.s.add("record", JOB, str(T0 + timedelta(seconds=40)))    # str(datetime)
+        self.tick(40)
+        self.assertEqual(len(self.control.runs), 2)
+
+    def test_job_waits_while_busy(self):
+        self.s.add("record", JOB, at(T0 + timedelta(seconds=5)))
+        self.control.busy = True
+        self.tick(20)
+        self.assertEqual(self.control.runs, [])
+        self.control.busy = False
+        self.tick(1)
+        self.assertEqual(self.control.runs, [JOB])
+
+    def test_quiet_time_across_midnight(self):
+        s = self.s.resources()
+        s["quietStart"].put("22:00:00+0000")
+        s["quietEnd"].put("04:00:00+0000")
+        s["quietTimeEnabled"].put(True)
+        start = T0.replace(hour=23)
+        self.s.add("record", JOB, at(start), 3600)
+        self.clock.advance(start.timestamp() - self.clock.seconds() - 1)
+        self.tick(5 * 3600 - 1)                    # until 03:59:59
+        self.assertEqual(self.control.runs, [])
+        self.tick(2)
+        self.assertEqual(len(self.control.runs), 1)  # at 04:00, once
+
+    def test_power_window_once_each(self):
+        s = self.s.resources()
+        s["quietStart"].put("22:00:00+0000")
+        s["quietEnd"].put("04:00:00+0000")
+        s["powerDelay"].put(300)
+        s["powerOffEnabled"].put(True)
+        s["quietTimeEnabled"].put(True)
+        self.clock.advance(T0.replace(hour=21, minute=59).timestamp() - self.clock.seconds())
+        self.tick(7 * 3600)
+        self.assertEqual(self.control.power, ["power_off", "power_on"])
+
+    def test_power_window_too_short_refused(self):
+        s = self.s.resources()
+        s["quietStart"].put("22:00:00+0000")
+        s["quietEnd"].put("22:05:00+0000")
+        s["powerDelay"].put(300)
+        s["powerOffEnabled"].put(True)
+        s["quietTimeEnabled"].put(True)
+        self.clock.advance(T0.replace(hour=21, minute=59).timestamp() - self.clock.seconds())
+        self.tick(1200)
+        self.assertEqual(self.control.power, [])
+
+    def test_bad_settings_refused(self):
+        res = self.s.resources()
+        cases = {"quietTimeEnabled": ["yes", 2, None], "powerOffEnabled": ["abc"],
+                 "quietStart": ["22:00", "abc", 5, "99:00:00+0000"],
+                 "quietEnd": ["", None], "powerDelay": [-1, "abc", "Infinity", 1.5, 10 ** 9]}
+        for key, values in cases.items():
+            before = self.s.settings[key].value
+            for v in values:
+                self.assertRaises(PiccoloError, res[key].put, v)
+            self.assertEqual(self.s.settings[key].value, before)
+        # and the scheduler still runs
+        self.s.add("record", JOB, at(T0 + timedelta(seconds=2)))
+        self.tick(3)
+        self.assertEqual(len(self.control.runs), 1)
+
+    def test_failing_job_does_not_stop_the_scheduler(self):
+        def boom(job):
+            raise RuntimeError("disk on fire")
+        self.control.run_record = boom
+        self.s.add("record", JOB, at(T0 + timedelta(seconds=1)))
+        self.s.add("power_off", None, at(T0 + timedelta(seconds=3)), 86400)
+        self.tick(5)
+        self.assertEqual(self.control.power, ["power_off"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_tick_survives_anything(self):
+        self.s._run_due = lambda now: 1 / 0
+        self.s.tick()
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_persistence(self):
+        jid = self.s.add("record", JOB, at(T0 + timedelta(hours=1)), 600)
+        jid2 = self.s.add("power_on", None, at(T0 + timedelta(hours=2)), 86400)
+        self.s.suspend(jid2)
+        res = self.s.resources()
+        res["quietStart"].put("21:30:00+0100")
+        res["quietTimeEnabled"].put(True)
+        res["powerDelay"].put(120)
+        self.s.close()
+        again = self.make()
+        self.assertEqual(again.listing(), self.s.listing())
+        self.assertEqual(again.jobs[jid2].status, "suspended")
+        self.assertEqual(again.settings["quietStart"].value, "21:30:00+0100")
+        self.assertIs(again.settings["quietTimeEnabled"].value, True)
+        self.assertEqual(again.settings["powerDelay"].value, 120)
+        self.assertEqual(again.jobs[jid].args, JOB)
+
+    def test_corrupt_database_moved_aside(self):
+        self.s.close()
+        path = os.path.join(self.dir, sch.DB_NAME)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+        with open(path, "wb") as f:
+            f.write(b"this is not a database" * 100)
+        again = self.make()
+        self.assertEqual(again.jobs, {})
+        aside = [n for n in os.listdir(self.dir) if ".corrupt-" in n]
+        self.assertEqual(len(aside), 1)
+        again.add("record", JOB, at(T0 + timedelta(hours=1)))
+        self.assertEqual(len(again.listing()), 1)

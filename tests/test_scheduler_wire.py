@@ -1,0 +1,118 @@
+"""/control/scheduler over real CoAP: scheduled batches, quiet time, restart."""
+
+import asyncio
+import os
+from datetime import datetime, timedelta, timezone
+
+from .helpers import ServerTestCase, make_service
+from .test_wire import coro
+
+
+def iso_in(seconds):
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+
+
+class SchedulerWireTests(ServerTestCase):
+
+    def light_files(self, run):
+        d = self.run_dir(run)
+        if not os.path.isdir(d):
+            return []
+        return sorted(n for n in os.listdir(d) if n.endswith("_light.pico"))
+
+    @coro
+    async def test_scheduled_batch_runs_on_time(self):
+        await self.put("control/record_sequence",
+                       {"run": "later", "nsequence": 1, "auto": -1, "at_time": iso_in(3)})
+        jobs = await self.get("control/scheduler/jobs")
+        self.assertEqual(len(jobs), 1)
+        self.assertEqual(jobs[0][1], ["record", ["later", 1, -1, 0.0, 80]])
+        # the current run does not change until the job runs
+        self.assertEqual(await self.get("data_dir/current_run"), "spectra")
+        await asyncio.sleep(2.0)
+        self.assertEqual(self.light_files("later"), [])
+        for _ in range(100):
+            if self.light_files("later"):
+                break
+            await asyncio.sleep(0.05)
+        self.assertEqual(self.light_files("later"), ["b000000_s000000_light.pico"])
+        self.assertEqual(await self.get("data_dir/current_run"), "later")
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
+
+    @coro
+    async def test_repeating_job_stops_at_end(self):
+        await self.put("control/record_sequence",
+                       {"run": "rep", "nsequence": 1, "auto": -1, "at_time": iso_in(1),
+                        "interval": 1, "end_time": iso_in(3.5)})
+        await asyncio.sleep(5.0)
+        await self.wait_for("control/status", lambda s: s == "idle")
+        n = len(self.light_files("rep"))
+        self.assertGreaterEqual(n, 2)
+        self.assertLessEqual(n, 3)
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
+        await asyncio.sleep(1.5)
+        self.assertEqual(len(self.light_files("rep")), n)
+
+    @coro
+    async def test_quiet_time_blocks_jobs(self):
+        now = datetime.now(timezone.utc)
+        start = (now - timedelta(minutes=1)).strftime("%H:%M:%S+0000")
+        end = (now + timedelta(minutes=30)).strftime("%H:%M:%S+0000")
+        await self.put("control/scheduler/quietStart", start)
+        await self.put("control/scheduler/quietEnd", end)
+        await self.put("control/scheduler/quietTimeEnabled", True)
+        await self.put("control/record_sequence",
+                       {"run": "quiet", "nsequence": 1, "auto": -1, "at_time": iso_in(1)})
+        await asyncio.sleep(3.0)
+        self.assertEqual(self.light_files("quiet"), [])
+        jobs = await self.get("control/scheduler/jobs")
+        self.assertEqual(jobs[0][5], "active")
+
+    @coro
+    async def test_bad_values(self):
+        import aiocoap
+        cases = {
+            "control/scheduler/quietTimeEnabled": ["abc", 3],
+            "control/scheduler/quietStart": ["abc", "25:00:00+0000", 7],
+            "control/scheduler/powerDelay": ["abc", -5, "Infinity"],
+            "control/scheduler/suspend": [12345, "x"],
+        }
+        for path, values in cases.items():
+            for v in values:
+                r = await self.request("PUT", path, v)
+                self.assertEqual(r.code, aiocoap.BAD_REQUEST, (path, v))
+        for raw in (b"Infinity", b"NaN"):
+            r = await self.request("PUT", "control/scheduler/powerDelay", raw=raw)
+            self.assertEqual(r.code, aiocoap.BAD_REQUEST)
+        for job in ({"at_time": "tomorrow"},
+                    {"at_time": iso_in(-3600)},
+                    {"at_time": iso_in(60), "interval": -1},
+                    {"at_time": iso_in(60), "end_time": iso_in(30), "interval": 10}):
+            r = await self.request("PUT", "control/record_sequence", job)
+            self.assertEqual(r.code, aiocoap.BAD_REQUEST, job)
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
+        # still running: a good job is accepted and listed
+        await self.put("control/power_off", {"at_time": iso_in(3600)})
+        jobs = await self.get("control/scheduler/jobs")
+        self.assertEqual([j[1] for j in jobs], [["power_off"]])
+        self.assertEqual(jobs[0][4], 86400)
+
+    @coro
+    async def test_survives_restart(self):
+        await self.put("control/record_sequence",
+                       {"run": "keep", "nsequence": 2, "at_time": iso_in(3600), "interval": 600})
+        await self.put("control/power_on", {"at_time": iso_in(7200)})
+        jobs = await self.get("control/scheduler/jobs")
+        await self.put("control/scheduler/suspend", jobs[1][0])
+        await self.put("control/scheduler/quietStart", "21:00:00+0100")
+        await self.put("control/scheduler/quietTimeEnabled", True)
+        before = await self.get("control/scheduler/jobs")
+        await self.service.stopService().asFuture(asyncio.get_event_loop())
+        self.service = make_service(self.datadir, time_scale=self.time_scale)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.base = f"coap://[::1]:{self.service.coap._port.getHost().port}"
+        self.assertEqual(await self.get("control/scheduler/jobs"), before)
+        self.assertEqual(before[1][5], "suspended")
+        self.assertEqual(await self.get("control/scheduler/quietStart"), "21:00:00+0100")
+        self.assertIs(await self.get("control/scheduler/quietTimeEnabled"), True)
