@@ -4,6 +4,7 @@ import gc
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from .coap.server import coap_service
@@ -83,9 +84,18 @@ class PiccoloService(service.MultiService):
             route_stdlib_logging(self.settings.debug)
         for note in self.notes:
             self.log.info("{note}", note=note)
-        self.datadir.prepare()
+        try:
+            self.datadir.prepare()
+        except OSError as e:
+            raise SystemExit(f"piccolo: cannot use data directory "
+                             f"{self.settings.datadir}: {e.strerror or e}") from None
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"piccolo: cannot listen on [{self.settings.address}]:"
+                             f"{self.settings.port}: {e.socketError}") from None
+        # after the bind: a failed start must not leave its thread behind
         self.scheduler.open()
-        super().privilegedStartService()
 
     def startService(self):
         super().startService()

@@ -31,7 +31,8 @@ class Options(usage.Options):
         try:
             self.settings, self.instrument, self.instrument_note = resolve(self)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # one line, no usage dump and no traceback: what a person can act on
+            raise SystemExit(f"twistd piccolo: {e}") from None
 
 
 def resolve(options):
