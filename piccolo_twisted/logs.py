@@ -52,3 +52,23 @@ def set_level(debug):
             globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
         _installed["predicate"] = predicate
     predicate.setLogLevelForNamespace(None, LogLevel.debug if debug else LogLevel.info)
+
+
+def rotating_observer():
+    """A log observer factory for ``twistd --logger piccolo_twisted.logs.rotating_observer``.
+
+    Writes ``$PICCOLO_LOGFILE`` (default /var/log/piccolo/piccolo.log),
+    rotated at ``$PICCOLO_LOG_ROTATE`` bytes (default 1 MB), keeping
+    ``$PICCOLO_LOG_KEEP`` old files (default 10): bounded on a Pi that runs
+    for months. Plain ``twistd -l FILE`` also rotates at 1 MB but keeps
+    every old file.
+    """
+    import os
+    from twisted.logger import textFileLogObserver
+    from twisted.python import logfile
+    path = os.environ.get("PICCOLO_LOGFILE", "/var/log/piccolo/piccolo.log")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = logfile.LogFile.fromFullPath(
+        path, rotateLength=int(os.environ.get("PICCOLO_LOG_ROTATE", 1000000)),
+        maxRotatedFiles=int(os.environ.get("PICCOLO_LOG_KEEP", 10)))
+    return textFileLogObserver(f)
