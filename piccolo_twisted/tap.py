@@ -76,5 +76,7 @@ def resolve(options):
 
 def makeService(options):
     from .service import PiccoloService
+    # PICCOLO_TIME_SCALE speeds simulated integrations up (tests, benchmarks)
+    scale = float(os.environ.get("PICCOLO_TIME_SCALE", "1") or 1)
     return PiccoloService(options.settings, options.instrument,
-                          notes=[options.instrument_note])
+                          notes=[options.instrument_note], time_scale=scale)

@@ -328,6 +328,19 @@ class ProtocolTests(unittest.SynchronousTestCase):
             self.value.set(v)
         self.assertEqual(len(self.proto.exchanges), 1)
 
+    def test_observe_storm_bounded(self):
+        from piccolo_twisted.coap import protocol
+        registered = 0
+        for i in range(protocol.MAX_OBSERVERS_PER_PEER + 50):
+            [r] = self.send(request(token=i.to_bytes(2, "big"), mid=1000 + i, observe=0))
+            self.assertEqual(r.code, _tx.CONTENT)
+            registered += r.opt.observe is not None
+        self.assertEqual(registered, protocol.MAX_OBSERVERS_PER_PEER)
+        self.assertEqual(self.proto.observer_count(), protocol.MAX_OBSERVERS_PER_PEER)
+        # another peer may still observe
+        [r] = self.send(request(token=b"zz", mid=5000, observe=0), peer=("::1", 40001))
+        self.assertIsNotNone(r.opt.observe)
+
     # -- 16: quiet logs -----------------------------------------------------------
 
     def test_no_info_log_per_datagram(self):

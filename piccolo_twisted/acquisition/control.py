@@ -173,17 +173,17 @@ class Control:
         for channel in self.instrument.channels:
             await self._checkpoint()
             self.status.set(f"{channel} {kind}")
+            # the next channel's shutter change closes this one; the set ends
+            # dark below, and _guarded closes everything on any failure
             await shutters.only(None if dark else channel)
-            try:
-                results = await self._acquire_channel(channel, dark, devices, RECORDING)
-            finally:
-                if not dark:
-                    await shutters.only(None)
+            results = await self._acquire_channel(channel, dark, devices, RECORDING)
             for s, reading in results:
                 spectra.append(pico.spectrum(
                     s.metadata(channel, reading), reading.pixels, channel,
                     dark, sequence, batch, run))
             devices = [s for s in devices if s.connected] or devices
+        if not dark:
+            await shutters.only(None)
         return spectra
 
     async def _autointegrate(self, devices, target):

@@ -46,6 +46,8 @@ DEDUP_MAX = 16384              # entries per dedup generation
 BLOCK_CACHE_MAX = 64           # Block2 bodies kept for follow-up requests
 BLOCK_LIFETIME = 60.0          # seconds a Block1/Block2 transfer may idle
 HOUSEKEEPING = 10.0            # seconds between sweeps
+MAX_OBSERVERS = 2048           # observations in all
+MAX_OBSERVERS_PER_PEER = 256   # observations one endpoint may hold
 
 _LENGTH_LIMITS = {_tx.OBSERVE: 3, _tx.CONTENT_FORMAT: 2, _tx.ACCEPT: 2,
                   _tx.BLOCK1: 3, _tx.BLOCK2: 3, _tx.SIZE1: 4, _tx.SIZE2: 4,
@@ -223,6 +225,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self.block1 = {}        # (remote, path) -> [bytearray, last_seen]
         self.block2 = {}        # (remote, path) -> (body, cf, etag, code, seen)
         self.targets = {}       # path tuple -> Target
+        self._observers = 0
+        self._peer_observers = {}  # remote -> number of observations
         self.exchanges = {}     # mid -> Exchange
         self.obs_seq = 2
         self.stats = {"received": 0, "malformed": 0, "duplicates": 0}
@@ -245,6 +249,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         for target in self.targets.values():
             target.close()
         self.targets.clear()
+        self._observers = 0
+        self._peer_observers.clear()
 
     def sweep(self):
         """Periodic clean-up of dedup generations and idle transfers."""
@@ -412,8 +418,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if observe is not None and handle is not None:
             okey = (remote, msg.token)
             if observe == 0 and 64 <= code < 96:
-                target = self._register(okey, path, handle, msg, remote)
-                extra["observe"] = self.obs_seq
+                # over the limits the GET is answered without Observe, which
+                # tells the client it is not registered (RFC 7641 4.1)
+                if self._may_observe(okey, remote):
+                    self._register(okey, path, handle, msg, remote)
+                    extra["observe"] = self.obs_seq
             else:
                 self._deregister(okey, path)
         if msg.opt.block1 is not None and msg.opt.block1.block_number:
@@ -530,6 +539,14 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     # -- observe ---------------------------------------------------------
 
+    def _may_observe(self, okey, remote):
+        count = self._peer_observers.get(remote, 0)
+        already = any(okey in t.observers for t in self.targets.values()) if count else False
+        if already:
+            return True
+        return (count < MAX_OBSERVERS_PER_PEER
+                and self.observer_count() < MAX_OBSERVERS)
+
     def _register(self, okey, path, handle, msg, remote):
         target = self.targets.get(path)
         if target is None:
@@ -540,6 +557,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if okey not in target.observers:
             target.observers[okey] = Observer(remote, msg.token, target,
                                               msg.mtype, szx)
+            self._peer_observers[remote] = self._peer_observers.get(remote, 0) + 1
+            self._observers += 1
         return target
 
     def _deregister(self, okey, path):
@@ -551,6 +570,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         target = observer.target
         if target.observers.pop((observer.remote, observer.token), None) is None:
             return
+        self._forget_observer(observer.remote)
         if observer.pending is not None:
             exchange = self.exchanges.pop(observer.pending, None)
             if exchange is not None and exchange.timer.active():
@@ -559,8 +579,16 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             target.close()
             self.targets.pop(target.path, None)
 
+    def _forget_observer(self, remote):
+        self._observers -= 1
+        left = self._peer_observers.get(remote, 1) - 1
+        if left > 0:
+            self._peer_observers[remote] = left
+        else:
+            self._peer_observers.pop(remote, None)
+
     def observer_count(self):
-        return sum(len(t.observers) for t in self.targets.values())
+        return self._observers
 
     def notify(self, target):
         """The target's value changed: send every observer a notification."""
@@ -616,7 +644,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if not 64 <= code < 96:
                 # an error ends the observation (RFC 7641 3.2)
                 observer.pending = None
-                target.observers.pop((observer.remote, observer.token), None)
+                if target.observers.pop((observer.remote, observer.token), None):
+                    self._forget_observer(observer.remote)
         if not target.observers:
             target.close()
             self.targets.pop(target.path, None)

@@ -66,16 +66,18 @@ class Shutters:
         return defer.gatherResults([s.close() for s in self], consumeErrors=True)
 
     def only(self, channel):
-        """Close every other shutter, then open ``channel`` (None: all closed).
+        """Close every other shutter and open ``channel`` (None: all closed).
 
-        Shutters already in the wanted state are not pulsed again, which
-        keeps the per-channel overhead of a sequence to one pulse each way.
+        The pulses of different shutters run at the same time, and
+        shutters already in the wanted state are not pulsed again: moving
+        from one channel to the next costs one 5 ms pulse. The Deferred
+        fires when every pulse is over, so nothing integrates before the
+        previous channel is dark.
         """
         ds = [s.close() for s in self if s.channel != channel and s.state != "closed"]
-        d = defer.gatherResults(ds, consumeErrors=True)
-        if channel is not None:
-            d.addCallback(lambda _: self.by_channel[channel].open())
-        return d
+        if channel is not None and self.by_channel[channel].state != "open":
+            ds.append(self.by_channel[channel].open())
+        return defer.gatherResults(ds, consumeErrors=True)
 
     # -- /shutter ---------------------------------------------------------
 
