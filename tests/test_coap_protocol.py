@@ -153,6 +153,12 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertEqual(r1.encode(), r2.encode())
         self.assertEqual(self.calls, [("put", 5)])
 
+    def test_duplicate_get_answered_again_and_not_cached(self):
+        [r1] = self.send(request(mid=4))
+        [r2] = self.send(request(mid=4))
+        self.assertEqual(r1.encode(), r2.encode())
+        self.assertEqual(len(self.proto.dedup), 0)
+
     def test_no_timer_per_datagram(self):
         # 14: txThings left a 247 s timer per datagram
         for mid in range(1000):

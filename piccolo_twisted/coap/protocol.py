@@ -8,7 +8,8 @@ the receive path:
 
 - strict decoding: a malformed datagram is dropped (RST for a CON),
   unknown critical options get 4.02, and nothing raises into the reactor;
-- duplicate detection in two generations of plain dicts, rotated on the
+- duplicate detection for non-GET requests (a duplicate GET is simply
+  answered again, RFC 7252 4.5) in two generations of plain dicts, rotated on the
   clock and bounded in size: no timer per message;
 - Block2 at up to 1024 bytes with an ETag, bodies cached briefly per peer
   and path; Block1 reassembly with 2.31 Continue and a size limit (4.13);
@@ -283,7 +284,12 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
     def handleMessage(self, msg, remote):
         mtype, code = msg.mtype, msg.code
         if mtype == CON or mtype == NON:
-            if 1 <= code < 32:
+            if code == _tx.GET:
+                # GET is idempotent: RFC 7252 4.5 lets a duplicate be
+                # processed again, so GETs (most of the traffic) cost the
+                # dedup cache nothing
+                self.handleRequest(msg, remote, None)
+            elif 1 <= code < 32:
                 key = (msg.mid, remote)
                 cached = self.dedup.get(key)
                 if cached is not DedupCache.MISSING:

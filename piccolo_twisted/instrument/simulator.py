@@ -197,8 +197,24 @@ class SimulatedSpectrometer:
         return c[0] + c[1] * idx + c[2] * idx ** 2 + c[3] * idx ** 3
 
     def set_integration_time(self, ms):
+        """Applies from the next integration: those that began before this
+        call keep the time they began with."""
         self._check()
+        self._advance(time.monotonic())
         self._next_ms = int(ms)
+
+    def _advance(self, now):
+        """Move the timeline to the integration in progress at ``now``."""
+        duration = self._seconds(self._current_ms)
+        if self._start + duration <= now:
+            # it finished: the following ones run at the pending time;
+            # skip whole ones without looping per integration
+            self._start += duration
+            self._current_ms = self._next_ms
+            duration = self._seconds(self._current_ms)
+            if duration > 0 and self._start + duration <= now:
+                self._start += math.floor((now - self._start) / duration) * duration
+        return duration
 
     #: shortest real duration of an integration: a scaled-down 1 ms
     #: integration must still outlast the driver's Python between reads
@@ -211,16 +227,7 @@ class SimulatedSpectrometer:
         """Block until the integration in progress completes; return it as
         (pixels, monotonic start, ms)."""
         self._check()
-        now = time.monotonic()
-        duration = self._seconds(self._current_ms)
-        if self._start + duration <= now:
-            # the integration in progress finished: the following ones run
-            # at the pending time; skip whole ones without looping per one
-            self._start += duration
-            self._current_ms = self._next_ms
-            duration = self._seconds(self._current_ms)
-            if duration > 0 and self._start + duration <= now:
-                self._start += math.floor((now - self._start) / duration) * duration
+        duration = self._advance(time.monotonic())
         end = self._start + duration
         wait = end - time.monotonic() + self.read_delay
         if self.fail_next_read:
