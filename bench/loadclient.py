@@ -146,8 +146,9 @@ def closed_loop(host, port, path, concurrency=1, duration=5.0, count=None,
     return summary(latencies, sent, min(elapsed, duration + timeout), lost, codes)
 
 
-def open_loop(host, port, path, rate=50.0, duration=10.0, timeout=2.0):
-    """Send at a fixed rate; latency shows how responsive the reactor is."""
+def open_loop(host, port, path, rate=50.0, duration=10.0, timeout=2.0, stop=None):
+    """Send at a fixed rate; latency shows how responsive the reactor is.
+    ``stop`` (a threading.Event) ends the run early."""
     duration = min(duration, MAX_SECONDS)
     sock = _socket(host, port)
     sel = selectors.DefaultSelector()
@@ -160,6 +161,8 @@ def open_loop(host, port, path, rate=50.0, duration=10.0, timeout=2.0):
     next_send = start
     while True:
         now = time.perf_counter()
+        if stop is not None and stop.is_set() and now < start + duration:
+            duration = now - start
         if now >= start + duration and not inflight:
             break
         if now >= start + duration + timeout:
@@ -260,3 +263,60 @@ if __name__ == "__main__":
         print(json.dumps(open_loop(a.host, a.port, a.path, a.rate, a.duration)))
     else:
         print(json.dumps(closed_loop(a.host, a.port, a.path, a.concurrency, a.duration)))
+
+
+class Observers:
+    """``n`` observations of one path from one socket; every confirmable
+    notification is acknowledged (as a live client would) and counted."""
+
+    def __init__(self, host, port, path, n):
+        self.sock = _socket(host, port)
+        self.path = path
+        self.n = n
+        self.tokens = [struct.pack("!I", 0x70000000 + i) for i in range(n)]
+        self.counts = {t: 0 for t in self.tokens}
+        self.registered = set()
+        self.mid = int.from_bytes(os.urandom(2), "big")
+        self.stop_at = None
+
+    def register(self, timeout=5.0):
+        for token in self.tokens:
+            self.mid = (self.mid + 1) & 0xFFFF
+            self.sock.send(encode_request(self.mid, self.path, token=token, observe=0))
+        deadline = time.monotonic() + timeout
+        while len(self.registered) < self.n and time.monotonic() < deadline:
+            self.poll(0.05)
+        return len(self.registered)
+
+    def poll(self, wait):
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ)
+        try:
+            if not sel.select(wait):
+                return
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                except (BlockingIOError, ConnectionRefusedError):
+                    return
+                if len(data) < 4:
+                    continue
+                mtype = (data[0] >> 4) & 3
+                token = data[4:4 + (data[0] & 15)]
+                if mtype == 0:                      # CON notification: ACK it
+                    self.sock.send(struct.pack("!BBH", 0x60, 0, struct.unpack_from("!H", data, 2)[0]))
+                if token in self.counts:
+                    if mtype == 2:
+                        self.registered.add(token)
+                    else:
+                        self.counts[token] += 1
+        finally:
+            sel.close()
+
+    def run(self, seconds):
+        end = time.monotonic() + min(seconds, MAX_SECONDS)
+        while time.monotonic() < end:
+            self.poll(0.05)
+
+    def close(self):
+        self.sock.close()

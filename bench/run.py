@@ -227,11 +227,15 @@ def main():
             server.call("PUT", "/control/record_sequence",
                         {"run": f"busy{ms}", "nsequence": nsequence, "auto": -1, "delay": 0})
             out = {}
+            done = threading.Event()
             t = threading.Thread(target=lambda: out.update(loadclient.open_loop(
-                "::1", server.port, "/control/status", rate=50, duration=60.0 if ms >= 1000 else 20.0)))
+                "::1", server.port, "/control/status", rate=50, duration=300.0, stop=done)))
             t.start()
-            server.wait_idle()
-            t.join()
+            try:
+                server.wait_idle()
+            finally:
+                done.set()
+                t.join()
             return out
         for label, ms, n in (("20-sequence batch at 200 ms", 200, 20),
                              ("batch, two devices integrating 1 s", 1000, 10)):

@@ -41,8 +41,6 @@ def to_bool(value, name):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
     raise PiccoloError(f"{name} must be true or false, not {value!r}")
 
 

@@ -130,3 +130,23 @@ class ServerTestCase(unittest.TestCase):
 
     def run_dir(self, run):
         return os.path.join(self.datadir, run)
+
+    async def observe_changes(self, path, n, action, timeout=5):
+        """Observe ``path``, run ``action()``, return the next ``n`` values."""
+        import aiocoap
+        msg = aiocoap.Message(code=aiocoap.GET, uri=f"{self.base}/{path}", observe=0)
+        req = self.ctx.request(msg)
+        first = await asyncio.wait_for(req.response, timeout)
+        self.assertIsNotNone(first.opt.observe)
+        seen = []
+
+        async def collect():
+            async for note in req.observation:
+                seen.append(json.loads(note.payload))
+                if len(seen) == n:
+                    return
+        task = asyncio.ensure_future(collect())
+        await action()
+        await asyncio.wait_for(task, timeout)
+        req.observation.cancel()
+        return json.loads(first.payload), seen

@@ -75,22 +75,11 @@ class SpectrometerWireTests(ServerTestCase):
         base = f"spectrometer/{QEP}"
         lo, hi = await self.get(f"{base}/min_time"), await self.get(f"{base}/max_time")
         self.assertEqual((lo, hi), (8, 10000))
-        msg = aiocoap.Message(code=aiocoap.GET, uri=f"{self.base}/{base}/current_time/upwelling",
-                              observe=0)
-        req = self.ctx.request(msg)
-        first = await asyncio.wait_for(req.response, 5)
-        seen = []
-
-        async def collect():
-            async for n in req.observation:
-                seen.append(json.loads(n.payload))
-                return
-        task = asyncio.ensure_future(collect())
-        await self.put(f"{base}/current_time/upwelling", 250)
-        await asyncio.wait_for(task, 5)
+        first, seen = await self.observe_changes(
+            f"{base}/current_time/upwelling", 1,
+            lambda: self.put(f"{base}/current_time/upwelling", 250))
         self.assertEqual(seen, [250])
-        req.observation.cancel()
-        self.assertNotEqual(json.loads(first.payload), 250)
+        self.assertNotEqual(first, 250)
         for bad in (7, 10001, "fast", 12.5, None, True, [1]):
             r = await self.request("PUT", f"{base}/current_time/upwelling", bad)
             self.assertEqual(r.code, aiocoap.BAD_REQUEST, bad)
@@ -112,21 +101,10 @@ class SpectrometerWireTests(ServerTestCase):
         import aiocoap
         base = f"spectrometer/{QEP}"
         self.assertIs(await self.get(f"{base}/TECenabled"), True)
-        msg = aiocoap.Message(code=aiocoap.GET, uri=f"{self.base}/{base}/target_temperature",
-                              observe=0)
-        req = self.ctx.request(msg)
-        await asyncio.wait_for(req.response, 5)
-        got = []
-
-        async def collect():
-            async for n in req.observation:
-                got.append(json.loads(n.payload))
-                return
-        task = asyncio.ensure_future(collect())
-        await self.put(f"{base}/target_temperature", -15)
-        await asyncio.wait_for(task, 5)
+        _, got = await self.observe_changes(
+            f"{base}/target_temperature", 1,
+            lambda: self.put(f"{base}/target_temperature", -15))
         self.assertEqual(got, [-15.0])
-        req.observation.cancel()
         for bad in (-100, 99, "warm", "NaN"):
             r = await self.request("PUT", f"{base}/target_temperature", bad)
             self.assertEqual(r.code, aiocoap.BAD_REQUEST, bad)

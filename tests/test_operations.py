@@ -4,7 +4,6 @@ mid-batch, the reboot button and the status LEDs."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,8 @@ from .test_wire import coro
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "bench"))
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+from run import TWISTD, free_port  # noqa: E402
 
-
-def free_udp_port():
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.bind(("::1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def listening_tcp(pid):
@@ -79,7 +71,7 @@ class DaemonTests(unittest.TestCase):
         pidfile, logfile = os.path.join(d, "p.pid"), os.path.join(d, "p.log")
         with open(pidfile, "w") as f:
             f.write("999999")                      # stale: from a crash
-        port = free_udp_port()
+        port = free_port()
         env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
         p = subprocess.run(TWISTD + ["--pidfile", pidfile, "-l", logfile, "piccolo",
                                      "--address", "::1", "--port", str(port),

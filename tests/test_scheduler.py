@@ -196,10 +196,7 @@ class SchedulerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.control.runs, [JOB])
 
     def test_quiet_time_across_midnight(self):
-        s = self.s.resources()
-        s["quietStart"].put("22:00:00+0000")
-        s["quietEnd"].put("04:00:00+0000")
-        s["quietTimeEnabled"].put(True)
+        self.quiet("22:00:00+0000", "04:00:00+0000")
         start = T0.replace(hour=23)
         self.s.add("record", JOB, at(start), 3600)
         self.clock.advance(start.timestamp() - self.clock.seconds() - 1)
@@ -208,24 +205,23 @@ class SchedulerTests(unittest.SynchronousTestCase):
         self.tick(2)
         self.assertEqual(len(self.control.runs), 1)  # at 04:00, once
 
-    def test_power_window_once_each(self):
+    def quiet(self, start, end, power_delay=None):
         s = self.s.resources()
-        s["quietStart"].put("22:00:00+0000")
-        s["quietEnd"].put("04:00:00+0000")
-        s["powerDelay"].put(300)
-        s["powerOffEnabled"].put(True)
+        s["quietStart"].put(start)
+        s["quietEnd"].put(end)
+        if power_delay is not None:
+            s["powerDelay"].put(power_delay)
+            s["powerOffEnabled"].put(True)
         s["quietTimeEnabled"].put(True)
+
+    def test_power_window_once_each(self):
+        self.quiet("22:00:00+0000", "04:00:00+0000", 300)
         self.clock.advance(T0.replace(hour=21, minute=59).timestamp() - self.clock.seconds())
         self.tick(7 * 3600)
         self.assertEqual(self.control.power, ["power_off", "power_on"])
 
     def test_power_window_too_short_refused(self):
-        s = self.s.resources()
-        s["quietStart"].put("22:00:00+0000")
-        s["quietEnd"].put("22:05:00+0000")
-        s["powerDelay"].put(300)
-        s["powerOffEnabled"].put(True)
-        s["quietTimeEnabled"].put(True)
+        self.quiet("22:00:00+0000", "22:05:00+0000", 300)
         self.clock.advance(T0.replace(hour=21, minute=59).timestamp() - self.clock.seconds())
         self.tick(1200)
         self.assertEqual(self.control.power, [])

@@ -456,12 +456,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if blockwise and (total > size or number):
             if etag is None:
                 etag = struct.pack("!I", zlib.crc32(body))
-                if 64 <= code < 96:
-                    if len(self.block2) >= BLOCK_CACHE_MAX:
-                        self.block2.pop(next(iter(self.block2)))
-                    path = tuple(s.decode("utf-8", "replace") for s in msg.opt.uri_path)
-                    self.block2[(remote, path)] = (body, cf, etag, code,
-                                                  self.clock.seconds())
+                # whatever the code: later blocks must come from this body
+                if len(self.block2) >= BLOCK_CACHE_MAX:
+                    self.block2.pop(next(iter(self.block2)))
+                path = tuple(s.decode("utf-8", "replace") for s in msg.opt.uri_path)
+                self.block2[(remote, path)] = (body, cf, etag, code, self.clock.seconds())
             start = number * size
             if start >= len(body) and start:
                 return self._reply(msg, remote, key, _tx.BAD_OPTION,

@@ -47,6 +47,18 @@ def parse_arguments(payload):
     return (value,), {}
 
 
+MAX_MESSAGE = 400
+
+
+def message(error):
+    """An error's text for the wire: one readable line, never a huge echo
+    of the bad input (which would need a blockwise transfer)."""
+    text = " ".join(str(error).split())
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE - 1] + "\u2026"
+    return text.encode("utf-8")
+
+
 def encode_json(value):
     if value is None:
         return b""
@@ -166,7 +178,7 @@ class Site:
         try:
             leaf, args = self.resolve(path)
         except NotFoundError as e:
-            return _tx.NOT_FOUND, str(e).encode(), TEXT, None
+            return _tx.NOT_FOUND, message(e), TEXT, None
         if leaf is WellKnownCore:
             if code != _tx.GET:
                 return _tx.METHOD_NOT_ALLOWED, b"GET only", TEXT, None
@@ -186,7 +198,7 @@ class Site:
             try:
                 call_args, kwargs = parse_arguments(payload)
             except PiccoloError as e:
-                return _tx.BAD_REQUEST, str(e).encode(), TEXT, None
+                return _tx.BAD_REQUEST, message(e), TEXT, None
             result = self._call(leaf.spec.put, leaf.put_signature,
                                 args + call_args, kwargs, code)
         else:
@@ -215,7 +227,7 @@ class Site:
             try:
                 signature.bind(*args, **kwargs)
             except TypeError as e:
-                return _tx.BAD_REQUEST, f"bad arguments: {e}".encode(), TEXT
+                return _tx.BAD_REQUEST, message(f"bad arguments: {e}"), TEXT
         try:
             result = fn(*args, **kwargs)
         except Exception:
@@ -236,10 +248,10 @@ class Site:
     def _error(self, failure, code):
         error = failure.value
         if isinstance(error, NotFoundError):
-            return _tx.NOT_FOUND, str(error).encode("utf-8"), TEXT
+            return _tx.NOT_FOUND, message(error), TEXT
         if isinstance(error, MethodNotAllowedError):
-            return _tx.METHOD_NOT_ALLOWED, str(error).encode("utf-8"), TEXT
+            return _tx.METHOD_NOT_ALLOWED, message(error), TEXT
         if isinstance(error, PiccoloError):
-            return _tx.BAD_REQUEST, str(error).encode("utf-8"), TEXT
+            return _tx.BAD_REQUEST, message(error), TEXT
         self.log.failure("unexpected error in a request handler", failure)
         return _tx.INTERNAL_SERVER_ERROR, b"internal server error (see the server log)", TEXT

@@ -271,8 +271,11 @@ class Spectrometer:
         return self.current_time[self._channel(channel)].value
 
     def set_current_time(self, channel=None, value=None, *extra):
-        if channel is None or extra:
+        if channel is None:
             raise NotFoundError("use current_time/<channel>")
+        if extra:
+            raise PiccoloError("current_time/<channel> takes one value: "
+                               "the integration time in ms")
         self._channel(channel)
         value = to_int(value, "integration time", lo=self.min_time.value,
                        hi=self.max_time.value)
