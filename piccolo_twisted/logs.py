@@ -54,6 +54,25 @@ def set_level(debug):
     predicate.setLogLevelForNamespace(None, LogLevel.debug if debug else LogLevel.info)
 
 
+def rotating_file_observer(path, rotate=1000000, keep=10):
+    """A text observer writing ``path``, rotated at ``rotate`` bytes."""
+    import os
+    from twisted.logger import textFileLogObserver
+    from twisted.python import logfile
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = logfile.LogFile.fromFullPath(path, rotateLength=rotate, maxRotatedFiles=keep)
+    return textFileLogObserver(f)
+
+
+def add_log_file(path, debug=False):
+    """Also log to ``path`` (the server config's ``[logging] logfile``)."""
+    observer = rotating_file_observer(path)
+    level = LogLevel.debug if debug else LogLevel.info
+    globalLogPublisher.addObserver(
+        FilteringLogObserver(observer, [LogLevelFilterPredicate(level)]))
+    return observer
+
+
 def rotating_observer():
     """A log observer factory for ``twistd --logger piccolo_twisted.logs.rotating_observer``.
 
@@ -64,11 +83,7 @@ def rotating_observer():
     every old file.
     """
     import os
-    from twisted.logger import textFileLogObserver
-    from twisted.python import logfile
-    path = os.environ.get("PICCOLO_LOGFILE", "/var/log/piccolo/piccolo.log")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f = logfile.LogFile.fromFullPath(
-        path, rotateLength=int(os.environ.get("PICCOLO_LOG_ROTATE", 1000000)),
-        maxRotatedFiles=int(os.environ.get("PICCOLO_LOG_KEEP", 10)))
-    return textFileLogObserver(f)
+    return rotating_file_observer(
+        os.environ.get("PICCOLO_LOGFILE", "/var/log/piccolo/piccolo.log"),
+        rotate=int(os.environ.get("PICCOLO_LOG_ROTATE", 1000000)),
+        keep=int(os.environ.get("PICCOLO_LOG_KEEP", 10)))

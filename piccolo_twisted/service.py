@@ -82,6 +82,9 @@ class PiccoloService(service.MultiService):
             from .logs import route_stdlib_logging, set_level
             set_level(self.settings.debug)
             route_stdlib_logging(self.settings.debug)
+            if self.settings.logfile:
+                from .logs import add_log_file
+                add_log_file(self.settings.logfile, self.settings.debug)
         for note in self.notes:
             self.log.info("{note}", note=note)
         try:

@@ -4,25 +4,7 @@ Imported only when a real (not ``sim_``/``dummy_``) serial is configured:
 seabreeze costs ~12 MiB of memory.
 """
 
-
-
 from .device import DeviceError, DeviceInfo
-
-
-def _errors():
-    """The exception types that mean "the device failed"."""
-    kinds = [OSError, RuntimeError, ValueError, TimeoutError]
-    try:
-        from seabreeze.spectrometers import SeaBreezeError
-        kinds.append(SeaBreezeError)
-    except ImportError:
-        pass
-    try:
-        import usb.core
-        kinds.append(usb.core.USBError)
-    except ImportError:
-        pass
-    return tuple(kinds)
 
 
 class SeabreezeDevice:
@@ -31,15 +13,16 @@ class SeabreezeDevice:
     def __init__(self, serial):
         self.serial = serial
         self.spec = None
-        self._errors = _errors()
         self._tec = None
 
     def _call(self, fn, *args):
+        """Every failure inside seabreeze (SeaBreezeError, USBError, a
+        timeout, a backend error after an unplug) is a device failure."""
         if self.spec is None:
             raise DeviceError(f"{self.serial}: device not open")
         try:
             return fn(*args)
-        except self._errors as e:
+        except Exception as e:
             raise DeviceError(f"{self.serial}: {type(e).__name__}: {e}") from e
 
     def open(self):
@@ -47,9 +30,7 @@ class SeabreezeDevice:
         try:
             from seabreeze.spectrometers import Spectrometer
             spec = Spectrometer.from_serial_number(self.serial)
-        except self._errors as e:
-            raise DeviceError(f"{self.serial}: cannot open: {e}") from e
-        except Exception as e:     # no backend, no such device, ...
+        except Exception as e:     # no backend, no such device, USB error
             raise DeviceError(f"{self.serial}: cannot open: {e}") from e
         self.spec = spec
         lo, hi = self._call(lambda: spec.integration_time_micros_limits)
@@ -87,10 +68,10 @@ class SeabreezeDevice:
                 pass
 
     def set_integration_time(self, ms):
-        self._call(self.spec.integration_time_micros, int(ms * 1000))
+        self._call(lambda: self.spec.integration_time_micros(int(ms * 1000)))
 
     def read(self):
-        counts = self._call(self.spec.intensities)
+        counts = self._call(lambda: self.spec.intensities())
         return [int(c) for c in counts], None, None
 
     def temperature(self):
