@@ -20,3 +20,6 @@ class Resource:
     observe: object = None
     #: Remaining path segments become the first positional arguments.
     parse_path: bool = False
+    #: For path-parsing resources: the known sub-paths, listed in
+    #: /.well-known/core (e.g. the channels of ``current_time/<channel>``).
+    known: tuple = ()

@@ -55,6 +55,9 @@ class FoundationWireTests(ServerTestCase):
         self.assertIn("</control/status>;obs", links)
         self.assertIn("</data_dir/current_run>;obs", links)
         self.assertIn("</sysinfo/version>", links)
+        self.assertIn("</spectrometer/S_sim_QEP00981/current_time/upwelling>;obs", links)
+        self.assertIn("</spectrometer/S_sim_FLMT01234/autointegration/downwelling>;obs", links)
+        self.assertIn("</data_dir/runs>", links)
         # longer than one block: the client reassembled it (Block2)
         self.assertGreater(len(r.payload), 1024)
 

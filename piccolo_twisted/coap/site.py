@@ -144,10 +144,9 @@ class Site:
         if self._core is None:
             links = []
             for leaf in sorted(self.leaves, key=lambda l: l.path):
-                link = f"</{leaf.path}>"
-                if leaf.observable:
-                    link += ";obs"
-                links.append(link)
+                paths = [leaf.path + "/" + k for k in leaf.spec.known] or [leaf.path]
+                for path in paths:
+                    links.append(f"</{path}>" + (";obs" if leaf.observable else ""))
             self._core = ",".join(links).encode("utf-8")
         return self._core
 
