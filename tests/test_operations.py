@@ -53,7 +53,7 @@ def get_version(port, timeout=0.5):
     return code, json.loads(body)
 
 
-class DaemonTests(unittest.TestCase):
+class ProcessTestCase(unittest.TestCase):
     timeout = 60
 
     def wait_answer(self, port, seconds=20):
@@ -64,6 +64,9 @@ class DaemonTests(unittest.TestCase):
             except OSError:
                 time.sleep(0.2)
         self.fail("the daemon never answered")
+
+
+class DaemonTests(ProcessTestCase):
 
     def test_daemon_sigterm_and_stale_pidfile(self):
         d = os.path.abspath(self.mktemp())
@@ -94,6 +97,34 @@ class DaemonTests(unittest.TestCase):
         self.assertIn("piccolo serving CoAP", log)
         self.assertIn("piccolo stopped", log)
         self.assertNotIn("Traceback", log)
+
+
+class LauncherProcessTests(ProcessTestCase):
+
+    def test_piccolo3_server_from_config(self):
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        port = free_port()
+        cfg = os.path.join(d, "piccolo.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"[coap]\naddress = ::1\nport = {port}\n"
+                    f"[datadir]\ndatadir = {d}/data\n"
+                    f"[daemon]\ndaemon = True\npid_file = {d}/p.pid\nlogfile = {d}/p.log\n")
+        env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
+        p = subprocess.run([sys.executable, "-c",
+                            "from piccolo_twisted.tools.launcher import main; main()",
+                            "-s", cfg], env=env, capture_output=True, text=True, timeout=30)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.wait_answer(port)
+        self.assertTrue(os.path.isdir(os.path.join(d, "data", "spectra")))
+        with open(os.path.join(d, "p.pid")) as f:
+            os.kill(int(f.read()), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.path.exists(os.path.join(d, "p.pid")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertFalse(os.path.exists(os.path.join(d, "p.pid")))
+        with open(os.path.join(d, "p.log")) as f:
+            self.assertIn("piccolo serving CoAP", f.read())
 
 
 class LauncherTests(unittest.SynchronousTestCase):
