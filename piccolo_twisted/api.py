@@ -20,6 +20,9 @@ class Resource:
     observe: object = None
     #: Remaining path segments become the first positional arguments.
     parse_path: bool = False
+    #: GET acts (abort, pause, connect, power_on, ...): a duplicate of such a
+    #: request must be answered from the cache, never run twice.
+    get_acts: bool = False
     #: For path-parsing resources: the known sub-paths, listed in
     #: /.well-known/core (e.g. the channels of ``current_time/<channel>``).
     known: tuple = ()

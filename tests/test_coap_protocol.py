@@ -53,6 +53,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
             "slow": Resource(get=self.get_slow),
             "args": Resource(get=lambda *a: list(a), put=lambda *a, **k: [a, k],
                              parse_path=True),
+            "toggle": Resource(get=self.toggle, get_acts=True),
         }}
         self.proto = ServerCoap(Site(components), clock=self.clock)
         self.transport = FakeTransport()
@@ -67,6 +68,10 @@ class ProtocolTests(unittest.SynchronousTestCase):
     def put_a(self, value):
         self.calls.append(("put", value))
         self.value.set(value)
+
+    def toggle(self):
+        self.calls.append("toggle")
+        return len(self.calls)
 
     def boom(self):
         raise RuntimeError("kaboom")
@@ -158,6 +163,13 @@ class ProtocolTests(unittest.SynchronousTestCase):
         [r2] = self.send(request(mid=4))
         self.assertEqual(r1.encode(), r2.encode())
         self.assertEqual(len(self.proto.dedup), 0)
+
+    def test_duplicate_of_an_acting_get_runs_once(self):
+        # GET /control/pause toggles: a retransmission must not resume
+        [r1] = self.send(request(path="toggle", mid=8))
+        [r2] = self.send(request(path="toggle", mid=8))
+        self.assertEqual(r1.encode(), r2.encode())
+        self.assertEqual(self.calls, ["toggle"])
 
     def test_no_timer_per_datagram(self):
         # 14: txThings left a 247 s timer per datagram

@@ -469,7 +469,7 @@ class Control:
             "auto": Resource(put=self.auto),
             "power_on": Resource(put=self.power_on),
             "power_off": Resource(put=self.power_off),
-            "abort": Resource(get=self.abort),
-            "pause": Resource(get=self.pause),
+            "abort": Resource(get=self.abort, get_acts=True),
+            "pause": Resource(get=self.pause, get_acts=True),
         }
 

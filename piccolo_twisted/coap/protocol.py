@@ -8,8 +8,9 @@ the receive path:
 
 - strict decoding: a malformed datagram is dropped (RST for a CON),
   unknown critical options get 4.02, and nothing raises into the reactor;
-- duplicate detection for non-GET requests (a duplicate GET is simply
-  answered again, RFC 7252 4.5) in two generations of plain dicts, rotated on the
+- duplicate detection (a duplicate of a GET without effects is simply
+  answered again, RFC 7252 4.5; every other request is answered from the
+  cache and never run twice) in two generations of plain dicts, rotated on the
   clock and bounded in size: no timer per message;
 - Block2 at up to 1024 bytes with an ETag, bodies cached briefly per peer
   and path; Block1 reassembly with 2.31 Continue and a size limit (4.13);
@@ -284,10 +285,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
     def handleMessage(self, msg, remote):
         mtype, code = msg.mtype, msg.code
         if mtype == CON or mtype == NON:
-            if code == _tx.GET:
-                # GET is idempotent: RFC 7252 4.5 lets a duplicate be
-                # processed again, so GETs (most of the traffic) cost the
-                # dedup cache nothing
+            if code == _tx.GET and self._safe_get(msg):
+                # a GET without effects is idempotent: RFC 7252 4.5 lets a
+                # duplicate be processed again, so such GETs (most of the
+                # traffic) cost the dedup cache nothing
                 self.handleRequest(msg, remote, None)
             elif 1 <= code < 32:
                 key = (msg.mid, remote)
@@ -308,6 +309,13 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             exchange = self.exchanges.get(msg.mid)
             if exchange is not None and exchange.remote == remote:
                 self._finish_exchange(msg.mid, reset=(mtype == RST))
+
+    def _safe_get(self, msg):
+        try:
+            path = tuple(s.decode("utf-8") for s in msg.opt.uri_path)
+        except UnicodeDecodeError:
+            return True
+        return self.site.safe_get(path)
 
     def handleRequest(self, msg, remote, key):
         for number in msg.opt._options:

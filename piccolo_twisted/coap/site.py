@@ -165,6 +165,15 @@ class Site:
             node = child
         raise NotFoundError("no such resource: /" + "/".join(path))
 
+    def safe_get(self, path):
+        """True when a GET of ``path`` has no effect, so a duplicate may
+        simply be answered again (RFC 7252 4.5) instead of from a cache."""
+        try:
+            leaf, _ = self.resolve(path)
+        except NotFoundError:
+            return True
+        return leaf is WellKnownCore or not leaf.spec.get_acts
+
     # -- the entry point used by the protocol -----------------------------
 
     def handle(self, code, path, payload, observing=False):

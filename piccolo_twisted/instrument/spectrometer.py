@@ -337,10 +337,10 @@ class Spectrometer:
                 return table[channel]
             return lookup
         return {
-            "connect": Resource(get=self.connect),
-            "disconnect": Resource(get=self.disconnect),
-            "power_on": Resource(get=self.power_on),
-            "power_off": Resource(get=self.power_off),
+            "connect": Resource(get=self.connect, get_acts=True),
+            "disconnect": Resource(get=self.disconnect, get_acts=True),
+            "power_on": Resource(get=self.power_on, get_acts=True),
+            "power_off": Resource(get=self.power_off, get_acts=True),
             "status": Resource(get=lambda: self.status.value, observe=self.status),
             "min_time": Resource(get=lambda: self.min_time.value,
                                  put=self.set_min_time, observe=self.min_time),
@@ -417,10 +417,10 @@ class Spectrometers:
         res = {
             "spectrometers": Resource(get=self.names),
             "channels": Resource(get=lambda: list(self.channels)),
-            "connect": Resource(get=self.connect_all),
-            "disconnect": Resource(get=self.disconnect_all),
-            "power_on": Resource(get=self.power_on_all),
-            "power_off": Resource(get=self.power_off_all),
+            "connect": Resource(get=self.connect_all, get_acts=True),
+            "disconnect": Resource(get=self.disconnect_all, get_acts=True),
+            "power_on": Resource(get=self.power_on_all, get_acts=True),
+            "power_off": Resource(get=self.power_off_all, get_acts=True),
         }
         for s in self:
             for path, r in s.resources().items():
