@@ -212,7 +212,6 @@ def main():
                 "<= 20", lambda m: m <= 20, fmt="{:.2f}")
             if failed:
                 row(f"GET c={c}: failed requests", failed, "", "0", lambda m: m == 0, fmt="{:.0f}")
-        rss_before = server.rss_mib()
         # 60 s of load at c=64, then RSS
         loadclient.closed_loop("::1", server.port, "/sysinfo/version", concurrency=64,
                                duration=20.0 if a.quick else 60.0)

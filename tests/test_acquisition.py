@@ -7,7 +7,6 @@ import json
 import os
 import time
 
-import numpy as np
 from twisted.trial import unittest
 
 from piccolo_twisted.acquisition import pico

@@ -1,6 +1,7 @@
 """Shutters on mock GPIO with task.Clock; the simulator's physics; the
 spectrometer front with a synchronous thread stand-in; instrument config."""
 
+import os
 import time
 
 from gpiozero.pins.mock import MockFactory
@@ -65,6 +66,26 @@ class ConfigTests(unittest.SynchronousTestCase):
             e = self.assertRaises(ConfigError, load_instrument_config, text=text)
             self.assertIn(word, str(e))
             self.assertNotIn("\n", str(e))
+
+
+class PinFactoryTests(unittest.SynchronousTestCase):
+
+    def test_falls_back_to_mock_with_one_warning(self):
+        from twisted.logger import globalLogPublisher
+        from piccolo_twisted.instrument.gpio import choose_pin_factory
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for name in ("nosuchfactory", None):
+            if name is None:
+                self.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                           if k != "GPIOZERO_PIN_FACTORY"})
+            else:
+                self.patch(os, "environ", dict(os.environ, GPIOZERO_PIN_FACTORY=name))
+            factory = choose_pin_factory()
+            self.assertEqual(type(factory).__name__, "MockFactory")
+        warnings = [e for e in events if "MockFactory" in str(e.get("log_format", ""))]
+        self.assertEqual(len(warnings), 2)
 
 
 class ShutterTests(unittest.SynchronousTestCase):

@@ -165,7 +165,6 @@ class ManholeTests(unittest.TestCase):
             f.write(b"# engineers\n" + self.good.public().toString("openssh") + b" admin@field\n")
 
     def login(self, key, user=b"admin"):
-        from twisted.conch.ssh import keys  # noqa: F401
         from twisted.cred.credentials import SSHPrivateKey
         from twisted.conch.interfaces import IConchUser
         from piccolo_twisted import manhole

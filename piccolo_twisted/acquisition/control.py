@@ -271,7 +271,6 @@ class Control:
         if auto == 0:
             await self._autointegrate(self._devices(), target)
         dark_done = set()
-        pending_dark = None
 
         def save(sequence, kind, spectra):
             if split:

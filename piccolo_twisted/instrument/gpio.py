@@ -12,31 +12,26 @@ RECORDING_LED_PIN = 5
 log = Logger()
 
 
-def choose_pin_factory(name=None):
+def choose_pin_factory():
     """Return a gpiozero pin factory.
 
-    ``name`` (or ``GPIOZERO_PIN_FACTORY``) picks one; otherwise gpiozero's
-    default. Where no GPIO chip exists gpiozero raises ``BadPinFactory``:
-    fall back to ``MockFactory`` with one warning instead of crashing.
+    gpiozero picks it (``GPIOZERO_PIN_FACTORY`` names one, else its
+    preferred order). Where no GPIO chip exists, or the named factory cannot
+    be loaded, gpiozero raises ``BadPinFactory`` (or the library's own
+    error): fall back to ``MockFactory`` with one warning, never crash.
     """
     from gpiozero import Device
-    from gpiozero.exc import BadPinFactory
     from gpiozero.pins.mock import MockFactory
-    name = name or os.environ.get("GPIOZERO_PIN_FACTORY")
-    if name == "mock":
+    if os.environ.get("GPIOZERO_PIN_FACTORY") == "mock":
         return MockFactory()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if name:
-                from gpiozero.pins import Factory  # noqa: F401
-                factory = Device._default_pin_factory(name)
-            else:
-                factory = Device._default_pin_factory()
-        # constructing a pin is where a missing chip shows up
-        factory.pin(STATUS_LED_PIN).close()
+            factory = Device._default_pin_factory()
+            # constructing a pin is where a missing chip shows up
+            factory.pin(STATUS_LED_PIN).close()
         return factory
-    except (BadPinFactory, OSError, ImportError, RuntimeError, ValueError) as e:
+    except Exception as e:
         log.warn("no usable GPIO ({error}); using gpiozero's MockFactory: "
                  "shutters and LEDs are simulated", error=e)
         return MockFactory()
