@@ -118,6 +118,9 @@ class PiccoloService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         self.log.info("piccolo stopping")
+        # first no new requests and no scheduler ticks: nothing may start a
+        # batch while the running one is being ended
+        yield super().stopService()
         try:
             yield self.control.shutdown()
         except Exception:
@@ -126,7 +129,6 @@ class PiccoloService(service.MultiService):
             yield self.instrument.stop()
         except Exception:
             self.log.failure("stopping the instrument failed")
-        yield super().stopService()
         try:
             yield self.scheduler.close()
         except Exception:
