@@ -342,3 +342,22 @@ class SpectrometerFrontTests(unittest.SynchronousTestCase):
         self.assertEqual(self.spec.target_temperature.value, -5.0)
         self.successResultOf(defer.maybeDeferred(self.spec.set_tec_enabled, False))
         self.assertFalse(self.device._tec_enabled)
+
+    def test_power_on_all_10_seconds_apart(self):
+        cfg = load_instrument_config(text=CONFIG)
+        other = sp.Spectrometer(cfg.spectrometers[1], ["upwelling", "downwelling"],
+                                SimulatedSpectrometer("sim_FLMT1", self.optics, time_scale=0.001),
+                                self.clock, to_thread=sync_thread)
+        group = sp.Spectrometers([self.spec, other], ["upwelling", "downwelling"], self.clock)
+        self.successResultOf(group.connect_all())
+        self.assertEqual(self.successResultOf(group.power_off_all()), "ok")
+        d = group.power_on_all()
+        self.assertEqual([s.status.value for s in group], [sp.DISCONNECTED, sp.POWERED_OFF])
+        self.clock.advance(sp.POWER_SETTLE)
+        self.assertEqual([s.status.value for s in group], [sp.IDLE, sp.POWERED_OFF])
+        self.clock.advance(10 - sp.POWER_SETTLE)
+        self.assertEqual(other.status.value, sp.DISCONNECTED)
+        self.clock.advance(sp.POWER_SETTLE)
+        self.assertEqual(self.successResultOf(d), "ok")
+        self.assertEqual([s.status.value for s in group], [sp.IDLE, sp.IDLE])
+
