@@ -116,6 +116,11 @@ def decode(data):
     return msg
 
 
+def empty(mtype, mid):
+    """An empty ACK or RST: four bytes, no token (#10)."""
+    return struct.pack("!BBH", 0x40 | (mtype << 4), 0, mid)
+
+
 class DedupCache:
     """Recently seen (mid, peer) keys and the response sent for each.
 
@@ -167,13 +172,12 @@ class DedupCache:
 
 
 class Observer:
-    __slots__ = ("remote", "token", "target", "mtype", "szx", "pending")
+    __slots__ = ("remote", "token", "target", "szx", "pending")
 
-    def __init__(self, remote, token, target, mtype, szx):
+    def __init__(self, remote, token, target, szx):
         self.remote = remote
         self.token = token
         self.target = target
-        self.mtype = mtype
         self.szx = szx
         self.pending = None          # mid of the CON notification in flight
 
@@ -227,7 +231,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self.block1 = {}        # (remote, path) -> [bytearray, last_seen]
         self.block2 = {}        # (remote, path) -> (body, cf, etag, code, seen)
         self.targets = {}       # path tuple -> Target
-        self._observers = 0
         self._peer_observers = {}  # remote -> number of observations
         self.exchanges = {}     # mid -> Exchange
         self.obs_seq = 2
@@ -251,7 +254,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         for target in self.targets.values():
             target.close()
         self.targets.clear()
-        self._observers = 0
         self._peer_observers.clear()
 
     def sweep(self):
@@ -274,7 +276,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             self.log.debug("malformed datagram from {remote}: {why}",
                            remote=remote, why=e)
             if len(data) >= 4 and data[0] >> 6 == 1 and (data[0] >> 4) & 3 == CON:
-                self._write(struct.pack("!BBH", 0x70, 0, struct.unpack_from("!H", data, 2)[0]), remote)
+                self._write(empty(RST, struct.unpack_from("!H", data, 2)[0]), remote)
             return
         try:
             self.handleMessage(msg, remote)
@@ -285,12 +287,16 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
     def handleMessage(self, msg, remote):
         mtype, code = msg.mtype, msg.code
         if mtype == CON or mtype == NON:
-            if code == _tx.GET and self._safe_get(msg):
-                # a GET without effects is idempotent: RFC 7252 4.5 lets a
-                # duplicate be processed again, so such GETs (most of the
-                # traffic) cost the dedup cache nothing
-                self.handleRequest(msg, remote, None)
-            elif 1 <= code < 32:
+            if 1 <= code < 32:
+                try:
+                    path = tuple(s.decode("utf-8") for s in msg.opt.uri_path)
+                except UnicodeDecodeError:
+                    path = None
+                if code == _tx.GET and path is not None and self.site.safe_get(path):
+                    # a GET without effects is idempotent: RFC 7252 4.5 lets
+                    # a duplicate be processed again, so such GETs (most of
+                    # the traffic) cost the dedup cache nothing
+                    return self.handleRequest(msg, remote, None, path)
                 key = (msg.mid, remote)
                 cached = self.dedup.get(key)
                 if cached is not DedupCache.MISSING:
@@ -299,25 +305,18 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                         self._write(cached, remote)
                     return
                 self.dedup.add(key)
-                self.handleRequest(msg, remote, key)
+                self.handleRequest(msg, remote, key, path)
             elif code == EMPTY or mtype == CON:
                 # CoAP ping, or a response/reserved code we never asked for
                 if mtype == CON:
-                    self._write(struct.pack("!BBH", 0x70, 0, msg.mid), remote)
+                    self._write(empty(RST, msg.mid), remote)
         elif code == EMPTY or 64 <= code < 192:
             # ACK or RST for something we sent (#12: requests here ignored)
             exchange = self.exchanges.get(msg.mid)
             if exchange is not None and exchange.remote == remote:
                 self._finish_exchange(msg.mid, reset=(mtype == RST))
 
-    def _safe_get(self, msg):
-        try:
-            path = tuple(s.decode("utf-8") for s in msg.opt.uri_path)
-        except UnicodeDecodeError:
-            return True
-        return self.site.safe_get(path)
-
-    def handleRequest(self, msg, remote, key):
+    def handleRequest(self, msg, remote, key, path):
         for number in msg.opt._options:
             if number & 1 and number not in KNOWN_OPTIONS:
                 return self._reply(msg, remote, key, _tx.BAD_OPTION,
@@ -325,9 +324,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if number in (_tx.PROXY_URI, _tx.PROXY_SCHEME):
                 return self._reply(msg, remote, key, _tx.PROXYING_NOT_SUPPORTED,
                                    "proxying is not supported")
-        try:
-            path = tuple(s.decode("utf-8") for s in msg.opt.uri_path)
-        except UnicodeDecodeError:
+        if path is None:
             return self._reply(msg, remote, key, _tx.BAD_REQUEST,
                                "Uri-Path is not UTF-8")
         block1 = msg.opt.block1
@@ -407,7 +404,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
         def empty_ack():
             state["acked"] = True
-            ack = struct.pack("!BBH", 0x60, 0, msg.mid)
+            ack = empty(ACK, msg.mid)
             self.dedup.update(key, ack)
             self._write(ack, remote)
 
@@ -434,7 +431,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if observe == 0 and 64 <= code < 96:
                 # over the limits the GET is answered without Observe, which
                 # tells the client it is not registered (RFC 7641 4.1)
-                if self._may_observe(okey, remote):
+                if self._may_observe(okey, remote, path):
                     self._register(okey, path, handle, msg, remote)
                     extra["observe"] = self.obs_seq
             else:
@@ -443,15 +440,25 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             b1 = msg.opt.block1
             extra["block1"] = (b1.block_number, False, min(b1.size_exponent, MAX_SZX))
         self._send_response(msg, remote, key, code, body, cf,
-                            separate=separate, **extra)
+                            separate=separate, path=path, **extra)
 
     def _reply(self, msg, remote, key, code, text, size1=None):
         self._send_response(msg, remote, key, code, text.encode("utf-8"), 0,
                             size1=size1, blockwise=False)
 
+    def _cache_body(self, remote, path, body, cf, code):
+        """Keep a body sent in blocks so later blocks come from it (whatever
+        its code, and though a PUT's follow-ups carry no payload); return
+        its ETag."""
+        etag = struct.pack("!I", zlib.crc32(body))
+        if len(self.block2) >= BLOCK_CACHE_MAX:
+            self.block2.pop(next(iter(self.block2)))
+        self.block2[(remote, path)] = (body, cf, etag, code, self.clock.seconds())
+        return etag
+
     def _send_response(self, msg, remote, key, code, body, cf, etag=None,
                        observe=None, block1=None, size1=None, separate=False,
-                       blockwise=True):
+                       blockwise=True, path=None):
         szx = MAX_SZX
         block2 = msg.opt.block2 if blockwise else None
         number = 0
@@ -463,12 +470,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         total = len(body)
         if blockwise and (total > size or number):
             if etag is None:
-                etag = struct.pack("!I", zlib.crc32(body))
-                # whatever the code: later blocks must come from this body
-                if len(self.block2) >= BLOCK_CACHE_MAX:
-                    self.block2.pop(next(iter(self.block2)))
-                path = tuple(s.decode("utf-8", "replace") for s in msg.opt.uri_path)
-                self.block2[(remote, path)] = (body, cf, etag, code, self.clock.seconds())
+                etag = self._cache_body(remote, path, body, cf, code)
             start = number * size
             if start >= len(body) and start:
                 return self._reply(msg, remote, key, _tx.BAD_OPTION,
@@ -501,7 +503,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         data = response.encode()
         if mtype == CON:
             self._send_con(data, remote, mid)
-            self.dedup.update(key, struct.pack("!BBH", 0x60, 0, msg.mid))
+            self.dedup.update(key, empty(ACK, msg.mid))
         else:
             self.dedup.update(key, data)
             self._write(data, remote)
@@ -552,12 +554,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     # -- observe ---------------------------------------------------------
 
-    def _may_observe(self, okey, remote):
-        count = self._peer_observers.get(remote, 0)
-        already = any(okey in t.observers for t in self.targets.values()) if count else False
-        if already:
-            return True
-        return (count < MAX_OBSERVERS_PER_PEER
+    def _may_observe(self, okey, remote, path):
+        target = self.targets.get(path)
+        if target is not None and okey in target.observers:
+            return True                 # a renewal
+        return (self._peer_observers.get(remote, 0) < MAX_OBSERVERS_PER_PEER
                 and self.observer_count() < MAX_OBSERVERS)
 
     def _register(self, okey, path, handle, msg, remote):
@@ -568,10 +569,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         block2 = msg.opt.block2
         szx = min(block2.size_exponent, MAX_SZX) if block2 is not None else MAX_SZX
         if okey not in target.observers:
-            target.observers[okey] = Observer(remote, msg.token, target,
-                                              msg.mtype, szx)
+            target.observers[okey] = Observer(remote, msg.token, target, szx)
             self._peer_observers[remote] = self._peer_observers.get(remote, 0) + 1
-            self._observers += 1
         return target
 
     def _deregister(self, okey, path):
@@ -593,7 +592,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             self.targets.pop(target.path, None)
 
     def _forget_observer(self, remote):
-        self._observers -= 1
         left = self._peer_observers.get(remote, 1) - 1
         if left > 0:
             self._peer_observers[remote] = left
@@ -601,7 +599,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             self._peer_observers.pop(remote, None)
 
     def observer_count(self):
-        return self._observers
+        return sum(self._peer_observers.values())
 
     def notify(self, target):
         """The target's value changed: send every observer a notification."""
@@ -624,13 +622,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             payload = body
             etag = None
             if len(body) > size:
-                etag = struct.pack("!I", zlib.crc32(body))
+                etag = self._cache_body(observer.remote, target.path, body, cf, code)
                 blocks = (0, True, observer.szx)
                 payload = body[:size]
-                if len(self.block2) >= BLOCK_CACHE_MAX:
-                    self.block2.pop(next(iter(self.block2)))
-                self.block2[(observer.remote, target.path)] = (
-                    body, cf, etag, code, self.clock.seconds())
             mid = self.nextMessageID()
             msg = Message(mtype=CON, mid=mid, code=code, payload=payload,
                           token=observer.token)
@@ -655,10 +649,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             exchange.count = retries
             observer.pending = mid
             if not 64 <= code < 96:
-                # an error ends the observation (RFC 7641 3.2)
+                # an error ends the observation (RFC 7641 3.2); the error
+                # itself is still delivered (its exchange is not cancelled)
                 observer.pending = None
-                if target.observers.pop((observer.remote, observer.token), None):
-                    self._forget_observer(observer.remote)
-        if not target.observers:
-            target.close()
-            self.targets.pop(target.path, None)
+                self._drop_observer(observer)
