@@ -11,6 +11,7 @@ from twisted.internet import threads, utils
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath, InsecurePath
 
+from .acquisition.pico import remove_leftovers
 from .api import Resource
 from .errors import NotFoundError, PiccoloError
 from .observable import Observable
@@ -113,9 +114,11 @@ class DataDir:
 
     @classmethod
     def highest_batch(cls, run_dir):
-        names = cls.list_spectra(run_dir) or []
-        batches = [int(SPECTRUM_FILE.match(n).group(1)) for n in names]
-        return max(batches, default=-1)
+        return cls._highest(cls.list_spectra(run_dir) or [])
+
+    @staticmethod
+    def _highest(names):
+        return max((int(SPECTRUM_FILE.match(n).group(1)) for n in names), default=-1)
 
     # -- resources ----------------------------------------------------------
 
@@ -188,18 +191,16 @@ class DataDir:
             raise PiccoloError(f"cannot create run {run!r}: {f.value.strerror}")
         return self._to_thread(path.makedirs, True).addCallbacks(created, failed)
 
-    def ensure_run(self, run):
-        """Create a run directory (Deferred), for the acquisition."""
-        return self._to_thread(self.run_path(run).makedirs, True)
-
-    def _existing_run(self, run):
+    def prepare_run(self, run):
+        """Create the run if needed, remove temporary files a crash left
+        there, and return the next batch number: one trip to a thread."""
         path = self.run_path(run)
 
-        def check():
-            if not path.isdir():
-                raise NotFoundError(f"no such run: {run}")
-            return path
-        return self._to_thread(check)
+        def prepare():
+            path.makedirs(ignoreExistingDirectory=True)
+            remove_leftovers(path.path)
+            return self.highest_batch(path.path) + 1
+        return self._to_thread(prepare)
 
     def run_get(self, run=None, what=None, *extra):
         if run is None or what is None or extra:
@@ -208,12 +209,18 @@ class DataDir:
             raise PiccoloError("spectra takes PUT with a file name")
         if what not in ("name", "current_batch", "spectra_list"):
             raise NotFoundError(f"no such resource: runs/{run}/{what}")
-        d = self._existing_run(run)
-        if what == "name":
-            return d.addCallback(lambda _: run)
-        if what == "current_batch":
-            return d.addCallback(lambda p: self._to_thread(self.highest_batch, p.path))
-        return d.addCallback(lambda p: self._to_thread(self.list_spectra, p.path))
+        path = self.run_path(run)
+
+        def look():
+            names = self.list_spectra(path.path)     # None: no such run
+            if names is None or not path.isdir():
+                raise NotFoundError(f"no such run: {run}")
+            if what == "name":
+                return run
+            if what == "current_batch":
+                return self._highest(names)
+            return names
+        return self._to_thread(look)
 
     def run_put(self, run=None, what=None, *args):
         if run is None or what is None:

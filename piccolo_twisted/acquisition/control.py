@@ -11,7 +11,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from ..api import Resource
-from ..datadir import DataDir, check_run_name
+from ..datadir import check_run_name
 from ..errors import BusyError, PiccoloError
 from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
@@ -252,18 +252,12 @@ class Control:
         if self._write_failed is not None:
             raise BatchFailed(self._write_failed)
 
-    async def _prepare_run(self, run):
-        await self.datadir.ensure_run(run)
-        path = self.datadir.run_path(run).path
-        await self.to_thread(pico.remove_leftovers, path)
-        return await self.to_thread(DataDir.highest_batch, path) + 1
-
     # -- procedures --------------------------------------------------------
 
     async def _batch(self, run, nsequence, auto, delay, target):
         split = self.instrument.config.split
         clobber = self.instrument.config.clobber
-        batch = await self._prepare_run(run)
+        batch = await self.datadir.prepare_run(run)
         self.log.info("batch {batch} of run {run}: {n} sequences, autointegration "
                       "{auto}, delay {delay} s", batch=batch, run=run, n=nsequence,
                       auto=auto, delay=delay)
@@ -312,7 +306,7 @@ class Control:
                       batch=batch, run=run, n=self.files_written - written_before)
 
     async def _dark_only(self, run):
-        batch = await self._prepare_run(run)
+        batch = await self.datadir.prepare_run(run)
         self.current_sequence.set(0)
         dark = await self._record_set(True, 0, batch, run, self._devices())
         name = (pico.file_name(batch, 0, "dark") if self.instrument.config.split
