@@ -200,6 +200,25 @@ class Spectrometer:
         self._want_connected = False
         return d.addCallback(off)
 
+    # -- device calls -----------------------------------------------------
+
+    def _device(self, fn, *args):
+        """Run a blocking device call in a worker thread, after any other
+        call to this device; a DeviceError marks the device DROPPED (and
+        starts reconnecting) before it reaches the caller."""
+        def failed(f):
+            f.trap(DeviceError)
+            self.dropped(f.value)
+            return f
+        return self.lock.run(self.to_thread, fn, *args).addErrback(failed)
+
+    def _setting_call(self, fn, *args):
+        """A device call made for a CoAP request: its failure is a 4.00."""
+        def refused(f):
+            f.trap(DeviceError)
+            raise PiccoloError(f"{self.name}: {f.value}")
+        return self._device(fn, *args).addErrback(refused)
+
     # -- acquisition ------------------------------------------------------
 
     def set_busy(self, status):
@@ -219,11 +238,7 @@ class Spectrometer:
                 reading.temperature = self.device.temperature()
             return reading
 
-        def failed(f):
-            f.trap(DeviceError)
-            self.dropped(f.value)
-            return f
-        return self.lock.run(self.to_thread, work).addErrback(failed)
+        return self._device(work)
 
     def metadata(self, channel, reading):
         """The device part of a spectrum's metadata."""
@@ -296,24 +311,13 @@ class Spectrometer:
             raise PiccoloError(f"{self.name} is not connected")
         if not self.info.has_tec:
             raise PiccoloError(f"{self.name} has no thermo-electric cooler")
-
-        def failed(f):
-            f.trap(DeviceError)
-            self.dropped(f.value)
-            raise PiccoloError(f"{self.name}: {f.value}")
-        return self.lock.run(self.to_thread, self.device.temperature).addErrback(failed)
+        return self._setting_call(self.device.temperature)
 
     def _apply_tec(self):
         if not self.connected or not self.info.has_tec:
             return None
-        enabled, target = self.tec_enabled.value, self.target_temperature.value
-
-        def failed(f):
-            f.trap(DeviceError)
-            self.dropped(f.value)
-            raise PiccoloError(f"{self.name}: {f.value}")
-        return self.lock.run(self.to_thread, self.device.set_tec, enabled,
-                             target).addCallbacks(lambda _: None, failed)
+        return self._setting_call(self.device.set_tec, self.tec_enabled.value,
+                                  self.target_temperature.value).addCallback(lambda _: None)
 
     def set_tec_enabled(self, value):
         value = to_bool(value, "TECenabled")
