@@ -52,8 +52,9 @@ class PiccoloService(service.MultiService):
                                    self.clock)
         self.control.scheduler = self.scheduler
         self.components.update({
-            "shutter": self.instrument.shutters.resources(),
-            "spectrometer": self.instrument.spectrometers.resources(),
+            "shutter": self.control.guard_hardware(self.instrument.shutters.resources()),
+            "spectrometer": self.control.guard_hardware(
+                self.instrument.spectrometers.resources()),
             "control": self.control.resources(),
             "control/scheduler": self.scheduler.resources(),
         })
@@ -102,7 +103,10 @@ class PiccoloService(service.MultiService):
 
     def startService(self):
         super().startService()
-        self.instrument.start()
+        # before the first request can arrive: heavy imports stall nothing
+        self.control.prepare()
+        self.instrument.start().addErrback(
+            lambda f: self.log.failure("starting the instrument failed", f))
         self.clock.callLater(0, self._freeze_heap)
         self.log.info("piccolo serving CoAP on [{address}]:{port}",
                       address=self.settings.address, port=self.settings.port)

@@ -281,3 +281,60 @@ class BatchWireTests(ServerTestCase):
             with open(os.path.join(self.run_dir("full"), name)) as f:
                 json.load(f)
         self.assertEqual(await self.get("sysinfo/version"), self.service.sysinfo.version())
+
+    @coro
+    async def test_dashboard_record_and_hardware_locked(self):
+        """The dashboard's record button (``['record', {}]`` → the client's
+        ``record_sequence()`` with no arguments) records without
+        autointegrating; a shutter opened during the batch is refused and
+        the dark spectra stay dark."""
+        import aiocoap
+        times = {}
+        for spec in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+            for ch in ("upwelling", "downwelling"):
+                await self.put(f"spectrometer/{spec}/current_time/{ch}", 400)
+                times[spec, ch] = 400
+        self.assertEqual(await self.get("control/autointegration"), -1)
+        await self.put("control/numSequences", 3)
+        # the exact bytes piccolo3-client's a_put sends
+        payload = json.dumps([[], {"run": None, "nsequence": None, "auto": None,
+                                   "delay": None, "target": None, "at_time": None,
+                                   "interval": None, "end_time": None}]).encode()
+        r = await self.request("PUT", "control/record_sequence", raw=payload)
+        self.assertEqual(r.code, aiocoap.CHANGED, r.payload)
+        refused = []
+        for path, body in (("shutter/upwelling/open_shutter", b"[[], {}]"),
+                           ("shutter/downwelling/open_shutter", b"true"),
+                           ("shutter/upwelling/close_shutter", b"")):
+            r = await self.request("PUT", path, raw=body)
+            refused.append((path, r.code, r.payload))
+        for path in ("spectrometer/connect", "spectrometer/power_off",
+                     "spectrometer/S_sim_QEP00981/disconnect",
+                     "spectrometer/S_sim_FLMT01234/power_on"):
+            r = await self.request("GET", path)
+            refused.append((path, r.code, r.payload))
+        for path, code, body in refused:
+            self.assertEqual((path, code, body), (path, aiocoap.BAD_REQUEST,
+                                                  b"piccolo system is busy"))
+        # settings still change during the batch (from the next acquisition)
+        await self.put("spectrometer/S_sim_QEP00981/current_time/upwelling", 300)
+        times["S_sim_QEP00981", "upwelling"] = 300
+        await self.wait_for("control/status", lambda s: s == "idle", timeout=30)
+        for (spec, ch), ms in times.items():
+            self.assertEqual(await self.get(f"spectrometer/{spec}/autointegration/{ch}"), "n")
+            self.assertEqual(await self.get(f"spectrometer/{spec}/current_time/{ch}"), ms)
+        files = self.load_run("spectra")
+        self.assertEqual(sorted(files), [
+            "b000000_s000000_dark.pico", "b000000_s000000_light.pico",
+            "b000000_s000001_light.pico", "b000000_s000002_dark.pico",
+            "b000000_s000002_light.pico"])
+        light = files["b000000_s000001_light.pico"]["Spectra"]
+        for name in ("b000000_s000000_dark.pico", "b000000_s000002_dark.pico"):
+            dark = files[name]["Spectra"]
+            for d_spec, l_spec in zip(dark, light):
+                self.assertTrue(d_spec["Metadata"]["Dark"])
+                self.assertGreater(max(l_spec["Pixels"]), 3 * max(d_spec["Pixels"]))
+        # idle again: the shutter moves
+        await self.put("shutter/upwelling/open_shutter")
+        self.assertEqual(await self.get("shutter/upwelling/status"), "open")
+        await self.put("shutter/upwelling/close_shutter")

@@ -64,6 +64,10 @@ class AutoIntegration:
     def _finish(self, state, t):
         self.state, self.result, self.next_time = state, int(t), None
 
+    def give_up(self, t):
+        """The probe failed (device gone): end as failed, keeping ``t``."""
+        self._finish("f", t)
+
     def feed(self, t, pixels):
         """Take the probe at ``t`` ms; decide the next time or finish."""
         self.steps += 1

@@ -3,9 +3,18 @@
 A batch is a coroutine on the reactor: shutters are pulsed with the clock,
 every connected spectrometer acquires in parallel (each in its own worker
 thread, serialised per device), files are written in worker threads while
-the next acquisitions run. ``abort`` and ``pause`` take effect at the next
-step: within one integration time.
+the next acquisitions run. ``pause`` takes effect at the next step;
+``abort`` at once: a read in progress finishes in its worker and is
+discarded (the spectrometer front keeps the device to itself until then),
+the shutters close and the status is idle within a shutter pulse.
+
+Nothing heavy runs on the reactor thread: numpy is imported at start
+(``prepare``), autointegration arithmetic and ``.pico`` encoding run in
+workers, and the encoder works spectrum by spectrum.
 """
+
+import dataclasses
+import functools
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -17,6 +26,12 @@ from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
 from ..values import to_float, to_int
 from . import pico
+
+
+#: requests that move hardware: refused while a procedure runs (a shutter
+#: opened during a dark set would record light labelled dark)
+HARDWARE_ACTIONS = frozenset(("open_shutter", "close_shutter", "connect",
+                              "disconnect", "power_on", "power_off"))
 
 
 class Aborted(Exception):
@@ -36,10 +51,12 @@ class Control:
         self.clock = clock
         self.to_thread = to_thread
         self.scheduler = None
+        # the deployed (legacy) server's defaults: one sequence, never
+        # autointegrate, no delay, target 80.0 % of saturation
         self.num_sequences = Observable(1)
-        self.autointegration = Observable(0)
+        self.autointegration = Observable(-1)
         self.delay = Observable(0.0)
-        self.target = Observable(80)
+        self.target = Observable(80.0)
         self.status = Observable("idle")
         self.current_sequence = Observable(-1)
         self.fault = Observable("")
@@ -49,8 +66,18 @@ class Control:
         self._paused = False
         self._resume = None
         self._wait = None
+        self._waiters = set()
         self._writes = defer.DeferredLock()
         self._write_failed = None
+
+    def prepare(self):
+        """Import what the first batch needs, once, at start (blocking).
+
+        numpy (with autointegration) costs ~100 ms of CPU to import, most
+        of it holding the GIL: imported lazily, on whatever thread, it
+        stalls the reactor inside the first batch. Before serving it
+        stalls nothing."""
+        from . import autointegrate  # noqa: F401 (numpy with it)
 
     # -- state --------------------------------------------------------------
 
@@ -103,11 +130,32 @@ class Control:
         try:
             await coro
         finally:
-            await self._writes.run(lambda: None)
+            # shutters first: an abort must not wait for the disk to go dark
             try:
                 await self.instrument.shutters.only(None)
             except Exception:
                 self.log.failure("closing the shutters failed")
+            await self._writes.run(lambda: None)
+
+    def _unless_aborted(self, d):
+        """``d``'s result, or Aborted as soon as ``abort`` is asked for.
+
+        An abandoned ``d`` (a read at a long integration time) still
+        finishes in its worker; its result, failure included, is discarded
+        here."""
+        if self._abort:
+            d.addErrback(lambda f: None)
+            return defer.fail(Aborted())
+        waiter = defer.Deferred()
+        self._waiters.add(waiter)
+
+        def done(result):
+            self._waiters.discard(waiter)
+            if not waiter.called:
+                waiter.callback(result)
+            return None
+        d.addBoth(done)
+        return waiter
 
     async def _checkpoint(self):
         if self._abort:
@@ -149,9 +197,9 @@ class Control:
         """Acquire ``channel`` on every device in parallel; [(device, reading)]."""
         for s in devices:
             s.set_busy(state)
-        results = await defer.DeferredList(
+        results = await self._unless_aborted(defer.DeferredList(
             [s.acquire(s.current_time[channel].value) for s in devices],
-            consumeErrors=True)
+            consumeErrors=True))
         good = []
         for s, (ok, value) in zip(devices, results):
             if ok:
@@ -188,7 +236,6 @@ class Control:
 
     async def _autointegrate(self, devices, target):
         """Find integration times for every channel and device."""
-        # numpy comes with the algorithm: imported when first needed
         from .autointegrate import AutoIntegration
         shutters = self.instrument.shutters
         for channel in self.instrument.channels:
@@ -207,13 +254,20 @@ class Control:
                     await self._checkpoint()
                     for s in todo:
                         s.set_busy(AUTOINTEGRATING)
-                    results = await defer.DeferredList(
-                        [s.acquire(jobs[s].next_time) for s in todo], consumeErrors=True)
+                    results = await self._unless_aborted(defer.DeferredList(
+                        [s.acquire(jobs[s].next_time) for s in todo], consumeErrors=True))
+                    # the arithmetic (numpy) runs in a worker, one job each
+                    fed = []
                     for s, (ok, value) in zip(todo, results):
                         if ok:
-                            jobs[s].feed(value.integration_time, value.pixels)
+                            fed.append(self.to_thread(jobs[s].feed, value.integration_time,
+                                                      value.pixels))
                         else:
-                            jobs[s]._finish("f", s.current_time[channel].value)
+                            jobs[s].give_up(s.current_time[channel].value)
+                    for result in await defer.DeferredList(fed, consumeErrors=True):
+                        ok, value = result
+                        if not ok:
+                            value.raiseException()
             finally:
                 await shutters.only(None)
             for s, job in jobs.items():
@@ -238,11 +292,15 @@ class Control:
             self.datadir.files_written.set(self.files_written)
 
         def failed(f):
-            f.trap(OSError)
-            message = f"cannot write {name}: {f.value.strerror or f.value}"
+            # any exception, not only OSError: the batch ends with a fault
+            if f.check(OSError):
+                message = f"cannot write {name}: {f.value.strerror or f.value}"
+                self.log.error("{message}", message=message)
+            else:
+                message = f"cannot write {name}: {f.type.__name__}: {f.value}"
+                self.log.failure("{message}", f, message=message)
             if self._write_failed is None:
                 self._write_failed = message
-            self.log.error("{message}", message=message)
         # counting inside the lock: a flush sees every earlier write counted
         return self._writes.run(
             lambda: self.to_thread(encode_and_write).addCallbacks(written, failed))
@@ -427,6 +485,10 @@ class Control:
         if not self.busy:
             raise PiccoloError("nothing to abort: piccolo system is idle")
         self._abort = True
+        for waiter in list(self._waiters):
+            if not waiter.called:
+                waiter.errback(Aborted())
+        self._waiters.clear()
         if self._wait is not None:
             d, call = self._wait
             if call.active():
@@ -445,6 +507,24 @@ class Control:
                 self._resume.callback(None)
         else:
             self._paused = True
+
+    def guard_hardware(self, resources):
+        """``resources`` with every hardware action answering 4.00 "busy"
+        while a batch, dark sequence or autointegration runs; settings
+        (integration times, TEC) stay changeable."""
+        def guarded(fn):
+            if fn is None:
+                return None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                if self.busy:
+                    raise BusyError()
+                return fn(*args, **kwargs)
+            return call
+        return {path: (dataclasses.replace(r, get=guarded(r.get), put=guarded(r.put))
+                       if path.rsplit("/", 1)[-1] in HARDWARE_ACTIONS else r)
+                for path, r in resources.items()}
 
     def resources(self):
         def setting(obs, setter):

@@ -57,6 +57,8 @@ class Spectrometer:
             self.power_pin = gpio.output(config.power_switch, initial=True)
         self._reconnect = None
         self._want_connected = False
+        self._reads = 0               # reads in a worker, abandoned ones too
+        self._idle_after_read = False
 
     # -- connection -------------------------------------------------------
 
@@ -221,9 +223,26 @@ class Spectrometer:
 
     # -- acquisition ------------------------------------------------------
 
+    @property
+    def read_outstanding(self):
+        """A read is still running in its worker (perhaps one an abort
+        abandoned): the device lock stays held until it returns."""
+        return self._reads > 0
+
     def set_busy(self, status):
-        if self.connected:
+        if not self.connected:
+            return
+        # IDLE only once the device really is: an abandoned read runs on
+        self._idle_after_read = status == IDLE and self._reads > 0
+        if not self._idle_after_read:
             self.status.set(status)
+
+    def _read_done(self, result):
+        self._reads -= 1
+        if not self._reads and self._idle_after_read:
+            self._idle_after_read = False
+            self.set_busy(IDLE)
+        return result
 
     def acquire(self, ms):
         """A clean spectrum at ``ms`` that began after this call (Deferred)."""
@@ -238,7 +257,8 @@ class Spectrometer:
                 reading.temperature = self.device.temperature()
             return reading
 
-        return self._device(work)
+        self._reads += 1
+        return self._device(work).addBoth(self._read_done)
 
     def metadata(self, channel, reading):
         """The device part of a spectrum's metadata."""
