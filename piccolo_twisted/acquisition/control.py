@@ -388,8 +388,8 @@ class Control:
 
     @staticmethod
     def _check_target(value):
-        value = to_float(value, "target", lo=10, hi=90)
-        return int(value) if value == int(value) else value
+        # a float, as the legacy server kept it (float(t))
+        return to_float(value, "target", lo=10, hi=90)
 
     def set_num_sequences(self, value):
         self.num_sequences.set(to_int(value, "numSequences", lo=1, hi=1000000))
