@@ -5,8 +5,19 @@ A component returns a dict mapping a path (``"status"``,
 txThings tree from it.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+
+class EncodedJSON(bytes):
+    """A GET result already encoded as JSON: the CoAP layer sends these
+    bytes as they are, so a large value that changes rarely (the scheduler's
+    job listing) is encoded once per change, not once per request."""
+
+    @classmethod
+    def encode(cls, value):
+        return cls(json.dumps(value, allow_nan=False, separators=(",", ":")).encode("utf-8"))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The top-level service: one MultiService, one child per concern."""
 
 import gc
+import os
 
 from twisted.application import service
 from twisted.internet import defer
@@ -44,11 +45,12 @@ class PiccoloService(service.MultiService):
     def _build_instrument(self, time_scale):
         from .instrument import build_instrument
         from .acquisition.control import Control
-        from .scheduler import Scheduler
+        from .scheduler import DB_NAME, Scheduler
         self.instrument = build_instrument(self.instrument_config, self.clock,
                                            time_scale=time_scale)
         self.control = Control(self.instrument, self.datadir, self.clock)
-        self.scheduler = Scheduler(self.control, self.datadir.path.path,
+        self.scheduler = Scheduler(self.control,
+                                   os.path.join(self.datadir.path.path, DB_NAME),
                                    self.clock)
         self.control.scheduler = self.scheduler
         self.components.update({

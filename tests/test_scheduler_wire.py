@@ -1,6 +1,7 @@
 """/control/scheduler over real CoAP: scheduled batches, quiet time, restart."""
 
 import asyncio
+import json
 import os
 from datetime import datetime, timedelta, timezone
 
@@ -116,3 +117,109 @@ class SchedulerWireTests(ServerTestCase):
         self.assertEqual(before[1][5], "suspended")
         self.assertEqual(await self.get("control/scheduler/quietStart"), "21:00:00+0100")
         self.assertIs(await self.get("control/scheduler/quietTimeEnabled"), True)
+
+
+class SchedulerSettingsWireTests(ServerTestCase):
+    """Exact payloads of the deployed piccolo3 client; defaults; the fault."""
+
+    @coro
+    async def test_defaults_as_the_legacy_server(self):
+        for path, value in (("quietTimeEnabled", False), ("quietStart", "22:00:00+0000"),
+                            ("quietEnd", "04:00:00+0000"), ("powerOffEnabled", False),
+                            ("powerDelay", 600), ("fault", "")):
+            self.assertEqual(await self.get(f"control/scheduler/{path}"), value, path)
+
+    @coro
+    async def test_quiet_times_as_the_piccolo3_client_sends_them(self):
+        import aiocoap
+        # PiccoloSchedulerClient.set_quietStart: a_put(json.dumps([args, kwargs]))
+        # of time.strftime("%H:%M:%S%z"), empty %z for a naive time
+        for path, raw, back in (
+                ("quietStart", b'[["21:00:00"], {}]', "21:00:00+0000"),
+                ("quietEnd", b'[["05:30:00"], {}]', "05:30:00+0000"),
+                ("quietStart", b'[["21:00:00+0100"], {}]', "21:00:00+0100"),
+                ("quietEnd", b'[["05:30:00-0230"], {}]', "05:30:00-0230"),
+                ("quietStart", b'"20:15:00"', "20:15:00+0000")):
+            r = await self.request("PUT", f"control/scheduler/{path}", raw=raw)
+            self.assertEqual(r.code, aiocoap.CHANGED, (raw, r.payload))
+            self.assertEqual(await self.get(f"control/scheduler/{path}"), back)
+        for raw in (b'[["21:00"], {}]', b'[["21:00:00Z"], {}]', b'[["21:00:00+01:00"], {}]',
+                    b'[["9:00:00"], {}]', b'[["21:00:00.000001"], {}]', b'[[210000], {}]',
+                    b'[["24:00:00"], {}]', b'[[""], {}]', b'[["21:00:00 UTC"], {}]'):
+            r = await self.request("PUT", "control/scheduler/quietStart", raw=raw)
+            self.assertEqual(r.code, aiocoap.BAD_REQUEST, raw)
+        self.assertEqual(await self.get("control/scheduler/quietStart"), "20:15:00+0000")
+
+    @coro
+    async def test_power_window_over_a_short_real_window(self):
+        from piccolo_twisted.instrument import spectrometer
+        from piccolo_twisted.instrument.spectrometer import POWERED_OFF
+        self.patch(spectrometer, "POWER_SETTLE", 0.1)
+        spectrometers = self.service.instrument.spectrometers
+        spectrometers.POWER_STAGGER = 0.1
+        names = await self.get("spectrometer/spectrometers")
+        now = datetime.now(timezone.utc)
+        end = now.replace(microsecond=0) + timedelta(seconds=2)
+        await self.put("control/scheduler/powerDelay", 0)
+        await self.put("control/scheduler/powerOffEnabled", True)
+        await self.put("control/scheduler/quietStart",
+                       (now - timedelta(minutes=1)).strftime("%H:%M:%S+0000"))
+        await self.put("control/scheduler/quietEnd", end.strftime("%H:%M:%S+0000"))
+        await self.put("control/scheduler/quietTimeEnabled", True)
+        for name in names:
+            await self.wait_for(f"spectrometer/{name}/status",
+                                lambda s: s == POWERED_OFF, timeout=1)
+        self.assertLess(datetime.now(timezone.utc), end)
+        for name in names:
+            await self.wait_for(f"spectrometer/{name}/status",
+                                lambda s: s != POWERED_OFF, timeout=4)
+        self.assertGreaterEqual(datetime.now(timezone.utc), end)
+        self.assertEqual(await self.get("control/scheduler/fault"), "")
+        await self.wait_connected(timeout=3).asFuture(asyncio.get_event_loop())
+
+    @coro
+    async def test_job_cap_and_listing_time_at_the_cap(self):
+        import aiocoap
+        import time
+        from twisted.internet import defer
+        s = self.service.scheduler
+        job = {"run": "capped", "nsequence": 1, "auto": -1, "delay": 0.0, "target": 80}
+        await defer.gatherResults([s.add("record", job, iso_in(3600 + i), 3600)
+                                   for i in range(999)]).asFuture(asyncio.get_event_loop())
+        r = await self.request("PUT", "control/record_sequence",
+                               {"run": "last", "at_time": iso_in(60)})
+        self.assertEqual(r.code, aiocoap.CHANGED, r.payload)
+        r = await self.request("PUT", "control/power_off", {"at_time": iso_in(60)})
+        self.assertEqual(r.code, aiocoap.BAD_REQUEST)
+        self.assertIn(b"at most 1000", r.payload)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jobs = await self.get("control/scheduler/jobs")
+            times.append(time.perf_counter() - t0)
+        self.assertEqual(len(jobs), 1000)
+        self.assertEqual(jobs[-1][1][1][0], "last")
+        print(f"\n  GET /control/scheduler/jobs with 1000 jobs: "
+              f"{min(times) * 1000:.0f} ms (best of 3, {len(r.payload)} B error; "
+              f"listing {len(json.dumps(jobs))} B)")
+
+    @coro
+    async def test_unusable_database_starts_degraded_and_says_so(self):
+        import aiocoap
+        await self.service.stopService().asFuture(asyncio.get_event_loop())
+        path = self.service.scheduler.path
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+        os.mkdir(path)                                   # a directory where it goes
+        self.service = make_service(self.datadir, time_scale=self.time_scale)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.base = f"coap://[::1]:{self.service.coap._port.getHost().port}"
+        fault = await self.get("control/scheduler/fault")
+        self.assertIn("in memory only", fault)
+        r = await self.request("PUT", "control/record_sequence",
+                               {"run": "mem", "at_time": iso_in(3600)})
+        self.assertEqual(r.code, aiocoap.CHANGED)
+        self.assertEqual(len(await self.get("control/scheduler/jobs")), 1)
+        self.assertEqual(await self.get("sysinfo/version") is not None, True)

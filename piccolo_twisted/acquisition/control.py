@@ -424,9 +424,10 @@ class Control:
         if at_time is not None:
             if self.scheduler is None:
                 raise PiccoloError("no scheduler")
-            job_id = self.scheduler.add("record", job, at_time, interval, end_time)
-            self.log.info("scheduled record_sequence job {id}", id=job_id)
-            return None
+            # answered once the job is stored (a Deferred firing None)
+            d = self.scheduler.add("record", job, at_time, interval, end_time)
+            return d.addCallback(lambda job_id: self.log.info(
+                "scheduled record_sequence job {id}", id=job_id))
         if interval is not None or end_time is not None:
             raise PiccoloError("interval and end_time need at_time")
         return self.run_record(job, update_settings=given)
@@ -465,9 +466,9 @@ class Control:
         if at_time is not None:
             if self.scheduler is None:
                 raise PiccoloError("no scheduler")
-            self.scheduler.add("power_on" if on else "power_off", None, at_time,
-                               24 * 3600, None)
-            return None
+            d = self.scheduler.add("power_on" if on else "power_off", None, at_time,
+                                   24 * 3600, None)
+            return d.addCallback(lambda _: None)
         if self.busy:
             raise BusyError()
         spectrometers = self.instrument.spectrometers

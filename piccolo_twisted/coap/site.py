@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..api import EncodedJSON
 from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError
 from . import _tx, _txresource
 
@@ -62,6 +63,8 @@ def message(error):
 def encode_json(value):
     if value is None:
         return b""
+    if isinstance(value, EncodedJSON):
+        return value
     return json.dumps(value, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
