@@ -161,7 +161,8 @@ class FakeScheduler:
 
     def add(self, kind, args, at_time, interval=None, end_time=None):
         self.added.append((kind, args, at_time, interval, end_time))
-        return len(self.added)
+        # as the real one: fires with the job's id once it is stored
+        return defer.succeed(len(self.added))
 
 
 class ControlTestCase(unittest.TestCase):
