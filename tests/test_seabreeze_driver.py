@@ -1,106 +1,223 @@
-"""The seabreeze driver against a stand-in Spectrometer (no hardware here):
-limits, wavelength fit, TEC present or absent, errors become DeviceError."""
+"""The seabreeze driver through seabreeze itself (pyseabreeze, pyusb) on the
+emulated USB bus: facts as seabreeze reports them, spectra labelled with
+the time they were integrated at (the emulator's own record of what it
+transmitted is the ground truth), faults, and the half-open device."""
 
-import numpy as np
+import os
+import threading
+import time
+
 from twisted.trial import unittest
 
+from piccolo_twisted.instrument import usb_emulator
 from piccolo_twisted.instrument.device import DeviceError, acquire_clean
 from piccolo_twisted.instrument.seabreeze_driver import SeabreezeDevice
+from piccolo_twisted.instrument.simulator import Optics
+
+LONG = os.environ.get("PICCOLO_LONG") == "1"
+SCALE = 0.05
+_serials = iter(range(1000, 100000))
 
 
-class FakeTEC:
-    def __init__(self):
-        self.calls = []
+class EmulatedCase(unittest.SynchronousTestCase):
+    """Fresh emulated devices for every test (new serials, new addresses)."""
 
-    def read_temperature_degrees_celsius(self):
-        return -9.5
+    def plug(self, model, prefix):
+        serial = f"{prefix}{next(_serials)}"
+        device = usb_emulator.add_device(model, serial, self.optics, time_scale=SCALE)
+        self.addCleanup(usb_emulator.remove_device, device)
+        return device
 
-    def set_temperature_setpoint_degrees_celsius(self, t):
-        self.calls.append(("set", t))
-
-    def enable_tec(self, on):
-        self.calls.append(("enable", on))
-
-
-class FakeSpectrometer:
-    fail = False
-
-    def __init__(self, tec=True):
-        class F:
-            pass
-        self.f = F()
-        if tec:
-            self.f.thermo_electric = FakeTEC()
-        self.model = "QE-PRO"
-        self.max_intensity = 200000.0
-        self.integration_time_micros_limits = (8000, 1600000000)
-        self._dark_pixel_indices = np.array([0, 1, 2, 3])
-        self.times = []
-        self.closed = False
-
-    @classmethod
-    def from_serial_number(cls, serial):
-        if serial == "missing":
-            from seabreeze.spectrometers import SeaBreezeError
-            raise SeaBreezeError("No device attached with serial number 'missing'.")
-        return cls(tec=serial != "notec")
-
-    def wavelengths(self):
-        i = np.arange(1044, dtype=float)
-        return 200.0 + 0.8 * i - 1e-5 * i ** 2
-
-    def integration_time_micros(self, us):
-        self.times.append(us)
-
-    def intensities(self):
-        if FakeSpectrometer.fail:
-            from seabreeze.spectrometers import SeaBreezeError
-            raise SeaBreezeError("Data transfer error (device unplugged?)")
-        return np.full(1044, 1000.0)
-
-    def close(self):
-        self.closed = True
-
-
-class SeabreezeDriverTests(unittest.SynchronousTestCase):
+    def open(self, emulated):
+        dev = SeabreezeDevice(emulated.serial)
+        info = dev.open()
+        self.addCleanup(dev.close)
+        return dev, info
 
     def setUp(self):
-        import seabreeze.spectrometers
-        self.patch(seabreeze.spectrometers, "Spectrometer", FakeSpectrometer)
-        FakeSpectrometer.fail = False
+        self.optics = Optics()
+        # pyseabreeze waits 100 ms after initialising an OOI device; the
+        # emulated device runs at SCALE, so does that wait
+        from seabreeze.pyseabreeze import protocol
+        self.patch(protocol, "time", ScaledTime)
 
-    def test_open_reads_facts(self):
-        dev = SeabreezeDevice("QEP1")
-        info = dev.open()
-        self.assertEqual((info.min_time, info.max_time, info.saturation, info.pixels),
-                         (8, 1600000, 200000, 1044))
-        c = info.wavelength_coefficients
-        self.assertAlmostEqual(c[0], 200.0, places=6)
-        self.assertAlmostEqual(c[1], 0.8, places=6)
-        self.assertEqual(info.dark_pixels, [0, 1, 2, 3])
-        self.assertTrue(info.has_tec)
-        dev.set_tec(True, -10)
-        self.assertEqual(dev._tec.calls, [("set", -10.0), ("enable", True)])
-        self.assertEqual(dev.temperature(), -9.5)
 
-    def test_no_tec(self):
-        dev = SeabreezeDevice("notec")
-        self.assertFalse(dev.open().has_tec)
+class ScaledTime:
+    def sleep(self, seconds):
+        time.sleep(seconds * SCALE)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+ScaledTime = ScaledTime()
+
+
+class FactsTests(EmulatedCase):
+
+    def test_qepro_facts(self):
+        q = self.plug("QEPRO", "QEP")
+        dev, info = self.open(q)
+        self.assertEqual((info.model, info.pixels, info.min_time, info.max_time,
+                          info.saturation),
+                         ("QEPRO", 1044, 8, 1600000, 2 ** 18 - 1))
+        # seabreeze's dark pixels for the QE Pro (not the old private
+        # attribute, which gave [] on every real device)
+        self.assertEqual(info.dark_pixels, [0, 1, 2, 3, 1040, 1041, 1042, 1043])
+        for got, want in zip(info.wavelength_coefficients, q.wavelength):
+            self.assertLess(abs(got - want), abs(want) * 1e-5)
+        # pyseabreeze offers neither TEC nor nonlinearity for the QE Pro
+        self.assertFalse(info.has_tec)
+        self.assertEqual(info.nonlinearity, [])
         self.assertRaises(DeviceError, dev.temperature)
 
-    def test_clean_acquisition_two_reads(self):
-        dev = SeabreezeDevice("QEP1")
-        dev.open()
-        reading = acquire_clean(dev, 100, 8)
-        self.assertEqual(reading.acquisitions, 2)
-        self.assertEqual(dev.spec.times, [100000, 8000])
-        self.assertEqual(len(reading.pixels), 1044)
+    def test_usb2000plus_facts(self):
+        u = self.plug("USB2000PLUS", "USB2+")
+        dev, info = self.open(u)
+        self.assertEqual((info.model, info.pixels, info.min_time, info.max_time,
+                          info.saturation), ("USB2000PLUS", 2048, 1, 655350, 65535))
+        self.assertEqual(info.dark_pixels, list(range(6, 21)))
+        # order 3 in EEPROM slot 14: four coefficients from slots 6..9
+        self.assertEqual(info.nonlinearity, [float(u.eeprom[i]) for i in range(6, 10)])
+        for i, got in enumerate(info.wavelength_coefficients):
+            want = float(u.eeprom[1 + i])
+            self.assertLess(abs(got - want), abs(want) * 1e-6)
+        self.assertFalse(info.has_tec)
 
-    def test_errors_become_device_errors(self):
-        self.assertRaises(DeviceError, SeabreezeDevice("missing").open)
-        dev = SeabreezeDevice("QEP1")
-        dev.open()
-        FakeSpectrometer.fail = True
-        self.assertRaises(DeviceError, dev.read)
+    def test_flame_s_is_told_apart_by_firmware(self):
+        f = self.plug("FLAMES", "FLMS")
+        dev, info = self.open(f)
+        self.assertEqual((info.model, info.pixels), ("FLAMES", 2048))
+
+
+class LabellingTests(EmulatedCase):
+    """After every change of integration time the spectrum returned is one
+    the device integrated at that time, begun after the request."""
+
+    def check_labels(self, emulated, times):
+        dev, info = self.open(emulated)
+        idle = info.min_time
+        dev.set_integration_time(idle)
+        time.sleep(0.05)            # let the device free-run (and buffer)
+        for ms in times:
+            reading = acquire_clean(dev, ms, idle)
+            sent = emulated.sent[-1]
+            self.assertEqual(sent.micros, reading.integration_time * 1000,
+                             f"{ms} ms: counts integrated at {sent.micros} us "
+                             f"labelled {reading.integration_time} ms")
+            self.assertEqual(reading.integration_time, ms)
+            self.assertGreaterEqual(sent.start, reading.started - 1e-6)
+            self.assertEqual(len(reading.pixels), info.pixels)
+            time.sleep(0.02)
+
+    def test_qepro(self):
+        self.check_labels(self.plug("QEPRO", "QEP"), [60, 8, 150, 150, 40])
+
+    def test_usb2000plus(self):
+        self.check_labels(self.plug("USB2000PLUS", "USB2+"), [60, 1, 150, 150, 40])
+
+    def test_naive_two_reads_mislabel_a_qepro(self):
+        """Why the QE Pro needs its own procedure: set the long time, read,
+        set the idle time, read again -- the reads come out of the
+        device's buffer and were integrated at the idle time."""
+        q = self.plug("QEPRO", "QEP")
+        dev, info = self.open(q)
+        dev.set_integration_time(info.min_time)
+        time.sleep(0.05)
+        dev.set_integration_time(100)
+        dev.read()
+        dev.set_integration_time(info.min_time)
+        dev.read()
+        self.assertNotEqual(q.sent[-1].micros, 100000)
+
+    def test_light_brighter_than_dark(self):
+        q = self.plug("QEPRO", "QEP")
+        dev, info = self.open(q)
+        dark = acquire_clean(dev, 50, info.min_time)
+        self.optics.set_lit("upwelling", True)
+        light = acquire_clean(dev, 50, info.min_time)
+        self.optics.set_lit("upwelling", False)
+        self.assertGreater(sum(light.pixels), sum(dark.pixels) * 1.5)
+
+
+class FaultTests(EmulatedCase):
+
+    # USB2000+ reads while listing: FPGA version, status, slot 17, serial;
+    # the 6th read is the status query of the open that follows the listing
+    FAIL_WHILE_LISTING, FAIL_WHILE_OPENING = 2, 6
+
+    def test_open_failing_half_way_is_closed(self):
+        """A transfer error while seabreeze opens the device (while listing
+        it, or while opening it after) leaves it open in seabreeze; the
+        driver closes it, so the next try opens it."""
+        for n in (self.FAIL_WHILE_LISTING, self.FAIL_WHILE_OPENING):
+            u = self.plug("USB2000PLUS", "USB2+")
+            u.fail_in_reads = n
+            dev = SeabreezeDevice(u.serial)
+            if n == self.FAIL_WHILE_OPENING:
+                self.assertRaises(DeviceError, dev.open)
+            # (a listing that fails is retried within the same open)
+            info = dev.open()
+            self.assertIsNone(u.fail_in_reads)          # the fault happened
+            self.assertEqual(info.model, "USB2000PLUS")
+            dev.close()
+
+    def test_half_open_hazard_is_real(self):
+        """Without the driver's clean-up, seabreeze itself refuses the
+        retry: the device is "already opened", or listed without serial."""
+        from seabreeze.spectrometers import SeaBreezeError, Spectrometer
+        for n, message in ((self.FAIL_WHILE_OPENING, "already opened"),
+                           (self.FAIL_WHILE_LISTING, "No device attached")):
+            u = self.plug("USB2000PLUS", "USB2+")
+            u.fail_in_reads = n
+            try:
+                Spectrometer.from_serial_number(u.serial)
+            except Exception as e:
+                first = e
+            self.assertIn("Input/Output", str(first))
+            e = self.assertRaises(SeaBreezeError, Spectrometer.from_serial_number,
+                                  u.serial)
+            self.assertIn(message, str(e))
+            del first, e
+            from piccolo_twisted.instrument.seabreeze_driver import list_devices
+            self.assertIn(("USB2000PLUS", u.serial), list_devices())
+            from seabreeze.spectrometers import list_devices as sb_list
+            for d in sb_list():
+                if d.serial_number == u.serial and d.is_open:
+                    d.close()
+
+    def test_transfer_error_mid_read(self):
+        q = self.plug("QEPRO", "QEP")
+        dev, info = self.open(q)
+        q.fail_next_read = True
+        self.assertRaises(DeviceError, acquire_clean, dev, 20, info.min_time)
         dev.close()
-        self.assertRaises(DeviceError, dev.read)
+        info = dev.open()
+        self.assertEqual(acquire_clean(dev, 20, info.min_time).integration_time, 20)
+
+    def test_unplug_mid_read_and_come_back(self):
+        for model, prefix in (("QEPRO", "QEP"), ("USB2000PLUS", "USB2+")):
+            emulated = self.plug(model, prefix)
+            dev, info = self.open(emulated)
+            timer = threading.Timer(0.02, emulated.unplug)
+            timer.start()
+            self.addCleanup(timer.cancel)
+            # 2 s of device time is 100 ms here: the unplug lands mid-read
+            e = self.assertRaises(DeviceError, acquire_clean, dev, 2000, info.min_time)
+            self.assertIn("No such device", str(e))
+            dev.close()
+            e = self.assertRaises(DeviceError, dev.open)
+            self.assertIn("no such device attached", str(e))
+            emulated.replug()
+            info = dev.open()
+            self.assertEqual(acquire_clean(dev, 30, info.min_time).integration_time, 30)
+            dev.close()
+
+    def test_timeout_mid_read(self):
+        if not LONG:
+            raise unittest.SkipTest("a USB timeout takes ~1 s: PICCOLO_LONG=1")
+        u = self.plug("USB2000PLUS", "USB2+")
+        dev, info = self.open(u)
+        u.stall_next_read = True
+        e = self.assertRaises(DeviceError, dev.read)
+        self.assertIn("timed out", str(e))

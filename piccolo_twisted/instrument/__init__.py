@@ -38,6 +38,8 @@ class Instrument:
 
     def start(self):
         """Close every shutter, connect every spectrometer, blink."""
+        for s in self.spectrometers:
+            s.start_pool()
         if self.leds is not None:
             self.leds.serving()
         d1 = self.shutters.close_all()
@@ -53,12 +55,16 @@ class Instrument:
                 self.leds.stop()
                 self.leds.recording(False)
             yield self.spectrometers.disconnect_all()
+            for s in self.spectrometers:
+                s.stop_pool()
 
 
 def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
                      to_thread=None):
-    """An Instrument from an InstrumentConfig; simulated devices share ``bus``."""
-    from twisted.internet import threads
+    """An Instrument from an InstrumentConfig; simulated devices share ``bus``.
+
+    Each spectrometer runs its device calls in its own one-thread pool
+    unless ``to_thread`` is given (tests)."""
     gpio = gpio or GPIO()
     bus = bus or SimulatedBus(time_scale=time_scale)
     optics = bus.optics
@@ -72,7 +78,6 @@ def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
             from .seabreeze_driver import SeabreezeDevice
             device = SeabreezeDevice(sc.serial)
         devices.append(Spectrometer(sc, config.channel_names, device, clock,
-                                    gpio=gpio,
-                                    to_thread=to_thread or threads.deferToThread))
+                                    gpio=gpio, to_thread=to_thread))
     spectrometers = Spectrometers(devices, config.channel_names, clock)
     return Instrument(config, gpio, shutters, spectrometers, bus, clock)

@@ -2,9 +2,60 @@
 
 Imported only when a real (not ``sim_``/``dummy_``) serial is configured:
 seabreeze costs ~12 MiB of memory.
+
+Every fact about a device comes from seabreeze's public API: model, limits,
+saturation, wavelengths, ``f.spectrometer.get_electric_dark_pixel_indices()``,
+``f.nonlinearity_coefficients``, ``f.thermo_electric`` (the backend decides
+which features a model has: pyseabreeze's QE Pro has no TEC feature,
+cseabreeze's has; ``has_tec`` says which).
+
+A spectrum is labelled with the integration time it was integrated at:
+
+- a QE Pro under pyseabreeze reads its on-board buffer with the 32-byte
+  metadata block (through seabreeze's OBP protocol object); before a
+  clean acquisition the driver stops acquiring, clears the buffer, sets
+  the time and starts again (OBP "abort", "clear buffers", "acquire into
+  buffer"), so the first spectrum it then reads began after the request,
+  and its label is the metadata's integration time;
+- a device with a data-buffer feature but no metadata (cseabreeze's QE Pro)
+  has its buffer cleared, then follows the two-read procedure below;
+- a device without a buffer (USB2000+, Flame-S: a new integration time
+  applies from the next integration) reads twice: the first read is the
+  integration in progress at the request (stale), the second began after it.
 """
 
-from .device import DeviceError, DeviceInfo
+import struct
+import threading
+import time
+
+from .device import DeviceError, DeviceInfo, Reading
+
+# OBP (QE Pro data sheet): messages used outside seabreeze's feature classes
+OBP_ABORT_ACQUISITION = 0x00100000
+OBP_CLEAR_BUFFERS = 0x00100830
+OBP_ACQUIRE_INTO_BUFFER = 0x00100902
+OBP_GET_BUFFERED_SPECTRUM_META = 0x00100928
+_OBP_HEADER = struct.Struct("<HHHHLL6sBB16sL")
+_OBP_FOOTER = struct.Struct("<16sL")
+_OBP_REQUEST_ACK, _OBP_NACK, _OBP_HW_EXCEPTION = 0x04, 0x08, 0x10
+
+#: models whose pyseabreeze spectrum read returns the OBP metadata block
+_METADATA_MODELS = {"QEPRO"}
+
+#: listing and opening, process-wide: seabreeze's device registry is shared
+#: by every device's thread, and listing opens devices
+_LOCK = threading.RLock()
+
+#: most reads one clean acquisition may take before the device is declared
+#: not to apply integration times
+MAX_READS = 8
+
+
+def obp_command(msg_type):
+    """One OBP command without payload, asking for an acknowledgement."""
+    header = _OBP_HEADER.pack(0xC0C1, 0x1100, _OBP_REQUEST_ACK, 0, msg_type, 0,
+                              bytes(6), 0, 0, b"", _OBP_FOOTER.size)
+    return header + _OBP_FOOTER.pack(bytes(16), 0xC2C3C4C5)
 
 
 class SeabreezeDevice:
@@ -14,6 +65,8 @@ class SeabreezeDevice:
         self.serial = serial
         self.spec = None
         self._tec = None
+        self._buffer = None          # "metadata", "clear" or None
+        self._running_micros = None  # what the device was last told
 
     def _call(self, fn, *args):
         """Every failure inside seabreeze (SeaBreezeError, USBError, a
@@ -22,35 +75,65 @@ class SeabreezeDevice:
             raise DeviceError(f"{self.serial}: device not open")
         try:
             return fn(*args)
+        except DeviceError:
+            raise
         except Exception as e:
             raise DeviceError(f"{self.serial}: {type(e).__name__}: {e}") from e
 
+    # -- open / close -----------------------------------------------------
+
     def open(self):
-        import numpy as np
+        """Open the device; a device that fails half-way is closed again,
+        so that the next try does not find it "already opened"."""
+        with _LOCK:
+            return self._open()
+
+    def _open(self):
         try:
             from seabreeze.spectrometers import Spectrometer
-            spec = Spectrometer.from_serial_number(self.serial)
-        except Exception as e:     # no backend, no such device, USB error
-            raise DeviceError(f"{self.serial}: cannot open: {e}") from e
-        self.spec = spec
-        lo, hi = self._call(lambda: spec.integration_time_micros_limits)
-        wl = np.asarray(self._call(spec.wavelengths), dtype=float)
+            devices = [d for d in _list_devices() if d.serial_number == self.serial]
+        except Exception as e:     # no backend, USB error while listing
+            raise DeviceError(f"{self.serial}: cannot open: {type(e).__name__}: {e}") from e
+        if not devices:
+            raise DeviceError(f"{self.serial}: cannot open: no such device attached")
+        dev = devices[0]
+        try:
+            if dev.is_open:          # left open by an earlier, failed open
+                dev.close()
+            spec = Spectrometer(dev)
+            self.spec = spec
+            return self._facts(spec)
+        except Exception as e:
+            self.spec = None
+            try:
+                dev.close()
+            except Exception:
+                pass
+            if isinstance(e, DeviceError):
+                raise
+            raise DeviceError(f"{self.serial}: cannot open: {type(e).__name__}: {e}") from e
+
+    def _facts(self, spec):
+        import numpy as np
+        lo, hi = spec.integration_time_micros_limits
+        wl = np.asarray(spec.wavelengths(), dtype=float)
         idx = np.arange(len(wl), dtype=float)
         coefficients = np.polynomial.polynomial.polyfit(idx, wl, 3).tolist()
-        dark = []
-        try:
-            dark = [int(i) for i in getattr(spec, "_dark_pixel_indices", [])]
-        except TypeError:
-            pass
+        dark = [int(i) for i in spec.f.spectrometer.get_electric_dark_pixel_indices()]
         nonlinearity = []
-        features = getattr(spec, "f", None)
-        nl = getattr(features, "nonlinearity_coefficients", None)
+        nl = spec.f.nonlinearity_coefficients
         if nl is not None:
             try:
                 nonlinearity = [float(c) for c in nl.get_nonlinearity_coefficients()]
             except Exception:
                 nonlinearity = []
-        self._tec = getattr(features, "thermo_electric", None)
+        self._tec = spec.f.thermo_electric
+        self._buffer = None
+        if spec.model in _METADATA_MODELS and self._obp(spec) is not None:
+            self._buffer = "metadata"
+        elif getattr(spec.f, "data_buffer", None) is not None:
+            self._buffer = "clear"
+        self._running_micros = None
         return DeviceInfo(serial=self.serial, model=spec.model,
                           pixels=len(wl), saturation=int(spec.max_intensity),
                           min_time=max(1, -(-int(lo) // 1000)),
@@ -58,6 +141,19 @@ class SeabreezeDevice:
                           wavelength_coefficients=coefficients,
                           dark_pixels=dark, nonlinearity=nonlinearity,
                           has_tec=self._tec is not None)
+
+    @staticmethod
+    def _obp(spec):
+        """pyseabreeze's OBP protocol object and raw USB access, if any."""
+        raw = getattr(spec.f, "raw_usb_bus_access", None)
+        protocol = getattr(spec.f.spectrometer, "protocol", None)
+        if raw is None or protocol is None:
+            return None
+        try:
+            from seabreeze.pyseabreeze.protocol import OBPProtocol
+        except ImportError:
+            return None
+        return (protocol, raw) if isinstance(protocol, OBPProtocol) else None
 
     def close(self):
         spec, self.spec = self.spec, None
@@ -67,12 +163,77 @@ class SeabreezeDevice:
             except Exception:
                 pass
 
+    # -- acquisition ------------------------------------------------------
+
     def set_integration_time(self, ms):
-        self._call(lambda: self.spec.integration_time_micros(int(ms * 1000)))
+        micros = int(round(ms * 1000))
+        self._call(lambda: self.spec.integration_time_micros(micros))
+        self._running_micros = micros
 
     def read(self):
         counts = self._call(lambda: self.spec.intensities())
-        return [int(c) for c in counts], None, None
+        return counts.astype("int64").tolist(), None, None
+
+    def acquire(self, ms, idle_ms):
+        """One spectrum at ``ms`` that began after this call (a Reading)."""
+        not_before = time.monotonic()
+        if self._buffer == "metadata":
+            return self._acquire_metadata(ms, idle_ms, not_before)
+        if self._buffer == "clear":
+            self.set_integration_time(ms)
+            self._call(self.spec.f.data_buffer.clear)
+        else:
+            self.set_integration_time(ms)
+        # the read in progress at the request is stale: the next one is not
+        self.read()
+        self.set_integration_time(idle_ms)
+        pixels, _, _ = self.read()
+        return Reading(pixels, ms, not_before, acquisitions=2)
+
+    def _obp_send(self, msg_type):
+        protocol, raw = self._obp(self.spec)
+
+        def exchange():
+            raw.raw_usb_write(obp_command(msg_type), "primary_out")
+            answer = raw.raw_usb_read("primary_in", 64)
+            if len(answer) < _OBP_HEADER.size:
+                raise DeviceError(f"{self.serial}: short OBP reply to 0x{msg_type:08x}")
+            head = _OBP_HEADER.unpack_from(answer)
+            if head[0] != 0xC0C1 or head[2] & (_OBP_NACK | _OBP_HW_EXCEPTION):
+                raise DeviceError(f"{self.serial}: OBP 0x{msg_type:08x} refused "
+                                  f"(error {head[3]})")
+        self._call(exchange)
+
+    def _acquire_metadata(self, ms, idle_ms, not_before):
+        import numpy as np
+        micros = int(round(ms * 1000))
+        protocol, _ = self._obp(self.spec)
+        # stop, empty the buffer, set the time, start: the next spectrum
+        # in the buffer is integrated from now on at ``micros``
+        self._obp_send(OBP_ABORT_ACQUISITION)
+        self._obp_send(OBP_CLEAR_BUFFERS)
+        self.set_integration_time(ms)
+        self._obp_send(OBP_ACQUIRE_INTO_BUFFER)
+        timeout = int(ms) + 1000
+        for reads in range(1, MAX_READS + 1):
+            data = self._call(protocol.query, OBP_GET_BUFFERED_SPECTRUM_META,
+                              (), timeout)
+            if len(data) < 32:
+                raise DeviceError(f"{self.serial}: short spectrum ({len(data)} bytes)")
+            taken = struct.unpack_from("<L", data, 12)[0]
+            if reads == 1 and idle_ms != ms:
+                # the spectrum after this one idles (from the next integration)
+                self.set_integration_time(idle_ms)
+            if taken != micros:
+                continue
+            counts = np.frombuffer(data, dtype="<u4", offset=32)
+            label = taken // 1000 if taken % 1000 == 0 else taken / 1000.0
+            return Reading(counts.astype("int64").tolist(), label,
+                           not_before, acquisitions=reads)
+        raise DeviceError(f"{self.serial}: no spectrum at {ms} ms after "
+                          f"{MAX_READS} reads")
+
+    # -- TEC --------------------------------------------------------------
 
     def temperature(self):
         if self._tec is None:
@@ -86,10 +247,32 @@ class SeabreezeDevice:
         self._call(self._tec.enable_tec, bool(enabled))
 
 
+def _list_devices():
+    """seabreeze's devices. Listing opens every device that is not open to
+    read its serial number; when that open fails half-way (pyseabreeze),
+    the device stays open with no serial number and every later listing
+    skips it: such devices are closed and the bus listed again. Callers
+    hold ``_LOCK`` (no open of ours is half-way while we look)."""
+    from seabreeze.spectrometers import list_devices
+    try:
+        devices = list_devices()
+    except Exception as first:
+        try:
+            devices = list_devices()
+        except Exception:
+            raise first from None
+    stale = [d for d in devices if d.is_open and d.serial_number in ("?", "")]
+    if not stale:
+        return devices
+    for d in stale:
+        try:
+            d.close()
+        except Exception:
+            pass
+    return list_devices()
+
+
 def list_devices():
     """(model, serial) of every attached spectrometer; [] without backend."""
-    from seabreeze.spectrometers import list_devices as _list
-    return [(d.model, d.serial_number) for d in _list()]
-
-
-
+    with _LOCK:
+        return [(d.model, d.serial_number) for d in _list_devices()]

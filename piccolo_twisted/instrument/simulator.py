@@ -107,9 +107,9 @@ class SimulatedBus:
 class SimulatedSpectrometer:
     """Thread-side device API (see ``device.py``), simulated."""
 
-    def __init__(self, serial, optics, time_scale=1.0, seed=None):
+    def __init__(self, serial, optics, time_scale=1.0, seed=None, model=None):
         self.serial = serial
-        self.model = model_for(serial)
+        self.model = model or model_for(serial)
         self.spec = MODELS[self.model]
         self.optics = optics
         self.time_scale = time_scale

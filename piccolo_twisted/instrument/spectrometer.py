@@ -5,8 +5,11 @@ All state lives here, in the reactor thread. Worker threads run the
 device's blocking methods and return values; they never touch this object.
 """
 
+import threading
+
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from ..api import Resource
 from ..errors import NotFoundError, PiccoloError
@@ -29,17 +32,43 @@ class DeviceUnavailable(PiccoloError):
     """The spectrometer is not connected."""
 
 
+def _daemon_thread(*args, **kwargs):
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
+class DevicePool(ThreadPool):
+    """One device's worker thread. Stopping does not wait more than a
+    moment for a device call in progress (an integration can take minutes):
+    the call finishes in its daemon thread and its result is dropped."""
+
+    threadFactory = staticmethod(_daemon_thread)
+    JOIN = 0.5
+
+    def stop(self):
+        self.joined = True
+        self.started = False
+        self._team.quit()
+        for thread in self.threads:
+            thread.join(self.JOIN)
+
+
 class Spectrometer:
     log = Logger()
 
     def __init__(self, config, channels, device, clock, gpio=None,
-                 to_thread=threads.deferToThread):
+                 to_thread=None):
         self.config = config
         self.name = config.name
         self.serial = config.serial
         self.channels = list(channels)
         self.device = device
         self.clock = clock
+        self.pool = None
+        if to_thread is None:
+            # the device's own thread: its calls never wait behind file I/O
+            # (or another device) in a shared pool, and run one at a time
+            self.pool = DevicePool(1, 1, name=f"piccolo-{self.name}")
+            to_thread = self._in_pool
         self.to_thread = to_thread
         self.lock = defer.DeferredLock()
         self.info = None
@@ -60,6 +89,30 @@ class Spectrometer:
         self._reads = 0               # reads in a worker, abandoned ones too
         self._idle_after_read = False
 
+    # -- the device's thread ----------------------------------------------
+
+    def _in_pool(self, fn, *args, **kwargs):
+        from twisted.internet import reactor
+        self.start_pool()
+        return threads.deferToThreadPool(reactor, self.pool, fn, *args, **kwargs)
+
+    def start_pool(self):
+        """Start the device's thread (with the service; at the latest with
+        the first device call)."""
+        if self.pool is not None and not self.pool.started:
+            from twisted.internet import reactor
+            self.pool.start()
+            if self._pool_trigger is None:
+                self._pool_trigger = reactor.addSystemEventTrigger(
+                    "during", "shutdown", self.stop_pool)
+
+    def stop_pool(self):
+        """Stop the device's thread once the calls queued on it are done."""
+        if self.pool is not None and self.pool.started:
+            self.pool.stop()
+
+    _pool_trigger = None
+
     # -- connection -------------------------------------------------------
 
     @property
@@ -67,11 +120,20 @@ class Spectrometer:
         return self.status.value in CONNECTED
 
     def _open(self):
-        """Thread side: open the device and apply the configured settings."""
+        """Thread side: open the device and apply the configured settings;
+        a device that fails half-way is closed before anyone tries again."""
         info = self.device.open()
-        self.device.set_integration_time(self._idle_time(info))
-        if info.has_tec:
-            self.device.set_tec(self.tec_enabled.value, self.target_temperature.value)
+        try:
+            self.device.set_integration_time(self._idle_time(info))
+            if info.has_tec:
+                self.device.set_tec(self.tec_enabled.value,
+                                    self.target_temperature.value)
+        except BaseException:
+            try:
+                self.device.close()
+            except Exception:
+                pass
+            raise
         return info
 
     def _idle_time(self, info=None):
@@ -163,7 +225,8 @@ class Spectrometer:
         self.log.error("{name}: device dropped: {error}; reconnecting every "
                        "{interval:.0f} s", name=self.name, error=error,
                        interval=RECONNECT_INTERVAL)
-        self.to_thread(self.device.close).addErrback(lambda f: None)
+        # closed under the device's lock: never while another call holds it
+        self.lock.run(self.to_thread, self.device.close).addErrback(lambda f: None)
         self._schedule_reconnect()
 
     # -- power ------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Ocean Optics spectrometers emulated at the USB level, for seabreeze.
+
+pyseabreeze (seabreeze's pure-Python backend) talks to devices through
+pyusb, and pyusb through a backend implementing ``usb.backend.IBackend``.
+This package is such a backend: a bus of emulated devices (``bus.py``)
+speaking their own protocols (``obp.py``: the QE Pro over OBP; ``ooi.py``:
+the USB2000+ and Flame-S over the OOI protocol), with photons from the
+physical simulator. Everything between ``Spectrometer.from_serial_number()``
+and the wire is seabreeze's own code.
+
+``install()`` registers the bus as the pyusb backend named
+``piccolo_emulator`` (``usb.backend.piccolo_emulator``), selects pyseabreeze
+with it, and replaces pyseabreeze's IPv4 multicast discovery with none: an
+emulated instrument sends nothing to the network.
+"""
+
+import sys
+import threading
+import types
+
+from .bus import EmulatedBus
+from .obp import QEPro
+from .ooi import FlameS, USB2000Plus
+
+#: emulated models by the name seabreeze gives them
+MODELS = {"QEPRO": QEPro, "USB2000PLUS": USB2000Plus, "FLAMES": FlameS}
+
+BACKEND_NAME = "piccolo_emulator"
+
+#: the one emulated bus of this process
+BUS = EmulatedBus()
+
+_lock = threading.Lock()
+_installed = False
+#: pyseabreeze's own IPv4 discovery, kept for tests that show it is not run
+original_discovery = None
+
+
+class EmulateError(ValueError):
+    """An ``emulate`` setting that names no known model or is malformed."""
+
+
+def parse_emulate(text):
+    """``"QEPRO:QEP01234, USB2000PLUS:FLMT05678"`` -> [(model, serial)]."""
+    if isinstance(text, (list, tuple)):
+        items = [str(t) for t in text]
+    else:
+        items = str(text).split(",")
+    devices, serials = [], set()
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        model, sep, serial = item.partition(":")
+        model, serial = model.strip().upper(), serial.strip()
+        if not sep or not serial:
+            raise EmulateError(f"{item!r}: expected MODEL:SERIAL")
+        if model not in MODELS:
+            raise EmulateError(f"{item!r}: unknown model {model!r} (known: "
+                               f"{', '.join(sorted(MODELS))})")
+        if serial in serials or len(serial) > 15 or not serial.isprintable():
+            raise EmulateError(f"{item!r}: duplicate or invalid serial")
+        serials.add(serial)
+        devices.append((model, serial))
+    return devices
+
+
+def _no_discovery(cls, **kwargs):
+    return iter(())
+
+
+def install():
+    """Make seabreeze use pyseabreeze on the emulated bus (idempotent)."""
+    global _installed, original_discovery
+    with _lock:
+        if _installed:
+            return BUS
+        module = types.ModuleType(f"usb.backend.{BACKEND_NAME}")
+        module.get_backend = lambda find_library=None: BUS
+        sys.modules[module.__name__] = module
+        import seabreeze
+        from seabreeze.pyseabreeze import transport
+        original_discovery = transport.IPv4Transport.__dict__["list_devices"]
+        transport.IPv4Transport.list_devices = classmethod(_no_discovery)
+        seabreeze.use("pyseabreeze", pyusb_backend=BACKEND_NAME)
+        _installed = True
+        return BUS
+
+
+def add_device(model, serial, optics, time_scale=1.0):
+    """Plug an emulated ``model`` with ``serial`` into the bus."""
+    install()
+    return BUS.attach(MODELS[model](serial, optics, time_scale=time_scale))
+
+
+def remove_device(device):
+    """Unplug a device for good and take it off the bus."""
+    device.unplug()
+    with BUS.lock:
+        if device in BUS.devices:
+            BUS.devices.remove(device)
