@@ -1,34 +1,77 @@
 """/data_dir: the data directory, its runs and their spectrum files.
 
-Every file-system call runs in a worker thread (a USB stick can stall);
-the reactor side only validates names and keeps the current run.
+The storage component: it owns the run layout, the ``.pico`` names and
+atomic writes (control hands it spectra and asks it to save), an index of
+runs and files, and the listings encoded from it.
+
+- Every file-system call runs in the component's own thread pool (a USB
+  stick can stall; it must not starve device calls or the reactor's pool).
+- The index (``runindex``) is built once in that pool at start; requests
+  that need it wait for it. It is updated by every file written and run
+  created here, and re-validated with one ``fstat`` of the directory per
+  request: a changed mtime (a file copied in or removed by hand) lists
+  that directory again.
+- The JSON bodies of ``spectra_list`` and ``all_runs`` are encoded once
+  per change (large ones in the pool) and kept until the run or the set of
+  runs changes; blockwise follow-ups get the same bytes.
+- Nothing leaves the data directory: runs are real directories opened with
+  ``O_NOFOLLOW``, served files regular files inside them, writes never go
+  through a symlink. Spectra are 0644 and run directories 0755 whatever
+  the process umask (twistd daemon mode has 077).
+- The server's own files live in ``<datadir>/.piccolo/``, out of reach of
+  run names, which are never hidden.
 """
 
+import json
 import os
-import re
+from collections import OrderedDict
+from array import array
+from bisect import bisect_left
 
-from twisted.internet import threads, utils
+from twisted.internet import defer, threads, utils
 from twisted.logger import Logger
-from twisted.python.filepath import FilePath, InsecurePath
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
 
-from .acquisition.pico import remove_leftovers
-from .api import Resource
+from . import runindex
+from .acquisition import pico
+from .api import EncodedJSON as Encoded, Resource
 from .errors import NotFoundError, PiccoloError
 from .observable import Observable
 
-SPECTRUM_FILE = re.compile(r"^b(\d{6})_s(\d{6})(_light|_dark)?\.pico$")
+SPECTRUM_FILE = runindex.SPECTRUM_FILE
 DEFAULT_RUN = "spectra"
+MAX_RUN_NAME = 100              # bytes of UTF-8
+STATE_DIR = ".piccolo"
+#: server files that earlier versions kept in the data directory itself
+STATE_FILES = ("scheduler.sqlite", "scheduler.sqlite-wal", "scheduler.sqlite-shm",
+               "scheduler.sqlite-journal", "manhole_host_key")
+FILE_THREADS = 3                # a write, a validation and an encoding at once
+BODY_CACHE_BYTES = 8 << 20      # encoded spectra lists kept (least recently used go)
+SMALL_LIST = 500                # names encoded on the reactor; more in the pool
+MAX_FILE = 64 << 20             # largest file served
 
 
 def check_run_name(name):
-    """A run name is one safe path component; return it or raise PiccoloError."""
+    """A run name is one safe path component; return it or raise PiccoloError.
+
+    Checked whenever a run name is set (current_run, record_sequence,
+    record_dark, scheduled jobs), so that no later file operation fails."""
     if not isinstance(name, str):
         raise PiccoloError("a run name must be a string")
     if (not name or name in (".", "..") or name.startswith(".") or "/" in name
-            or "\\" in name or "\x00" in name or len(name) > 200):
+            or "\\" in name or "\x00" in name):
         raise PiccoloError(
             f"invalid run name {name!r}: one path component, not empty, "
             "not hidden, no '/' or '..'")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise PiccoloError("a run name must be valid UTF-8") from None
+    if size > MAX_RUN_NAME:
+        raise PiccoloError(f"run name too long: {size} bytes of UTF-8, "
+                           f"at most {MAX_RUN_NAME}")
     return name
 
 
@@ -36,6 +79,43 @@ def _is_truthy(value, name):
     if isinstance(value, bool):
         return value
     raise PiccoloError(f"{name} must be true or false")
+
+
+def _makedir(path):
+    if not os.path.isdir(path):
+        os.makedirs(path)
+        os.chmod(path, runindex.DIR_MODE)
+
+
+def prepare_state(root):
+    """Create ``<root>/.piccolo`` and move server files an earlier version
+    left in the data directory into it (blocking, start-up; idempotent).
+    Returns its path."""
+    log = DataDir.log
+    _makedir(root)
+    state = os.path.join(root, STATE_DIR)
+    if not os.path.isdir(state):
+        os.mkdir(state, 0o755)
+        os.chmod(state, 0o755)
+    moves = (list(STATE_FILES[:4])
+             if not os.path.lexists(os.path.join(state, STATE_FILES[0])) else [])
+    if not os.path.lexists(os.path.join(state, STATE_FILES[4])):
+        moves.append(STATE_FILES[4])
+    for name in moves:
+        old = os.path.join(root, name)
+        if os.path.islink(old) or not os.path.isfile(old):
+            continue        # absent, or a run of that name: leave it
+        try:
+            os.rename(old, os.path.join(state, name))
+        except OSError as e:
+            log.warn("cannot move {old} to {state}: {e}", old=old, state=state, e=e)
+        else:
+            log.info("moved {old} to {state}", old=old, state=state)
+    return state
+
+
+class SaveFailed(Exception):
+    """A spectrum file could not be written (its message names the file)."""
 
 
 def read_mounts(path="/proc/mounts"):
@@ -50,75 +130,375 @@ def read_mounts(path="/proc/mounts"):
     return pairs
 
 
+class _Run:
+    """The index entry of one run."""
+    __slots__ = ("mtime", "listed", "keys", "version")
+
+    def __init__(self, mtime, listed=None, keys=None):
+        self.mtime = mtime          # directory mtime: all_runs sorts by it
+        self.listed = listed        # the mtime ``keys`` is valid for, or None
+        self.keys = keys            # sorted array('q') of file keys, or None
+        self.version = 0            # bumped whenever keys change
+
+
 class DataDir:
     log = Logger()
 
     def __init__(self, path, device="/dev/sda1", mntpnt="/mnt",
                  run_command=None, mounts_file="/proc/mounts",
-                 to_thread=threads.deferToThread):
+                 to_thread=None):
         self.path = FilePath(os.path.abspath(path))
         self.device = device
         self.mntpnt = mntpnt
         self.mounts_file = mounts_file
         self._run = run_command or (
             lambda argv: utils.getProcessOutputAndValue(argv[0], argv[1:]))
+        self.pool = None
+        if to_thread is None:
+            self.pool = ThreadPool(minthreads=0, maxthreads=FILE_THREADS,
+                                   name="piccolo-files")
+            to_thread = self._in_pool
         self._to_thread = to_thread
         self.current_run = Observable(DEFAULT_RUN)
         self.files_written = Observable(0)
+        # the index, reactor side
+        self._built = False
+        self._waiting = []              # Deferreds waiting for the build
+        self._root_mtime = None
+        self._runs = {}                 # run -> _Run
+        self._lists = {}                # (alpha, reverse) -> (names, body)
+        self._lists_gen = 0             # bumped by any change to run orders
+        self._bodies = OrderedDict()    # run -> (version, spectra_list body)
+        self._body_bytes = 0
+        self._inflight = {}             # key -> [Deferred] sharing one trip
 
-    # -- start-up ---------------------------------------------------------
+    def _in_pool(self, f, *args, **kwargs):
+        from twisted.internet import reactor
+        return threads.deferToThreadPool(reactor, self.pool, f, *args, **kwargs)
+
+    @property
+    def state_dir(self):
+        """Where the server keeps its own files (scheduler DB, host key)."""
+        return os.path.join(self.path.path, STATE_DIR)
+
+    # -- start-up and stop ------------------------------------------------
+
+    def prepare_state(self):
+        return prepare_state(self.path.path)
 
     def prepare(self):
-        """Create the directory (blocking: called once before serving)."""
-        self.path.makedirs(ignoreExistingDirectory=True)
-        runs = self._list_runs()
-        if runs:
-            newest = max(runs, key=lambda r: r[1])[0]
-            self.current_run.set(newest)
-        self.path.child(self.current_run.value).makedirs(ignoreExistingDirectory=True)
-        self.log.info("data directory {path}, current run {run}",
-                      path=self.path.path, run=self.current_run.value)
-
-    # -- thread-side helpers (no shared state) ------------------------------
-
-    def _list_runs(self):
-        runs = []
+        """Create the data directory and the current run, move the server's
+        files into ``.piccolo``, and start building the index (blocking once
+        before serving; the build itself runs in the file pool)."""
+        root = self.path.path
+        self.prepare_state()
+        fd = runindex.open_root(root)
         try:
-            entries = list(os.scandir(self.path.path))
-        except OSError:
-            return runs
-        for e in entries:
-            if not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
+            root_mtime, runs = runindex.scan_root(fd)
+            if runs:
+                self.current_run.set(max(runs, key=lambda r: (runs[r], r)))
+            run = self.current_run.value
+            if run not in runs:
+                run_fd, _ = runindex.open_run(fd, run, create=True)
                 try:
-                    runs.append((e.name, e.stat().st_mtime))
-                except OSError:
-                    pass
-        return runs
+                    runs[run] = os.fstat(run_fd).st_mtime_ns
+                finally:
+                    os.close(run_fd)
+                root_mtime = None
+        finally:
+            os.close(fd)
+        self._root_mtime = root_mtime
+        self._runs = {name: _Run(mtime) for name, mtime in runs.items()}
+        if self.pool is not None and not self.pool.started:
+            self.pool.start()
+        self.log.info("data directory {path}, current run {run}",
+                      path=root, run=self.current_run.value)
+        self._build(list(runs))
 
-    def run_path(self, run):
+    def _build(self, names):
+        from time import monotonic
+        started = monotonic()
+
+        def built(found):
+            files = 0
+            for name, (mtime, listed, keys, _) in found.items():
+                entry = self._runs.get(name)
+                if entry is not None:
+                    entry.mtime, entry.listed, entry.keys = mtime, listed, keys
+                    files += len(keys)
+            self.log.info("index of {runs} runs and {files} files built in "
+                          "{t:.2f} s", runs=len(found), files=files,
+                          t=monotonic() - started)
+
+        def failed(f):
+            # not fatal: every run is then listed when first asked for
+            self.log.failure("building the index of the data directory failed", f)
+
+        def ready(_):
+            self._built = True
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+        d = self._to_thread(runindex.build, self.path.path, names)
+        d.addCallbacks(built, failed).addCallback(ready)
+        return d
+
+    def stop(self):
+        """Stop the file pool (after the last write: service stop)."""
+        if self.pool is not None and self.pool.started and not self.pool.joined:
+            self.pool.stop()
+
+    # -- the index, reactor side ---------------------------------------------
+
+    def _until_built(self):
+        if self._built:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _shared(self, key, start):
+        """Run ``start()`` (a Deferred) once for everyone asking for ``key``
+        while it is in flight."""
+        d = defer.Deferred()
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        waiters = self._inflight[key] = [d]
+
+        def done(result):
+            del self._inflight[key]
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+        defer.maybeDeferred(start).addBoth(done)
+        return d
+
+    def _runs_changed(self):
+        self._lists.clear()
+        self._lists_gen += 1
+
+    def _run_touched(self, run, old, new):
+        """A run's mtime moved: the orders by mtime change, unless the run
+        was the newest already and stays so."""
+        if old == new:
+            return
+        self._lists_gen += 1
+        for rev in (False, True):
+            cached = self._lists.get((False, rev))
+            if cached is not None:
+                names = cached[0]
+                newest = names[0] if rev else names[-1]
+                if not (newest == run and new > old):
+                    del self._lists[(False, rev)]
+
+    def _root_changed(self, change):
+        """We created a run: keep the root's mtime if it was ours to see."""
+        before, after = change
+        self._root_mtime = after if self._root_mtime == before else None
+        self._runs_changed()
+
+    def _drop(self, run):
+        if self._runs.pop(run, None) is not None:
+            self._forget_body(run)
+            self._runs_changed()
+
+    def _forget_body(self, run):
+        cached = self._bodies.pop(run, None)
+        if cached is not None:
+            self._body_bytes -= len(cached[1])
+
+    def _apply_run(self, run, state, version):
+        mtime, listed, keys, root_change = state
+        if root_change is not None:
+            self._root_changed(root_change)
+        entry = self._runs.get(run)
+        if entry is None:
+            entry = self._runs[run] = _Run(mtime)
+            self._runs_changed()
+        else:
+            self._run_touched(run, entry.mtime, mtime)
+            entry.mtime = mtime
+        if keys is not None:
+            if entry.version == version:
+                entry.keys, entry.listed = keys, listed
+            else:
+                # a file was saved meanwhile: keep ours, list again next time
+                entry.listed = None
+                if entry.keys is None:
+                    entry.keys = keys
+            entry.version += 1
+            self._forget_body(run)
+        return entry
+
+    def _check(self, run, create=False):
+        """The run's index entry, validated against the disk: one fstat in
+        the pool, a listing only when the directory changed.
+        NotFoundError when the run is not a real directory."""
+        async def check():
+            await self._until_built()
+            entry = self._runs.get(run)
+            known = None
+            version = 0
+            if entry is not None:
+                version = entry.version
+                if entry.keys is not None:
+                    known = entry.listed
+            try:
+                state = await self._to_thread(runindex.check_run, self.path.path,
+                                              run, known, create)
+            except runindex.NoSuchRun:
+                self._drop(run)
+                if create:
+                    raise PiccoloError(f"run {run!r} exists and is not a directory")
+                raise NotFoundError(f"no such run: {run}")
+            except OSError as e:
+                raise PiccoloError(f"cannot use run {run!r}: {e.strerror or e}")
+            return self._apply_run(run, state, version)
+        return self._shared(("run", run, create),
+                            lambda: defer.Deferred.fromCoroutine(check()))
+
+    def _check_root(self):
+        async def check():
+            await self._until_built()
+            known = self._root_mtime
+            result = await self._to_thread(runindex.check_root, self.path.path, known)
+            if result is None:
+                return
+            mtime, found = result
+            self._root_mtime = mtime
+            changed = False
+            for name in list(self._runs):
+                if name not in found:
+                    self._drop(name)
+                    changed = True
+            for name, run_mtime in found.items():
+                entry = self._runs.get(name)
+                if entry is None:
+                    self._runs[name] = _Run(run_mtime)
+                    changed = True
+                elif entry.mtime != run_mtime:
+                    self._run_touched(name, entry.mtime, run_mtime)
+                    entry.mtime = run_mtime
+            if changed:
+                self._runs_changed()
+        return self._shared(("root",), lambda: defer.Deferred.fromCoroutine(check()))
+
+    async def _spectra_body(self, run, entry):
+        cached = self._bodies.get(run)
+        version = entry.version
+        if cached is not None and cached[0] == version:
+            self._bodies.move_to_end(run)
+            return cached[1]
+        keys = entry.keys[:]
+
+        def encode():
+            return Encoded(runindex.encode_names(keys))
+        if len(keys) <= SMALL_LIST:
+            body = encode()
+        else:
+            body = await self._shared(("body", run, version),
+                                      lambda: self._to_thread(encode))
+        if entry.version == version and self._runs.get(run) is entry:
+            self._forget_body(run)
+            self._bodies[run] = (version, body)
+            self._body_bytes += len(body)
+            while self._body_bytes > BODY_CACHE_BYTES and len(self._bodies) > 1:
+                old, (_, old_body) = self._bodies.popitem(last=False)
+                self._body_bytes -= len(old_body)
+        return body
+
+    async def _sorted_runs(self, alpha, reverse):
+        order = (alpha, reverse)
+        cached = self._lists.get(order)
+        if cached is not None:
+            return cached
+        snapshot = [(name, entry.mtime) for name, entry in self._runs.items()]
+
+        def sort():
+            key = (lambda r: r[0]) if alpha else (lambda r: (r[1], r[0]))
+            names = [r[0] for r in sorted(snapshot, key=key, reverse=reverse)]
+            return names, Encoded(json.dumps(names, separators=(",", ":")).encode("utf-8"))
+        gen = self._lists_gen
+        result = (sort() if len(snapshot) <= SMALL_LIST
+                  else await self._to_thread(sort))
+        if self._lists_gen == gen:      # nothing changed meanwhile
+            self._lists[order] = result
+        return result
+
+    # -- saving (what control calls) -----------------------------------------
+
+    def file_name(self, batch, sequence, kind=None):
+        return runindex.name(runindex.key(batch, sequence, kind))
+
+    def save(self, run, batch, sequence, kind, spectra, clobber=False):
+        """Write ``spectra`` (a list of pico spectra) as the file of
+        ``batch``/``sequence``/``kind`` (``"dark"``, ``"light"``, or None for
+        an unsplit sequence) of ``run``, atomically, in the file pool; the
+        run is created if needed. Fires with the file name; any failure
+        (not only OSError) fails it with SaveFailed naming the file."""
         check_run_name(run)
-        try:
-            return self.path.child(run)
-        except InsecurePath:
-            raise PiccoloError(f"invalid run name {run!r}") from None
+        k = runindex.key(batch, sequence, kind)
+        filename = runindex.name(k)
 
-    @staticmethod
-    def list_spectra(run_dir):
-        """Spectrum file names of a run directory, newest first (thread side)."""
-        try:
-            names = [n for n in os.listdir(run_dir) if SPECTRUM_FILE.match(n)]
-        except FileNotFoundError:
-            return None
-        names.sort(reverse=True)
-        return names
+        def encode():
+            return pico.encode(pico.document(spectra))
 
-    @classmethod
-    def highest_batch(cls, run_dir):
-        return cls._highest(cls.list_spectra(run_dir) or [])
+        async def go():
+            await self._until_built()
+            entry = self._runs.get(run)
+            version = entry.version if entry is not None else 0
+            try:
+                before, after, root_change = await self._to_thread(
+                    runindex.save, self.path.path, run, filename, encode, clobber,
+                    pico.write_atomic)
+            except Exception as e:
+                if isinstance(e, runindex.NoSuchRun):
+                    reason = "the run is not a directory"
+                elif isinstance(e, OSError):
+                    reason = e.strerror or str(e)
+                else:
+                    self.log.failure("writing {name} failed", name=filename)
+                    reason = f"{type(e).__name__}: {e}"
+                raise SaveFailed(f"cannot write {filename}: {reason}") from None
+            self._saved(run, k, before, after, root_change, version)
+            return filename
+        return defer.Deferred.fromCoroutine(go())
 
-    @staticmethod
-    def _highest(names):
-        return max((int(SPECTRUM_FILE.match(n).group(1)) for n in names), default=-1)
+    def _saved(self, run, k, before, after, root_change, version):
+        if root_change is not None:
+            self._root_changed(root_change)
+        entry = self._runs.get(run)
+        if entry is None:
+            entry = self._runs[run] = _Run(after)
+            if root_change is not None:     # a new, empty run: we know it all
+                entry.keys, entry.listed = array("q"), before
+            self._runs_changed()
+        else:
+            self._run_touched(run, entry.mtime, after)
+            entry.mtime = after
+        if entry.keys is not None:
+            i = bisect_left(entry.keys, k)
+            if i == len(entry.keys) or entry.keys[i] != k:
+                entry.keys.insert(i, k)
+            # our change on top of a listing still valid: valid after it too;
+            # a change by someone else before ours: list again next time
+            entry.listed = after if entry.listed == before else None
+            entry.version += 1
+            self._forget_body(run)
+
+    def prepare_run(self, run):
+        """Create the run if needed and return its next batch number (from
+        the index; one fstat, no listing)."""
+        check_run_name(run)
+
+        def next_batch(entry):
+            keys = entry.keys
+            return runindex.batch_of(keys[-1]) + 1 if keys else 0
+        return self._check(run, create=True).addCallback(next_batch)
 
     # -- resources ----------------------------------------------------------
 
@@ -162,45 +542,32 @@ class DataDir:
         reverse = _is_truthy(reverse, "reverse")
         for name, value in (("nitems", nitems), ("page", page)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise PiccoloError(f"{name} must be a non-negative integer")
-        if page is not None and not nitems:
-            raise PiccoloError("page needs nitems > 0")
+                raise PiccoloError(f"{name} must be a non-negative integer or null")
 
-        def order(runs):
-            key = (lambda r: r[0]) if alpha else (lambda r: (r[1], r[0]))
-            names = [r[0] for r in sorted(runs, key=key, reverse=reverse)]
+        async def answer():
+            await self._check_root()
+            names, body = await self._sorted_runs(alpha, reverse)
+            # page only applies with a positive nitems (the deployed client
+            # sends {"nitems": null, "page": 0} on every listing)
             if nitems:
                 start = (page or 0) * nitems
-                names = names[start:start + nitems]
-            return names
-        return self._to_thread(self._list_runs).addCallback(order)
+                if start == 0 and nitems >= len(names):
+                    return body
+                return names[start:start + nitems]
+            return body
+        return defer.Deferred.fromCoroutine(answer())
 
     def get_current_run(self):
         return self.current_run.value
 
     def set_current_run(self, run):
-        path = self.run_path(run)
+        check_run_name(run)
 
         def created(_):
             if self.current_run.set(run):
                 self.log.info("current run is now {run}", run=run)
             return None
-
-        def failed(f):
-            f.trap(OSError)
-            raise PiccoloError(f"cannot create run {run!r}: {f.value.strerror}")
-        return self._to_thread(path.makedirs, True).addCallbacks(created, failed)
-
-    def prepare_run(self, run):
-        """Create the run if needed, remove temporary files a crash left
-        there, and return the next batch number: one trip to a thread."""
-        path = self.run_path(run)
-
-        def prepare():
-            path.makedirs(ignoreExistingDirectory=True)
-            remove_leftovers(path.path)
-            return self.highest_batch(path.path) + 1
-        return self._to_thread(prepare)
+        return self._check(run, create=True).addCallback(created)
 
     def run_get(self, run=None, what=None, *extra):
         if run is None or what is None or extra:
@@ -209,18 +576,16 @@ class DataDir:
             raise PiccoloError("spectra takes PUT with a file name")
         if what not in ("name", "current_batch", "spectra_list"):
             raise NotFoundError(f"no such resource: runs/{run}/{what}")
-        path = self.run_path(run)
+        check_run_name(run)
 
-        def look():
-            names = self.list_spectra(path.path)     # None: no such run
-            if names is None or not path.isdir():
-                raise NotFoundError(f"no such run: {run}")
+        async def look():
+            entry = await self._check(run)
             if what == "name":
                 return run
             if what == "current_batch":
-                return self._highest(names)
-            return names
-        return self._to_thread(look)
+                return runindex.batch_of(entry.keys[-1]) if entry.keys else -1
+            return await self._spectra_body(run, entry)
+        return defer.Deferred.fromCoroutine(look())
 
     def run_put(self, run=None, what=None, *args):
         if run is None or what is None:
@@ -230,19 +595,37 @@ class DataDir:
         if len(args) != 1:
             raise PiccoloError("spectra takes one argument: a file name from spectra_list")
         name = args[0]
-        if not isinstance(name, str) or not SPECTRUM_FILE.match(name):
+        k = runindex.parse(name) if isinstance(name, str) else None
+        if k is None:
             raise PiccoloError("not a spectrum file name from spectra_list")
-        run_path = self.run_path(run)
+        check_run_name(run)
 
         def read():
-            names = self.list_spectra(run_path.path)
-            if names is None:
-                raise NotFoundError(f"no such run: {run}")
-            if name not in names:
+            data = runindex.read_file(self.path.path, run, name, MAX_FILE)
+            if data is None:
+                return None
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            return json.dumps(text).encode("ascii")
+
+        async def answer():
+            entry = await self._check(run)
+            keys = entry.keys
+            i = bisect_left(keys, k)
+            if i == len(keys) or keys[i] != k:
                 raise PiccoloError(f"{name} is not in the spectra list of run {run}")
-            with open(run_path.child(name).path, encoding="utf-8") as f:
-                return f.read()
-        return self._to_thread(read)
+            try:
+                body = await self._to_thread(read)
+            except runindex.NoSuchRun:
+                raise NotFoundError(f"no such run: {run}") from None
+            except OSError as e:
+                raise PiccoloError(f"cannot read {name}: {e.strerror or e}") from None
+            if body is None:
+                raise PiccoloError(f"{name} is not a spectrum file of run {run}")
+            return Encoded(body)
+        return defer.Deferred.fromCoroutine(answer())
 
     def resources(self):
         return {

@@ -88,7 +88,8 @@ def make_factory(namespace, authorized, key):
 def manhole_service(piccolo):
     settings = piccolo.settings
     authorized = load_authorized_keys(settings.manhole_keys)
-    key = host_key(settings.datadir)
+    from .datadir import prepare_state
+    key = host_key(prepare_state(settings.datadir))
     factory = make_factory(piccolo.namespace(), authorized, key)
     interface = settings.manhole_interface or "127.0.0.1"
     endpoint = f"tcp:{settings.manhole_port}:interface={interface.replace(':', chr(92) + ':')}"

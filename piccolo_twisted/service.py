@@ -49,8 +49,9 @@ class PiccoloService(service.MultiService):
         self.instrument = build_instrument(self.instrument_config, self.clock,
                                            time_scale=time_scale)
         self.control = Control(self.instrument, self.datadir, self.clock)
+        # the server's own files live out of the runs' reach
         self.scheduler = Scheduler(self.control,
-                                   os.path.join(self.datadir.path.path, DB_NAME),
+                                   os.path.join(self.datadir.state_dir, DB_NAME),
                                    self.clock)
         self.control.scheduler = self.scheduler
         self.components.update({
@@ -139,4 +140,5 @@ class PiccoloService(service.MultiService):
             yield self.scheduler.close()
         except Exception:
             self.log.failure("closing the scheduler failed")
+        self.datadir.stop()
         self.log.info("piccolo stopped")

@@ -112,9 +112,15 @@ class PicoWriteTests(unittest.SynchronousTestCase):
         tmp = os.path.join(self.dir, ".b000001_s000000_light.pico.999.tmp")
         with open(tmp, "wb") as f:
             f.write(b'{"Spectra": [')
-        from piccolo_twisted.datadir import DataDir
-        self.assertEqual(DataDir.list_spectra(self.dir), [])
-        self.assertEqual(pico.remove_leftovers(self.dir), 1)
+        from piccolo_twisted import runindex
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            keys, leftovers = runindex.scan_files(fd)
+            self.assertEqual((list(keys), leftovers),
+                             ([], [".b000001_s000000_light.pico.999.tmp"]))
+            runindex.remove(fd, leftovers)
+        finally:
+            os.close(fd)
         self.assertEqual(os.listdir(self.dir), [])
 
     def test_names(self):

@@ -66,7 +66,33 @@ class ProcessTestCase(unittest.TestCase):
         self.fail("the daemon never answered")
 
 
+def batch_files_readable(test, port, datadir):
+    """A batch in daemon mode (umask 077) leaves 0644 spectra in a 0755 run
+    directory: whoever copies the data off the Pi can read it (issue 10.7)."""
+    from loadclient import fetch
+    code, _, _ = fetch("::1", port, "/control/record_sequence", method=3,
+                       payload=json.dumps({"run": "perm", "nsequence": 1,
+                                           "auto": -1}).encode())
+    test.assertEqual(code, 0x44)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        code, body, _ = fetch("::1", port, "/control/status")
+        if json.loads(body) == "idle":
+            break
+        time.sleep(0.1)
+    run = os.path.join(datadir, "perm")
+    test.assertEqual(os.stat(run).st_mode & 0o777, 0o755)
+    names = os.listdir(run)
+    test.assertEqual(len(names), 2, names)       # dark, light
+    for name in names:
+        test.assertEqual(os.stat(os.path.join(run, name)).st_mode & 0o777, 0o644, name)
+    test.assertEqual(os.stat(datadir).st_mode & 0o777, 0o755)
+
+
 class DaemonTests(ProcessTestCase):
+
+    def batch_files_readable(self, port, datadir):
+        batch_files_readable(self, port, datadir)
 
     def test_daemon_sigterm_and_stale_pidfile(self):
         d = os.path.abspath(self.mktemp())
@@ -75,7 +101,7 @@ class DaemonTests(ProcessTestCase):
         with open(pidfile, "w") as f:
             f.write("999999")                      # stale: from a crash
         port = free_port()
-        env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
+        env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", PICCOLO_TIME_SCALE="0.05")
         p = subprocess.run(TWISTD + ["--pidfile", pidfile, "-l", logfile, "piccolo",
                                      "--address", "::1", "--port", str(port),
                                      "--data-dir", os.path.join(d, "data")],
@@ -83,6 +109,7 @@ class DaemonTests(ProcessTestCase):
         self.assertEqual(p.returncode, 0, p.stderr)     # detached
         code, version = self.wait_answer(port)
         self.assertEqual(code, 0x45)
+        self.batch_files_readable(port, os.path.join(d, "data"))
         with open(pidfile) as f:
             pid = int(f.read())
         self.assertNotEqual(pid, 999999)
@@ -110,13 +137,14 @@ class LauncherProcessTests(ProcessTestCase):
             f.write(f"[coap]\naddress = ::1\nport = {port}\n"
                     f"[datadir]\ndatadir = {d}/data\n"
                     f"[daemon]\ndaemon = True\npid_file = {d}/p.pid\nlogfile = {d}/p.log\n")
-        env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
+        env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", PICCOLO_TIME_SCALE="0.05")
         p = subprocess.run([sys.executable, "-c",
                             "from piccolo_twisted.tools.launcher import main; main()",
                             "-s", cfg], env=env, capture_output=True, text=True, timeout=30)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.wait_answer(port)
         self.assertTrue(os.path.isdir(os.path.join(d, "data", "spectra")))
+        batch_files_readable(self, port, os.path.join(d, "data"))
         with open(os.path.join(d, "p.pid")) as f:
             os.kill(int(f.read()), signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -200,7 +228,7 @@ class ManholeTests(unittest.TestCase):
         fake.settings.manhole_keys = self.keyfile
         service = manhole.manhole_service(fake)
         service.startService()
-        mode = os.stat(os.path.join(self.dir, manhole.HOST_KEY)).st_mode & 0o777
+        mode = os.stat(os.path.join(self.dir, ".piccolo", manhole.HOST_KEY)).st_mode & 0o777
         self.assertEqual(mode, 0o600)
 
         def check(port):

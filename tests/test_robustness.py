@@ -135,7 +135,7 @@ class BadInputMatrixTests(ServerTestCase):
         m = {
             "sysinfo/clock": (None, ["yesterday", 5, "2026-99-99T00:00:00"]),
             "data_dir/mount": ("data_dir/mount", ["yes", 2]),
-            "data_dir/all_runs": (None, [{"nitems": -1}, {"page": 1}, {"alpha": "x"}]),
+            "data_dir/all_runs": (None, [{"nitems": -1}, {"page": -1}, {"nitems": 2.5}, {"alpha": "x"}]),
             "data_dir/current_run": ("data_dir/current_run", ["../x", "", ".h", "a/b", 5]),
             "data_dir/runs/spectra/spectra": (None, ["../../etc/passwd", "x.pico"]),
             "shutter/upwelling/open_shutter": ("shutter/upwelling/status", ["open", 2]),

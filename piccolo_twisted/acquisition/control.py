@@ -113,7 +113,7 @@ class Control:
         def failed(f):
             if f.check(Aborted):
                 self.log.info("{kind} aborted", kind=kind)
-            elif f.check(BatchFailed):
+            elif f.check(BatchFailed, PiccoloError):    # e.g. the run is not a directory
                 self.fault.set(str(f.value))
                 self.log.error("{kind} stopped: {why}", kind=kind, why=f.value)
             else:
@@ -279,31 +279,25 @@ class Control:
                               "after {n} acquisitions", name=s.name, channel=channel,
                               state=job.state, t=job.result, n=job.steps)
 
-    def _write(self, run, name, spectra, clobber):
-        """Queue a file write; failures stop the batch at its next step."""
-        data_dir = self.datadir.run_path(run).path
-
-        def encode_and_write():
-            return pico.write_atomic(data_dir, name, pico.encode(pico.document(spectra)),
-                                     clobber=clobber)
-
+    def _write(self, run, batch, sequence, kind, spectra, clobber):
+        """Queue a file write (storage names and writes it); any failure
+        stops the batch at its next step."""
         def written(_):
             self.files_written += 1
             self.datadir.files_written.set(self.files_written)
 
         def failed(f):
             # any exception, not only OSError: the batch ends with a fault
-            if f.check(OSError):
-                message = f"cannot write {name}: {f.value.strerror or f.value}"
-                self.log.error("{message}", message=message)
-            else:
-                message = f"cannot write {name}: {f.type.__name__}: {f.value}"
-                self.log.failure("{message}", f, message=message)
+            # (storage's SaveFailed names the file and the reason; it logged
+            # the traceback of anything that is not an OSError)
+            message = str(f.value)
+            self.log.error("{message}", message=message)
             if self._write_failed is None:
                 self._write_failed = message
         # counting inside the lock: a flush sees every earlier write counted
         return self._writes.run(
-            lambda: self.to_thread(encode_and_write).addCallbacks(written, failed))
+            lambda: self.datadir.save(run, batch, sequence, kind, spectra,
+                                      clobber).addCallbacks(written, failed))
 
     async def _flush_writes(self):
         await self._writes.run(lambda: None)
@@ -326,7 +320,7 @@ class Control:
 
         def save(sequence, kind, spectra):
             if split:
-                self._write(run, pico.file_name(batch, sequence, kind), spectra, clobber)
+                self._write(run, batch, sequence, kind, spectra, clobber)
             return spectra
 
         for sequence in range(nsequence):
@@ -345,8 +339,7 @@ class Control:
                 dark_done.add(sequence)
             save(sequence, "light", light)
             if not split:
-                self._write(run, pico.file_name(batch, sequence),
-                            (dark or []) + light, clobber)
+                self._write(run, batch, sequence, None, (dark or []) + light, clobber)
             if sequence < nsequence - 1:
                 self.status.set("waiting")
                 await self._sleep(delay)
@@ -358,7 +351,7 @@ class Control:
             if split:
                 save(final_seq, "dark", dark)
             else:
-                self._write(run, pico.file_name(batch, final_seq), dark, clobber)
+                self._write(run, batch, final_seq, None, dark, clobber)
         await self._flush_writes()
         self.log.info("batch {batch} of run {run} done: {n} files written",
                       batch=batch, run=run, n=self.files_written - written_before)
@@ -367,9 +360,8 @@ class Control:
         batch = await self.datadir.prepare_run(run)
         self.current_sequence.set(0)
         dark = await self._record_set(True, 0, batch, run, self._devices())
-        name = (pico.file_name(batch, 0, "dark") if self.instrument.config.split
-                else pico.file_name(batch, 0))
-        self._write(run, name, dark, self.instrument.config.clobber)
+        kind = "dark" if self.instrument.config.split else None
+        self._write(run, batch, 0, kind, dark, self.instrument.config.clobber)
         await self._flush_writes()
         self.log.info("dark sequence written: run {run} batch {batch}", run=run, batch=batch)
 

@@ -73,28 +73,52 @@ class FileExists(OSError):
     pass
 
 
-def _fsync_dir(directory):
+FILE_MODE = 0o644       # readable by whoever copies the data off, whatever the umask
+
+
+def _fsync_dir(dir_fd):
     try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        os.fsync(dir_fd)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def write_atomic(directory, name, data, clobber=False, fsync=os.fsync):
-    """Write ``data`` to ``directory/name`` atomically (thread side)."""
-    final = os.path.join(directory, name)
-    if not clobber and os.path.lexists(final):
-        raise FileExists(errno.EEXIST, f"{name} exists already", final)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    """Write ``data`` to ``directory/name`` atomically (thread side).
+
+    ``directory`` is a path or an open directory descriptor; every name is
+    resolved relative to it without following a symlink (the temporary is
+    created with O_EXCL|O_NOFOLLOW, published with a hard link that fails
+    if anything, a dangling symlink included, has the name). The file is
+    made 0644 whatever the process umask."""
+    own = not isinstance(directory, int)
+    dir_fd = (os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+              if own else directory)
+    try:
+        _write_at(dir_fd, name, data, clobber, fsync)
+    finally:
+        if own:
+            os.close(dir_fd)
+    return os.path.join(directory, name) if own else name
+
+
+def _exists(dir_fd, name):
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write_at(dir_fd, name, data, clobber, fsync):
+    if not clobber and _exists(dir_fd, name):
+        raise FileExists(errno.EEXIST, f"{name} exists already", name)
+    tmp = f".{name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
     try:
         try:
+            os.fchmod(fd, FILE_MODE)
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
@@ -103,43 +127,26 @@ def write_atomic(directory, name, data, clobber=False, fsync=os.fsync):
         finally:
             os.close(fd)
         if clobber:
-            os.replace(tmp, final)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         else:
             try:
-                os.link(tmp, final)
+                os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd,
+                        follow_symlinks=False)
             except OSError as e:
                 if e.errno == errno.EEXIST:
-                    raise FileExists(errno.EEXIST, f"{name} exists already", final) from None
+                    raise FileExists(errno.EEXIST, f"{name} exists already", name) from None
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                     raise
                 # no hard links (FAT): rename; we are the only writer
-                if os.path.lexists(final):
-                    raise FileExists(errno.EEXIST, f"{name} exists already", final) from None
-                os.rename(tmp, final)
+                if _exists(dir_fd, name):
+                    raise FileExists(errno.EEXIST, f"{name} exists already", name) from None
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             else:
-                os.unlink(tmp)
-        _fsync_dir(directory)
+                os.unlink(tmp, dir_fd=dir_fd)
+        _fsync_dir(dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise
-    return final
-
-
-def remove_leftovers(directory):
-    """Delete temporary files a crash left behind (thread side)."""
-    removed = 0
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith(".") and name.endswith(".tmp") and ".pico." in name:
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed += 1
-            except OSError:
-                pass
-    return removed

@@ -1,0 +1,291 @@
+"""The data directory: run names, the server's own files, symlinks, the
+index of runs and files, and the listings' wire answers."""
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from piccolo_twisted import datadir as datadir_module
+from piccolo_twisted import runindex
+from piccolo_twisted.datadir import DataDir, check_run_name
+from piccolo_twisted.errors import PiccoloError
+
+from .helpers import ServerTestCase, make_service
+from .test_wire import coro
+
+
+def sync_thread(f, *args, **kwargs):
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class RunNameTests(unittest.SynchronousTestCase):
+
+    def test_length_in_utf8_bytes(self):
+        self.assertEqual(check_run_name("a" * 100), "a" * 100)
+        self.assertRaises(PiccoloError, check_run_name, "a" * 101)
+        self.assertEqual(check_run_name("é" * 50), "é" * 50)          # 100 bytes
+        self.assertRaises(PiccoloError, check_run_name, "é" * 50 + "a")
+        self.assertRaises(PiccoloError, check_run_name, "\udcff")     # not UTF-8
+
+    def test_one_visible_component(self):
+        for bad in ("", ".", "..", ".piccolo", "a/b", "a\\b", "a\x00", None, 5):
+            self.assertRaises(PiccoloError, check_run_name, bad)
+
+
+class UmaskTests(unittest.TestCase):
+    """Spectra 0644, runs 0755 whatever the umask (issue 10.7)."""
+
+    def test_modes_under_umask_077(self):
+        root = os.path.join(os.path.abspath(self.mktemp()), "data")
+        old = os.umask(0o077)
+        self.addCleanup(os.umask, old)
+        dd = DataDir(root, to_thread=sync_thread)
+        dd.prepare()
+        name = self.successResultOf(dd.save("r", 0, 0, "light", []))
+        self.assertEqual(name, "b000000_s000000_light.pico")
+        self.assertEqual(os.stat(root).st_mode & 0o777, 0o755)
+        self.assertEqual(os.stat(os.path.join(root, "spectra")).st_mode & 0o777, 0o755)
+        self.assertEqual(os.stat(os.path.join(root, "r")).st_mode & 0o777, 0o755)
+        self.assertEqual(os.stat(os.path.join(root, "r", name)).st_mode & 0o777, 0o644)
+
+
+class StateFilesTests(unittest.SynchronousTestCase):
+    """The server's own files live in <datadir>/.piccolo (issue 11.1)."""
+
+    def test_old_files_moved_runs_left(self):
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        for name in ("scheduler.sqlite", "scheduler.sqlite-wal", "manhole_host_key"):
+            with open(os.path.join(root, name), "w") as f:
+                f.write(name)
+        os.makedirs(os.path.join(root, "scheduler.sqlite-journal"))   # a run
+        DataDir(root, to_thread=sync_thread).prepare()
+        state = os.path.join(root, ".piccolo")
+        self.assertEqual(sorted(os.listdir(state)),
+                         ["manhole_host_key", "scheduler.sqlite", "scheduler.sqlite-wal"])
+        with open(os.path.join(state, "scheduler.sqlite")) as f:
+            self.assertEqual(f.read(), "scheduler.sqlite")
+        self.assertEqual(sorted(os.listdir(root)),
+                         [".piccolo", "scheduler.sqlite-journal"])
+
+
+class FakeRun:
+    """Builds a big run fast: one real file, the others hard links to it."""
+
+    def __init__(self, root, run, batches, per_batch, kinds=("dark", "light")):
+        path = os.path.join(root, run)
+        os.makedirs(path, exist_ok=True)
+        first = None
+        self.names = []
+        for b in range(batches):
+            for s in range(per_batch):
+                for kind in kinds:
+                    name = f"b{b:06d}_s{s:06d}_{kind}.pico"
+                    full = os.path.join(path, name)
+                    if first is None:
+                        with open(full, "w") as f:
+                            f.write('{"Spectra": []}')
+                        first = full
+                    else:
+                        os.link(first, full)
+                    self.names.append(name)
+        self.names.sort(reverse=True)
+
+
+class IndexTests(unittest.TestCase):
+    """The index answers as a listing would, and lists a directory again
+    only when its mtime moved (issue 13)."""
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+        self.big = FakeRun(self.root, "big", 20, 500)        # 20,000 files
+        for i in range(50):
+            os.makedirs(os.path.join(self.root, f"run{i:03d}"))
+        self.scans = []
+        real_scandir = os.scandir
+
+        def counting(path="."):
+            self.scans.append(path)
+            return real_scandir(path)
+        self.patch(os, "scandir", counting)
+        self.listdir = os.listdir
+        self.patch(os, "listdir", lambda *a: self.fail("listdir called"))
+        # recorded a while ago: no mtime is fresh enough to be racy
+        for d in [self.root] + [e.path for e in os.scandir(self.root)]:
+            os.utime(d, (1e9, 1e9))
+        self.dd = DataDir(self.root, to_thread=sync_thread)
+        self.dd.prepare()
+        self.assertTrue(self.dd._built)
+        self.scans.clear()
+        # the simulated listings are not racy: the files were made before
+        for entry in self.dd._runs.values():
+            self.assertIsNotNone(entry.keys)
+
+    def get(self, what, run="big"):
+        return self.successResultOf(self.dd.run_get(run, what))
+
+    def test_answers_without_listing(self):
+        body = self.get("spectra_list")
+        self.assertEqual(json.loads(body), self.big.names)
+        self.assertEqual(self.get("current_batch"), 19)
+        self.assertEqual(self.get("current_batch", "run007"), -1)
+        self.assertEqual(self.get("name"), "big")
+        runs = json.loads(self.successResultOf(self.dd.all_runs(alpha=True)))
+        self.assertEqual(runs, sorted(["big"] + [f"run{i:03d}" for i in range(50)]))
+        # the body is encoded once: the same object comes back
+        self.assertIs(self.get("spectra_list"), body)
+        self.assertEqual(self.scans, [])
+
+    def test_own_saves_update_without_listing(self):
+        self.get("spectra_list")
+        self.successResultOf(self.dd.save("big", 20, 0, "dark", []))
+        self.successResultOf(self.dd.save("big", 20, 0, "light", []))
+        self.assertEqual(self.get("current_batch"), 20)
+        names = json.loads(self.get("spectra_list"))
+        self.assertEqual(names[:3], ["b000020_s000000_light.pico",
+                                     "b000020_s000000_dark.pico",
+                                     "b000019_s000499_light.pico"])
+        self.assertEqual(self.successResultOf(self.dd.prepare_run("big")), 21)
+        self.assertEqual(self.successResultOf(self.dd.prepare_run("new")), 0)
+        self.successResultOf(self.dd.save("new", 0, 0, None, []))
+        self.assertEqual(self.get("spectra_list", "new"), b'["b000000_s000000.pico"]')
+        self.assertIn("new", json.loads(self.successResultOf(self.dd.all_runs())))
+        self.assertEqual(self.scans, [])
+
+    def bump_mtime(self, path):
+        # a hand change in the same clock tick as our last look would not
+        # move the mtime: make sure it does (and is not fresh), as time
+        # passing would
+        os.utime(path, (1.5e9, 1.5e9))
+
+    def test_hand_changes_noticed(self):
+        self.assertEqual(self.get("current_batch"), 19)
+        run = os.path.join(self.root, "big")
+        shutil.copy(os.path.join(run, self.big.names[0]),
+                    os.path.join(run, "b000042_s000000_light.pico"))
+        os.unlink(os.path.join(run, "b000000_s000000_dark.pico"))
+        self.bump_mtime(run)
+        self.assertEqual(self.get("current_batch"), 42)
+        names = json.loads(self.get("spectra_list"))
+        self.assertEqual(names[0], "b000042_s000000_light.pico")
+        self.assertNotIn("b000000_s000000_dark.pico", names)
+        self.assertEqual(len(names), 20000)
+        self.assertEqual(len(self.scans), 1, self.scans)
+        # a run made and one removed by hand
+        os.makedirs(os.path.join(self.root, "byhand"))
+        os.rmdir(os.path.join(self.root, "run000"))
+        self.bump_mtime(self.root)
+        runs = json.loads(self.successResultOf(self.dd.all_runs()))
+        self.assertIn("byhand", runs)
+        self.assertNotIn("run000", runs)
+        self.successResultOf(self.dd.run_get("run001", "name"))
+        self.failureResultOf(self.dd.run_get("run000", "name"))
+
+    def test_leftover_temporaries_removed_at_build(self):
+        run = os.path.join(self.root, "crashed")
+        os.makedirs(run)
+        with open(os.path.join(run, ".b000000_s000000_light.pico.999.tmp"), "w") as f:
+            f.write("{")
+        dd = DataDir(self.root, to_thread=sync_thread)
+        dd.prepare()
+        self.assertEqual(self.listdir(run), [])
+
+
+class RunNameWireTests(ServerTestCase):
+
+    @coro
+    async def test_long_name_refused_when_set(self):
+        import aiocoap
+        name = "r" * 260
+        for path, payload in (("data_dir/current_run", name),
+                              ("control/record_sequence", {"run": name, "auto": -1}),
+                              ("control/record_dark", {"run": name}),
+                              ("control/record_sequence",
+                               {"run": name, "at_time": "2099-01-01T00:00:00+0000"})):
+            r = await self.request("PUT", path, payload)
+            self.assertEqual(r.code, aiocoap.BAD_REQUEST, (path, r.payload))
+            self.assertIn(b"too long", r.payload)
+        self.assertEqual(await self.get("control/status"), "idle")
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
+        self.assertEqual(await self.get("data_dir/current_run"), "spectra")
+        self.assertEqual(sorted(os.listdir(self.datadir)), [".piccolo", "spectra"])
+
+    @coro
+    async def test_run_named_like_server_files(self):
+        """Run names equal to the server's old file names are harmless runs;
+        a restart still starts (issue 11, first bullet)."""
+        import aiocoap
+        names = ("scheduler.sqlite-journal", "scheduler.sqlite", "manhole_host_key")
+        for name in names:
+            r = await self.request("GET", f"data_dir/runs/{name}/name")
+            self.assertEqual(r.code, aiocoap.NOT_FOUND, r.payload)
+            await self.put("data_dir/current_run", name)
+        self.assertEqual(sorted(await self.put("data_dir/all_runs", [[], {"alpha": True}])),
+                         sorted(names + ("spectra",)))
+        await self.service.stopService().asFuture(asyncio.get_event_loop())
+        self.service = make_service(self.datadir)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.port = self.service.coap._port.getHost().port
+        self.base = f"coap://[::1]:{self.port}"
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
+        self.assertTrue(os.path.isfile(os.path.join(self.datadir, ".piccolo",
+                                                    "scheduler.sqlite")))
+        for name in names:
+            self.assertEqual(await self.get(f"data_dir/runs/{name}/current_batch"), -1)
+
+
+class ListingWireTests(ServerTestCase):
+
+    @coro
+    async def test_all_runs_as_the_deployed_client_sends_it(self):
+        """piccolo3-client's run listing sends exactly this (issue 10.1)."""
+        import aiocoap
+        await self.put("data_dir/current_run", "second")
+        raw = b'[[], {"alpha": false, "reverse": false, "nitems": null, "page": 0}]'
+        r = await self.request("PUT", "data_dir/all_runs", raw=raw)
+        self.assertEqual(r.code, aiocoap.CHANGED, r.payload)
+        self.assertEqual(json.loads(r.payload), ["spectra", "second"])
+        r = await self.request("PUT", "data_dir/all_runs", raw=(
+            b'[[], {"alpha": true, "reverse": true, "nitems": 1, "page": 1}]'))
+        self.assertEqual(json.loads(r.payload), ["second"])
+        r = await self.request("PUT", "data_dir/all_runs", raw=(
+            b'[[], {"alpha": true, "reverse": false, "nitems": 1, "page": 5}]'))
+        self.assertEqual(json.loads(r.payload), [])
+
+    @coro
+    async def test_symlinks_never_followed(self):
+        """A symlink to /etc/passwd is not served; a symlinked run directory
+        is not a run and is never written through (issue 11.6)."""
+        import aiocoap
+        run = self.run_dir("spectra")
+        os.symlink("/etc/passwd", os.path.join(run, "b000000_s000000_light.pico"))
+        self.assertEqual(await self.get("data_dir/runs/spectra/spectra_list"), [])
+        r = await self.request("PUT", "data_dir/runs/spectra/spectra",
+                               ["b000000_s000000_light.pico"])
+        self.assertEqual(r.code, aiocoap.BAD_REQUEST)
+        self.assertNotIn(b"root:", r.payload)
+        outside = tempfile.mkdtemp(prefix="piccolo-outside-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        os.symlink(outside, os.path.join(self.datadir, "evil"))
+        r = await self.request("GET", "data_dir/runs/evil/name")
+        self.assertEqual(r.code, aiocoap.NOT_FOUND)
+        r = await self.request("PUT", "data_dir/current_run", "evil")
+        self.assertEqual(r.code, aiocoap.BAD_REQUEST)
+        self.assertNotIn("evil", await self.put("data_dir/all_runs"))
+        await self.put("control/record_sequence", {"run": "evil", "nsequence": 1, "auto": -1})
+        await self.wait_for("control/status", lambda s: s == "idle")
+        self.assertTrue(await self.get("control/fault"))
+        self.assertEqual(os.listdir(outside), [])
+        # a file where a run should be: 4.04, never 5.00
+        with open(os.path.join(self.datadir, "plain"), "w") as f:
+            f.write("x")
+        for what in ("name", "current_batch", "spectra_list"):
+            r = await self.request("GET", f"data_dir/runs/plain/{what}")
+            self.assertEqual(r.code, aiocoap.NOT_FOUND)
