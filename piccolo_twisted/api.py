@@ -37,4 +37,3 @@ class Resource:
     #: For path-parsing resources: the known sub-paths, listed in
     #: /.well-known/core (e.g. the channels of ``current_time/<channel>``).
     known: tuple = ()
-
