@@ -263,6 +263,18 @@ class SchedulerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.control.power, ["power_off"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_failing_power_job_is_logged_and_reported(self):
+        spectrometers = self.control.instrument.spectrometers
+        spectrometers.power_on_all = lambda: defer.fail(RuntimeError("relay stuck"))
+        self.add("power_on", None, at(T0 + timedelta(seconds=2)), 86400)
+        self.tick(3)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn("relay stuck", self.s.fault.value)
+        # a later power call that works clears it
+        self.add("power_off", None, at(T0 + timedelta(seconds=5)), 86400)
+        self.tick(3)
+        self.assertEqual(self.s.fault.value, "")
+
     def test_tick_survives_anything(self):
         self.s._run_due = lambda now: 1 / 0
         self.s.tick()

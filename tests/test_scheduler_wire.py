@@ -13,7 +13,20 @@ def iso_in(seconds):
     return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
 
 
-class SchedulerWireTests(ServerTestCase):
+class FastTick:
+
+    def setUp(self):
+        # the scheduler ticks every 0.1 s here instead of every second, so
+        # these tests can use sub-second schedules
+        def fast(_):
+            timer = self.service.scheduler.timer
+            timer.stopService()
+            timer.step = 0.1
+            timer.startService()
+        return super().setUp().addCallback(fast)
+
+
+class SchedulerWireTests(FastTick, ServerTestCase):
 
     def light_files(self, run):
         d = self.run_dir(run)
@@ -21,37 +34,42 @@ class SchedulerWireTests(ServerTestCase):
             return []
         return sorted(n for n in os.listdir(d) if n.endswith("_light.pico"))
 
+    async def until(self, predicate, timeout=5.0):
+        for _ in range(int(timeout / 0.05)):
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("condition not met in time")
+
     @coro
     async def test_scheduled_batch_runs_on_time(self):
+        due = datetime.now(timezone.utc) + timedelta(seconds=1)
         await self.put("control/record_sequence",
-                       {"run": "later", "nsequence": 1, "auto": -1, "at_time": iso_in(3)})
+                       {"run": "later", "nsequence": 1, "auto": -1, "at_time": due.isoformat()})
         jobs = await self.get("control/scheduler/jobs")
         self.assertEqual(len(jobs), 1)
         self.assertEqual(jobs[0][1], ["record", ["later", 1, -1, 0.0, 80]])
         # the current run does not change until the job runs
         self.assertEqual(await self.get("data_dir/current_run"), "spectra")
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(0.6)
         self.assertEqual(self.light_files("later"), [])
-        for _ in range(100):
-            if self.light_files("later"):
-                break
-            await asyncio.sleep(0.05)
+        await self.until(lambda: self.light_files("later"))
+        self.assertGreaterEqual(datetime.now(timezone.utc), due)
         self.assertEqual(self.light_files("later"), ["b000000_s000000_light.pico"])
         self.assertEqual(await self.get("data_dir/current_run"), "later")
         self.assertEqual(await self.get("control/scheduler/jobs"), [])
 
     @coro
     async def test_repeating_job_stops_at_end(self):
+        # runs at +0.3 s and +1.3 s; the next slot (+2.3 s) is after the end
         await self.put("control/record_sequence",
-                       {"run": "rep", "nsequence": 1, "auto": -1, "at_time": iso_in(1),
-                        "interval": 1, "end_time": iso_in(3.5)})
-        await asyncio.sleep(5.0)
+                       {"run": "rep", "nsequence": 1, "auto": -1, "at_time": iso_in(0.3),
+                        "interval": 1, "end_time": iso_in(1.8)})
+        await self.wait_for("control/scheduler/jobs", lambda j: j == [], timeout=5)
         await self.wait_for("control/status", lambda s: s == "idle")
         n = len(self.light_files("rep"))
-        self.assertGreaterEqual(n, 2)
-        self.assertLessEqual(n, 3)
-        self.assertEqual(await self.get("control/scheduler/jobs"), [])
-        await asyncio.sleep(1.5)
+        self.assertEqual(n, 2)
+        await asyncio.sleep(0.6)
         self.assertEqual(len(self.light_files("rep")), n)
 
     @coro
@@ -63,11 +81,14 @@ class SchedulerWireTests(ServerTestCase):
         await self.put("control/scheduler/quietEnd", end)
         await self.put("control/scheduler/quietTimeEnabled", True)
         await self.put("control/record_sequence",
-                       {"run": "quiet", "nsequence": 1, "auto": -1, "at_time": iso_in(1)})
-        await asyncio.sleep(3.0)
+                       {"run": "quiet", "nsequence": 1, "auto": -1, "at_time": iso_in(0.2)})
+        await asyncio.sleep(1.0)
         self.assertEqual(self.light_files("quiet"), [])
         jobs = await self.get("control/scheduler/jobs")
         self.assertEqual(jobs[0][5], "active")
+        # and it runs as soon as the quiet time is over
+        await self.put("control/scheduler/quietTimeEnabled", False)
+        await self.until(lambda: self.light_files("quiet"))
 
     @coro
     async def test_bad_values(self):
@@ -119,7 +140,7 @@ class SchedulerWireTests(ServerTestCase):
         self.assertIs(await self.get("control/scheduler/quietTimeEnabled"), True)
 
 
-class SchedulerSettingsWireTests(ServerTestCase):
+class SchedulerSettingsWireTests(FastTick, ServerTestCase):
     """Exact payloads of the deployed piccolo3 client; defaults; the fault."""
 
     @coro
@@ -159,7 +180,8 @@ class SchedulerSettingsWireTests(ServerTestCase):
         spectrometers.POWER_STAGGER = 0.1
         names = await self.get("spectrometer/spectrometers")
         now = datetime.now(timezone.utc)
-        end = now.replace(microsecond=0) + timedelta(seconds=2)
+        # the window ends on a whole second, 0.5 to 1.5 s from now
+        end = (now + timedelta(seconds=1.5)).replace(microsecond=0)
         await self.put("control/scheduler/powerDelay", 0)
         await self.put("control/scheduler/powerOffEnabled", True)
         await self.put("control/scheduler/quietStart",
