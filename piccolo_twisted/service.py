@@ -2,6 +2,7 @@
 
 import gc
 import os
+import sys
 
 from twisted.application import service
 from twisted.internet import defer
@@ -18,6 +19,8 @@ class PiccoloService(service.MultiService):
     CoAP server from parsed configuration, and shuts them down in order."""
 
     log = Logger()
+    STOP_DEVICES_WAIT = 2.0
+    SWITCH_INTERVAL = 0.001
 
     def __init__(self, settings, instrument, notes=(), clock=None,
                  configure_logging=True, time_scale=1.0):
@@ -108,6 +111,9 @@ class PiccoloService(service.MultiService):
         super().startService()
         # before the first request can arrive: heavy imports stall nothing
         self.control.prepare()
+        # a worker running Python code (a device driver, an import) gives
+        # the GIL up after 1 ms instead of 5 when the reactor asks for it
+        sys.setswitchinterval(self.SWITCH_INTERVAL)
         self.instrument.start().addErrback(
             lambda f: self.log.failure("starting the instrument failed", f))
         self.clock.callLater(0, self._freeze_heap)
@@ -133,7 +139,14 @@ class PiccoloService(service.MultiService):
         except Exception:
             self.log.failure("stopping the acquisition failed")
         try:
-            yield self.instrument.stop()
+            # shutters close at once; a device still busy with a read an
+            # abort abandoned (an integration can take minutes) is not
+            # waited for: its call ends in its own thread, which does not
+            # hold the process, and the OS releases the device
+            yield self.instrument.stop().addTimeout(self.STOP_DEVICES_WAIT, self.clock)
+        except defer.TimeoutError:
+            self.log.warn("spectrometer calls still running after {t} s: not waiting "
+                          "for them", t=self.STOP_DEVICES_WAIT)
         except Exception:
             self.log.failure("stopping the instrument failed")
         try:

@@ -535,3 +535,4 @@ class HardwareBusyTests(ControlTestCase):
         self.clock.advance(0.01)
         self.successResultOf(d)
         self.assertEqual(self.instrument.shutters["upwelling"].state, "open")
+

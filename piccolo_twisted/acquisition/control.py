@@ -375,6 +375,7 @@ class Control:
             self.abort()
             await task
         await self.instrument.shutters.close_all()
+        self.log.info("acquisition stopped, every shutter closed")
 
     # -- the CoAP-facing operations ----------------------------------------
 
