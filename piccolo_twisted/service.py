@@ -19,7 +19,7 @@ class PiccoloService(service.MultiService):
     CoAP server from parsed configuration, and shuts them down in order."""
 
     log = Logger()
-    STOP_DEVICES_WAIT = 2.0
+    STOP_DEVICES_WAIT = 1.0
     SWITCH_INTERVAL = 0.001
 
     def __init__(self, settings, instrument, notes=(), clock=None,

@@ -536,3 +536,43 @@ class HardwareBusyTests(ControlTestCase):
         self.successResultOf(d)
         self.assertEqual(self.instrument.shutters["upwelling"].state, "open")
 
+
+
+class StopProcessTests(unittest.TestCase):
+    """SIGTERM to ``twistd -n piccolo`` while both spectrometers are in a
+    10 s integration: the process is gone within 5 s, shutters closed, no
+    partial file (the systemd unit kills it at 30 s)."""
+
+    timeout = 60
+
+    def test_sigterm_during_a_10_s_integration(self):
+        import signal
+        import sys
+        import time
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sys.path.insert(0, os.path.join(here, "bench"))
+        from run import Server
+        datadir = os.path.abspath(self.mktemp())
+        os.makedirs(datadir)
+        server = Server(datadir=datadir, cpu_quota=False).start()
+        self.addCleanup(server.stop)
+        server.wait_connected()
+        server.set_times(10000)
+        server.call("PUT", "/control/record_sequence",
+                    {"run": "long", "nsequence": 2, "auto": -1})
+        deadline = time.monotonic() + 10
+        while server.call("GET", "/control/status") != "upwelling dark":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        time.sleep(0.3)                   # inside the clean 10 s integration
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
+        elapsed = time.monotonic() - t0
+        self.assertLess(elapsed, 5.0)
+        server.log.close()
+        with open(os.path.join(datadir, "server.log")) as f:
+            log = f.read()
+        self.assertIn("acquisition stopped, every shutter closed", log)
+        self.assertIn("piccolo stopped", log)
+        self.assertEqual(os.listdir(os.path.join(datadir, "long")), [])
