@@ -29,6 +29,9 @@ mntpnt = string(default=/mnt)
 [logging]
 debug = boolean(default=False)
 logfile = string(default="")
+[seabreeze]
+backend = option("cseabreeze", "pyseabreeze", default=None)
+emulate = force_list(default=list())
 [manhole]
 port = integer(min=0, max=65535, default=0)
 interface = string(default=127.0.0.1)
@@ -118,6 +121,8 @@ class ServerConfig:
     manhole_port: int = 0
     manhole_interface: str = "127.0.0.1"
     manhole_keys: str = ""
+    seabreeze_backend: str | None = None     # None: seabreeze's own choice
+    emulate: list = field(default_factory=list)  # [(model, serial)]
     source: str = "<defaults>"
 
 
@@ -127,6 +132,7 @@ def load_server_config(path=None, text=None):
         cfg = _load(None, SERVER_SPEC, text="")
     else:
         cfg = _load(path, SERVER_SPEC, text=text)
+    backend, emulate = _seabreeze(path or "<string>", cfg["seabreeze"])
     return ServerConfig(
         instrument=cfg["config"],
         address=cfg["coap"]["address"],
@@ -143,8 +149,25 @@ def load_server_config(path=None, text=None):
         manhole_port=cfg["manhole"]["port"],
         manhole_interface=cfg["manhole"]["interface"],
         manhole_keys=cfg["manhole"]["keys"],
+        seabreeze_backend=backend,
+        emulate=emulate,
         source=path or "<string>" if (path or text) else "<defaults>",
     )
+
+
+def _seabreeze(name, section):
+    """[seabreeze]: the backend, and the devices to emulate (which need
+    pyseabreeze: the emulated bus is a pyusb backend)."""
+    from .instrument.usb_emulator.spec import EmulateError, parse_emulate
+    backend = section["backend"]
+    try:
+        emulate = parse_emulate(section["emulate"])
+    except EmulateError as e:
+        raise ConfigError(f"{name}: [seabreeze/emulate] {e}") from None
+    if emulate and backend == "cseabreeze":
+        raise ConfigError(f"{name}: [seabreeze] emulate needs backend = "
+                          f"pyseabreeze (the emulated bus is a pyusb backend)")
+    return backend, emulate
 
 
 @dataclass

@@ -49,8 +49,10 @@ class PiccoloService(service.MultiService):
         from .instrument import build_instrument
         from .acquisition.control import Control
         from .scheduler import DB_NAME, Scheduler
-        self.instrument = build_instrument(self.instrument_config, self.clock,
-                                           time_scale=time_scale)
+        self.instrument = build_instrument(
+            self.instrument_config, self.clock, time_scale=time_scale,
+            emulate=self.settings.emulate,
+            seabreeze_backend=self.settings.seabreeze_backend)
         self.control = Control(self.instrument, self.datadir, self.clock)
         # the server's own files live out of the runs' reach
         self.scheduler = Scheduler(self.control,

@@ -30,9 +30,9 @@ def as_deferred(coro):
 
 
 def make_service(datadir, instrument_text=None, port=0, address="::1",
-                 time_scale=TIME_SCALE, clock=None):
+                 time_scale=TIME_SCALE, clock=None, server_text=None):
     from piccolo_twisted.service import PiccoloService
-    settings = load_server_config()
+    settings = load_server_config(text=server_text) if server_text else load_server_config()
     settings.address = address
     settings.port = port
     settings.datadir = datadir
@@ -58,6 +58,7 @@ class ServerTestCase(unittest.TestCase):
     directory for each test, and an aiocoap client context."""
 
     instrument_text = None
+    server_text = None
     time_scale = TIME_SCALE
     timeout = 60
 
@@ -67,7 +68,8 @@ class ServerTestCase(unittest.TestCase):
         self.datadir = tempfile.mkdtemp(prefix="piccolo-test-")
         self.addCleanup(shutil.rmtree, self.datadir, True)
         self.service = make_service(self.datadir, self.instrument_text,
-                                    time_scale=self.time_scale)
+                                    time_scale=self.time_scale,
+                                    server_text=self.server_text)
         self.service.privilegedStartService()
         self.service.startService()
         self.port = self.service.coap._port.getHost().port

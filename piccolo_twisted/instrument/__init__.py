@@ -11,6 +11,7 @@ from .spectrometer import DROPPED, Spectrometer, Spectrometers
 
 class Instrument:
     log = Logger()
+    emulated = {}     # serial -> emulated USB device (``[seabreeze] emulate``)
 
     def __init__(self, config, gpio, shutters, spectrometers, bus, clock):
         self.config = config
@@ -57,10 +58,29 @@ class Instrument:
             yield self.spectrometers.disconnect_all()
             for s in self.spectrometers:
                 s.stop_pool()
+            if self.emulated:
+                from .usb_emulator import remove_device
+                for device in self.emulated.values():
+                    remove_device(device)
+
+
+def select_backend(backend=None, emulate=()):
+    """Apply ``[seabreeze]``: emulate devices on the USB-level emulator
+    (pyseabreeze on the emulated bus, no network discovery), or use the
+    named backend; with neither, seabreeze chooses. Returns the emulator
+    module when emulating."""
+    if emulate:
+        from . import usb_emulator
+        usb_emulator.install()
+        return usb_emulator
+    if backend:
+        import seabreeze
+        seabreeze.use(backend)
+    return None
 
 
 def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
-                     to_thread=None):
+                     to_thread=None, emulate=(), seabreeze_backend=None):
     """An Instrument from an InstrumentConfig; simulated devices share ``bus``.
 
     Each spectrometer runs its device calls in its own one-thread pool
@@ -70,6 +90,12 @@ def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
     optics = bus.optics
     shutters = Shutters([Shutter(c, gpio, clock, optics=optics)
                          for c in config.channels])
+    emulated = {}
+    if emulate or seabreeze_backend:
+        emulator = select_backend(seabreeze_backend, emulate)
+        for model, serial in emulate:
+            emulated[serial] = emulator.add_device(model, serial, optics,
+                                                   time_scale=time_scale)
     devices = []
     for sc in config.spectrometers:
         if sc.simulated:
@@ -80,4 +106,6 @@ def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
         devices.append(Spectrometer(sc, config.channel_names, device, clock,
                                     gpio=gpio, to_thread=to_thread))
     spectrometers = Spectrometers(devices, config.channel_names, clock)
-    return Instrument(config, gpio, shutters, spectrometers, bus, clock)
+    instrument = Instrument(config, gpio, shutters, spectrometers, bus, clock)
+    instrument.emulated = emulated
+    return instrument

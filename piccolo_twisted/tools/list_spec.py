@@ -1,10 +1,35 @@
-"""``piccolo3-list-spec``: list the attached spectrometers (model, serial)."""
+"""``piccolo3-list-spec [-c CFG]``: list the attached spectrometers (model,
+serial). With a server config, its ``[seabreeze]`` section applies: the
+backend it names, or the devices it emulates."""
 
+import argparse
 import sys
 
 
 def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="piccolo3-list-spec",
+        description="List the attached Ocean Optics spectrometers.")
+    parser.add_argument("-c", "--config", metavar="CFG",
+                        help="server configuration file ([seabreeze] backend, emulate)")
+    args = parser.parse_args(argv)
+    emulate, backend = [], None
+    if args.config:
+        from ..config import ConfigError, load_server_config
+        try:
+            settings = load_server_config(args.config)
+        except ConfigError as e:
+            print(f"piccolo3-list-spec: {e}", file=sys.stderr)
+            return 2
+        emulate, backend = settings.emulate, settings.seabreeze_backend
     try:
+        from ..instrument import select_backend
+        emulator = select_backend(backend, emulate)
+        if emulator is not None:
+            from ..instrument.simulator import Optics
+            optics = Optics()
+            for model, serial in emulate:
+                emulator.add_device(model, serial, optics)
         from ..instrument.seabreeze_driver import list_devices
         devices = list_devices()
     except ImportError as e:

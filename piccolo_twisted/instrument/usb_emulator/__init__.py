@@ -19,11 +19,13 @@ import threading
 import types
 
 from .bus import EmulatedBus
+from .spec import MODEL_NAMES, EmulateError, parse_emulate  # noqa: F401
 from .obp import QEPro
 from .ooi import FlameS, USB2000Plus
 
 #: emulated models by the name seabreeze gives them
 MODELS = {"QEPRO": QEPro, "USB2000PLUS": USB2000Plus, "FLAMES": FlameS}
+assert set(MODELS) == set(MODEL_NAMES)
 
 BACKEND_NAME = "piccolo_emulator"
 
@@ -34,35 +36,6 @@ _lock = threading.Lock()
 _installed = False
 #: pyseabreeze's own IPv4 discovery, kept for tests that show it is not run
 original_discovery = None
-
-
-class EmulateError(ValueError):
-    """An ``emulate`` setting that names no known model or is malformed."""
-
-
-def parse_emulate(text):
-    """``"QEPRO:QEP01234, USB2000PLUS:FLMT05678"`` -> [(model, serial)]."""
-    if isinstance(text, (list, tuple)):
-        items = [str(t) for t in text]
-    else:
-        items = str(text).split(",")
-    devices, serials = [], set()
-    for item in items:
-        item = item.strip()
-        if not item:
-            continue
-        model, sep, serial = item.partition(":")
-        model, serial = model.strip().upper(), serial.strip()
-        if not sep or not serial:
-            raise EmulateError(f"{item!r}: expected MODEL:SERIAL")
-        if model not in MODELS:
-            raise EmulateError(f"{item!r}: unknown model {model!r} (known: "
-                               f"{', '.join(sorted(MODELS))})")
-        if serial in serials or len(serial) > 15 or not serial.isprintable():
-            raise EmulateError(f"{item!r}: duplicate or invalid serial")
-        serials.add(serial)
-        devices.append((model, serial))
-    return devices
 
 
 def _no_discovery(cls, **kwargs):

@@ -11,6 +11,7 @@ as the shutters made it.
 
 import math
 import time
+import zlib
 from dataclasses import dataclass
 
 from ..simulator import SimulatedSpectrometer
@@ -22,12 +23,17 @@ class Exposure:
     start: float         # monotonic seconds
     end: float
     micros: int          # integration time it ran at
+    crc: int = None      # CRC-32 of its counts (int64), once read out
 
 
 class Detector:
-    def __init__(self, serial, optics, sim_model, time_scale, micros):
+    def __init__(self, serial, optics, sim_model, time_scale, micros,
+                 full_scale=None):
         self.sim = SimulatedSpectrometer(serial, optics, time_scale=time_scale,
                                          model=sim_model)
+        if full_scale is not None:
+            # counts clip where the device's ADC does
+            self.sim.spec = dict(self.sim.spec, saturation=full_scale)
         self.power_up(micros)
 
     def power_up(self, micros):
@@ -93,7 +99,9 @@ class Detector:
         import numpy as np
         pixels = self.sim._spectrum(exposure.start, exposure.end,
                                     exposure.micros / 1000.0)
-        return np.asarray(pixels, dtype=np.int64)
+        counts = np.asarray(pixels, dtype=np.int64)
+        exposure.crc = zlib.crc32(counts.tobytes())
+        return counts
 
     def ticks(self, when):
         """The device clock (microseconds since power-on) at ``when``."""

@@ -84,7 +84,7 @@ class QEPro(EmulatedDevice):
     def __init__(self, serial, optics, time_scale=1.0):
         super().__init__(serial)
         self.detector = Detector(serial, optics, self.sim_model, time_scale,
-                                 self.default_micros)
+                                 self.default_micros, full_scale=2 ** 18 - 1)
         spec = self.detector.sim.spec
         self.wavelength = [float(c) for c in spec["coefficients"]]
         self.nonlinearity = [0.9912, 2.01e-6, -1.23e-11, 4.1e-17,
