@@ -355,8 +355,11 @@ class ProtocolTests(unittest.SynchronousTestCase):
             registered += r.opt.observe is not None
         self.assertEqual(registered, protocol.MAX_OBSERVERS_PER_PEER)
         self.assertEqual(self.proto.observer_count(), protocol.MAX_OBSERVERS_PER_PEER)
-        # another peer may still observe
-        [r] = self.send(request(token=b"zz", mid=5000, observe=0), peer=("::1", 40001))
+        # the limit is per host address (issue 11.7): another port of the
+        # same host is refused, another host may still observe
+        [r] = self.send(request(token=b"zy", mid=4999, observe=0), peer=("::1", 40001))
+        self.assertIsNone(r.opt.observe)
+        [r] = self.send(request(token=b"zz", mid=5000, observe=0), peer=("::2", 40001))
         self.assertIsNotNone(r.opt.observe)
 
     # -- 16: quiet logs -----------------------------------------------------------

@@ -23,6 +23,7 @@ Everything timed goes through the injected clock, so unit tests use
 ``task.Clock``.
 """
 
+import hashlib
 import random
 import struct
 import zlib
@@ -44,12 +45,26 @@ EXCHANGE_LIFETIME = _tx.EXCHANGE_LIFETIME
 MAX_SZX = 6                    # 1024-byte blocks
 ACK_DELAY = 0.5                # a slower handler gets an empty ACK first
 MAX_BODY = 64 * 1024           # largest Block1 request body accepted
+MAX_OPTIONS = 64               # options per message; more -> 4.02, unparsed
 DEDUP_MAX = 16384              # entries per dedup generation
-BLOCK_CACHE_MAX = 64           # Block2 bodies kept for follow-up requests
+DEDUP_BYTES = 1024 * 1024      # bytes in all dedup generations (estimated)
+DEDUP_ENTRY = 320              # estimated bytes of one dedup entry's key
+BLOCK_CACHE_MAX = 64           # Block1 reassemblies in progress
+BLOCK_CACHE_BYTES = 4 * 1024 * 1024  # Block2 bodies kept for follow-ups
+BLOCK_ENTRY = 400              # estimated bytes of one Block2 cache entry
+BLOCK_FRESH_PER_HOST = 1024    # not-yet-continued Block2 bodies per host
 BLOCK_LIFETIME = 60.0          # seconds a Block1/Block2 transfer may idle
 HOUSEKEEPING = 10.0            # seconds between sweeps
 MAX_OBSERVERS = 2048           # observations in all
-MAX_OBSERVERS_PER_PEER = 256   # observations one endpoint may hold
+MAX_OBSERVERS_PER_HOST = 256   # observations one host address may hold
+MAX_OBSERVERS_PER_PEER = MAX_OBSERVERS_PER_HOST  # (old name)
+OBSERVE_CONFIRM = 24 * 3600.0  # RFC 7641 4.5: a CON notification at least this often
+AMPLIFICATION = 3              # unverified NON: response <= 3 x request (RFC 7252 11.3)
+VERIFIED_MAX = 4096            # hosts remembered as having done a CON exchange
+ECHO = 252                     # RFC 9175 Echo option
+MAX_PENDING = 512              # requests whose handler is still running
+MAX_PENDING_PER_HOST = 256     # of those, from one host address
+BUSY_MAX_AGE = 2               # seconds a 5.03 "busy" asks a client to wait
 
 _LENGTH_LIMITS = {_tx.OBSERVE: 3, _tx.CONTENT_FORMAT: 2, _tx.ACCEPT: 2,
                   _tx.BLOCK1: 3, _tx.BLOCK2: 3, _tx.SIZE1: 4, _tx.SIZE2: 4,
@@ -58,6 +73,14 @@ _LENGTH_LIMITS = {_tx.OBSERVE: 3, _tx.CONTENT_FORMAT: 2, _tx.ACCEPT: 2,
 
 class FormatError(ValueError):
     """The datagram is not a well-formed CoAP message."""
+
+
+class TooManyOptions(FormatError):
+    """More than MAX_OPTIONS options: the message is not parsed further."""
+
+    def __init__(self, msg):
+        super().__init__(f"more than {MAX_OPTIONS} options")
+        self.msg = msg
 
 
 def _extended(value, data, pos):
@@ -93,9 +116,14 @@ def decode(data):
                   token=data[4:4 + tkl])
     pos = 4 + tkl
     number = 0
+    count = 0
     formats = _tx.option_formats
     while pos < n:
         byte = data[pos]
+        if byte != 0xFF:
+            count += 1
+            if count > MAX_OPTIONS:
+                raise TooManyOptions(msg)
         pos += 1
         if byte == 0xFF:
             if pos == n:
@@ -125,20 +153,26 @@ class DedupCache:
     """Recently seen (mid, peer) keys and the response sent for each.
 
     Two generations of dicts: lookups search both, and the current one
-    becomes the previous one every ``lifetime`` seconds or when it holds
-    ``max_entries``. A key therefore lives at least ``lifetime`` seconds
-    unless more than ``max_entries`` requests arrive in that time; memory is
-    bounded by twice ``max_entries`` and no timer is needed per message.
+    becomes the previous one every ``lifetime`` seconds, or when it holds
+    ``max_entries`` or half of ``max_bytes`` (keys estimated at
+    DEDUP_ENTRY bytes each, plus the responses' lengths). A key therefore
+    lives at least ``lifetime`` seconds unless a flood arrives in that time;
+    memory is bounded by ``max_bytes`` (and twice ``max_entries``) and no
+    timer is needed per message.
     """
 
     MISSING = object()
 
-    def __init__(self, clock, lifetime=EXCHANGE_LIFETIME, max_entries=DEDUP_MAX):
+    def __init__(self, clock, lifetime=EXCHANGE_LIFETIME, max_entries=DEDUP_MAX,
+                 max_bytes=DEDUP_BYTES):
         self.clock = clock
         self.lifetime = lifetime
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.current = {}
         self.previous = {}
+        self.current_bytes = 0
+        self.previous_bytes = 0
         self.rotated_at = clock.seconds()
 
     def get(self, key):
@@ -148,38 +182,173 @@ class DedupCache:
         return value
 
     def add(self, key, value=None):
-        if len(self.current) >= self.max_entries:
+        if (len(self.current) >= self.max_entries
+                or self.current_bytes >= self.max_bytes // 2):
             self.rotate()
         self.current[key] = value
+        self.current_bytes += DEDUP_ENTRY + (len(value) if value else 0)
 
     def update(self, key, value):
         if key in self.current:
+            old = self.current[key]
             self.current[key] = value
+            self.current_bytes += len(value) - (len(old) if old else 0)
         elif key in self.previous:
+            old = self.previous[key]
             self.previous[key] = value
+            self.previous_bytes += len(value) - (len(old) if old else 0)
 
     def rotate(self):
         self.previous = self.current
+        self.previous_bytes = self.current_bytes
         self.current = {}
+        self.current_bytes = 0
         self.rotated_at = self.clock.seconds()
 
     def sweep(self):
         if self.clock.seconds() - self.rotated_at >= self.lifetime:
             self.rotate()
 
+    def size(self):
+        """Estimated bytes held."""
+        return self.current_bytes + self.previous_bytes
+
     def __len__(self):
         return len(self.current) + len(self.previous)
 
 
-class Observer:
-    __slots__ = ("remote", "token", "target", "szx", "pending")
+class BlockCache:
+    """Bodies of Block2 transfers in progress, for their later blocks.
 
-    def __init__(self, remote, token, target, szx):
+    An entry is keyed by the request: peer, path, method and a digest of
+    what was asked for (payload and query), and remembered per (peer, path,
+    method) too, so a follow-up block request that carries no payload
+    (aiocoap and libcoap's coap-client send a PUT's payload with block 0
+    only) continues the body of that peer's latest request there.
+
+    Bounded in bytes (``max_bytes``: every distinct body once -- identical
+    bodies, such as one file fetched by 200 clients, are shared -- plus
+    BLOCK_ENTRY per entry). Entries whose transfer has continued past
+    block 0 are active: they are never evicted to make room, only when idle
+    for ``lifetime`` seconds. To make room, bodies only ever sent as block 0
+    go first, oldest first; one host keeps at most ``fresh_per_host`` of
+    those. When active transfers alone fill the budget a new body is not
+    kept (its later blocks are rendered again, or refused with 4.08 when the
+    request cannot be run again).
+    """
+
+    def __init__(self, clock, max_bytes=BLOCK_CACHE_BYTES, lifetime=BLOCK_LIFETIME,
+                 fresh_per_host=BLOCK_FRESH_PER_HOST):
+        self.clock = clock
+        self.max_bytes = max_bytes
+        self.lifetime = lifetime
+        self.fresh_per_host = fresh_per_host
+        self.entries = {}        # key -> [body, cf, etag, code, seen, bodykey]
+        self.latest = {}         # (remote, path, method) -> key
+        self.fresh = {}          # key -> None, oldest first (insertion order)
+        self.fresh_hosts = {}    # host -> {key: None}, oldest first
+        self.bodies = {}         # (len, crc) -> [body, references]
+        self.bytes = 0
+
+    @staticmethod
+    def request_key(remote, path, method, payload, query):
+        digest = hashlib.blake2b(payload, digest_size=16)
+        for q in query:
+            digest.update(b"\xff" + q)
+        return (remote, path, method, digest.digest())
+
+    def get(self, key, follow_up_without_payload=False):
+        """The entry for ``key`` (a block > 0 was asked for), marked active;
+        or, for a follow-up that carries no payload, the peer's latest
+        entry for that path and method."""
+        entry = self.entries.get(key)
+        if entry is None and follow_up_without_payload:
+            latest = self.latest.get(key[:3])
+            if latest is not None:
+                key = latest
+                entry = self.entries.get(key)
+        if entry is None:
+            return None
+        entry[4] = self.clock.seconds()
+        if key in self.fresh:
+            self._unfresh(key)
+        return entry
+
+    def put(self, key, body, cf, code):
+        """Keep ``body`` for ``key`` (its block 0 is being sent); return its
+        ETag."""
+        etag_value = zlib.crc32(body)
+        etag = struct.pack("!I", etag_value)
+        self.remove(key)
+        bodykey = (len(body), etag_value)
+        shared = self.bodies.get(bodykey)
+        if shared is not None and shared[0] == body:
+            shared[1] += 1
+            body = shared[0]
+        elif shared is None:
+            self.bodies[bodykey] = [body, 1]
+            self.bytes += len(body)
+        else:
+            bodykey = None           # a crc collision: not shared
+            self.bytes += len(body)
+        self.entries[key] = [body, cf, etag, code, self.clock.seconds(), bodykey]
+        self.bytes += BLOCK_ENTRY
+        self.latest[key[:3]] = key
+        self.fresh[key] = None
+        host = self.fresh_hosts.setdefault(key[0][0], {})
+        host[key] = None
+        if len(host) > self.fresh_per_host:
+            self.remove(next(iter(host)))
+        while self.bytes > self.max_bytes and self.fresh:
+            self.remove(next(iter(self.fresh)))
+        return etag
+
+    def _unfresh(self, key):
+        del self.fresh[key]
+        host = self.fresh_hosts.get(key[0][0])
+        if host is not None:
+            host.pop(key, None)
+            if not host:
+                del self.fresh_hosts[key[0][0]]
+
+    def remove(self, key):
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return
+        if key in self.fresh:
+            self._unfresh(key)
+        if self.latest.get(key[:3]) == key:
+            del self.latest[key[:3]]
+        self.bytes -= BLOCK_ENTRY
+        bodykey = entry[5]
+        if bodykey is None:
+            self.bytes -= len(entry[0])
+            return
+        shared = self.bodies[bodykey]
+        shared[1] -= 1
+        if not shared[1]:
+            del self.bodies[bodykey]
+            self.bytes -= len(entry[0])
+
+    def sweep(self):
+        now = self.clock.seconds()
+        for key in [k for k, e in self.entries.items() if now - e[4] > self.lifetime]:
+            self.remove(key)
+
+    def __len__(self):
+        return len(self.entries)
+
+
+class Observer:
+    __slots__ = ("remote", "token", "target", "szx", "pending", "confirmed")
+
+    def __init__(self, remote, token, target, szx, now):
         self.remote = remote
         self.token = token
         self.target = target
         self.szx = szx
         self.pending = None          # mid of the CON notification in flight
+        self.confirmed = now         # last registration or acknowledgement
 
 
 class Target:
@@ -229,12 +398,17 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self.max_body = max_body
         self.dedup = DedupCache(clock)
         self.block1 = {}        # (remote, path) -> [bytearray, last_seen]
-        self.block2 = {}        # (remote, path) -> (body, cf, etag, code, seen)
+        self.block2 = BlockCache(clock)
         self.targets = {}       # path tuple -> Target
-        self._peer_observers = {}  # remote -> number of observations
+        self._host_observers = {}  # host address -> number of observations
         self.exchanges = {}     # mid -> Exchange
+        self.verified = {}      # hosts that did a CON exchange, oldest first
+        self._echo_secret = random.getrandbits(128).to_bytes(16, "big")
+        self.pending = {}       # host -> requests whose handler is running
+        self.pending_total = 0
         self.obs_seq = 2
-        self.stats = {"received": 0, "malformed": 0, "duplicates": 0}
+        self.stats = {"received": 0, "malformed": 0, "duplicates": 0,
+                      "too_many_options": 0, "errors": 0}
         self._housekeeping = None
 
     # -- lifecycle -------------------------------------------------------
@@ -254,16 +428,24 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         for target in self.targets.values():
             target.close()
         self.targets.clear()
-        self._peer_observers.clear()
+        self._host_observers.clear()
 
     def sweep(self):
-        """Periodic clean-up of dedup generations and idle transfers."""
+        """Periodic clean-up of dedup generations, idle transfers and
+        observations nobody has confirmed for OBSERVE_CONFIRM seconds."""
         self.dedup.sweep()
+        self.block2.sweep()
         now = self.clock.seconds()
-        for table, index in ((self.block1, 1), (self.block2, 4)):
-            for key in [k for k, v in table.items()
-                        if now - v[index] > BLOCK_LIFETIME]:
-                del table[key]
+        for key in [k for k, v in self.block1.items() if now - v[1] > BLOCK_LIFETIME]:
+            del self.block1[key]
+        for target in list(self.targets.values()):
+            stale = [o for o in target.observers.values()
+                     if o.pending is None and now - o.confirmed >= OBSERVE_CONFIRM]
+            if stale:
+                # RFC 7641 4.5: a confirmable notification at least every
+                # 24 h; an observer that does not acknowledge it is dropped
+                # when the retransmissions give up
+                self.notify(target, stale)
 
     # -- receiving -------------------------------------------------------
 
@@ -271,6 +453,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self.stats["received"] += 1
         try:
             msg = decode(data)
+        except TooManyOptions as e:
+            self.stats["too_many_options"] += 1
+            self._too_many_options(e.msg, remote)
+            return
         except FormatError as e:
             self.stats["malformed"] += 1
             self.log.debug("malformed datagram from {remote}: {why}",
@@ -278,16 +464,30 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if len(data) >= 4 and data[0] >> 6 == 1 and (data[0] >> 4) & 3 == CON:
                 self._write(empty(RST, struct.unpack_from("!H", data, 2)[0]), remote)
             return
+        msg.size = len(data)
         try:
             self.handleMessage(msg, remote)
         except Exception:
             self.log.failure("unexpected error handling a datagram from {remote}",
                              remote=remote)
 
+    def _too_many_options(self, msg, remote):
+        """4.02 for a request with too many options, none of them looked at
+        (no dedup entry, no state): a few bytes, never more than came in."""
+        if msg.mtype in (CON, NON) and 1 <= msg.code < 32:
+            mtype = ACK if msg.mtype == CON else NON
+            mid = msg.mid if msg.mtype == CON else self.nextMessageID()
+            self._write(Message(mtype=mtype, mid=mid, code=_tx.BAD_OPTION,
+                                token=msg.token).encode(), remote)
+        elif msg.mtype == CON:
+            self._write(empty(RST, msg.mid), remote)
+
     def handleMessage(self, msg, remote):
         mtype, code = msg.mtype, msg.code
         if mtype == CON or mtype == NON:
             if 1 <= code < 32:
+                if mtype == CON:
+                    self._verify(remote[0])
                 try:
                     path = tuple(s.decode("utf-8") for s in msg.opt.uri_path)
                 except UnicodeDecodeError:
@@ -296,7 +496,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                     # a GET without effects is idempotent: RFC 7252 4.5 lets
                     # a duplicate be processed again, so such GETs (most of
                     # the traffic) cost the dedup cache nothing
-                    return self.handleRequest(msg, remote, None, path)
+                    return self._handle_safely(msg, remote, None, path)
                 key = (msg.mid, remote)
                 cached = self.dedup.get(key)
                 if cached is not DedupCache.MISSING:
@@ -305,7 +505,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                         self._write(cached, remote)
                     return
                 self.dedup.add(key)
-                self.handleRequest(msg, remote, key, path)
+                self._handle_safely(msg, remote, key, path)
             elif code == EMPTY or mtype == CON:
                 # CoAP ping, or a response/reserved code we never asked for
                 if mtype == CON:
@@ -314,7 +514,30 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             # ACK or RST for something we sent (#12: requests here ignored)
             exchange = self.exchanges.get(msg.mid)
             if exchange is not None and exchange.remote == remote:
+                self._verify(remote[0])
                 self._finish_exchange(msg.mid, reset=(mtype == RST))
+
+    def _handle_safely(self, msg, remote, key, path):
+        """Every request is answered: an exception anywhere in the request
+        path is logged with its traceback and answered 5.00 (and the
+        answer is what a retransmission gets)."""
+        try:
+            self.handleRequest(msg, remote, key, path)
+        except Exception:
+            self._internal_error(msg, remote, key)
+
+    def _internal_error(self, msg, remote, key, failure=None, separate=False):
+        self.stats["errors"] += 1
+        self.log.failure("unexpected error handling a request from {remote}",
+                         failure, remote=remote)
+        if getattr(msg, "answered", False):
+            return                      # the answer went out before the error
+        try:
+            self._send_response(msg, remote, key, _tx.INTERNAL_SERVER_ERROR,
+                                b"internal server error (see the server log)", 0,
+                                blockwise=False, separate=separate)
+        except Exception:
+            self.log.failure("cannot send 5.00 to {remote}", remote=remote)
 
     def handleRequest(self, msg, remote, key, path):
         for number in msg.opt._options:
@@ -337,19 +560,46 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if block2 is not None and block2.size_exponent == 7:
             return self._reply(msg, remote, key, _tx.BAD_REQUEST,
                                "Block2 size exponent 7 is reserved")
+        msg.block_key = self.block2.request_key(remote, path, msg.code, msg.payload,
+                                                msg.opt.uri_query)
         if block2 is not None and block2.block_number > 0:
-            # later blocks come from the body cached at block 0 (a PUT's
-            # follow-up block requests carry no payload to run it again)
-            cached = self.block2.get((remote, path))
+            # later blocks come from the body cached at block 0: the same
+            # request, or (a follow-up without payload, as aiocoap and
+            # coap-client send a PUT's) this peer's latest one there
+            cached = self.block2.get(msg.block_key, not msg.payload)
             if cached is not None:
-                body, cf, etag, code, _ = cached
-                self.block2[(remote, path)] = (body, cf, etag, code,
-                                              self.clock.seconds())
+                body, cf, etag, code = cached[:4]
                 return self._send_response(msg, remote, key, code, body, cf,
                                            etag=etag)
+            if msg.code != _tx.GET and not msg.payload:
+                return self._reply(msg, remote, key, _tx.REQUEST_ENTITY_INCOMPLETE,
+                                   "this transfer is no longer cached; "
+                                   "request block 0 again")
         observe = msg.opt.observe if msg.code == _tx.GET else None
+        if observe == 0 and msg.mtype == NON and not self._verified(remote, msg):
+            observe = None          # no notifications to an unverified address
+        host = remote[0]
+        if (self.pending_total >= MAX_PENDING
+                or self.pending.get(host, 0) >= MAX_PENDING_PER_HOST):
+            # overload: the work queued behind running handlers (and its
+            # memory) stays bounded; the client is told to come back
+            self.stats["busy"] = self.stats.get("busy", 0) + 1
+            return self._reply(msg, remote, key, _tx.SERVICE_UNAVAILABLE,
+                               "server busy; try again", max_age=BUSY_MAX_AGE)
         result = self.site.handle(msg.code, path, msg.payload, observe is not None)
         if isinstance(result, defer.Deferred):
+            self.pending[host] = self.pending.get(host, 0) + 1
+            self.pending_total += 1
+
+            def finished(passthrough):
+                self.pending_total -= 1
+                left = self.pending[host] - 1
+                if left:
+                    self.pending[host] = left
+                else:
+                    del self.pending[host]
+                return passthrough
+            result.addBoth(finished)
             self._await(result, msg, remote, key, path, observe)
         else:
             self._respond(result, msg, remote, key, path, observe)
@@ -397,6 +647,42 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         del self.block1[bkey]
         return bytes(entry[0])
 
+    # -- amplification (RFC 7252 11.3, RFC 9175) -------------------------
+
+    def _verify(self, host):
+        verified = self.verified
+        if host in verified:
+            return
+        if len(verified) >= VERIFIED_MAX:
+            del verified[next(iter(verified))]
+        verified[host] = None
+
+    def _echo_value(self, host, epoch):
+        return hashlib.blake2b(f"{host}|{epoch}".encode(), key=self._echo_secret,
+                               digest_size=8).digest()
+
+    def _verified(self, remote, msg):
+        """True when ``remote``'s host did a CON exchange, or ``msg`` echoes
+        an Echo value we gave that host (RFC 9175) in the last minutes."""
+        host = remote[0]
+        if host in self.verified:
+            return True
+        echo = msg.opt.getOption(ECHO)
+        if echo:
+            epoch = int(self.clock.seconds() // 300)
+            if echo[0].value in (self._echo_value(host, epoch),
+                                 self._echo_value(host, epoch - 1)):
+                self._verify(host)
+                return True
+        return False
+
+    def _limited(self, msg, remote):
+        """The largest response for a NON request from a host not (yet)
+        verified: AMPLIFICATION times the request; None when unlimited."""
+        if msg.mtype != NON or self._verified(remote, msg):
+            return None
+        return AMPLIFICATION * getattr(msg, "size", len(msg.encode()))
+
     # -- responding ------------------------------------------------------
 
     def _await(self, d, msg, remote, key, path, observe):
@@ -419,7 +705,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                           separate=state["acked"])
 
         def failed(f):
-            self.log.failure("response could not be sent", f)
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._internal_error(msg, remote, key, f, separate=state["acked"])
 
         d.addCallback(done).addErrback(failed)
 
@@ -442,39 +730,79 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self._send_response(msg, remote, key, code, body, cf,
                             separate=separate, path=path, **extra)
 
-    def _reply(self, msg, remote, key, code, text, size1=None):
+    def _reply(self, msg, remote, key, code, text, size1=None, max_age=None):
         self._send_response(msg, remote, key, code, text.encode("utf-8"), 0,
-                            size1=size1, blockwise=False)
-
-    def _cache_body(self, remote, path, body, cf, code):
-        """Keep a body sent in blocks so later blocks come from it (whatever
-        its code, and though a PUT's follow-ups carry no payload); return
-        its ETag."""
-        etag = struct.pack("!I", zlib.crc32(body))
-        if len(self.block2) >= BLOCK_CACHE_MAX:
-            self.block2.pop(next(iter(self.block2)))
-        self.block2[(remote, path)] = (body, cf, etag, code, self.clock.seconds())
-        return etag
+                            size1=size1, blockwise=False, max_age=max_age)
 
     def _send_response(self, msg, remote, key, code, body, cf, etag=None,
                        observe=None, block1=None, size1=None, separate=False,
-                       blockwise=True, path=None):
+                       blockwise=True, path=None, max_age=None):
         szx = MAX_SZX
         block2 = msg.opt.block2 if blockwise else None
         number = 0
         if block2 is not None:
             szx = min(block2.size_exponent, MAX_SZX)
             number = block2.block_number
+        limit = self._limited(msg, remote)
+        while True:
+            data, etag = self._encode_response(msg, remote, key, code, body, cf, etag,
+                                               observe, block1, size1, separate,
+                                               blockwise, path, szx, number, max_age)
+            if data is None:
+                return              # answered otherwise (4.02)
+            if limit is None or len(data) <= limit:
+                break
+            if blockwise and szx > 0:
+                # RFC 7959 2.4: the server may answer with smaller blocks
+                # (the block number scales with the size)
+                number <<= 1
+                szx -= 1
+                continue
+            data = self._shrunk_response(msg, remote, code, limit)
+            if data is None:
+                self.log.debug("NON request from {remote}: no answer fits 3x", remote=remote)
+                return
+            break
+        msg.answered = True
+        if (data[0] >> 4) & 3 == CON:
+            self._send_con(data, remote, struct.unpack_from("!H", data, 2)[0])
+            self.dedup.update(key, empty(ACK, msg.mid))
+        else:
+            self.dedup.update(key, data)
+            self._write(data, remote)
+
+    def _shrunk_response(self, msg, remote, code, limit):
+        """For an unverified NON request whose smallest answer would still
+        exceed the limit: an error without its diagnostic text, or 4.01
+        with an Echo option (RFC 9175) the client repeats to be verified."""
+        mid = self.nextMessageID()
+        if code >= 128:
+            data = Message(mtype=NON, mid=mid, code=code, token=msg.token).encode()
+            if len(data) <= limit:
+                return data
+        response = Message(mtype=NON, mid=mid, code=_tx.UNAUTHORIZED, token=msg.token)
+        epoch = int(self.clock.seconds() // 300)
+        response.opt.addOption(_tx.OpaqueOption(ECHO, self._echo_value(remote[0], epoch)))
+        data = response.encode()
+        return data if len(data) <= limit else None
+
+    def _encode_response(self, msg, remote, key, code, body, cf, etag, observe,
+                         block1, size1, separate, blockwise, path, szx, number,
+                         max_age=None):
         blocks = None
         size = 16 << szx
         total = len(body)
         if blockwise and (total > size or number):
             if etag is None:
-                etag = self._cache_body(remote, path, body, cf, code)
+                etag = self.block2.put(getattr(msg, "block_key", None)
+                                       or self.block2.request_key(remote, path, msg.code,
+                                                                  msg.payload, ()),
+                                       body, cf, code)
             start = number * size
             if start >= len(body) and start:
-                return self._reply(msg, remote, key, _tx.BAD_OPTION,
-                                   "Block2 number beyond the end of the body")
+                self._reply(msg, remote, key, _tx.BAD_OPTION,
+                            "Block2 number beyond the end of the body")
+                return None, etag
             blocks = (number, start + size < len(body), szx)
             body = body[start:start + size]
         if msg.mtype == CON and not separate:
@@ -500,13 +828,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             opt.block1 = block1
         if size1 is not None:
             opt.addOption(_tx.UintOption(_tx.SIZE1, size1))
-        data = response.encode()
-        if mtype == CON:
-            self._send_con(data, remote, mid)
-            self.dedup.update(key, empty(ACK, msg.mid))
-        else:
-            self.dedup.update(key, data)
-            self._write(data, remote)
+        if max_age is not None:
+            opt.addOption(_tx.UintOption(_tx.MAX_AGE, max_age))
+        return response.encode(), etag
 
     def _write(self, data, remote):
         try:
@@ -551,6 +875,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 self.log.debug("observer {remote} reset; dropped",
                                remote=exchange.remote)
                 self._drop_observer(observer)
+            else:
+                observer.confirmed = self.clock.seconds()
 
     # -- observe ---------------------------------------------------------
 
@@ -558,7 +884,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         target = self.targets.get(path)
         if target is not None and okey in target.observers:
             return True                 # a renewal
-        return (self._peer_observers.get(remote, 0) < MAX_OBSERVERS_PER_PEER
+        return (self._host_observers.get(remote[0], 0) < MAX_OBSERVERS_PER_HOST
                 and self.observer_count() < MAX_OBSERVERS)
 
     def _register(self, okey, path, handle, msg, remote):
@@ -568,9 +894,14 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             target = self.targets[path] = Target(self, path, resource, args, observable)
         block2 = msg.opt.block2
         szx = min(block2.size_exponent, MAX_SZX) if block2 is not None else MAX_SZX
-        if okey not in target.observers:
-            target.observers[okey] = Observer(remote, msg.token, target, szx)
-            self._peer_observers[remote] = self._peer_observers.get(remote, 0) + 1
+        now = self.clock.seconds()
+        observer = target.observers.get(okey)
+        if observer is None:
+            target.observers[okey] = Observer(remote, msg.token, target, szx, now)
+            host = remote[0]
+            self._host_observers[host] = self._host_observers.get(host, 0) + 1
+        else:
+            observer.confirmed = now    # re-registration
         return target
 
     def _deregister(self, okey, path):
@@ -582,7 +913,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         target = observer.target
         if target.observers.pop((observer.remote, observer.token), None) is None:
             return
-        self._forget_observer(observer.remote)
+        self._forget_observer(observer.remote[0])
         if observer.pending is not None:
             exchange = self.exchanges.pop(observer.pending, None)
             if exchange is not None and exchange.timer.active():
@@ -591,38 +922,45 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             target.close()
             self.targets.pop(target.path, None)
 
-    def _forget_observer(self, remote):
-        left = self._peer_observers.get(remote, 1) - 1
+    def _forget_observer(self, host):
+        left = self._host_observers.get(host, 1) - 1
         if left > 0:
-            self._peer_observers[remote] = left
+            self._host_observers[host] = left
         else:
-            self._peer_observers.pop(remote, None)
+            self._host_observers.pop(host, None)
 
     def observer_count(self):
-        return sum(self._peer_observers.values())
+        return sum(self._host_observers.values())
 
-    def notify(self, target):
-        """The target's value changed: send every observer a notification."""
+    def notify(self, target, observers=None):
+        """The target's value changed: send every observer (or those given)
+        a notification."""
         if not target.observers:
             return
         self.obs_seq = (self.obs_seq + 1) & 0xFFFFFF
         result = self.site.render_target(target.resource, target.args)
         if isinstance(result, defer.Deferred):
-            result.addCallback(lambda r: self._notify_all(target, r))
+            result.addCallback(lambda r: self._notify_all(target, r, observers))
             result.addErrback(lambda f: self.log.failure("notification failed", f))
         else:
-            self._notify_all(target, result)
+            self._notify_all(target, result, observers)
 
-    def _notify_all(self, target, result):
+    def _notify_all(self, target, result, observers=None):
         code, body, cf = result
         seq = self.obs_seq
-        for observer in list(target.observers.values()):
+        if observers is None:
+            observers = list(target.observers.values())
+        for observer in observers:
+            if target.observers.get((observer.remote, observer.token)) is not observer:
+                continue                # dropped meanwhile
             size = 16 << observer.szx
             blocks = None
             payload = body
             etag = None
             if len(body) > size:
-                etag = self._cache_body(observer.remote, target.path, body, cf, code)
+                key = self.block2.request_key(observer.remote, target.path, _tx.GET,
+                                              b"", ())
+                etag = self.block2.put(key, body, cf, code)
                 blocks = (0, True, observer.szx)
                 payload = body[:size]
             mid = self.nextMessageID()

@@ -30,14 +30,49 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not allowed")
 
 
+MAX_DEPTH = 32          # nesting of arrays/objects accepted in a payload
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _depth_ok(value):
+    """True when ``value`` nests at most MAX_DEPTH levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > MAX_DEPTH:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children
+                         if isinstance(c, (list, dict)))
+    return True
+
+
 def parse_arguments(payload):
-    """Turn a PUT payload into (args, kwargs) following API.md."""
+    """Turn a PUT payload into (args, kwargs) following API.md.
+
+    Whatever the parser cannot take -- bad UTF-8, bad JSON, NaN/Infinity,
+    numbers out of range, nesting deeper than the interpreter's recursion
+    limit -- is a ``PiccoloError`` (4.00), never an exception that escapes
+    the request path; nesting over ``MAX_DEPTH`` is refused too.
+    """
     if not payload:
         return (), {}
     try:
-        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
+                           parse_float=_finite)
     except (ValueError, UnicodeDecodeError) as e:
         raise PiccoloError(f"payload is not valid JSON: {e}") from None
+    except (RecursionError, MemoryError):
+        raise PiccoloError("payload is not valid JSON: nested too deeply") from None
+    if not _depth_ok(value):
+        raise PiccoloError(f"payload nests deeper than {MAX_DEPTH} levels")
     if (isinstance(value, list) and len(value) == 2
             and isinstance(value[0], list) and isinstance(value[1], dict)):
         return tuple(value[0]), value[1]
@@ -251,7 +286,7 @@ class Site:
     def _success(self, value, code):
         try:
             body = encode_json(value)
-        except (TypeError, ValueError):
+        except Exception:
             return self._error(Failure(), code)
         ok = _tx.CONTENT if code == _tx.GET else _tx.CHANGED
         return ok, body, (JSON if body else None)
