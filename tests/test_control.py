@@ -393,6 +393,32 @@ class BatchTests(ControlTestCase):
                 self.assertEqual(len(self.flushLoggedErrors(type(error))), 1)
 
 
+    def test_storage_failing_at_once_or_later_ends_the_batch_with_a_fault(self):
+        """The storage call itself raising (not only the write in its
+        thread), or failing with a type nobody expects: a fault, never an
+        unhandled error in a dropped Deferred."""
+        real = self.datadir.save
+        cases = (("sync", lambda *a: (_ for _ in ()).throw(TypeError("bad call"))),
+                 ("later", lambda *a: defer.fail(KeyError("lost key"))))
+        for label, broken in cases:
+            calls = []
+
+            def save(run, batch, sequence, *rest, broken=broken):
+                calls.append(sequence)
+                if sequence == 1:
+                    return broken()
+                return real(run, batch, sequence, *rest)
+            self.patch(self.datadir, "save", save)
+            self.control.record_sequence(run=label, nsequence=4, auto=-1)
+            self.run_until_idle()
+            fault = self.control.fault.value
+            self.assertIn("sequence 1 of batch 0", fault)
+            self.assertNotIn(3, calls)
+            self.assertTrue(self.shutters_closed())
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+
 class AbortAndPauseTests(ControlTestCase):
 
     def steps_of_a_batch(self):

@@ -20,7 +20,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from ..api import Resource
-from ..datadir import check_run_name
+from ..datadir import SaveFailed, check_run_name
 from ..errors import BusyError, PiccoloError
 from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
@@ -122,6 +122,8 @@ class Control:
             return None
         d.addErrback(failed)
         d.addBoth(finished)
+        # nothing may end unseen in this Deferred (its callers drop it)
+        d.addErrback(lambda f: self.log.failure("ending the {kind} failed", f, kind=kind))
         return d
 
     async def _guarded(self, coro):
@@ -287,17 +289,24 @@ class Control:
             self.datadir.files_written.set(self.files_written)
 
         def failed(f):
-            # any exception, not only OSError: the batch ends with a fault
-            # (storage's SaveFailed names the file and the reason; it logged
-            # the traceback of anything that is not an OSError)
-            message = str(f.value)
-            self.log.error("{message}", message=message)
+            # any exception, not only OSError, raised at once or later: the
+            # batch ends with a fault (storage's SaveFailed names the file
+            # and the reason, and logged the traceback of anything that is
+            # not an OSError); nothing is left in a dropped Deferred
+            if f.check(SaveFailed):
+                message = str(f.value)
+                self.log.error("{message}", message=message)
+            else:
+                message = (f"cannot write sequence {sequence} of batch {batch}: "
+                           f"{f.type.__name__}: {f.value}")
+                self.log.failure("{message}", f, message=message)
             if self._write_failed is None:
                 self._write_failed = message
         # counting inside the lock: a flush sees every earlier write counted
         return self._writes.run(
-            lambda: self.datadir.save(run, batch, sequence, kind, spectra,
-                                      clobber).addCallbacks(written, failed))
+            lambda: defer.maybeDeferred(self.datadir.save, run, batch, sequence, kind,
+                                        spectra, clobber)
+            .addCallback(written).addErrback(failed))
 
     async def _flush_writes(self):
         await self._writes.run(lambda: None)
