@@ -177,7 +177,7 @@ class Server:
 
 
 DEFAULT_QUOTA = False       # --cpu-quota: every server in the quota
-CASES = ("startup", "cold-auto", "get", "batch", "overhead", "fetch", "soak")
+CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak")
 
 
 def status_during(server, start_batch, rate=50):
@@ -218,6 +218,40 @@ def cold_autointegration(runs, nsequence=20, cpu_quota=None):
         finally:
             server.stop()
     return results
+
+
+def stop_times(ms=10000):
+    """Abort and SIGTERM while both spectrometers are inside an ``ms``
+    integration: seconds until status "idle" with every shutter closed,
+    and until the process has exited."""
+    server = Server().start()
+    try:
+        server.wait_connected()
+        server.set_times(ms)
+
+        def start_and_wait_for_the_read():
+            server.call("PUT", "/control/record_sequence",
+                        {"run": f"stop{time.monotonic_ns()}", "nsequence": 2, "auto": -1})
+            deadline = time.monotonic() + 30
+            while server.call("GET", "/control/status") != "upwelling dark":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the batch did not start")
+                time.sleep(0.01)
+            time.sleep(0.5)
+        start_and_wait_for_the_read()
+        t0 = time.perf_counter()
+        server.call("GET", "/control/abort")
+        while not (server.call("GET", "/control/status") == "idle" and all(
+                server.call("GET", f"/shutter/{c}/status") == "closed" for c in CHANNELS)):
+            time.sleep(0.002)
+        abort = time.perf_counter() - t0
+        start_and_wait_for_the_read()
+        t0 = time.perf_counter()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(60)
+        return abort, time.perf_counter() - t0
+    finally:
+        server.stop()
 
 
 def cold_rows(runs, quick, cpu_quota):
@@ -334,7 +368,15 @@ def main():
             else:
                 print(f"  (no writable {CGROUP_CPU}: the 0.25-core case is skipped)")
 
-    if wanted & set(CASES[2:]):
+    # -- abort and SIGTERM inside a 10 s integration ---------------------------
+    if want("stop"):
+        times = [stop_times() for _ in range(runs)]
+        row("abort inside a 10 s integration: to idle, shutters closed",
+            [a * 1000 for a, _ in times], "ms", "<= 1000", lambda m: m <= 1000)
+        row("SIGTERM inside a 10 s integration: to exit", [t for _, t in times], "s",
+            "<= 5", lambda m: m <= 5, fmt="{:.2f}")
+
+    if wanted & set(CASES[3:]):
         server_cases(a, runs, want)
     missed = [r for r in ROWS if r[4] == "MISSED"]
     print(f"{len(ROWS)} figures, {len(missed)} targets missed")

@@ -19,7 +19,8 @@ class PiccoloService(service.MultiService):
     CoAP server from parsed configuration, and shuts them down in order."""
 
     log = Logger()
-    STOP_DEVICES_WAIT = 1.0
+    STOP_DEVICES_WAIT = 1.0     # for device calls at stop
+    STOP_SHUTTERS_WAIT = 0.2    # a read is running: only the shutters matter
     SWITCH_INTERVAL = 0.001
 
     def __init__(self, settings, instrument, notes=(), clock=None,
@@ -145,10 +146,12 @@ class PiccoloService(service.MultiService):
             # abort abandoned (an integration can take minutes) is not
             # waited for: its call ends in its own thread, which does not
             # hold the process, and the OS releases the device
-            yield self.instrument.stop().addTimeout(self.STOP_DEVICES_WAIT, self.clock)
+            reading = any(s.read_outstanding for s in self.instrument.spectrometers)
+            wait = self.STOP_SHUTTERS_WAIT if reading else self.STOP_DEVICES_WAIT
+            yield self.instrument.stop().addTimeout(wait, self.clock)
         except defer.TimeoutError:
             self.log.warn("spectrometer calls still running after {t} s: not waiting "
-                          "for them", t=self.STOP_DEVICES_WAIT)
+                          "for them", t=wait)
         except Exception:
             self.log.failure("stopping the instrument failed")
         try:
