@@ -5,12 +5,14 @@ becomes a :class:`ConfigError` whose message is one line naming the file,
 the key and what is wrong, so that ``twistd`` can print it and exit.
 """
 
+import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
-from configobj.validate import Validator
+from configobj.validate import ValidateError, Validator, is_float, is_float_list
 
 SERVER_SPEC = """
 config = string(default=piccolo.config)
@@ -73,6 +75,50 @@ class ConfigError(Exception):
     """A configuration file cannot be used; the message is one line."""
 
 
+#: GPIO pins the board uses whatever the instrument config says
+RESERVED_PINS = {
+    25: "the status LED",
+    5: "the recording (yellow) LED",
+    10: "the reboot button (piccolo3-reboot)",
+}
+
+
+class NotFinite(ValidateError):
+    def __init__(self, value):
+        super().__init__(f'the value "{value}" is not a finite number')
+
+
+def _finite_float(value, min=None, max=None):
+    number = is_float(value, min, max)
+    if not math.isfinite(number):
+        raise NotFinite(value)
+    return number
+
+
+def _finite_float_list(value, min=None, max=None):
+    numbers = is_float_list(value, min, max)
+    for number in numbers:
+        if not math.isfinite(number):
+            raise NotFinite(number)
+    return numbers
+
+
+def _validator():
+    """configobj's Validator whose floats refuse NaN and infinities
+    (``fibreDiameter = nan`` passes ``min=0``: every comparison is false)."""
+    return Validator({"float": _finite_float, "float_list": _finite_float_list})
+
+
+def check_address(value, where):
+    """An IPv4 or IPv6 address literal; ConfigError naming ``where``."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{where} {value!r} is not an IP address "
+                          f"(e.g. ::, 0.0.0.0, 127.0.0.1)") from None
+    return value
+
+
 def _load(path, spec, text=None):
     """Parse and validate one configobj file; return the validated ConfigObj."""
     name = path if path is not None else "<string>"
@@ -87,7 +133,7 @@ def _load(path, spec, text=None):
         raise ConfigError(f"{name}: cannot parse: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{name}: cannot read: {e}") from None
-    result = cfg.validate(Validator(), preserve_errors=True)
+    result = cfg.validate(_validator(), preserve_errors=True)
     if result is not True:
         for sections, key, err in flatten_errors(cfg, result):
             where = "/".join(list(sections) + ([key] if key else []))
@@ -132,7 +178,11 @@ def load_server_config(path=None, text=None):
         cfg = _load(None, SERVER_SPEC, text="")
     else:
         cfg = _load(path, SERVER_SPEC, text=text)
-    backend, emulate = _seabreeze(path or "<string>", cfg["seabreeze"])
+    name = path or "<string>"
+    check_address(cfg["coap"]["address"], f"{name}: [coap/address]")
+    if cfg["manhole"]["interface"]:
+        check_address(cfg["manhole"]["interface"], f"{name}: [manhole/interface]")
+    backend, emulate = _seabreeze(name, cfg["seabreeze"])
     return ServerConfig(
         instrument=cfg["config"],
         address=cfg["coap"]["address"],
@@ -219,6 +269,15 @@ def load_instrument_config(path=None, text=None):
     cfg = _load(path, INSTRUMENT_SPEC, text=text)
     channels = []
     seen = set()
+    pins = {}
+
+    def use_pin(pin, key):
+        """Each GPIO pin drives one thing: a second use is a config error."""
+        where = f"[{key}]"
+        other = RESERVED_PINS.get(pin) or pins.get(pin)
+        if other is not None:
+            raise ConfigError(f"{name}: {where} GPIO {pin} is already used by {other}")
+        pins[pin] = where
     for section in cfg["channels"]:
         c = cfg["channels"][section]
         if section not in DEFAULT_SHUTTER_PINS and (
@@ -242,6 +301,8 @@ def load_instrument_config(path=None, text=None):
         if open_pin == close_pin:
             raise ConfigError(
                 f"{name}: [channels/{section}] open and close pins are the same")
+        use_pin(open_pin, f"channels/{section}/open_pin")
+        use_pin(close_pin, f"channels/{section}/close_pin")
         channels.append(ChannelConfig(
             name=direction, shutter=section, reverse=c["reverse"],
             fibre_diameter=c["fibreDiameter"],
@@ -262,6 +323,8 @@ def load_instrument_config(path=None, text=None):
             if cal["wavelengthCalibrationCoefficientsPiccolo"] is not None:
                 calibration[channel] = list(
                     cal["wavelengthCalibrationCoefficientsPiccolo"])
+        if s["power_switch"] >= 0:
+            use_pin(s["power_switch"], f"spectrometers/{serial}/power_switch")
         lo, hi = s["min_integration_time"], s["max_integration_time"]
         if lo is not None and hi is not None and lo > hi:
             raise ConfigError(

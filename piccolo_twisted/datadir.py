@@ -28,7 +28,7 @@ from collections import OrderedDict
 from array import array
 from bisect import bisect_left
 
-from twisted.internet import defer, threads, utils
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -37,8 +37,10 @@ from twisted.python.threadpool import ThreadPool
 from . import runindex
 from .acquisition import pico
 from .api import EncodedJSON as Encoded, Resource
+from . import commands, mount as mounting
 from .errors import NotFoundError, PiccoloError
 from .observable import Observable
+from .values import to_bool, to_int
 
 SPECTRUM_FILE = runindex.SPECTRUM_FILE
 DEFAULT_RUN = "spectra"
@@ -76,9 +78,7 @@ def check_run_name(name):
 
 
 def _is_truthy(value, name):
-    if isinstance(value, bool):
-        return value
-    raise PiccoloError(f"{name} must be true or false")
+    return to_bool(value, name)
 
 
 def _makedir(path):
@@ -118,16 +118,7 @@ class SaveFailed(Exception):
     """A spectrum file could not be written (its message names the file)."""
 
 
-def read_mounts(path="/proc/mounts"):
-    """(device, mount point) pairs from /proc/mounts."""
-    pairs = []
-    with open(path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2:
-                # /proc/mounts escapes blanks as \040
-                pairs.append(tuple(p.replace("\\040", " ") for p in parts[:2]))
-    return pairs
+read_mounts = mounting.read_mounts
 
 
 class _Run:
@@ -151,8 +142,7 @@ class DataDir:
         self.device = device
         self.mntpnt = mntpnt
         self.mounts_file = mounts_file
-        self._run = run_command or (
-            lambda argv: utils.getProcessOutputAndValue(argv[0], argv[1:]))
+        self._run = run_command or commands.run
         self.pool = None
         if to_thread is None:
             self.pool = ThreadPool(minthreads=0, maxthreads=FILE_THREADS,
@@ -506,43 +496,60 @@ class DataDir:
         return self.path.path
 
     def get_mount(self):
-        def check():
-            mounts = read_mounts(self.mounts_file)
-            for device, point in mounts:
-                if device == self.device:
-                    if os.path.realpath(point) == os.path.realpath(self.mntpnt):
-                        return True
-                    return ("elsewhere", point)
-            return False
-
         def answer(state):
-            if isinstance(state, tuple):
+            if state is not True and state is not False:
                 raise PiccoloError(
-                    f"{self.device} is mounted elsewhere, not at {self.mntpnt}")
+                    f"{self.device} is mounted at {state}, not at {self.mntpnt}")
             return state
-        return self._to_thread(check).addCallback(answer)
+        return self._to_thread(mounting.state, self.device, self.mntpnt,
+                               self.mounts_file).addCallback(answer)
 
     def set_mount(self, mount=True):
-        mount = _is_truthy(mount, "mount")
-        argv = (("sudo", "mount", self.device, self.mntpnt) if mount
-                else ("sudo", "umount", self.mntpnt))
+        """Mount (``sudo -n mount -o uid=,gid= DEVICE MNTPNT``) or unmount
+        (``sudo -n umount DEVICE``) the data device, as the legacy server
+        did; already so is a no-op. A missing or failing helper is a 4.00
+        with its reason. After mounting, the data directory and the current
+        run are created on the device if they are not there."""
+        mounted = to_bool(mount, "mount")
+        argv = (mounting.mount_argv(self.device, self.mntpnt) if mounted
+                else mounting.umount_argv(self.device))
 
-        def done(result):
-            out, err, code = result
-            if code != 0:
-                text = (err or out or b"").decode("utf-8", "replace").strip()
-                raise PiccoloError(f"{' '.join(argv[1:2])} failed: {text or f'exit {code}'}")
+        def act(state):
+            if state is not True and state is not False:
+                raise PiccoloError(
+                    f"{self.device} is mounted at {state}, not at {self.mntpnt}")
+            if state == mounted:
+                self.log.info("{device} is already {what}", device=self.device,
+                              what="mounted" if mounted else "unmounted")
+                return None
+            return commands.call(self._run, argv).addCallback(
+                lambda result: commands.check(argv, result)).addCallback(done)
+
+        def done(_):
             self.log.info("{what} {device} at {point}",
-                          what="mounted" if mount else "unmounted",
+                          what="mounted" if mounted else "unmounted",
                           device=self.device, point=self.mntpnt)
-        return self._run(argv).addCallback(done)
+            if mounted:
+                # the device has its own contents: create what is missing
+                # there and bring the index up to date with it
+                d = self._to_thread(prepare_state, self.path.path)
+                d.addErrback(unusable)
+                d.addCallback(lambda _: self._check(self.current_run.value, create=True))
+                d.addCallback(lambda _: self._check_root())
+                return d
+
+        def unusable(f):
+            f.trap(OSError)
+            raise PiccoloError(f"mounted, but cannot use {self.path.path}: "
+                               f"{f.value.strerror or f.value}")
+        d = self._to_thread(mounting.state, self.device, self.mntpnt, self.mounts_file)
+        return d.addCallback(act).addCallback(lambda _: None)
 
     def all_runs(self, alpha=False, reverse=False, nitems=None, page=None):
         alpha = _is_truthy(alpha, "alpha")
         reverse = _is_truthy(reverse, "reverse")
-        for name, value in (("nitems", nitems), ("page", page)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise PiccoloError(f"{name} must be a non-negative integer or null")
+        nitems = to_int(nitems, "nitems", lo=0) if nitems is not None else None
+        page = to_int(page, "page", lo=0) if page is not None else None
 
         async def answer():
             await self._check_root()

@@ -26,32 +26,83 @@ class ManholeConfigError(SystemExit):
     pass
 
 
+KEY_TYPES = (b"ssh-", b"ecdsa-", b"sk-")
+
+
+def _split_options(line):
+    """(options field, rest) of an authorized_keys line that starts with
+    options: the field ends at the first blank outside double quotes."""
+    quoted = False
+    for i, c in enumerate(line):
+        if c == ord('"'):
+            quoted = not quoted
+        elif c in b" \t" and not quoted:
+            return line[:i], line[i:].strip()
+    return line, b""
+
+
+def _option_names(field):
+    """Names of the comma-separated options (``from="a,b"`` is one)."""
+    names, quoted, start = [], False, 0
+    for i, c in enumerate(field + b","):
+        if c == ord('"'):
+            quoted = not quoted
+        elif c == ord(",") and not quoted:
+            names.append(field[start:i].split(b"=", 1)[0].decode("ascii", "replace"))
+            start = i + 1
+    return [n for n in names if n]
+
+
 def load_authorized_keys(path):
-    """Public keys of an authorized_keys file; options and comments ignored."""
+    """Public keys of an authorized_keys file (sshd(8) format).
+
+    A line that cannot be read as a key is skipped with a warning. A key
+    with options (``from=``, ``no-pty``, ``command=``, ...) is refused with a
+    warning naming them: the manhole cannot enforce any of them, and
+    accepting the key would silently grant more than the line says. No
+    usable key at all is a one-line configuration error.
+    """
     if not path:
-        raise ManholeConfigError("piccolo: the manhole needs --manhole-keys FILE "
-                                 "(an authorized_keys file)")
+        raise ManholeConfigError("twistd piccolo: the manhole needs --manhole-keys "
+                                 "FILE (an authorized_keys file)")
     found = []
     try:
         with open(path, "rb") as f:
-            for line in f:
-                line = line.strip()
-                if not line or line.startswith(b"#"):
-                    continue
-                # a line may start with options: find the key type field
-                parts = line.split()
-                for i, part in enumerate(parts):
-                    if part.startswith((b"ssh-", b"ecdsa-", b"sk-")) and i + 1 < len(parts):
-                        try:
-                            found.append(keys.Key.fromString(b" ".join(parts[i:i + 2])))
-                        except keys.BadKeyError:
-                            log.warn("manhole: unreadable key in {path}", path=path)
-                        break
+            lines = f.read().splitlines()
     except OSError as e:
-        raise ManholeConfigError(f"piccolo: cannot read manhole keys {path}: "
+        raise ManholeConfigError(f"twistd piccolo: {path}: cannot read manhole keys: "
                                  f"{e.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        if not line.startswith(KEY_TYPES):
+            field, rest = _split_options(line)
+            if rest.startswith(KEY_TYPES):
+                log.warn("manhole: {path} line {n}: key refused: its options "
+                         "({options}) cannot be enforced by the manhole",
+                         path=path, n=number,
+                         options=", ".join(_option_names(field)))
+            else:
+                log.warn("manhole: {path} line {n}: not a public key, skipped",
+                         path=path, n=number)
+            continue
+        parts = line.split()
+        try:
+            if len(parts) < 2:
+                raise keys.BadKeyError("no key data")
+            key = keys.Key.fromString(b" ".join(parts[:2]))
+            if not key.isPublic() or key.sshType() != parts[0]:
+                raise keys.BadKeyError("key type does not match its data")
+        except Exception as e:      # BadKeyError, or a decoder's own error
+            log.warn("manhole: {path} line {n}: unreadable {kind} key, skipped "
+                     "({error})", path=path, n=number,
+                     kind=parts[0].decode("ascii", "replace"), error=e)
+            continue
+        found.append(key)
     if not found:
-        raise ManholeConfigError(f"piccolo: no public key in {path}")
+        raise ManholeConfigError(f"twistd piccolo: {path}: no usable public key "
+                                 "for the manhole")
     return found
 
 

@@ -42,8 +42,7 @@ from twisted.python.threadpool import ThreadPool
 from .api import EncodedJSON, Resource
 from .errors import BusyError, PiccoloError
 from .observable import Observable
-from .sysinfo import parse_datetime
-from .values import to_bool, to_float, to_int
+from .values import to_bool, to_datetime, to_float, to_int
 
 SCHEMA_VERSION = 2
 DB_NAME = "scheduler.sqlite"
@@ -165,7 +164,7 @@ def iso(ts):
 
 def _timestamp(value, name):
     try:
-        return parse_datetime(value).timestamp()
+        return to_datetime(value, name).timestamp()
     except (OverflowError, ValueError, OSError):
         raise PiccoloError(f"{name} out of range: {value!r}") from None
 

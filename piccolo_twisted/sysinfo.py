@@ -3,28 +3,17 @@
 import socket
 from datetime import datetime, timezone
 
-from twisted.internet import utils
 from twisted.logger import Logger
 
-from . import __version__
+from . import __version__, commands
 from .api import Resource
 from .errors import PiccoloError
+from .values import to_datetime
 
 
-def parse_datetime(value):
+def parse_datetime(value, name="date-time"):
     """An ISO 8601 date-time (naive means UTC) -> aware UTC datetime."""
-    if not isinstance(value, str) or not value.strip():
-        raise PiccoloError("expected an ISO 8601 date-time string")
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise PiccoloError(f"not an ISO 8601 date-time: {value!r}") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc)
+    return to_datetime(value, name)
 
 
 def _read_cpu_times(path="/proc/stat"):
@@ -38,7 +27,7 @@ def _read_cpu_times(path="/proc/stat"):
 class SysInfo:
     log = Logger()
 
-    def __init__(self, run_command=None, clock_command=("sudo", "date", "-s")):
+    def __init__(self, run_command=None, clock_command=("sudo", "-n", "date", "-s")):
         self._run = run_command or self._spawn
         self.clock_command = tuple(clock_command)
         try:
@@ -48,7 +37,7 @@ class SysInfo:
 
     @staticmethod
     def _spawn(argv):
-        return utils.getProcessOutputAndValue(argv[0], argv[1:])
+        return commands.run(argv)
 
     def cpu(self):
         """CPU use in percent since the previous call (or since boot)."""
@@ -83,17 +72,15 @@ class SysInfo:
         return datetime.now(timezone.utc).isoformat()
 
     def set_clock(self, value):
-        when = parse_datetime(value)
+        """``sudo -n date -s <ISO time>``: the legacy command; a missing or
+        failing helper is a 4.00 with its reason."""
+        when = to_datetime(value, "clock")
         argv = self.clock_command + (when.strftime("%Y-%m-%dT%H:%M:%S%z"),)
 
         def done(result):
-            out, err, code = result
-            if code != 0:
-                message = (err or out or b"").decode("utf-8", "replace").strip()
-                raise PiccoloError(f"setting the clock failed: {message or f'exit {code}'}")
+            commands.check(argv, result)
             self.log.info("system clock set to {when}", when=when.isoformat())
-
-        return self._run(argv).addCallback(done)
+        return commands.call(self._run, argv).addCallback(done)
 
     def version(self):
         return __version__

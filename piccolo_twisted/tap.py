@@ -4,8 +4,9 @@ import os
 
 from twisted.python import usage
 
-from .config import (ConfigError, bundled_instrument_config,
+from .config import (ConfigError, bundled_instrument_config, check_address,
                      load_instrument_config, load_server_config)
+from .errors import PiccoloError
 
 
 class Options(usage.Options):
@@ -29,18 +30,21 @@ class Options(usage.Options):
 
     def postOptions(self):
         try:
-            self.settings, self.instrument, self.instrument_note = resolve(self)
+            self.settings, self.instrument, self.notes = resolve(self)
+            self.instrument_note = self.notes[-1]
         except ConfigError as e:
             # one line, no usage dump and no traceback: what a person can act on
             raise SystemExit(f"twistd piccolo: {e}") from None
 
 
 def resolve(options):
-    """Server settings and instrument config from the options and files."""
+    """Server settings, instrument config and notes for the log, from the
+    options and files."""
+    notes = []
     path = options.get("config")
     settings = load_server_config(path) if path else load_server_config()
-    if options.get("address"):
-        settings.address = options["address"]
+    if options.get("address") is not None:
+        settings.address = check_address(options["address"], "--address")
     if options.get("port") is not None:
         if not 0 <= options["port"] <= 65535:
             raise ConfigError(f"--port: {options['port']} is not a port number")
@@ -52,9 +56,13 @@ def resolve(options):
     if options.get("debug"):
         settings.debug = True
     if options.get("manhole") is not None:
+        if not 0 <= options["manhole"] <= 65535:
+            raise ConfigError(f"--manhole: {options['manhole']} is not a port number")
         settings.manhole_port = options["manhole"]
     if options.get("manhole-keys"):
         settings.manhole_keys = options["manhole-keys"]
+    if settings.mount:
+        notes.append(mount_data_device(settings, options.get("mount")))
     settings.datadir = os.path.abspath(settings.datadir)
     if options.get("instrument"):
         ipath = options["instrument"]
@@ -71,7 +79,24 @@ def resolve(options):
             note = (f"instrument config {candidate} not found; using the embedded "
                     f"default {ipath} (simulated instrument)")
     instrument = load_instrument_config(ipath)
-    return settings, instrument, note
+    return settings, instrument, notes + [note]
+
+
+def mount_data_device(settings, from_command_line):
+    """``-m``/``[datadir] mount``: mount the device before anything looks
+    at the data directory (the instrument config may live there); a
+    relative ``datadir`` is taken relative to the mount point."""
+    from .mount import data_path, mount_at_start
+    where = "--mount" if from_command_line else f"{settings.source}: [datadir/mount]"
+    if not os.path.isabs(settings.mntpnt):
+        raise ConfigError(f"{where}: the mount point {settings.mntpnt!r} "
+                          f"is not an absolute path")
+    settings.datadir = data_path(settings.datadir, settings.mntpnt)
+    try:
+        return mount_at_start(settings.device, settings.mntpnt)
+    except PiccoloError as e:
+        raise ConfigError(f"{where}: cannot mount {settings.device} at "
+                          f"{settings.mntpnt}: {e}") from None
 
 
 def makeService(options):
@@ -79,4 +104,4 @@ def makeService(options):
     # PICCOLO_TIME_SCALE speeds simulated integrations up (tests, benchmarks)
     scale = float(os.environ.get("PICCOLO_TIME_SCALE", "1") or 1)
     return PiccoloService(options.settings, options.instrument,
-                          notes=[options.instrument_note], time_scale=scale)
+                          notes=options.notes, time_scale=scale)

@@ -4,7 +4,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ..api import Resource
-from ..errors import NotFoundError, PiccoloError
+from ..errors import NotFoundError
+from ..values import to_bool
 
 PULSE = 0.005
 
@@ -88,10 +89,8 @@ class Shutters:
             raise NotFoundError(f"no such shutter channel: {channel}") from None
 
     @staticmethod
-    def _flag(value):
-        if not isinstance(value, bool):
-            raise PiccoloError("expected true or false")
-        return value
+    def _flag(value, name):
+        return to_bool(value, name)
 
     def resources(self):
         res = {"shutters": Resource(get=self.names)}
@@ -102,10 +101,10 @@ class Shutters:
 
     def _channel_resources(self, s):
         def open_shutter(open=True):
-            return s.set_open(self._flag(open)).addCallback(lambda _: None)
+            return s.set_open(self._flag(open, "open")).addCallback(lambda _: None)
 
         def close_shutter(close=True):
-            return s.set_open(not self._flag(close)).addCallback(lambda _: None)
+            return s.set_open(not self._flag(close, "close")).addCallback(lambda _: None)
         return {
             "status": Resource(get=lambda: s.state),
             "reverse": Resource(get=lambda: s.config.reverse),
