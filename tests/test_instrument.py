@@ -24,8 +24,8 @@ direction = downwelling
 reverse = True
 [[shutter_3]]
 direction = extra
-open_pin = 5
-close_pin = 6
+open_pin = 12
+close_pin = 13
 [spectrometers]
 [[sim_QEP1]]
 min_integration_time = 10
@@ -47,7 +47,7 @@ class ConfigTests(unittest.SynchronousTestCase):
         cfg = load_instrument_config(text=CONFIG)
         pins = {c.name: (c.open_pin, c.close_pin) for c in cfg.channels}
         self.assertEqual(pins, {"upwelling": (17, 18), "downwelling": (22, 27),
-                                "extra": (5, 6)})
+                                "extra": (12, 13)})
         s = cfg.spectrometers[0]
         self.assertEqual((s.name, s.min_time, s.max_time), ("S_sim_QEP1", 10, 5000))
         self.assertEqual(s.calibration, {"upwelling": [1.0, 2.0]})
