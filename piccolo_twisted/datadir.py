@@ -132,6 +132,17 @@ class _Run:
         self.version = 0            # bumped whenever keys change
 
 
+class _Body:
+    """A run's encoded spectra_list: ``body`` with the names of ``pending``
+    (keys saved since, ascending) still to go in front."""
+    __slots__ = ("version", "body", "pending")
+
+    def __init__(self, version, body):
+        self.version = version
+        self.body = body
+        self.pending = []
+
+
 class DataDir:
     log = Logger()
 
@@ -158,7 +169,7 @@ class DataDir:
         self._runs = {}                 # run -> _Run
         self._lists = {}                # (alpha, reverse) -> (names, body)
         self._lists_gen = 0             # bumped by any change to run orders
-        self._bodies = OrderedDict()    # run -> (version, spectra_list body)
+        self._bodies = OrderedDict()    # run -> _Body (spectra_list)
         self._body_bytes = 0
         self._inflight = {}             # key -> [Deferred] sharing one trip
 
@@ -229,9 +240,25 @@ class DataDir:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.callback(None)
+            self._prewarm()
         d = self._to_thread(runindex.build, self.path.path, names)
         d.addCallbacks(built, failed).addCallback(ready)
         return d
+
+    def _prewarm(self):
+        """Encode the big listings once now (the current run first, then
+        the largest), so that no first request waits for it."""
+        current = self.current_run.value
+        big = sorted(((len(e.keys), name) for name, e in self._runs.items()
+                      if e.keys is not None and len(e.keys) > SMALL_LIST),
+                     key=lambda t: (t[1] != current, -t[0]))
+        budget = BODY_CACHE_BYTES
+        for n, name in big:
+            budget -= n * 29
+            if budget < 0:
+                break
+            d = defer.Deferred.fromCoroutine(self._spectra_body(name, self._runs[name]))
+            d.addErrback(lambda f: self.log.failure("encoding a listing failed", f))
 
     def stop(self):
         """Stop the file pool (after the last write: service stop)."""
@@ -299,7 +326,7 @@ class DataDir:
     def _forget_body(self, run):
         cached = self._bodies.pop(run, None)
         if cached is not None:
-            self._body_bytes -= len(cached[1])
+            self._body_bytes -= len(cached.body)
 
     def _apply_run(self, run, state, version):
         mtime, listed, keys, root_change = state
@@ -378,11 +405,29 @@ class DataDir:
         return self._shared(("root",), lambda: defer.Deferred.fromCoroutine(check()))
 
     async def _spectra_body(self, run, entry):
-        cached = self._bodies.get(run)
+        """The JSON body of the run's spectra_list: from the cache, or the
+        cache plus the files saved since (a batch appends: the new names
+        go in front), or encoded afresh; large ones in the pool."""
         version = entry.version
-        if cached is not None and cached[0] == version:
+        cached = self._bodies.get(run)
+        if cached is not None and cached.version == version:
             self._bodies.move_to_end(run)
-            return cached[1]
+            if not cached.pending:
+                return cached.body
+            pending = list(cached.pending)
+            old = cached.body
+
+            def prepend():
+                return Encoded(runindex.prepend_names(pending, old))
+            body = (prepend() if len(old) < SMALL_LIST * 32 else
+                    await self._shared(("prepend", run, version),
+                                       lambda: self._to_thread(prepend)))
+            if (self._bodies.get(run) is cached
+                    and cached.pending[:len(pending)] == pending):
+                self._body_bytes += len(body) - len(cached.body)
+                cached.body = body
+                del cached.pending[:len(pending)]
+            return body
         keys = entry.keys[:]
 
         def encode():
@@ -394,11 +439,11 @@ class DataDir:
                                       lambda: self._to_thread(encode))
         if entry.version == version and self._runs.get(run) is entry:
             self._forget_body(run)
-            self._bodies[run] = (version, body)
+            self._bodies[run] = _Body(version, body)
             self._body_bytes += len(body)
             while self._body_bytes > BODY_CACHE_BYTES and len(self._bodies) > 1:
-                old, (_, old_body) = self._bodies.popitem(last=False)
-                self._body_bytes -= len(old_body)
+                _, dropped = self._bodies.popitem(last=False)
+                self._body_bytes -= len(dropped.body)
         return body
 
     async def _sorted_runs(self, alpha, reverse):
@@ -471,14 +516,23 @@ class DataDir:
             self._run_touched(run, entry.mtime, after)
             entry.mtime = after
         if entry.keys is not None:
-            i = bisect_left(entry.keys, k)
-            if i == len(entry.keys) or entry.keys[i] != k:
-                entry.keys.insert(i, k)
+            keys = entry.keys
+            i = bisect_left(keys, k)
+            new = i == len(keys) or keys[i] != k
+            if new:
+                keys.insert(i, k)
             # our change on top of a listing still valid: valid after it too;
             # a change by someone else before ours: list again next time
             entry.listed = after if entry.listed == before else None
-            entry.version += 1
-            self._forget_body(run)
+            cached = self._bodies.get(run)
+            if new and i == len(keys) - 1 and cached is not None \
+                    and cached.version == entry.version:
+                cached.pending.append(k)        # the newest: goes in front
+                cached.version += 1
+            elif new:
+                self._forget_body(run)
+            if new:
+                entry.version += 1
 
     def prepare_run(self, run):
         """Create the run if needed and return its next batch number (from

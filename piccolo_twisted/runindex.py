@@ -74,13 +74,24 @@ def encode_names(keys):
     n = len(keys)
     if not n:
         return b"[]"
-    parts = []
+    parts = [b'["']
     for end in range(n, 0, -CHUNK):
         chunk = keys[max(0, end - CHUNK):end]
         chunk.reverse()
-        parts.append('","'.join([name(k) for k in chunk]))
+        parts.append('","'.join([name(k) for k in chunk]).encode("ascii"))
+        parts.append(b'","')
         _yield_gil()
-    return ('["' + '","'.join(parts) + '"]').encode("ascii")
+    parts[-1] = b'"]'
+    return b"".join(parts)
+
+
+def prepend_names(keys, body):
+    """``body`` (an encoded list of names) with the names of ``keys``
+    (ascending, all newer) in front."""
+    front = '","'.join([name(k) for k in reversed(keys)]).encode("ascii")
+    if body == b"[]":
+        return b'["' + front + b'"]'
+    return b'["' + front + b'",' + body[1:]
 
 
 # -- thread side ---------------------------------------------------------

@@ -67,6 +67,7 @@ class ServerTestCase(unittest.TestCase):
             raise unittest.SkipTest("wire tests need --reactor=asyncio (aiocoap)")
         self.datadir = tempfile.mkdtemp(prefix="piccolo-test-")
         self.addCleanup(shutil.rmtree, self.datadir, True)
+        self.populate(self.datadir)
         self.service = make_service(self.datadir, self.instrument_text,
                                     time_scale=self.time_scale,
                                     server_text=self.server_text)
@@ -79,6 +80,9 @@ class ServerTestCase(unittest.TestCase):
     async def _client(self):
         import aiocoap
         self.ctx = await aiocoap.Context.create_client_context()
+
+    def populate(self, datadir):
+        """Put data in the data directory before the server starts."""
 
     def wait_connected(self, timeout=10.0):
         from piccolo_twisted.instrument.spectrometer import CONNECTED

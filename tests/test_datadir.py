@@ -80,14 +80,13 @@ class FakeRun:
     def __init__(self, root, run, batches, per_batch, kinds=("dark", "light")):
         path = os.path.join(root, run)
         os.makedirs(path, exist_ok=True)
-        first = None
         self.names = []
         for b in range(batches):
             for s in range(per_batch):
                 for kind in kinds:
                     name = f"b{b:06d}_s{s:06d}_{kind}.pico"
                     full = os.path.join(path, name)
-                    if first is None:
+                    if len(self.names) % 50000 == 0:     # ext4: 65,000 links
                         with open(full, "w") as f:
                             f.write('{"Spectra": []}')
                         first = full
@@ -104,7 +103,7 @@ class IndexTests(unittest.TestCase):
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
-        self.big = FakeRun(self.root, "big", 20, 500)        # 20,000 files
+        self.big = FakeRun(self.root, "big", 20, 125)        # 5,000 files
         for i in range(50):
             os.makedirs(os.path.join(self.root, f"run{i:03d}"))
         self.scans = []
@@ -148,9 +147,11 @@ class IndexTests(unittest.TestCase):
         self.successResultOf(self.dd.save("big", 20, 0, "light", []))
         self.assertEqual(self.get("current_batch"), 20)
         names = json.loads(self.get("spectra_list"))
+        self.assertEqual(names, ["b000020_s000000_light.pico",
+                                 "b000020_s000000_dark.pico"] + self.big.names)
         self.assertEqual(names[:3], ["b000020_s000000_light.pico",
                                      "b000020_s000000_dark.pico",
-                                     "b000019_s000499_light.pico"])
+                                     "b000019_s000124_light.pico"])
         self.assertEqual(self.successResultOf(self.dd.prepare_run("big")), 21)
         self.assertEqual(self.successResultOf(self.dd.prepare_run("new")), 0)
         self.successResultOf(self.dd.save("new", 0, 0, None, []))
@@ -175,7 +176,7 @@ class IndexTests(unittest.TestCase):
         names = json.loads(self.get("spectra_list"))
         self.assertEqual(names[0], "b000042_s000000_light.pico")
         self.assertNotIn("b000000_s000000_dark.pico", names)
-        self.assertEqual(len(names), 20000)
+        self.assertEqual(len(names), 5000)
         self.assertEqual(len(self.scans), 1, self.scans)
         # a run made and one removed by hand
         os.makedirs(os.path.join(self.root, "byhand"))
@@ -289,3 +290,67 @@ class ListingWireTests(ServerTestCase):
         for what in ("name", "current_batch", "spectra_list"):
             r = await self.request("GET", f"data_dir/runs/plain/{what}")
             self.assertEqual(r.code, aiocoap.NOT_FOUND)
+
+
+LONG = bool(os.environ.get("PICCOLO_LONG"))
+
+
+class ScaleWireTests(ServerTestCase):
+    """A big data directory over the wire: the answers of a listing, and no
+    request lists a directory once the index is built (issue 13). 20,000
+    files and 200 runs here; PICCOLO_LONG=1: 100,000 files and 5,000 runs."""
+
+    batches, per_batch, runs = (100, 500, 5000) if LONG else (20, 500, 200)
+
+    def populate(self, datadir):
+        self.big = FakeRun(datadir, "big", self.batches, self.per_batch)
+        for i in range(self.runs):
+            os.makedirs(os.path.join(datadir, f"run{i:05d}"))
+        # recorded a while ago, big last
+        order = sorted(os.listdir(datadir), key=lambda n: (n == "big", n))
+        for i, name in enumerate(order + [""]):
+            os.utime(os.path.join(datadir, name), (1e9 + i, 1e9 + i))
+
+    @coro
+    async def test_listings_from_the_index(self):
+        for _ in range(500):
+            if self.service.datadir._built:
+                break
+            await asyncio.sleep(0.02)
+        calls = []
+        real_scandir, real_listdir = os.scandir, os.listdir
+
+        def scandir(path="."):
+            calls.append(("scandir", path))
+            return real_scandir(path)
+
+        def listdir(path="."):
+            calls.append(("listdir", path))
+            return real_listdir(path)
+        self.patch(os, "scandir", scandir)
+        self.patch(os, "listdir", listdir)
+        names = await self.get("data_dir/runs/big/spectra_list")
+        self.assertEqual(names, self.big.names)
+        self.assertEqual(await self.get("data_dir/runs/big/current_batch"),
+                         self.batches - 1)
+        raw = b'[[], {"alpha": false, "reverse": false, "nitems": null, "page": 0}]'
+        r = await self.request("PUT", "data_dir/all_runs", raw=raw)
+        runs = json.loads(r.payload)
+        self.assertEqual(len(runs), self.runs + 1)
+        self.assertEqual(runs[:2], ["run00000", "run00001"])       # oldest first
+        self.assertEqual(runs[-1], "big")
+        page = await self.put("data_dir/all_runs",
+                              [[], {"alpha": True, "reverse": True, "nitems": 10, "page": 1}])
+        self.assertEqual(page, sorted(runs, reverse=True)[10:20])
+        self.assertEqual(await self.get("data_dir/runs/run00007/current_batch"), -1)
+        r = await self.request("PUT", "data_dir/runs/big/spectra", [self.big.names[5]])
+        self.assertEqual(json.loads(json.loads(r.payload)), {"Spectra": []})
+        # a batch into the big run continues its numbering, listed at once
+        await self.put("control/record_sequence", {"run": "big", "nsequence": 1, "auto": -1})
+        await self.wait_for("control/status", lambda s: s == "idle")
+        self.assertEqual(await self.get("data_dir/runs/big/current_batch"), self.batches)
+        names = await self.get("data_dir/runs/big/spectra_list")
+        self.assertEqual(names[:2], [f"b{self.batches:06d}_s000000_light.pico",
+                                     f"b{self.batches:06d}_s000000_dark.pico"])
+        self.assertEqual(names[2:], self.big.names)
+        self.assertEqual(calls, [])
