@@ -27,6 +27,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import struct
 import sys
 import tempfile
 import time
@@ -177,7 +178,8 @@ class Server:
 
 
 DEFAULT_QUOTA = False       # --cpu-quota: every server in the quota
-CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak")
+CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak",
+         "scale")
 
 
 def status_during(server, start_batch, rate=50):
@@ -271,6 +273,138 @@ def cold_rows(runs, quick, cpu_quota):
     if cpu_quota:
         row(f"  periods throttled during {label}",
             [r["throttled"][0] for r in results], "", fmt="{:.0f}")
+
+
+def make_season(root, files=100_000, runs=5000):
+    """A season of data: one run of ``files`` .pico files (hard links of a
+    few real ones: fast to make) and ``runs`` other runs, all recorded a
+    while ago. Returns (the big run's name, seconds taken)."""
+    t0 = time.perf_counter()
+    big = os.path.join(root, "big")
+    os.makedirs(big)
+    source = None
+    n = 0
+    for b in range(files // 1000 + 1):
+        for sq in range(500):
+            for kind in ("dark", "light"):
+                if n == files:
+                    break
+                path = os.path.join(big, f"b{b:06d}_s{sq:06d}_{kind}.pico")
+                if n % 50000 == 0:          # ext4 allows 65,000 links
+                    with open(path, "w") as f:
+                        f.write('{"Spectra":[]}')
+                    source = path
+                else:
+                    os.link(source, path)
+                n += 1
+    for i in range(runs):
+        os.mkdir(os.path.join(root, f"run{i:05d}"))
+    for i, name in enumerate(sorted(os.listdir(root), key=lambda x: (x == "big", x))):
+        os.utime(os.path.join(root, name), (1e9 + i, 1e9 + i))
+    return "big", time.perf_counter() - t0
+
+
+def first_block(port, path, method=1, payload=b"", timeout=5.0):
+    """Milliseconds until the first block of the answer (Block2 0, 1 KiB)."""
+    sock = loadclient._socket("::1", port)
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    mid = int.from_bytes(os.urandom(2), "big")
+    try:
+        t0 = time.perf_counter()
+        sock.send(loadclient.encode_request(mid, path, code=method, token=b"\x51",
+                                            payload=payload, block2=(0, 6)))
+        while True:
+            data = sock.recv(65536)
+            if struct.unpack_from("!H", data, 2)[0] == mid:
+                break
+        ms = (time.perf_counter() - t0) * 1000
+        code = data[1]
+        assert code in (0x44, 0x45), f"{path}: code {code >> 5}.{code & 31:02d}"
+        return ms
+    finally:
+        sock.close()
+
+
+def index_built(server, timeout=120.0):
+    """Seconds the server logged for building its index."""
+    deadline = time.monotonic() + timeout
+    log = os.path.join(server.datadir, "server.log")
+    while time.monotonic() < deadline:
+        with open(log, errors="replace") as f:
+            for line in f:
+                if "index of" in line and "built in" in line:
+                    return float(line.rsplit("built in", 1)[1].split()[0])
+        time.sleep(0.1)
+    raise RuntimeError("the server never logged its index")
+
+
+def scale_rows(runs, quick):
+    """Issue 13: 100,000 files in a run and 5,000 runs."""
+    files, nruns = (20_000, 1000) if quick else (100_000, 5000)
+    base = Server().start()
+    try:
+        base.wait_connected()
+        time.sleep(1.0)
+        rss_empty = base.rss_mib()
+    finally:
+        base.stop()
+    builds, rss, firsts, status = [], [], {}, []
+    client = b'[[], {"alpha": false, "reverse": false, "nitems": null, "page": 0}]'
+    for _ in range(runs):
+        root = tempfile.mkdtemp(prefix="piccolo-bench-scale-")
+        big, made = make_season(root, files, nruns)
+        server = Server(datadir=root).start()
+        try:
+            builds.append(index_built(server))
+            server.wait_connected()
+            time.sleep(1.0)                 # the big listing is encoded after the build
+            rss.append(server.rss_mib())
+            for label, path, method, payload in (
+                    ("spectra_list", f"/data_dir/runs/{big}/spectra_list", 1, b""),
+                    ("current_batch", f"/data_dir/runs/{big}/current_batch", 1, b""),
+                    ("all_runs", "/data_dir/all_runs", 3, client)):
+                times = sorted(first_block(server.port, path, method, payload)
+                               for _ in range(20))
+                firsts.setdefault(label, []).append((statistics.median(times), times[-1]))
+            # status at 50/s while a client pulls the whole listing, twice
+            import threading
+            out = {}
+            done = threading.Event()
+            t = threading.Thread(target=lambda: out.update(loadclient.open_loop(
+                "::1", server.port, "/control/status", rate=50, duration=300.0, stop=done)))
+            t.start()
+            try:
+                time.sleep(0.2)
+                for _ in range(2):
+                    code, body, blocks = loadclient.fetch(
+                        "::1", server.port, f"/data_dir/runs/{big}/spectra_list", timeout=10)
+                    assert len(json.loads(body)) == files, "listing incomplete"
+            finally:
+                done.set()
+                t.join()
+            status.append(out)
+        finally:
+            server.stop()
+            shutil.rmtree(root, ignore_errors=True)
+    what = f"{files // 1000}k files in a run, {nruns} runs"
+    row(f"index build at start ({what})", [b * 1000 for b in builds], "ms")
+    row(f"RSS at start ({what})", rss, "MiB")
+    row(f"  index + listings over an empty server ({rss_empty:.1f} MiB)",
+        [r - rss_empty for r in rss], "MiB", "<= 15", lambda m: m <= 15)
+    for label, values in firsts.items():
+        row(f"first block of {label} ({what}): median",
+            [m for m, _ in values], "ms", "<= 20", lambda m: m <= 20, fmt="{:.2f}")
+        row(f"first block of {label} ({what}): max of 20",
+            [x for _, x in values], "ms", fmt="{:.2f}")
+    row(f"GET /control/status at 50/s while pulling the {files // 1000}k listing: p99",
+        [r["p99_ms"] for r in status], "ms", fmt="{:.2f}")
+    row(f"GET /control/status at 50/s while pulling the {files // 1000}k listing: max",
+        [r["max_ms"] for r in status], "ms", "<= 10", lambda m: m <= 10, fmt="{:.2f}")
+    lost = sum(r["lost"] for r in status)
+    if lost:
+        row("  lost requests while pulling the listing", lost, "", "0", lambda m: m == 0,
+            fmt="{:.0f}")
 
 
 def med(values):
@@ -368,16 +502,11 @@ def main():
             else:
                 print(f"  (no writable {CGROUP_CPU}: the 0.25-core case is skipped)")
 
-    # -- abort and SIGTERM inside a 10 s integration ---------------------------
-    if want("stop"):
-        times = [stop_times() for _ in range(runs)]
-        row("abort inside a 10 s integration: to idle, shutters closed",
-            [a * 1000 for a, _ in times], "ms", "<= 1000", lambda m: m <= 1000)
-        row("SIGTERM inside a 10 s integration: to exit", [t for _, t in times], "s",
-            "<= 5", lambda m: m <= 5, fmt="{:.2f}")
-
-    if wanted & set(CASES[3:]):
+CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak",
+         "scale")
         server_cases(a, runs, want)
+    if want("scale"):
+        scale_rows(runs, a.quick)
     missed = [r for r in ROWS if r[4] == "MISSED"]
     print(f"{len(ROWS)} figures, {len(missed)} targets missed")
     return 1 if missed else 0

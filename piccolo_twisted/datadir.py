@@ -155,6 +155,7 @@ class DataDir:
         self.mounts_file = mounts_file
         self._run = run_command or commands.run
         self.pool = None
+        self._trigger = None
         if to_thread is None:
             self.pool = ThreadPool(minthreads=0, maxthreads=FILE_THREADS,
                                    name="piccolo-files")
@@ -200,18 +201,29 @@ class DataDir:
                 self.current_run.set(max(runs, key=lambda r: (runs[r], r)))
             run = self.current_run.value
             if run not in runs:
-                run_fd, _ = runindex.open_run(fd, run, create=True)
                 try:
-                    runs[run] = os.fstat(run_fd).st_mtime_ns
-                finally:
-                    os.close(run_fd)
+                    run_fd, _ = runindex.open_run(fd, run, create=True)
+                except runindex.NoSuchRun:
+                    # a file or symlink of that name: serve anyway, a batch
+                    # into it ends with a fault saying why
+                    self.log.warn("{run} in {root} is not a directory",
+                                  run=run, root=root)
+                else:
+                    try:
+                        runs[run] = os.fstat(run_fd).st_mtime_ns
+                    finally:
+                        os.close(run_fd)
                 root_mtime = None
         finally:
             os.close(fd)
         self._root_mtime = root_mtime
         self._runs = {name: _Run(mtime) for name, mtime in runs.items()}
         if self.pool is not None and not self.pool.started:
+            from twisted.internet import reactor
             self.pool.start()
+            # like the reactor's own pool: stopped at shutdown at the latest
+            self._trigger = reactor.addSystemEventTrigger("during", "shutdown",
+                                                          self.stop)
         self.log.info("data directory {path}, current run {run}",
                       path=root, run=self.current_run.value)
         self._build(list(runs))
@@ -246,12 +258,15 @@ class DataDir:
         return d
 
     def _prewarm(self):
-        """Encode the big listings once now (the current run first, then
-        the largest), so that no first request waits for it."""
+        """Encode the big listings once now (all_runs in the clients' order,
+        the current run, then the largest runs), so that no first request
+        waits for it."""
         current = self.current_run.value
         big = sorted(((len(e.keys), name) for name, e in self._runs.items()
                       if e.keys is not None and len(e.keys) > SMALL_LIST),
                      key=lambda t: (t[1] != current, -t[0]))
+        d = defer.Deferred.fromCoroutine(self._sorted_runs(False, False))
+        d.addErrback(lambda f: self.log.failure("sorting the runs failed", f))
         budget = BODY_CACHE_BYTES
         for n, name in big:
             budget -= n * 29
@@ -263,7 +278,12 @@ class DataDir:
     def stop(self):
         """Stop the file pool (after the last write: service stop)."""
         if self.pool is not None and self.pool.started and not self.pool.joined:
+            from twisted.internet import reactor
             self.pool.stop()
+            try:
+                reactor.removeSystemEventTrigger(self._trigger)
+            except (ValueError, KeyError):
+                pass            # it is the trigger running
 
     # -- the index, reactor side ---------------------------------------------
 
