@@ -502,8 +502,15 @@ def main():
             else:
                 print(f"  (no writable {CGROUP_CPU}: the 0.25-core case is skipped)")
 
-CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak",
-         "scale")
+    # -- abort and SIGTERM inside a 10 s integration ---------------------------
+    if want("stop"):
+        times = [stop_times() for _ in range(runs)]
+        row("abort inside a 10 s integration: to idle, shutters closed",
+            [a * 1000 for a, _ in times], "ms", "<= 1000", lambda m: m <= 1000)
+        row("SIGTERM inside a 10 s integration: to exit", [t for _, t in times], "s",
+            "<= 5", lambda m: m <= 5, fmt="{:.2f}")
+
+    if wanted & set(CASES[3:-1]):
         server_cases(a, runs, want)
     if want("scale"):
         scale_rows(runs, a.quick)
