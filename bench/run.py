@@ -8,6 +8,7 @@ median of 3 runs with min-max, beside its target.
     python bench/run.py --quick         # 1 run each, short phases
     python bench/run.py --only cold-auto                # one case alone
     python bench/run.py --only cold-auto --cpu-quota    # the server on 0.25 core
+    python bench/run.py --only emulated    # overhead: USB-emulated vs simulated
 
 ``--cpu-quota`` runs every server the benchmark starts in a cgroup v1 CPU
 quota of 0.25 core (``cpu.cfs_quota_us = 2500`` per ``cpu.cfs_period_us =
@@ -97,8 +98,11 @@ class Server:
     """The server as a child process on [::1]:<free port>; with
     ``cpu_quota`` in a 0.25-core cgroup."""
 
-    def __init__(self, datadir=None, env=None, cpu_quota=None):
+    def __init__(self, datadir=None, env=None, cpu_quota=None, args=(),
+                 names=(QEP, FLAME)):
         self.port = free_port()
+        self.args = list(args)
+        self.names = names
         self.own_dir = datadir is None
         self.datadir = datadir or tempfile.mkdtemp(prefix="piccolo-bench-")
         self.env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", **(env or {}))
@@ -111,7 +115,8 @@ class Server:
         self.log = open(os.path.join(self.datadir, "server.log"), "ab")
         self.proc = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", "piccolo", "--address", "::1",
-                      "--port", str(self.port), "--data-dir", self.datadir],
+                      "--port", str(self.port), "--data-dir", self.datadir]
+            + self.args,
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=self.cpu_quota.enter if self.cpu_quota else None)
         while time.perf_counter() - t0 < timeout:
@@ -153,13 +158,13 @@ class Server:
 
     def wait_connected(self):
         for _ in range(200):
-            if all(self.call("GET", f"/spectrometer/{s}/status") == 6 for s in (QEP, FLAME)):
+            if all(self.call("GET", f"/spectrometer/{s}/status") == 6 for s in self.names):
                 return
             time.sleep(0.05)
         raise RuntimeError("spectrometers did not connect")
 
     def set_times(self, ms):
-        for s in (QEP, FLAME):
+        for s in self.names:
             for ch in CHANNELS:
                 self.call("PUT", f"/spectrometer/{s}/current_time/{ch}", ms)
 
@@ -179,7 +184,52 @@ class Server:
 
 DEFAULT_QUOTA = False       # --cpu-quota: every server in the quota
 CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak",
-         "scale")
+         "scale", "emulated")
+SERVER_CASES = ("get", "batch", "overhead", "fetch", "soak")
+
+EMULATED_SERVER = """[seabreeze]
+emulate = QEPRO:QEP01234, USB2000PLUS:FLMT05678
+"""
+EMULATED_INSTRUMENT = """[channels]
+  [[shutter_1]]
+    direction = upwelling
+  [[shutter_2]]
+    direction = downwelling
+[spectrometers]
+  [[QEP01234]]
+  [[FLMT05678]]
+"""
+
+
+def emulated_server():
+    """The server on USB-emulated devices: seabreeze (pyseabreeze, pyusb)
+    and the device protocols in the path."""
+    confdir = tempfile.mkdtemp(prefix="piccolo-bench-emu-")
+    cfg, ins = os.path.join(confdir, "piccolo.cfg"), os.path.join(confdir, "piccolo.config")
+    with open(cfg, "w") as f:
+        f.write(EMULATED_SERVER)
+    with open(ins, "w") as f:
+        f.write(EMULATED_INSTRUMENT)
+    server = Server(args=["-c", cfg, "-i", ins], names=("S_QEP01234", "S_FLMT05678"))
+    server.confdir = confdir
+    return server
+
+
+def emulated_rows(runs, quick):
+    """Per-channel acquisition overhead on the simulator and on the USB
+    emulator side by side (same integration times, same batch)."""
+    for label, make in (("simulated", Server), ("USB-emulated", emulated_server)):
+        server = make().start()
+        try:
+            server.wait_connected()
+            for ms, n in ((20, 20), (200, 10)):
+                values = [sequence_overhead(server, ms, n if not quick else 3)
+                          for _ in range(runs)]
+                row(f"sequence overhead per channel at {ms} ms, {label}", values, "ms")
+        finally:
+            server.stop()
+            if hasattr(server, "confdir"):
+                shutil.rmtree(server.confdir, ignore_errors=True)
 
 
 def status_during(server, start_batch, rate=50):
@@ -510,10 +560,12 @@ def main():
         row("SIGTERM inside a 10 s integration: to exit", [t for _, t in times], "s",
             "<= 5", lambda m: m <= 5, fmt="{:.2f}")
 
-    if wanted & set(CASES[3:-1]):
+    if wanted & set(SERVER_CASES):
         server_cases(a, runs, want)
     if want("scale"):
         scale_rows(runs, a.quick)
+    if want("emulated"):
+        emulated_rows(runs, a.quick)
     missed = [r for r in ROWS if r[4] == "MISSED"]
     print(f"{len(ROWS)} figures, {len(missed)} targets missed")
     return 1 if missed else 0

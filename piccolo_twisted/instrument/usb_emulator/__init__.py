@@ -63,6 +63,10 @@ def install():
 def add_device(model, serial, optics, time_scale=1.0):
     """Plug an emulated ``model`` with ``serial`` into the bus."""
     install()
+    with BUS.lock:
+        same = [d for d in BUS.devices if d.serial == serial]
+    for old in same:             # a serial number is one device
+        remove_device(old)
     return BUS.attach(MODELS[model](serial, optics, time_scale=time_scale))
 
 
