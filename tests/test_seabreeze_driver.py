@@ -29,7 +29,7 @@ class EmulatedCase(unittest.SynchronousTestCase):
         return device
 
     def open(self, emulated):
-        dev = SeabreezeDevice(emulated.serial)
+        dev = SeabreezeDevice(emulated.serial, time_scale=emulated.detector.sim.time_scale)
         info = dev.open()
         self.addCleanup(dev.close)
         return dev, info
@@ -116,6 +116,27 @@ class LabellingTests(EmulatedCase):
     def test_usb2000plus(self):
         self.check_labels(self.plug("USB2000PLUS", "USB2+"), [60, 1, 150, 150, 40])
 
+    def test_usb2000plus_host_stalled_between_reads(self):
+        """The host stalls (GIL, load) after the stale read for longer than
+        the clean integration: the device has moved on to the idle time;
+        the driver notices and still returns a spectrum integrated at
+        the time it asked for."""
+        u = self.plug("USB2000PLUS", "USB2+")
+        dev, info = self.open(u)
+        set_time = dev.set_integration_time
+        stalls = []
+
+        def stalling(ms):
+            set_time(ms)
+            if ms == info.min_time and not stalls:
+                stalls.append(ms)
+                time.sleep(0.2 * SCALE * 1.5)       # 1.5 x the 200 ms integration
+        dev.set_integration_time = stalling
+        reading = acquire_clean(dev, 200, info.min_time)
+        self.assertEqual(stalls, [info.min_time])
+        self.assertEqual(u.sent[-1].micros, 200000)
+        self.assertEqual(reading.integration_time, 200)
+
     def test_naive_two_reads_mislabel_a_qepro(self):
         """Why the QE Pro needs its own procedure: set the long time, read,
         set the idle time, read again -- the reads come out of the
@@ -123,7 +144,11 @@ class LabellingTests(EmulatedCase):
         q = self.plug("QEPRO", "QEP")
         dev, info = self.open(q)
         dev.set_integration_time(info.min_time)
-        time.sleep(0.05)
+        while True:                 # what it buffered before runs out
+            dev.read()
+            if q.sent[-1].micros == 8000:
+                break
+        time.sleep(0.05)            # more are buffered at the idle time
         dev.set_integration_time(100)
         dev.read()
         dev.set_integration_time(info.min_time)

@@ -102,7 +102,8 @@ def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
             device = bus.device(sc.serial)
         else:
             from .seabreeze_driver import SeabreezeDevice
-            device = SeabreezeDevice(sc.serial)
+            device = SeabreezeDevice(
+                sc.serial, time_scale=time_scale if sc.serial in emulated else 1.0)
         devices.append(Spectrometer(sc, config.channel_names, device, clock,
                                     gpio=gpio, to_thread=to_thread))
     spectrometers = Spectrometers(devices, config.channel_names, clock)

@@ -22,6 +22,10 @@ A spectrum is labelled with the integration time it was integrated at:
 - a device without a buffer (USB2000+, Flame-S: a new integration time
   applies from the next integration) reads twice: the first read is the
   integration in progress at the request (stale), the second began after it.
+  The idle time is set between the two reads; if the host took longer
+  than half the clean integration to ask for it (a stall), the device may
+  have moved on to the idle time, and the spectrum is taken again at the
+  requested time throughout.
 """
 
 import struct
@@ -61,8 +65,10 @@ def obp_command(msg_type):
 class SeabreezeDevice:
     """An Ocean Optics spectrometer opened by serial number."""
 
-    def __init__(self, serial):
+    def __init__(self, serial, time_scale=1.0):
         self.serial = serial
+        #: device seconds per host second (emulated devices run faster)
+        self.time_scale = time_scale
         self.spec = None
         self._tec = None
         self._buffer = None          # "metadata", "clear" or None
@@ -179,16 +185,28 @@ class SeabreezeDevice:
         not_before = time.monotonic()
         if self._buffer == "metadata":
             return self._acquire_metadata(ms, idle_ms, not_before)
+        self.set_integration_time(ms)
         if self._buffer == "clear":
-            self.set_integration_time(ms)
             self._call(self.spec.f.data_buffer.clear)
-        else:
-            self.set_integration_time(ms)
-        # the read in progress at the request is stale: the next one is not
+        # the integration in progress at the request is stale; the one
+        # after it runs at ``ms``; the idle time is set for the one after
+        # that, before asking for the clean one -- which must still be in
+        # progress when asked for, or the answer is the idle integration
         self.read()
-        self.set_integration_time(idle_ms)
+        returned = time.monotonic()
+        if idle_ms != ms:
+            self.set_integration_time(idle_ms)
+        asked = time.monotonic()
+        if idle_ms == ms or asked - returned < ms / 1000.0 * self.time_scale * 0.5:
+            pixels, _, _ = self.read()
+            return Reading(pixels, ms, not_before, acquisitions=2)
+        # the host was too slow to be sure: integrate at ``ms`` throughout,
+        # take the next complete one, and only then go back to idling
+        self.set_integration_time(ms)
+        self.read()
         pixels, _, _ = self.read()
-        return Reading(pixels, ms, not_before, acquisitions=2)
+        self.set_integration_time(idle_ms)
+        return Reading(pixels, ms, not_before, acquisitions=5)
 
     def _obp_send(self, msg_type):
         protocol, raw = self._obp(self.spec)
