@@ -3,6 +3,7 @@
 import gc
 import os
 import sys
+import time
 
 from twisted.application import service
 from twisted.internet import defer
@@ -24,10 +25,14 @@ class PiccoloService(service.MultiService):
     SWITCH_INTERVAL = 0.001
 
     def __init__(self, settings, instrument, notes=(), clock=None,
-                 configure_logging=True, time_scale=1.0):
+                 configure_logging=True, time_scale=1.0, wall=None):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
+            # the reactor's seconds() count monotonic time (timers.py)
+            wall = wall or time.time
+        # dates (quiet times, job times) come from the wall clock
+        self.wall = wall or clock.seconds
         self.settings = settings
         self.instrument_config = instrument
         self.notes = list(notes)
@@ -58,7 +63,7 @@ class PiccoloService(service.MultiService):
         # the server's own files live out of the runs' reach
         self.scheduler = Scheduler(self.control,
                                    os.path.join(self.datadir.state_dir, DB_NAME),
-                                   self.clock)
+                                   self.clock, wall=self.wall)
         self.control.scheduler = self.scheduler
         self.components.update({
             "shutter": self.control.guard_hardware(self.instrument.shutters.resources()),

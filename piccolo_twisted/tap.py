@@ -100,7 +100,11 @@ def mount_data_device(settings, from_command_line):
 
 
 def makeService(options):
+    from twisted.internet import reactor
     from .service import PiccoloService
+    from .timers import monotonic_timers
+    # before anything schedules: wall-clock jumps must not move timers
+    monotonic_timers(reactor)
     # PICCOLO_TIME_SCALE speeds simulated integrations up (tests, benchmarks)
     scale = float(os.environ.get("PICCOLO_TIME_SCALE", "1") or 1)
     return PiccoloService(options.settings, options.instrument,

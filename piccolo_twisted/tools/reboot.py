@@ -3,7 +3,7 @@
 Held 5 s or longer: shutdown; shorter: reboot. The commands are
 configurable; ``--dry-run`` only logs. Runs on the reactor: the button's
 edges (gpiozero callbacks, in gpiozero's thread) are handed over with
-``callFromThread``; the hold time comes from the reactor clock.
+``callFromThread``; the hold time comes from the reactor clock (monotonic).
 """
 
 import argparse
@@ -61,6 +61,8 @@ def main(argv=None):
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
     from twisted.internet import reactor
     from ..instrument.gpio import GPIO
+    from ..timers import monotonic_timers
+    monotonic_timers(reactor)       # the hold time must not jump with NTP
 
     def run(cmd):
         return utils.getProcessOutputAndValue(cmd[0], cmd[1:])
