@@ -241,7 +241,15 @@ class ServerClockJumpTests(unittest.TestCase):
         os.makedirs(self.dir)
         self.datadir = os.path.join(self.dir, "data")
         self.port = free_port()
+        # the server looks its helper up on PATH before spawning it; the shim
+        # runs `true` in its place, this stand-in never runs for `date`
+        bindir = os.path.join(self.dir, "bin")
+        os.makedirs(bindir)
+        with open(os.path.join(bindir, "sudo"), "w") as f:
+            f.write("#!/bin/sh\necho \"stand-in sudo: not for $*\" >&2\nexit 1\n")
+        os.chmod(os.path.join(bindir, "sudo"), 0o755)
         env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", PICCOLO_TIME_SCALE="0.05",
+                   PATH=bindir + os.pathsep + os.environ.get("PATH", os.defpath),
                    PYTHONPATH=os.pathsep.join(
                        [os.path.join(HERE, "walljump")]
                        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
