@@ -354,3 +354,38 @@ class ScaleWireTests(ServerTestCase):
                                      f"b{self.batches:06d}_s000000_dark.pico"])
         self.assertEqual(names[2:], self.big.names)
         self.assertEqual(calls, [])
+
+
+class BuildAndSaveTests(unittest.TestCase):
+
+    def test_requests_wait_for_the_index(self):
+        root = os.path.abspath(self.mktemp())
+        FakeRun(root, "r", 1, 3)
+        held = []
+
+        def to_thread(f, *args, **kwargs):
+            if f is runindex.build:
+                d = defer.Deferred()
+                held.append(lambda: d.callback(f(*args, **kwargs)))
+                return d
+            return defer.maybeDeferred(f, *args, **kwargs)
+        dd = DataDir(root, to_thread=to_thread)
+        dd.prepare()
+        listing = dd.run_get("r", "spectra_list")
+        batch = dd.prepare_run("r")
+        self.assertNoResult(listing)
+        self.assertNoResult(batch)
+        held[0]()
+        self.assertEqual(len(json.loads(self.successResultOf(listing))), 6)
+        self.assertEqual(self.successResultOf(batch), 1)
+
+    def test_any_failure_fails_the_save(self):
+        root = os.path.abspath(self.mktemp())
+        dd = DataDir(root, to_thread=sync_thread)
+        dd.prepare()
+        bad = [{"Metadata": {}, "Pixels": [float("nan")]}]      # not JSON
+        f = self.failureResultOf(dd.save("r", 0, 0, "light", bad),
+                                 datadir_module.SaveFailed)
+        self.assertIn("b000000_s000000_light.pico", str(f.value))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertFalse(os.path.exists(os.path.join(root, "r")))     # nothing made
