@@ -41,6 +41,24 @@ def documented(text):
     return table
 
 
+DEFAULT_ROW = re.compile(r"^\|\s*`(/[^`<]*)`\s*\|[^`|]*`([^`]*)`")
+
+
+def defaults(text):
+    """{path: value} from the Defaults table: rows whose setting is a
+    concrete path and whose default starts with a JSON literal."""
+    section = text.split("## Defaults", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        m = DEFAULT_ROW.match(line)
+        if m:
+            try:
+                out[m.group(1)] = json.loads(m.group(2))
+            except ValueError:
+                pass        # a description, not a literal
+    return out
+
+
 def parse_core(payload):
     """[(path, observable)] from a CoRE link-format document."""
     links = []
@@ -110,6 +128,12 @@ class CheckerTests(unittest.TestCase):
                          ["/a/b is observable but not marked obs",
                           "/a/c is marked obs but the server does not list it so"])
 
+    def test_defaults_table(self):
+        table = defaults("x\n## Defaults\n| `/a` | **`-1`** (never) | `1` | |\n"
+                         "| `/b` | `0.0` s | | |\n| `/c/<x>` | `5` | | |\n"
+                         "| `/d` | the newest run | | |\n## Next\n| `/e` | `1` | |\n")
+        self.assertEqual(table, {"/a": -1, "/b": 0.0})
+
     def test_generalise(self):
         self.assertEqual(
             generalise("/spectrometer/S_x/current_time/up", {"S_x"}, {"up"}),
@@ -150,4 +174,18 @@ class ApiDocTests(ServerTestCase):
                     r = await self.request("GET", path.lstrip("/"))
                     self.assertEqual(str(r.code), "4.05 Method Not Allowed",
                                      (path, r.code, r.payload))
+        return as_deferred(check())
+
+    def test_defaults_are_the_servers(self):
+        """Every literal default in the Defaults table is what a freshly
+        started server answers (same JSON value and type)."""
+        async def check():
+            with open(API_MD, encoding="utf-8") as f:
+                table = defaults(f.read())
+            self.assertIn("/control/autointegration", table)
+            self.assertIn("/control/scheduler/powerDelay", table)
+            self.assertGreaterEqual(len(table), 10)
+            for path, value in sorted(table.items()):
+                got = await self.get(path.lstrip("/"))
+                self.assertEqual((path, got, type(got)), (path, value, type(value)))
         return as_deferred(check())
