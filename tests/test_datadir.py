@@ -349,11 +349,47 @@ class ScaleWireTests(ServerTestCase):
         await self.put("control/record_sequence", {"run": "big", "nsequence": 1, "auto": -1})
         await self.wait_for("control/status", lambda s: s == "idle")
         self.assertEqual(await self.get("data_dir/runs/big/current_batch"), self.batches)
-        names = await self.get("data_dir/runs/big/spectra_list")
-        self.assertEqual(names[:2], [f"b{self.batches:06d}_s000000_light.pico",
-                                     f"b{self.batches:06d}_s000000_dark.pico"])
-        self.assertEqual(names[2:], self.big.names)
+        first = await self.first_block("data_dir/runs/big/spectra_list")
+        new = [f"b{self.batches:06d}_s000000_light.pico",
+               f"b{self.batches:06d}_s000000_dark.pico"]
+        self.assertTrue(first.startswith(json.dumps(new + self.big.names[:5], separators=(",", ":"))[:-1].encode()))
         self.assertEqual(calls, [])
+        # copied in and removed by hand (as cp and rm would): seen at once,
+        # at the cost of one listing of that run
+        run = self.run_dir("big")
+        shutil.copy(os.path.join(run, self.big.names[0]),
+                    os.path.join(run, "b000999_s000000.pico"))
+        os.unlink(os.path.join(run, self.big.names[0]))
+        self.assertEqual(await self.get("data_dir/runs/big/current_batch"), 999)
+        first = await self.first_block("data_dir/runs/big/spectra_list")
+        expected = ["b000999_s000000.pico"] + new + self.big.names[1:6]
+        self.assertTrue(first.startswith(json.dumps(expected, separators=(",", ":"))[:-1].encode()))
+        os.mkdir(os.path.join(self.datadir, "byhand"))
+        self.assertIn("byhand", await self.put("data_dir/all_runs"))
+        self.assertTrue(calls)
+        self.assertEqual({c[0] for c in calls}, {"scandir"})
+        # listings just after a change are not trusted (a change in the same
+        # clock tick would not move the mtime); settled, none again
+        await asyncio.sleep(0.1)
+        await self.first_block("data_dir/runs/big/spectra_list")
+        await self.put("data_dir/all_runs")
+        del calls[:]
+        for _ in range(3):
+            first = await self.first_block("data_dir/runs/big/spectra_list")
+            self.assertTrue(first.startswith(json.dumps(expected, separators=(",", ":"))[:-1].encode()))
+            await self.get("data_dir/runs/big/current_batch")
+            await self.put("data_dir/all_runs")
+        self.assertEqual(calls, [])
+
+    async def first_block(self, path):
+        import aiocoap
+        from aiocoap.optiontypes import BlockOption
+        msg = aiocoap.Message(code=aiocoap.GET, uri=f"{self.base}/{path}")
+        msg.opt.block2 = BlockOption.BlockwiseTuple(0, False, 6)
+        r = await asyncio.wait_for(
+            self.ctx.request(msg, handle_blockwise=False).response, 10)
+        self.assertEqual(r.code, aiocoap.CONTENT)
+        return r.payload
 
 
 class BuildAndSaveTests(unittest.TestCase):
