@@ -117,7 +117,7 @@ class Transfer:
         self.resume_at = 0.0
 
 
-def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=64,
+def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
               every_block=True, pause=0.0, timeout=60.0, szx=6):
     """``n`` blockwise downloads of one resource from ``n`` ports, all in
     progress at once (round robin, ``window`` requests in flight), as CON

@@ -62,8 +62,8 @@ OBSERVE_CONFIRM = 24 * 3600.0  # RFC 7641 4.5: a CON notification at least this 
 AMPLIFICATION = 3              # unverified NON: response <= 3 x request (RFC 7252 11.3)
 VERIFIED_MAX = 4096            # hosts remembered as having done a CON exchange
 ECHO = 252                     # RFC 9175 Echo option
-MAX_PENDING = 512              # requests whose handler is still running
-MAX_PENDING_PER_HOST = 256     # of those, from one host address
+MAX_PENDING = 256              # requests whose handler is still running
+MAX_PENDING_PER_HOST = 64      # of those, from one host address
 BUSY_MAX_AGE = 2               # seconds a 5.03 "busy" asks a client to wait
 
 _LENGTH_LIMITS = {_tx.OBSERVE: 3, _tx.CONTENT_FORMAT: 2, _tx.ACCEPT: 2,
