@@ -345,9 +345,23 @@ class ScaleWireTests(ServerTestCase):
         self.assertEqual(await self.get("data_dir/runs/run00007/current_batch"), -1)
         r = await self.request("PUT", "data_dir/runs/big/spectra", [self.big.names[5]])
         self.assertEqual(json.loads(json.loads(r.payload)), {"Spectra": []})
-        # a batch into the big run continues its numbering, listed at once
+        # a batch into the big run continues its numbering, listed at once;
+        # its files are written in the data directory's own thread pool
+        # (not the reactor's, not a device's: issue 15.6)
+        import threading
+        from piccolo_twisted.acquisition import pico
+        writers = []
+        real_write = pico.write_atomic
+
+        def write_atomic(*args, **kwargs):
+            writers.append(threading.current_thread().name)
+            return real_write(*args, **kwargs)
+        self.patch(pico, "write_atomic", write_atomic)
         await self.put("control/record_sequence", {"run": "big", "nsequence": 1, "auto": -1})
         await self.wait_for("control/status", lambda s: s == "idle")
+        self.assertEqual(len(writers), 2)
+        for name in writers:
+            self.assertTrue(name.startswith("PoolThread-piccolo-files-"), name)
         self.assertEqual(await self.get("data_dir/runs/big/current_batch"), self.batches)
         first = await self.first_block("data_dir/runs/big/spectra_list")
         new = [f"b{self.batches:06d}_s000000_light.pico",
