@@ -8,6 +8,8 @@ the key and what is wrong, so that ``twistd`` can print it and exit.
 import ipaddress
 import math
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -109,14 +111,35 @@ def _validator():
     return Validator({"float": _finite_float, "float_list": _finite_float_list})
 
 
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _host_name(value):
+    """Does ``value`` read as a DNS host name (RFC 1123; the last label not
+    all digits, so ``999.1.1.1`` is no name)?"""
+    labels = value.rstrip(".").split(".")
+    return (0 < len(value) <= 253 and all(_HOST_LABEL.match(p) for p in labels)
+            and not labels[-1].isdigit())
+
+
 def check_address(value, where):
-    """An IPv4 or IPv6 address literal; ConfigError naming ``where``."""
+    """The address to listen on: an IPv4/IPv6 literal as it is, or a host
+    name resolved once at start (the legacy server accepted resolvable
+    names); anything else is a ConfigError naming ``where``."""
     try:
         ipaddress.ip_address(value)
+        return value
     except ValueError:
+        pass
+    if not _host_name(value):
         raise ConfigError(f"{where} {value!r} is not an IP address "
-                          f"(e.g. ::, 0.0.0.0, 127.0.0.1)") from None
-    return value
+                          f"(e.g. ::, 0.0.0.0, 127.0.0.1) or a host name")
+    try:
+        infos = socket.getaddrinfo(value, None, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"{where} cannot resolve {value!r}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+    return infos[0][4][0]
 
 
 def _load(path, spec, text=None):
@@ -179,13 +202,14 @@ def load_server_config(path=None, text=None):
     else:
         cfg = _load(path, SERVER_SPEC, text=text)
     name = path or "<string>"
-    check_address(cfg["coap"]["address"], f"{name}: [coap/address]")
-    if cfg["manhole"]["interface"]:
-        check_address(cfg["manhole"]["interface"], f"{name}: [manhole/interface]")
+    address = check_address(cfg["coap"]["address"], f"{name}: [coap/address]")
+    interface = cfg["manhole"]["interface"]
+    if interface:
+        interface = check_address(interface, f"{name}: [manhole/interface]")
     backend, emulate = _seabreeze(name, cfg["seabreeze"])
     return ServerConfig(
         instrument=cfg["config"],
-        address=cfg["coap"]["address"],
+        address=address,
         port=cfg["coap"]["port"],
         daemon=cfg["daemon"]["daemon"],
         pid_file=cfg["daemon"]["pid_file"],
@@ -197,7 +221,7 @@ def load_server_config(path=None, text=None):
         debug=cfg["logging"]["debug"],
         logfile=cfg["logging"]["logfile"],
         manhole_port=cfg["manhole"]["port"],
-        manhole_interface=cfg["manhole"]["interface"],
+        manhole_interface=interface,
         manhole_keys=cfg["manhole"]["keys"],
         seabreeze_backend=backend,
         emulate=emulate,

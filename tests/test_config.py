@@ -60,7 +60,7 @@ class TwistdConfigErrorTests(unittest.TestCase):
                                  'exist." >&2; exit 32')
         bin_none = os.path.abspath(self.mktemp())
         os.makedirs(bin_none)
-        srv = self.write("[coap]\naddress = not-an-address\n", "piccolo.cfg")
+        srv = self.write("[coap]\naddress = not an address\n", "piccolo.cfg")
         mnt = os.path.abspath(self.mktemp())
         os.makedirs(mnt)
         data = os.path.abspath(self.mktemp())
@@ -94,7 +94,7 @@ class TwistdConfigErrorTests(unittest.TestCase):
                          "        wavelengthCalibrationCoefficientsPiccolo = 1, nan\n")],
              None, ["wavelengthCalibrationCoefficientsPiccolo", "finite"]),
             (["--address", "999.1.1.1"], None, ["--address", "999.1.1.1"]),
-            (["-c", srv], None, [srv, "[coap/address]", "not-an-address"]),
+            (["-c", srv], None, [srv, "[coap/address]", "not an address"]),
             (["--manhole", "65536"], None, ["--manhole", "65536"]),
             (["--address", "::1", "--port", "0", "--manhole", "1", "--manhole-keys", keys],
              None, [keys, "no usable public key"]),
@@ -163,6 +163,32 @@ class InstrumentConfigTests(unittest.SynchronousTestCase):
         e = self.assertRaises(ConfigError, load_instrument_config, text=text)
         self.assertIn("[channels/shutter_3/close_pin] GPIO 22 is already used by "
                       "[channels/shutter_2/open_pin]", str(e))
+
+
+class AddressTests(unittest.SynchronousTestCase):
+
+    def test_literals_names_and_nonsense(self):
+        import socket
+        from piccolo_twisted.config import check_address
+        lookups = []
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, *a, **kw):
+            lookups.append(host)
+            if host != "localhost":     # never ask a DNS server from a test
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return real(host, *a, **kw)
+        self.patch(socket, "getaddrinfo", getaddrinfo)
+        for literal in ("::", "0.0.0.0", "::1", "fe80::1%lo", "192.168.1.20"):
+            self.assertEqual(check_address(literal, "x"), literal)
+        # legacy configs may name a host: resolved once, at start
+        self.assertIn(check_address("localhost", "x"), ("127.0.0.1", "::1"))
+        for bad in ("999.1.1.1", "1.2.3", "not an address", "a..b", "-x", ""):
+            e = self.assertRaises(ConfigError, check_address, bad, "[coap/address]")
+            self.assertIn("is not an IP address", str(e))
+        self.assertEqual(lookups, ["localhost"])       # nonsense is never looked up
+        e = self.assertRaises(ConfigError, check_address, "nosuchhost.invalid", "w")
+        self.assertIn("cannot resolve 'nosuchhost.invalid'", str(e))
 
 
 class ManholeKeysTests(unittest.SynchronousTestCase):
