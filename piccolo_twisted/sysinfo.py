@@ -11,11 +11,6 @@ from .errors import PiccoloError
 from .values import to_datetime
 
 
-def parse_datetime(value, name="date-time"):
-    """An ISO 8601 date-time (naive means UTC) -> aware UTC datetime."""
-    return to_datetime(value, name)
-
-
 def _read_cpu_times(path="/proc/stat"):
     with open(path) as f:
         fields = f.readline().split()[1:]

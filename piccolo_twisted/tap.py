@@ -7,6 +7,7 @@ from twisted.python import usage
 from .config import (ConfigError, bundled_instrument_config, check_address,
                      load_instrument_config, load_server_config)
 from .errors import PiccoloError
+from .values import to_int
 
 
 class Options(usage.Options):
@@ -18,9 +19,9 @@ class Options(usage.Options):
         ["config", "c", None, "server configuration file (e.g. /etc/piccolo.cfg)"],
         ["instrument", "i", None, "instrument configuration file (piccolo.config)"],
         ["address", None, None, "address to listen on (default ::)"],
-        ["port", None, None, "UDP port to listen on (default 5683)", int],
+        ["port", None, None, "UDP port to listen on (default 5683)"],
         ["data-dir", "o", None, "data directory (default ./piccolo_data)"],
-        ["manhole", None, None, "SSH manhole port (off unless given)", int],
+        ["manhole", None, None, "SSH manhole port (off unless given)"],
         ["manhole-keys", None, None, "authorized_keys file for the manhole"],
     ]
     optFlags = [
@@ -37,6 +38,14 @@ class Options(usage.Options):
             raise SystemExit(f"twistd piccolo: {e}") from None
 
 
+def _port(value, option):
+    """A port number from the command line (one line when it is not)."""
+    try:
+        return to_int(value, option, lo=0, hi=65535)
+    except PiccoloError:
+        raise ConfigError(f"{option}: {value!r} is not a port number") from None
+
+
 def resolve(options):
     """Server settings, instrument config and notes for the log, from the
     options and files."""
@@ -46,9 +55,7 @@ def resolve(options):
     if options.get("address") is not None:
         settings.address = check_address(options["address"], "--address")
     if options.get("port") is not None:
-        if not 0 <= options["port"] <= 65535:
-            raise ConfigError(f"--port: {options['port']} is not a port number")
-        settings.port = options["port"]
+        settings.port = _port(options["port"], "--port")
     if options.get("data-dir"):
         settings.datadir = options["data-dir"]
     if options.get("mount"):
@@ -56,9 +63,7 @@ def resolve(options):
     if options.get("debug"):
         settings.debug = True
     if options.get("manhole") is not None:
-        if not 0 <= options["manhole"] <= 65535:
-            raise ConfigError(f"--manhole: {options['manhole']} is not a port number")
-        settings.manhole_port = options["manhole"]
+        settings.manhole_port = _port(options["manhole"], "--manhole")
     if options.get("manhole-keys"):
         settings.manhole_keys = options["manhole-keys"]
     if settings.mount:

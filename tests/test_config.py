@@ -96,8 +96,11 @@ class TwistdConfigErrorTests(unittest.TestCase):
             (["--address", "999.1.1.1"], None, ["--address", "999.1.1.1"]),
             (["-c", srv], None, [srv, "[coap/address]", "not an address"]),
             (["--manhole", "65536"], None, ["--manhole", "65536"]),
+            (["--port", "abc"], None, ["--port", "'abc' is not a port number"]),
+            (["--manhole", "x"], None, ["--manhole", "'x' is not a port number"]),
             (["--address", "::1", "--port", "0", "--manhole", "1", "--manhole-keys", keys],
              None, [keys, "no usable public key"]),
+            (["--port", "5683x"], None, ["--port", "'5683x' is not a port number"]),
             (["-m", "-o", data], fake_path(bin_fail),
              ["--mount", "cannot mount",
               "special device /dev/piccolo-none does not exist"]),
@@ -106,7 +109,7 @@ class TwistdConfigErrorTests(unittest.TestCase):
 
     #: the cases run through a real twistd process (one of each kind); the
     #: rest go through the same option parsing in this process (cheaper)
-    SUBPROCESS = (0, 1, 5, 9, 12, 13, 14)
+    SUBPROCESS = (0, 1, 5, 9, 14, 15, 16, 17)
 
     def test_one_line_errors(self):
         cases, mnt = self.cases()
