@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from .coap.server import coap_service
 from .datadir import DataDir
-from .sysinfo import SysInfo
+from .sysinfo import Health, SysInfo
 
 
 class PiccoloService(service.MultiService):
@@ -73,6 +73,10 @@ class PiccoloService(service.MultiService):
             "control/scheduler": self.scheduler.resources(),
         })
         self.scheduler.timer.setServiceParent(self)
+        self.health = Health(self.datadir, self.clock, control=self.control,
+                             spectrometers=self.instrument.spectrometers,
+                             scheduler=self.scheduler)
+        self.components["sysinfo"].update(self.health.resources())
 
     def _build_manhole(self):
         self.manhole = None
@@ -142,6 +146,7 @@ class PiccoloService(service.MultiService):
         # first no new requests and no scheduler ticks: nothing may start a
         # batch while the running one is being ended
         yield super().stopService()
+        self.health.stop()
         try:
             yield self.control.shutdown()
         except Exception:

@@ -1,13 +1,21 @@
 """/sysinfo: host facts and the system clock."""
 
+import ctypes
+import ctypes.util
+import os
+import shutil
 import socket
+import time
 from datetime import datetime, timezone
 
+from twisted.internet import defer, task, threads
+from twisted.python import failure
 from twisted.logger import Logger
 
 from . import __version__, commands
 from .api import Resource
 from .errors import PiccoloError
+from .observable import Observable
 from .values import to_datetime
 
 
@@ -88,3 +96,410 @@ class SysInfo:
             "clock": Resource(get=self.get_clock, put=self.set_clock),
             "version": Resource(get=self.version),
         }
+
+
+# -- /sysinfo/health -------------------------------------------------------
+
+TIME_ERROR = 5          # adjtimex(2) return: the clock is not synchronised
+STA_UNSYNC = 0x0040     # timex.status bit: the kernel considers time unsynchronised
+
+
+class _Timex(ctypes.Structure):
+    """struct timex (linux/timex.h); the tail is padding the kernel may use."""
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long), ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time_sec", ctypes.c_long), ("time_usec", ctypes.c_long),
+        ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long), ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long), ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long), ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int),
+        ("_padding", ctypes.c_int * 16),
+    ]
+
+
+def kernel_clock_state():
+    """``(adjtimex return value, timex.status)`` read without changing
+    anything (modes = 0, no privileges needed); None where the call is not
+    available (not Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        adjtimex = libc.adjtimex
+    except (OSError, AttributeError):
+        return None
+    timex = _Timex()
+    state = adjtimex(ctypes.byref(timex))
+    if state < 0:
+        return None
+    return state, timex.status
+
+
+def clock_synchronised(state):
+    """The kernel's NTP verdict: synchronised unless adjtimex says
+    TIME_ERROR or the status has STA_UNSYNC (a Pi without network time);
+    None when unknown."""
+    if state is None:
+        return None
+    result, status = state
+    return result != TIME_ERROR and not status & STA_UNSYNC
+
+
+def system_uptime(path="/proc/uptime"):
+    try:
+        with open(path) as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+RATE_WINDOW = 3 * 86400     # days_left: the recording rate of the last 3 days
+MIN_RATE_SPAN = 3600        # ... measured over at least an hour
+
+
+class SpectraScan:
+    """Thread side: counts and sizes of the spectrum files under the data
+    directory, re-reading only run directories that changed (their mtime)
+    and only those touched within the rate window."""
+
+    def __init__(self, root, suffix=".pico"):
+        self.root = root
+        self.suffix = suffix
+        self._runs = {}         # run dir -> (dir mtime, [(mtime, size), ...])
+        self.newest = None      # mtime of the newest spectrum file seen
+
+    def _files(self, path, mtime, now):
+        cached = self._runs.get(path)
+        # a directory changed within the last seconds may change again
+        # within the file system's timestamp granularity: read it again
+        if cached is not None and cached[0] == mtime and now - mtime > 2.0:
+            return cached[1]
+        files = []
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(self.suffix) or entry.name.startswith("."):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    files.append((st.st_mtime, st.st_size))
+        except OSError:
+            return []
+        self._runs[path] = (mtime, files)
+        return files
+
+    def scan(self, now, day_start):
+        """``(files since day_start, bytes per day over the window or None)``."""
+        since = now - RATE_WINDOW
+        today = 0
+        recent_bytes = 0
+        oldest = None
+        seen = set()
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return 0, None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            seen.add(entry.path)
+            # a file is created by a link into its run directory, which
+            # updates the directory's mtime: an older directory holds no
+            # file of the window
+            if mtime < since and entry.path not in self._runs:
+                continue
+            for file_mtime, size in self._files(entry.path, mtime, now):
+                if self.newest is None or file_mtime > self.newest:
+                    self.newest = file_mtime
+                if file_mtime >= day_start:
+                    today += 1
+                if file_mtime >= since:
+                    recent_bytes += size
+                    oldest = file_mtime if oldest is None else min(oldest, file_mtime)
+        for gone in set(self._runs) - seen:
+            del self._runs[gone]
+        if not recent_bytes:
+            return today, None
+        span = max(now - oldest, MIN_RATE_SPAN)
+        return today, recent_bytes * 86400.0 / span
+
+
+class _WatchedObservable(Observable):
+    """An Observable that tells its owner when the first watcher comes and
+    the last one goes (health refreshes itself only while observed)."""
+
+    __slots__ = ("_on_watched",)
+
+    def __init__(self, on_watched):
+        super().__init__(None)
+        self._on_watched = on_watched
+
+    def watch(self, watcher):
+        super().watch(watcher)
+        if len(self._watchers) == 1:
+            self._on_watched(True)
+
+    def unwatch(self, watcher):
+        had = bool(self._watchers)
+        super().unwatch(watcher)
+        if had and not self._watchers:
+            self._on_watched(False)
+
+
+DISK_STEP = 0.005       # notify when free space moves by 0.5 % of the disk
+TEMPERATURE_STEP = 0.5  # ... or a temperature by half a degree
+
+
+def _iso(seconds):
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+
+
+class Health:
+    """``GET /sysinfo/health``: disk, recording rate, devices, clock, faults.
+
+    The file-system work and the kernel clock query run in a worker thread;
+    the result is cached for ``max_age`` seconds. While observed, it is
+    refreshed every ``max_age`` seconds and observers hear of meaningful
+    changes only (not every byte of free space or second of uptime).
+    """
+
+    log = Logger()
+
+    def __init__(self, datadir, clock, control=None, spectrometers=(),
+                 scheduler=None, max_age=5.0, to_thread=None,
+                 disk_usage=shutil.disk_usage, clock_state=kernel_clock_state,
+                 uptime=system_uptime, wall_time=time.time):
+        self.datadir = datadir
+        self.clock = clock
+        self.control = control
+        self.spectrometers = list(spectrometers)
+        self.scheduler = scheduler
+        self.max_age = max_age
+        self.to_thread = to_thread or threads.deferToThread
+        self.disk_usage = disk_usage
+        self.clock_state = clock_state
+        self.uptime = uptime
+        self.wall_time = wall_time
+        self.started = clock.seconds()
+        self.scan = SpectraScan(self._root())
+        self.observable = _WatchedObservable(self._watched)
+        self._value = None
+        self._published = None
+        self._stamp = None
+        self._pending = None
+        self._loop = None
+        self._errors = {s.serial: 0 for s in self.spectrometers}
+        self._temperatures = {}
+        self._last_batch = None
+        self._batch_files = None
+        for s in self.spectrometers:
+            s.status.watch(lambda status, s=s: self._status_changed(s, status))
+        if control is not None:
+            control.status.watch(self._control_status)
+
+    def _root(self):
+        path = getattr(self.datadir, "path", self.datadir)
+        return getattr(path, "path", path)
+
+    # -- reactor-side bookkeeping -----------------------------------------
+
+    def _status_changed(self, spectrometer, status):
+        from .instrument.spectrometer import DROPPED
+        if status == DROPPED:
+            self._errors[spectrometer.serial] = self._errors.get(spectrometer.serial, 0) + 1
+
+    def _control_status(self, status):
+        """A batch is complete when control comes back to idle having
+        written files, without a fault and without an abort."""
+        control = self.control
+        written = getattr(control, "files_written", None)
+        if status != "idle":
+            if self._batch_files is None:
+                self._batch_files = written
+            return
+        started_with, self._batch_files = self._batch_files, None
+        if written is None or started_with is None or written <= started_with:
+            return
+        if _value(getattr(control, "fault", "")) or getattr(control, "_abort", False):
+            return
+        self._last_batch = self.wall_time()
+
+    def _watched(self, watched):
+        if watched and self._loop is None:
+            self._loop = task.LoopingCall(self._refresh_quietly)
+            self._loop.clock = self.clock
+            self._loop.start(self.max_age, now=False)
+        elif not watched and self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+
+    def stop(self):
+        self._watched(False)
+
+    # -- the value ----------------------------------------------------------
+
+    def get(self):
+        if self._value is not None and self.clock.seconds() - self._stamp < self.max_age:
+            return self._value
+        return self.refresh()
+
+    def _refresh_quietly(self):
+        self.refresh().addErrback(lambda f: self.log.failure("health refresh failed", f))
+
+    def refresh(self):
+        """Recompute (one computation at a time); fires with the value."""
+        if self._pending is not None:
+            d = defer.Deferred()
+            self._pending.append(d)
+            return d
+        self._pending = []
+        now = self.wall_time()
+        day_start = datetime.fromtimestamp(now).astimezone().replace(
+            hour=0, minute=0, second=0, microsecond=0).timestamp()
+        probe = self.to_thread(self._probe, now, day_start)
+        temps = self._read_temperatures()
+        d = defer.gatherResults([probe, temps], consumeErrors=True)
+        d.addCallback(lambda results: self._publish(results[0], now))
+
+        def done(result):
+            waiting, self._pending = self._pending, None
+            for w in waiting:
+                if isinstance(result, failure.Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+            return result
+        d.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
+        return d.addBoth(done)
+
+    def _probe(self, now, day_start):
+        """Thread side: everything that touches the file system or the kernel."""
+        root = self.scan.root
+        try:
+            usage = self.disk_usage(root)
+            free, total = usage.free, usage.total
+        except OSError:
+            free = total = None
+        files_today, rate = self.scan.scan(now, day_start)
+        return {
+            "disk_free": free, "disk_total": total,
+            "files_today": files_today, "rate": rate,
+            "newest": self.scan.newest,
+            "clock_synchronised": clock_synchronised(self.clock_state()),
+            "uptime": self.uptime(),
+        }
+
+    def _read_temperatures(self):
+        """Current temperatures of idle TEC spectrometers (one device call
+        each, behind any running call); a busy one keeps its last reading."""
+        from .instrument.spectrometer import IDLE
+        calls = []
+        for s in self.spectrometers:
+            if not s.have_tec() or s.status.value != IDLE:
+                continue
+
+            def keep(value, serial=s.serial):
+                if isinstance(value, (int, float)):
+                    self._temperatures[serial] = float(value)
+            calls.append(defer.maybeDeferred(s.current_temperature)
+                         .addCallbacks(keep, lambda f: None))
+        return defer.gatherResults(calls)
+
+    def _spectrometers(self):
+        from .instrument.spectrometer import STATUS_NAMES
+        result = {}
+        for s in self.spectrometers:
+            status = s.status.value
+            errors = getattr(s, "error_count", None)
+            entry = {
+                "name": s.name,
+                "status": STATUS_NAMES.get(status, str(status)),
+                "status_code": status,
+                "errors": errors if isinstance(errors, int) else self._errors.get(s.serial, 0),
+                "last_error": getattr(s, "last_error", None),
+            }
+            if s.have_tec():
+                entry["temperature"] = self._temperatures.get(s.serial)
+            result[s.serial] = entry
+        return result
+
+    def _faults(self):
+        faults = {}
+        for name in ("scheduler", "datadir"):
+            fault = _value(getattr(getattr(self, name, None), "fault", None))
+            if fault:
+                faults[name] = fault if isinstance(fault, str) else str(fault)
+        return faults
+
+    def _publish(self, probe, now):
+        free, total, rate = probe["disk_free"], probe["disk_total"], probe["rate"]
+        last_batch = self._last_batch if self._last_batch is not None else probe["newest"]
+        value = {
+            "disk_free": free,
+            "disk_total": total,
+            "days_left": (round(free / rate, 1) if rate and free is not None else None),
+            "files_today": probe["files_today"],
+            "spectrometers": self._spectrometers(),
+            "clock_synchronised": probe["clock_synchronised"],
+            "uptime": probe["uptime"],
+            "server_uptime": round(self.clock.seconds() - self.started, 1),
+            "last_batch": _iso(last_batch),
+            "fault": _value(getattr(self.control, "fault", "")) or "",
+            "faults": self._faults(),
+            "time": _iso(now),
+        }
+        self._value = value
+        self._stamp = self.clock.seconds()
+        if self._published is None or self._differs(self._published, value):
+            self._published = value
+            self.observable.changed()
+        return value
+
+    @staticmethod
+    def _differs(old, new):
+        """Worth a notification? Everything counts but the running figures
+        (uptime, time) and small drifts measured from the value last told:
+        free space by less than DISK_STEP of the disk, days left by less
+        than a day, a temperature by less than TEMPERATURE_STEP."""
+        def moved(a, b, step):
+            if a is None or b is None:
+                return a is not b
+            return abs(a - b) >= step
+        total = new["disk_total"] or 0
+        if moved(old["disk_free"], new["disk_free"], DISK_STEP * total or 1):
+            return True
+        if moved(old["days_left"], new["days_left"], 1.0):
+            return True
+        if old["spectrometers"].keys() != new["spectrometers"].keys():
+            return True
+        for serial, entry in new["spectrometers"].items():
+            before = old["spectrometers"][serial]
+            if any(before.get(k) != entry.get(k) for k in entry if k != "temperature"):
+                return True
+            if moved(before.get("temperature"), entry.get("temperature"), TEMPERATURE_STEP):
+                return True
+        return any(old[k] != new[k] for k in
+                   ("disk_total", "files_today", "clock_synchronised", "last_batch",
+                    "fault", "faults"))
+
+    def resources(self):
+        return {"health": Resource(get=self.get, observe=self.observable)}
+
+
+def _value(thing):
+    """An attribute that may be an Observable or a plain value."""
+    return thing.value if isinstance(thing, Observable) else thing

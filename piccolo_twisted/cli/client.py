@@ -1,0 +1,201 @@
+"""A small asyncio CoAP client for the Piccolo API (aiocoap underneath).
+
+Every failure becomes a :class:`CliError` with one line a person can act on.
+"""
+
+import asyncio
+import json
+import urllib.parse
+
+import aiocoap
+from aiocoap.optiontypes import BlockOption
+
+DEFAULT_SERVER = "coap://localhost"
+TIMEOUT = 3.0           # seconds for an ordinary request
+TRANSFER_TIMEOUT = 60.0  # ... for a spectrum file (blockwise, ~100 round trips)
+
+
+class CliError(Exception):
+    """A one-line error for the person at the terminal; ``code`` is the exit status."""
+
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
+
+
+class Unreachable(CliError):
+    """No answer, or the network says nobody is there."""
+
+
+class Refused(CliError):
+    """The server answered with an error code (4.xx, 5.xx)."""
+
+
+class NotFound(Refused):
+    """4.04: no such resource (e.g. an unknown run)."""
+
+
+def split_server(url):
+    """``coap://host[:port]`` -> (scheme, netloc) checked; path ignored."""
+    if "://" not in url:
+        url = "coap://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("coap",) or not parts.hostname:
+        raise CliError(f"not a coap:// server address: {url}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class Client:
+    def __init__(self, server=DEFAULT_SERVER, timeout=TIMEOUT):
+        self.base = split_server(server)
+        self.timeout = timeout
+        self.ctx = None
+        self._extra = []
+
+    async def __aenter__(self):
+        self.ctx = await aiocoap.Context.create_client_context()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self):
+        contexts, self._extra = self._extra, []
+        if self.ctx is not None:
+            contexts.append(self.ctx)
+            self.ctx = None
+        for ctx in contexts:
+            await ctx.shutdown()
+
+    async def endpoint(self):
+        """Another client context (its own UDP port): the server caches a
+        blockwise body per (peer, path), so parallel transfers of one path
+        need separate endpoints."""
+        ctx = await aiocoap.Context.create_client_context()
+        self._extra.append(ctx)
+        return ctx
+
+    def message(self, code, path, payload=None, **options):
+        raw = b"" if payload is None else json.dumps(payload).encode("utf-8")
+        msg = aiocoap.Message(code=code, payload=raw, **options)
+        msg.set_request_uri(self.base)
+        msg.opt.uri_path = tuple(p for p in path.split("/") if p) \
+            if isinstance(path, str) else tuple(path)
+        return msg
+
+    async def _send(self, msg, timeout, ctx=None, **kw):
+        try:
+            return await asyncio.wait_for((ctx or self.ctx).request(msg, **kw).response,
+                                          timeout)
+        except asyncio.TimeoutError:
+            raise Unreachable(f"{self.base}: no answer within {timeout:g} s "
+                           f"(is the server running?)") from None
+        except aiocoap.error.NetworkError:
+            raise Unreachable(f"{self.base}: cannot reach the server "
+                           f"(is it running, is the address right?)") from None
+        except aiocoap.error.Error as e:
+            raise Unreachable(f"{self.base}: {_oneline(e)}") from None
+        except OSError as e:
+            raise Unreachable(f"{self.base}: {e.strerror or e}") from None
+
+    @staticmethod
+    def decode(response, what):
+        text = response.payload.decode("utf-8", "replace")
+        if not response.code.is_successful():
+            message = _oneline(text) or str(response.code)
+            if response.code == aiocoap.NOT_FOUND:
+                raise NotFound(f"{what}: {message}")
+            raise Refused(f"{what}: {message}")
+        if not response.payload:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise CliError(f"{what}: the server's answer is not JSON") from None
+
+    async def get(self, path, timeout=None):
+        msg = self.message(aiocoap.GET, path)
+        return self.decode(await self._send(msg, timeout or self.timeout), f"GET /{path}")
+
+    async def put(self, path, payload=None, timeout=None, ctx=None):
+        msg = self.message(aiocoap.PUT, path, payload)
+        return self.decode(await self._send(msg, timeout or self.timeout, ctx),
+                           f"PUT /{path}")
+
+    async def put_first_block(self, path, payload, ctx=None, timeout=None):
+        """A PUT asking for its answer's first 1024-byte block only:
+        ``(payload of block 0, more?, ETag or None, Size2 or None)``."""
+        msg = self.message(aiocoap.PUT, path, payload)
+        msg.opt.block2 = BlockOption.BlockwiseTuple(0, False, 6)
+        response = await self._send(msg, timeout or self.timeout, ctx,
+                                    handle_blockwise=False)
+        if not response.code.is_successful():
+            self.decode(response, f"PUT /{path}")
+        block = response.opt.block2
+        return (response.payload, bool(block and block.more), response.opt.etag,
+                response.opt.size2)
+
+    def observe(self, path):
+        """An :class:`Observation` of ``path`` (start it with ``await``)."""
+        return Observation(self, path)
+
+
+class Observation:
+    """Values of an observed resource, in order, through a queue. The
+    notifications are followed from the moment of the request, so the
+    latest one is never lost between the registration and the first read
+    (aiocoap keeps only the newest unread notification: Observe is lossy)."""
+
+    def __init__(self, client, path):
+        self.client = client
+        self.path = path
+        self.queue = asyncio.Queue()
+        self.request = None
+        self._pump = None
+
+    async def start(self):
+        msg = self.client.message(aiocoap.GET, self.path, observe=0)
+        self.request = self.client.ctx.request(msg)
+        notifications = self.request.observation.__aiter__()
+        self._pump = asyncio.ensure_future(self._forward(notifications))
+        try:
+            response = await asyncio.wait_for(self.request.response, self.client.timeout)
+        except asyncio.TimeoutError:
+            raise Unreachable(f"{self.client.base}: no answer within "
+                              f"{self.client.timeout:g} s (is the server running?)") from None
+        except aiocoap.error.NetworkError:
+            raise Unreachable(f"{self.client.base}: cannot reach the server "
+                              f"(is it running, is the address right?)") from None
+        except aiocoap.error.Error as e:
+            raise Unreachable(f"{self.client.base}: {_oneline(e)}") from None
+        return self.client.decode(response, f"GET /{self.path}")
+
+    async def _forward(self, notifications):
+        try:
+            while True:
+                self.queue.put_nowait(await notifications.__anext__())
+        except StopAsyncIteration:
+            self.queue.put_nowait(CliError("the server ended the observation"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.queue.put_nowait(e)
+
+    async def next(self, timeout=None):
+        """The next notified value; TimeoutError when none came in time."""
+        item = await asyncio.wait_for(self.queue.get(), timeout)
+        if isinstance(item, Exception):
+            raise Unreachable(f"observing /{self.path} ended: {_oneline(item)}")
+        return self.client.decode(item, f"GET /{self.path}")
+
+    def cancel(self):
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+        if self.request is not None and not self.request.observation.cancelled:
+            self.request.observation.cancel()
+
+
+def _oneline(thing):
+    text = str(thing).strip()
+    return text.splitlines()[0] if text else type(thing).__name__

@@ -1,0 +1,139 @@
+"""fetch: a run's spectrum files, byte-identical, atomically, resumable.
+
+``PUT /data_dir/runs/<run>/spectra`` answers a file's text as a JSON
+string; the file is that text in UTF-8. A file already here is compared
+without downloading it: the server tags a blockwise answer with an ETag
+(CRC-32 of the JSON body) and its size (Size2); the local file's JSON body
+must match both (and the first block byte for byte). Anything else is
+downloaded again.
+"""
+
+import asyncio
+import json
+import os
+import tempfile
+import zlib
+
+from .client import CliError, NotFound, TRANSFER_TIMEOUT
+
+
+def json_body(text):
+    """The server's JSON encoding of a file's text (compact, ASCII)."""
+    return json.dumps(text, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()        # read once, in the main thread (umask is process-wide)
+
+
+def write_atomically(path, data):
+    """Write ``data`` to a temporary file beside ``path`` and rename it:
+    an interrupted fetch leaves the whole file or none."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _local_body(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return json_body(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+async def same_as_server(client, ctx, run, name, path):
+    """True when the local file at ``path`` has the server's content."""
+    local = await asyncio.to_thread(_local_body, path)
+    if local is None:
+        return False
+    first, more, etag, size = await client.put_first_block(
+        f"data_dir/runs/{run}/spectra", name, ctx=ctx, timeout=TRANSFER_TIMEOUT)
+    if not more:
+        return first == local
+    return (local[:len(first)] == first and size == len(local)
+            and etag == zlib.crc32(local).to_bytes(4, "big"))
+
+
+async def fetch_file(client, ctx, run, name, path):
+    """Download one file unless it is here already; True if downloaded."""
+    if os.path.exists(path) and await same_as_server(client, ctx, run, name, path):
+        return False
+    text = await client.put(f"data_dir/runs/{run}/spectra", name,
+                            timeout=TRANSFER_TIMEOUT, ctx=ctx)
+    if not isinstance(text, str):
+        raise CliError(f"{run}/{name}: the server's answer is not a file's text")
+    await asyncio.to_thread(write_atomically, path, text.encode("utf-8"))
+    return True
+
+
+async def fetch(client, run, directory, jobs, err):
+    from tqdm import tqdm
+    if run is None:
+        runs = await client.put("data_dir/all_runs", {"alpha": True})
+    else:
+        runs = [run]
+    work = []
+    for r in runs:
+        try:
+            names = await client.get(f"data_dir/runs/{r}/spectra_list")
+        except NotFound:
+            raise CliError(f"fetch: unknown run {r!r}") from None
+        target = os.path.join(directory, r)
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as e:
+            raise CliError(f"fetch: cannot create {target}: {e.strerror}") from None
+        work.extend((r, n, os.path.join(target, n)) for n in names)
+    queue = asyncio.Queue()
+    for item in work:
+        queue.put_nowait(item)
+    counts = {"downloaded": 0, "present": 0}
+    bar = tqdm(total=len(work), unit="file", file=err, dynamic_ncols=True,
+               desc="fetch")
+
+    async def worker():
+        # each worker its own endpoint: the server keeps one blockwise body
+        # per (peer, path), and every file shares the path .../spectra
+        ctx = await client.endpoint()
+        while True:
+            try:
+                r, name, path = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                fetched = await fetch_file(client, ctx, r, name, path)
+            except OSError as e:
+                raise CliError(f"fetch: cannot write {path}: {e.strerror}") from None
+            counts["downloaded" if fetched else "present"] += 1
+            bar.update(1)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(jobs, len(work))))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+        bar.close()
+    print(f"{len(work)} files in {len(runs)} run{'s' if len(runs) != 1 else ''}: "
+          f"{counts['downloaded']} downloaded, {counts['present']} already here",
+          file=err)
+    return 0

@@ -1,0 +1,101 @@
+"""``piccolo3 [--server URL] COMMAND ...``: argument parsing and exit codes."""
+
+import argparse
+import asyncio
+import os
+import sys
+
+from .client import DEFAULT_SERVER, TIMEOUT, CliError
+
+# exit codes
+OK, ERROR, USAGE, FAULT, ABORTED = 0, 1, 2, 3, 4
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="piccolo3",
+        description="Operate a Piccolo spectrometer over CoAP.",
+        epilog="Exit status: 0 done, 1 error, 2 usage, 3 the batch stopped on "
+               "a fault, 4 the batch was aborted.")
+    parser.add_argument("--server", default=os.environ.get("PICCOLO_SERVER", DEFAULT_SERVER),
+                        help="coap://host[:port] (default $PICCOLO_SERVER or %(default)s)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+                        help="seconds to wait for an answer (default %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("status", help="one screen: control, spectrometers, shutters, jobs")
+    p.add_argument("--watch", action="store_true", help="follow changes (Ctrl-C ends)")
+    p.add_argument("--updates", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("record", help="record a batch and follow it")
+    p.add_argument("--run", required=True, help="run name")
+    p.add_argument("-n", "--nsequence", type=int, required=True, help="number of sequences")
+    p.add_argument("--auto", type=int, help="autointegrate: -1 never, 0 once, n every n-th")
+    p.add_argument("--delay", type=float, help="seconds between sequences")
+    p.add_argument("--target", type=int, help="autointegration target, percent of saturation")
+
+    p = sub.add_parser("fetch", help="copy spectrum files to this computer")
+    p.add_argument("run", nargs="?", help="run name")
+    p.add_argument("dir", help="destination: files go to DIR/<run>/")
+    p.add_argument("--all", action="store_true", help="every run")
+    p.add_argument("-j", "--jobs", type=int, default=4, help="transfers in flight (default 4)")
+
+    p = sub.add_parser("plot", help="plot .pico files (counts against wavelength)")
+    p.add_argument("files", nargs="+", metavar="FILE.pico")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("-o", "--output", metavar="OUT.png")
+    out.add_argument("--show", action="store_true", help="open a window")
+
+    sub.add_parser("jobs", help="the schedule in words")
+    sub.add_parser("health", help="disk, devices, clock, faults")
+    return parser
+
+
+async def run(argv, out=None, err=None, interactive=False):
+    """Run one command; returns the exit status. ``interactive``: Ctrl-C
+    during ``record`` asks whether to abort (needs the main thread)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else USAGE
+    try:
+        if args.command == "plot":
+            from .plot import plot
+            return plot(args.files, args.output, args.show, out)
+        if args.command == "fetch" and (args.all == bool(args.run)):
+            raise CliError("fetch: give RUN DIR, or --all DIR", USAGE)
+        from .client import Client
+        from . import commands
+        async with Client(args.server, args.timeout) as client:
+            if args.command == "status":
+                return await commands.status(client, out, args.watch, args.updates)
+            if args.command == "record":
+                return await commands.record(client, args, out, err, interactive)
+            if args.command == "fetch":
+                from .fetch import fetch
+                return await fetch(client, args.run, args.dir, args.jobs, err)
+            if args.command == "jobs":
+                return await commands.jobs(client, out)
+            if args.command == "health":
+                return await commands.health(client, out)
+    except CliError as e:
+        print(f"piccolo3: {e}", file=err)
+        return e.code
+    raise AssertionError(args.command)
+
+
+def main(argv=None):
+    try:
+        return asyncio.run(run(argv, interactive=True))
+    except KeyboardInterrupt:
+        print("piccolo3: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""plot: counts against wavelength from .pico files (matplotlib, Agg)."""
+
+import json
+
+from .client import CliError
+
+LINE = {False: "-", True: "--"}          # light solid, dark dashed
+
+
+def read_pico(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise CliError(f"{path}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CliError(f"{path}: not a .pico file (not JSON: {e})") from None
+    spectra = data.get("Spectra") if isinstance(data, dict) else None
+    if not isinstance(spectra, list) or not spectra:
+        raise CliError(f"{path}: not a .pico file (no \"Spectra\" list)")
+    for s in spectra:
+        if not (isinstance(s, dict) and isinstance(s.get("Metadata"), dict)
+                and isinstance(s.get("Pixels"), list)):
+            raise CliError(f"{path}: not a .pico file (a spectrum lacks Metadata or Pixels)")
+    return spectra
+
+
+def wavelengths(meta, n):
+    import numpy as np
+    coeffs = (meta.get("WavelengthCalibrationCoefficientsPiccolo")
+              or meta.get("WavelengthCalibrationCoefficients"))
+    pixels = np.arange(n, dtype=float)
+    if not coeffs:
+        return pixels, "pixel"
+    return np.polynomial.polynomial.polyval(pixels, [float(c) for c in coeffs]), \
+        "wavelength (nm)"
+
+
+def _joined(values):
+    values = sorted({str(v) for v in values if v is not None})
+    return ", ".join(values) if values else "?"
+
+
+def plot(files, output=None, show=False, out=None):
+    spectra = [(path, s) for path in files for s in read_pico(path)]
+    import matplotlib
+    if not show:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    serials = []
+    for _, s in spectra:
+        serial = s["Metadata"].get("SerialNumber", "?")
+        if serial not in serials:
+            serials.append(serial)
+    fig, axes = plt.subplots(len(serials), 1, figsize=(9, 3.2 * len(serials) + 0.8),
+                             squeeze=False)
+    panels = {serial: axes[i][0] for i, serial in enumerate(serials)}
+    saturation = {}
+    colours = {}            # one colour per direction, in every panel
+    for path, s in spectra:
+        meta = s["Metadata"]
+        serial = meta.get("SerialNumber", "?")
+        ax = panels[serial]
+        x, xlabel = wavelengths(meta, len(s["Pixels"]))
+        dark = bool(meta.get("Dark", meta.get("Type") == "dark"))
+        label = f"{meta.get('Direction', '?')} {'dark' if dark else 'light'}"
+        if meta.get("IntegrationTime") is not None:
+            label += f" ({meta['IntegrationTime']:g} ms)"
+        colour = colours.setdefault(meta.get("Direction"), f"C{len(colours)}")
+        ax.plot(x, s["Pixels"], LINE[dark], color=colour, linewidth=0.8, label=label)
+        ax.set_xlabel(xlabel)
+        if meta.get("SaturationLevel") is not None:
+            saturation[serial] = meta["SaturationLevel"]
+    for serial, ax in panels.items():
+        if serial in saturation:
+            ax.axhline(saturation[serial], color="red", linestyle=":", linewidth=1,
+                       label=f"saturation {saturation[serial]}")
+        ax.set_title(serial, fontsize=10)
+        ax.set_ylabel("counts")
+        ax.legend(fontsize=8, loc="upper right")
+    metas = [s["Metadata"] for _, s in spectra]
+    fig.suptitle(f"run {_joined(m.get('Run') for m in metas)}, "
+                 f"batch {_joined(m.get('Batch') for m in metas)}, "
+                 f"sequence {_joined(m.get('SequenceNumber') for m in metas)}")
+    fig.tight_layout()
+    if show:
+        plt.show()
+    else:
+        try:
+            fig.savefig(output, dpi=100)
+        except OSError as e:
+            raise CliError(f"{output}: {e.strerror}") from None
+        if out is not None:
+            print(f"wrote {output}", file=out)
+    plt.close(fig)
+    return 0
