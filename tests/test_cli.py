@@ -237,7 +237,13 @@ class CommandLineWireTests(ServerTestCase):
 class CommandLineLocalTests(unittest.SynchronousTestCase):
 
     def run_cli(self, *argv):
-        return asyncio.run(piccolo3(*argv))
+        # a loop of its own, never installed: asyncio.run() would leave the
+        # thread without the reactor's event loop for the tests after this
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(piccolo3(*argv))
+        finally:
+            loop.close()
 
     def test_plot_bad_files_one_line(self):
         tmp = self.mktemp()
