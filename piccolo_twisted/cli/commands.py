@@ -218,7 +218,9 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
         raise CliError(f"record: run {args.run} batch {batch} stopped: {fault}", 3)
     if aborted:
         raise CliError(f"record: run {args.run} batch {batch} aborted", 4)
-    print(f"run {args.run} batch {batch}: {args.nsequence} sequences recorded", file=out)
+    plural = "s" if args.nsequence != 1 else ""
+    print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} recorded",
+          file=out)
     return 0
 
 
@@ -262,7 +264,8 @@ def describe_job(job):
         extra = []
         for label, value in zip(("autointegration", "delay", "target"), args[2:5]):
             if value is not None:
-                extra.append(f"{label} {value}{' s' if label == 'delay' else ''}"
+                shown = f"{value:g}" if isinstance(value, (int, float)) else value
+                extra.append(f"{label} {shown}{' s' if label == 'delay' else ''}"
                              f"{' %' if label == 'target' else ''}")
         return text + (f" ({', '.join(extra)})" if extra else "")
     if what in ("power_on", "power_off"):

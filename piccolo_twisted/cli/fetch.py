@@ -111,8 +111,8 @@ async def fetch(client, run, directory, jobs, err):
                desc="fetch")
 
     async def worker():
-        # each worker its own endpoint: the server keeps one blockwise body
-        # per (peer, path), and every file shares the path .../spectra
+        # each worker its own endpoint: earlier servers kept one blockwise
+        # body per (peer, path), and every file shares the path .../spectra
         ctx = await client.endpoint()
         while True:
             try:
