@@ -326,9 +326,10 @@ def main():
     p.add_argument("--rate", type=float, default=2000, help="flood datagrams/s")
     a = p.parse_args()
     only = set(a.only.split(","))
-    server = _server().start()
-    dst = ("127.0.0.1", server.port)
+    server = _server()
     try:
+        server.start()
+        dst = ("127.0.0.1", server.port)
         time.sleep(1.0)
         name = _pico(server, dst)
         pico_req = json.dumps(name).encode()
