@@ -181,8 +181,9 @@ class DatesAndHelpersWireTests(ServerTestCase):
         # a sudo that works: the legacy commands, 2.04
         script(bin_dir, "sudo", f'printf "%s\\n" "$*" >> {calls}')
         self.use_path(bin_dir)
-        await self.put("sysinfo/clock", "2026-11-25T13:00:00+01:00")
-        await self.put("data_dir/mount", True)
+        # the payloads piccolo3-client sends: json.dumps([args, kwargs])
+        await self.put("sysinfo/clock", [["2026-11-25T13:00:00+01:00"], {}])
+        await self.put("data_dir/mount", [[True], {}])
         with open(calls) as f:
             self.assertEqual(f.read().splitlines(), [
                 "-n date -s 2026-11-25T12:00:00+0000",
