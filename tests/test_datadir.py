@@ -439,3 +439,26 @@ class BuildAndSaveTests(unittest.TestCase):
         self.assertIn("b000000_s000000_light.pico", str(f.value))
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertFalse(os.path.exists(os.path.join(root, "r")))     # nothing made
+
+
+class RacyListingTests(unittest.SynchronousTestCase):
+    """A listing taken in the same timestamp tick as the directory's last
+    change may miss a change made right after it: it is not trusted."""
+
+    def test_fresh_directory_listed_again(self):
+        root = os.path.abspath(self.mktemp())
+        FakeRun(root, "r", 1, 1)
+        mtime, listed, keys, _ = runindex.check_run(root, "r", None)
+        self.assertIsNone(listed)                   # just changed: list again
+        self.assertEqual(len(keys), 2)
+        os.utime(os.path.join(root, "r"), ns=(10**18 + 5, 10**18 + 5))
+        mtime, listed, keys, _ = runindex.check_run(root, "r", None)
+        self.assertEqual(listed, 10**18 + 5)
+        # the same mtime: no listing at all
+        self.assertEqual(runindex.check_run(root, "r", listed)[2], None)
+        # whole seconds (FAT, exFAT): trusted only 2.5 s after
+        self.patch(runindex.time, "time_ns", lambda: 10**18 + 2 * 10**9)
+        os.utime(os.path.join(root, "r"), ns=(10**18, 10**18))
+        self.assertIsNone(runindex.stable_mtime(os.stat(os.path.join(root, "r"))))
+        self.patch(runindex.time, "time_ns", lambda: 10**18 + 3 * 10**9)
+        self.assertEqual(runindex.stable_mtime(os.stat(os.path.join(root, "r"))), 10**18)
