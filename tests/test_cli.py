@@ -192,6 +192,12 @@ class CommandLineWireTests(ServerTestCase):
         code, out, err = await self.cli("record", "--run", "x", "-n", "1")
         self.assertEqual(code, 1)
         self.assertOneLineError(err, "busy")
+        # the screen during a batch: no temperature read waits for a busy device
+        await self.wait_for("control/current_sequence", lambda s: s >= 1)  # files written
+        code, out, err = await self.cli("status")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"(?m)^current\s+run busy, batch 0, sequence \d+ of 20$")
+        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+(recording|idle);.*; temperature (-|-?\d+\.\d °C)$")
         await self.get("control/abort")
         # nobody listening: ICMP says so at once, or the short timeout ends it
         code, out, err = await piccolo3("--server", "coap://127.0.0.1:9", "--timeout", "1",

@@ -5,10 +5,14 @@ import signal
 import sys
 from datetime import datetime
 
-from .client import CliError, Refused
+from .client import CliError, Refused, Unreachable
 
 STATUS_WORDS = {1: "no worker", 2: "powered off", 3: "dropped", 4: "connecting",
                 5: "disconnected", 6: "idle", 7: "recording", 8: "autointegrating"}
+
+
+BUSY = (7, 8)                 # recording, autointegrating: the device is in use
+TEMPERATURE_TIMEOUT = 1.0
 
 
 async def _maybe(coro, default=None):
@@ -27,8 +31,13 @@ async def _spectrometer(client, name, channels):
         client.get(f"{base}/status"), _maybe(client.get(f"{base}/haveTEC"), False),
         *(_maybe(client.get(f"{base}/current_time/{c}")) for c in channels))
     temperature = None
-    if tec:
-        temperature = await _maybe(client.get(f"{base}/current_temperature"))
+    if tec and status not in BUSY:
+        # a reading waits for the device; never let it hold the screen up
+        try:
+            temperature = await client.get(f"{base}/current_temperature",
+                                           timeout=TEMPERATURE_TIMEOUT)
+        except (Refused, Unreachable):      # busy, no cooler, or slow: "-"
+            temperature = None
     return {"name": name, "status": status, "tec": tec, "temperature": temperature,
             "times": dict(zip(channels, times))}
 
