@@ -71,6 +71,30 @@ class FactsTests(EmulatedCase):
         self.assertEqual(info.nonlinearity, [])
         self.assertRaises(DeviceError, dev.temperature)
 
+    def test_tec_where_the_backend_offers_it(self):
+        """A backend with a TEC feature for the QE Pro (cseabreeze has one;
+        here pyseabreeze's own OBP TEC class, added to the device's
+        features) is driven over OBP: has_tec, set point, enable, read."""
+        from seabreeze.pyseabreeze import devices
+        from seabreeze.pyseabreeze.features.thermoelectric import ThermoElectricFeatureOBP
+        original = devices.SeaBreezeDevice.features
+
+        def with_tec(dev):
+            features = original.fget(dev)
+            if dev.model == "QEPRO" and not features.get("thermo_electric"):
+                protocol = dev._transport.protocol
+                features["thermo_electric"] = [ThermoElectricFeatureOBP(protocol, 0)]
+            return features
+        self.patch(devices.SeaBreezeDevice, "features", property(with_tec))
+        q = self.plug("QEPRO", "QEP")
+        dev, info = self.open(q)
+        self.assertTrue(info.has_tec)
+        dev.set_tec(True, -10.0)
+        self.assertEqual((q.tec_on, q.tec_setpoint), (True, -10.0))
+        self.assertAlmostEqual(dev.temperature(), q.temperature(), delta=0.5)
+        dev.set_tec(False, 5.0)
+        self.assertEqual((q.tec_on, q.tec_setpoint), (False, 5.0))
+
     def test_usb2000plus_facts(self):
         u = self.plug("USB2000PLUS", "USB2+")
         dev, info = self.open(u)
