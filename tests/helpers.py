@@ -65,8 +65,12 @@ class ServerTestCase(unittest.TestCase):
     def setUp(self):
         if not asyncio_reactor():
             raise unittest.SkipTest("wire tests need --reactor=asyncio (aiocoap)")
-        self.datadir = tempfile.mkdtemp(prefix="piccolo-test-")
-        self.addCleanup(shutil.rmtree, self.datadir, True)
+        # the data directory inside a private parent: a test can check that
+        # nothing appeared beside it without other processes' files in /tmp
+        parent = tempfile.mkdtemp(prefix="piccolo-test-")
+        self.addCleanup(shutil.rmtree, parent, True)
+        self.datadir = os.path.join(parent, "data")
+        os.mkdir(self.datadir)
         self.populate(self.datadir)
         self.service = make_service(self.datadir, self.instrument_text,
                                     time_scale=self.time_scale,
