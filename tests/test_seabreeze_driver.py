@@ -152,12 +152,12 @@ class LabellingTests(EmulatedCase):
 
         def stalling(ms):
             set_time(ms)
-            if ms == info.min_time and not stalls:
+            if ms != 200 and not stalls:             # going back to idle
                 stalls.append(ms)
                 time.sleep(0.2 * SCALE * 1.5)       # 1.5 x the 200 ms integration
         dev.set_integration_time = stalling
         reading = acquire_clean(dev, 200, info.min_time)
-        self.assertEqual(stalls, [info.min_time])
+        self.assertEqual(len(stalls), 1)
         self.assertEqual(u.sent[-1].micros, 200000)
         self.assertEqual(reading.integration_time, 200)
 

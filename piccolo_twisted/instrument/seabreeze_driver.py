@@ -50,6 +50,9 @@ _METADATA_MODELS = {"QEPRO"}
 #: by every device's thread, and listing opens devices
 _LOCK = threading.RLock()
 
+#: shortest idle integration between acquisitions on devices read twice (ms)
+IDLE_FLOOR_MS = 10
+
 #: most reads one clean acquisition may take before the device is declared
 #: not to apply integration times
 MAX_READS = 8
@@ -185,6 +188,11 @@ class SeabreezeDevice:
         not_before = time.monotonic()
         if self._buffer == "metadata":
             return self._acquire_metadata(ms, idle_ms, not_before)
+        # idle at no less than IDLE_FLOOR_MS: the read that follows a new
+        # integration time must find the idle integration still running, or
+        # it waits for (and throws away) a whole one at ``ms``; a host easily
+        # takes more than 1 ms between two USB commands
+        idle_ms = max(idle_ms, min(ms, IDLE_FLOOR_MS))
         self.set_integration_time(ms)
         if self._buffer == "clear":
             self._call(self.spec.f.data_buffer.clear)
