@@ -51,6 +51,7 @@ STATE_FILES = ("scheduler.sqlite", "scheduler.sqlite-wal", "scheduler.sqlite-shm
                "scheduler.sqlite-journal", "manhole_host_key")
 FILE_THREADS = 3                # a write, a validation and an encoding at once
 BODY_CACHE_BYTES = 8 << 20      # encoded spectra lists kept (least recently used go)
+SPLICE_DEPTH = 64               # a saved name this near the top is spliced in
 SMALL_LIST = 500                # names encoded on the reactor; more in the pool
 MAX_FILE = 64 << 20             # largest file served
 
@@ -134,7 +135,7 @@ class _Run:
 
 class _Body:
     """A run's encoded spectra_list: ``body`` with the names of ``pending``
-    (keys saved since, ascending) still to go in front."""
+    (keys saved since, all among the SPLICE_DEPTH newest) still to go in."""
     __slots__ = ("version", "body", "pending")
 
     def __init__(self, version, body):
@@ -173,6 +174,7 @@ class DataDir:
         self._bodies = OrderedDict()    # run -> _Body (spectra_list)
         self._body_bytes = 0
         self._inflight = {}             # key -> [Deferred] sharing one trip
+        self._saving = {}               # run -> saves in the pool now
 
     def _in_pool(self, f, *args, **kwargs):
         from twisted.internet import reactor
@@ -378,6 +380,14 @@ class DataDir:
         async def check():
             await self._until_built()
             entry = self._runs.get(run)
+            if (not create and self._saving.get(run) and entry is not None
+                    and entry.keys is not None):
+                # a save of ours is moving the directory's mtime right now:
+                # a look at it would list it again (a big run: hundreds of
+                # ms, on every request of a batch). The index is what the
+                # save leaves plus its file; the save checks the mtime it
+                # started from, so a hand change before it is seen next time
+                return entry
             known = None
             version = 0
             if entry is not None:
@@ -436,9 +446,19 @@ class DataDir:
                 return cached.body
             pending = list(cached.pending)
             old = cached.body
+            # the newest names, from the oldest one saved since: the old
+            # body's first ones are replaced by them (a batch's final dark
+            # file sorts below the light one of its sequence)
+            keys = entry.keys
+            top = keys[bisect_left(keys, min(pending)):].tolist()
+            saved = set(pending)
+            old_top = [k for k in top if k not in saved]
+            whole = len(old_top) == len(keys) - len(pending)
 
             def prepend():
-                return Encoded(runindex.prepend_names(pending, old))
+                if whole:
+                    return Encoded(runindex.encode_names(top))
+                return Encoded(runindex.splice_names(top, old_top, old))
             body = (prepend() if len(old) < SMALL_LIST * 32 else
                     await self._shared(("prepend", run, version),
                                        lambda: self._to_thread(prepend)))
@@ -504,13 +524,18 @@ class DataDir:
 
         async def go():
             await self._until_built()
+            # a look at the run in the pool now would see our write half
+            # done and list the run again: let it finish first
+            await self._settled(run)
             entry = self._runs.get(run)
             version = entry.version if entry is not None else 0
+            self._saving[run] = self._saving.get(run, 0) + 1
             try:
                 before, after, root_change = await self._to_thread(
                     runindex.save, self.path.path, run, filename, encode, clobber,
                     pico.write_atomic)
             except Exception as e:
+                self._unsaving(run)
                 if isinstance(e, runindex.NoSuchRun):
                     reason = "the run is not a directory"
                 elif isinstance(e, OSError):
@@ -519,9 +544,31 @@ class DataDir:
                     self.log.failure("writing {name} failed", name=filename)
                     reason = f"{type(e).__name__}: {e}"
                 raise SaveFailed(f"cannot write {filename}: {reason}") from None
-            self._saved(run, k, before, after, root_change, version)
+            try:
+                self._saved(run, k, before, after, root_change, version)
+            finally:
+                self._unsaving(run)
             return filename
         return defer.Deferred.fromCoroutine(go())
+
+    def _unsaving(self, run):
+        left = self._saving[run] - 1
+        if left:
+            self._saving[run] = left
+        else:
+            del self._saving[run]
+
+    async def _settled(self, run):
+        """Wait for the looks at ``run`` in flight (their outcome is theirs
+        to report)."""
+        for create in (False, True):
+            while ("run", run, create) in self._inflight:
+                d = defer.Deferred()
+                self._inflight[("run", run, create)].append(d)
+                try:
+                    await d
+                except Exception:
+                    pass
 
     def _saved(self, run, k, before, after, root_change, version):
         if root_change is not None:
@@ -545,9 +592,9 @@ class DataDir:
             # a change by someone else before ours: list again next time
             entry.listed = after if entry.listed == before else None
             cached = self._bodies.get(run)
-            if new and i == len(keys) - 1 and cached is not None \
+            if new and len(keys) - 1 - i <= SPLICE_DEPTH and cached is not None \
                     and cached.version == entry.version:
-                cached.pending.append(k)        # the newest: goes in front
+                cached.pending.append(k)        # among the newest: in front
                 cached.version += 1
             elif new:
                 self._forget_body(run)

@@ -85,13 +85,13 @@ def encode_names(keys):
     return b"".join(parts)
 
 
-def prepend_names(keys, body):
-    """``body`` (an encoded list of names) with the names of ``keys``
-    (ascending, all newer) in front."""
-    front = '","'.join([name(k) for k in reversed(keys)]).encode("ascii")
-    if body == b"[]":
-        return b'["' + front + b'"]'
-    return b'["' + front + b'",' + body[1:]
+def splice_names(top, old_top, body):
+    """``body`` (an encoded list of names, newest first) with its first
+    ``len(old_top)`` names -- those of ``old_top``, ascending, not all of
+    the body's -- replaced by the names of ``top`` (ascending)."""
+    skip = sum(len(name(k)) + 3 for k in old_top)      # '"' name '",'
+    front = '","'.join([name(k) for k in reversed(top)]).encode("ascii")
+    return b'["' + front + b'",' + body[1 + skip:]
 
 
 # -- thread side ---------------------------------------------------------

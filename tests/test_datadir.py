@@ -462,3 +462,153 @@ class RacyListingTests(unittest.SynchronousTestCase):
         self.assertIsNone(runindex.stable_mtime(os.stat(os.path.join(root, "r"))))
         self.patch(runindex.time, "time_ns", lambda: 10**18 + 3 * 10**9)
         self.assertEqual(runindex.stable_mtime(os.stat(os.path.join(root, "r"))), 10**18)
+
+
+class Pool:
+    """A file pool whose jobs run when the test says: ``run(i)`` does the
+    file-system work of job ``i`` now, ``deliver(i)`` hands its result to
+    the reactor side later, as a real pool interleaves a batch's writes
+    with requests' looks at the same run."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def __call__(self, f, *args, **kwargs):
+        d = defer.Deferred()
+        self.jobs.append([f, args, kwargs, d, None])
+        return d
+
+    def queued(self, f):
+        return [i for i, job in enumerate(self.jobs) if job[0] is f and job[4] is None]
+
+    def run(self, i):
+        job = self.jobs[i]
+        try:
+            job[4] = ("ok", job[0](*job[1], **job[2]))
+        except Exception as e:
+            job[4] = ("err", e)
+
+    def deliver(self, i):
+        kind, value = self.jobs[i][4]
+        if kind == "ok":
+            self.jobs[i][3].callback(value)
+        else:
+            self.jobs[i][3].errback(value)
+
+    def drain(self):
+        while True:
+            waiting = [i for i, job in enumerate(self.jobs) if not job[3].called]
+            if not waiting:
+                return
+            for i in waiting:
+                if self.jobs[i][4] is None:
+                    self.run(i)
+                self.deliver(i)
+
+
+class BatchWhileListingTests(unittest.TestCase):
+    """Requests for a big run while a batch writes into it are answered
+    from the index: no listing of the run (at 100,000 files one is ~300 ms,
+    and every request of a batch took one; attack on issue 13)."""
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        self.big = FakeRun(self.root, "big", 8, 125)        # 2,000 files
+        for d in (self.root, os.path.join(self.root, "big")):
+            os.utime(d, (1e9, 1e9))
+        self.pool = Pool()
+        self.dd = DataDir(self.root, to_thread=self.pool)
+        self.dd.prepare()
+        self.pool.drain()
+        self.assertTrue(self.dd._built)
+        self.scans = []
+        real = runindex.scan_files
+
+        def counting(fd):
+            self.scans.append(fd)
+            return real(fd)
+        self.patch(runindex, "scan_files", counting)
+
+    def test_look_while_a_save_writes(self):
+        pool = self.pool
+        # a request's look at the run is in the pool when a save comes: the
+        # save waits for it, so the look never sees a write half done
+        listing = self.dd.run_get("big", "current_batch")
+        save = self.dd.save("big", 8, 0, "light", [])
+        self.assertEqual(pool.queued(runindex.save), [])
+        pool.drain()
+        self.assertEqual(self.successResultOf(listing), 7)
+        self.assertEqual(self.successResultOf(save), "b000008_s000000_light.pico")
+        # a save is writing (its file is on disk, the pool has not answered)
+        # when requests come: they do not look at the moving directory
+        for s in range(1, 6):
+            save = self.dd.save("big", 8, s, "light", [])
+            [i] = pool.queued(runindex.save)
+            pool.run(i)
+            requests = [self.dd.run_get("big", "current_batch"),
+                        self.dd.run_get("big", "spectra_list")]
+            for j in pool.queued(runindex.check_run):
+                pool.run(j)
+            pool.drain()
+            self.assertEqual(self.successResultOf(save), f"b000008_s{s:06d}_light.pico")
+            self.assertEqual(self.successResultOf(requests[0]), 8)
+            names = json.loads(self.successResultOf(requests[1]))
+            self.assertEqual(names[0], f"b000008_s{s - 1:06d}_light.pico")
+        # after the batch: the answers are the directory's, still no listing
+        batch = self.dd.run_get("big", "current_batch")
+        listing = self.dd.run_get("big", "spectra_list")
+        pool.drain()
+        self.assertEqual(self.successResultOf(batch), 8)
+        names = json.loads(self.successResultOf(listing))
+        self.assertEqual(names, sorted(self.listdir_big(), reverse=True))
+        self.assertEqual(self.scans, [])
+
+    def listdir_big(self):
+        return [n for n in os.listdir(os.path.join(self.root, "big")) if n.endswith(".pico")]
+
+    def test_final_dark_spliced_in(self):
+        # a batch ends with the dark file of its last sequence, which sorts
+        # below that sequence's light file: the cached body takes it in
+        # without encoding the run's listing again
+        encodes = []
+        real = runindex.encode_names
+
+        def counting(keys):
+            encodes.append(len(keys))
+            return real(keys)
+        self.patch(runindex, "encode_names", counting)
+        first = self.dd.run_get("big", "spectra_list")
+        self.pool.drain()
+        self.successResultOf(first)
+        encodes.clear()
+        for s, kind in ((0, "dark"), (0, "light"), (1, "light"), (2, "light"),
+                        (2, "dark")):
+            d = self.dd.save("big", 8, s, kind, [])
+            self.pool.drain()
+            self.successResultOf(d)
+            if s == 1:
+                listing = self.dd.run_get("big", "spectra_list")
+                self.pool.drain()
+                self.successResultOf(listing)
+        listing = self.dd.run_get("big", "spectra_list")
+        self.pool.drain()
+        names = json.loads(self.successResultOf(listing))
+        self.assertEqual(names[:6], ["b000008_s000002_light.pico", "b000008_s000002_dark.pico",
+                                     "b000008_s000001_light.pico", "b000008_s000000_light.pico",
+                                     "b000008_s000000_dark.pico", "b000007_s000124_light.pico"])
+        self.assertEqual(names, sorted(self.listdir_big(), reverse=True))
+        self.assertEqual(encodes, [])
+        self.assertEqual(self.scans, [])
+        # a name far below the top (a hand-made gap filled): encoded afresh
+        os.unlink(os.path.join(self.root, "big", "b000001_s000000_dark.pico"))
+        os.utime(os.path.join(self.root, "big"), (1.2e9, 1.2e9))
+        listing = self.dd.run_get("big", "spectra_list")
+        self.pool.drain()
+        self.successResultOf(listing)
+        d = self.dd.save("big", 1, 0, "dark", [])
+        self.pool.drain()
+        self.successResultOf(d)
+        listing = self.dd.run_get("big", "spectra_list")
+        self.pool.drain()
+        names = json.loads(self.successResultOf(listing))
+        self.assertEqual(names, sorted(self.listdir_big(), reverse=True))
