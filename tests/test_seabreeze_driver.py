@@ -22,9 +22,9 @@ _serials = iter(range(1000, 100000))
 class EmulatedCase(unittest.SynchronousTestCase):
     """Fresh emulated devices for every test (new serials, new addresses)."""
 
-    def plug(self, model, prefix):
+    def plug(self, model, prefix, time_scale=SCALE):
         serial = f"{prefix}{next(_serials)}"
-        device = usb_emulator.add_device(model, serial, self.optics, time_scale=SCALE)
+        device = usb_emulator.add_device(model, serial, self.optics, time_scale=time_scale)
         self.addCleanup(usb_emulator.remove_device, device)
         return device
 
@@ -60,7 +60,7 @@ class FactsTests(EmulatedCase):
         dev, info = self.open(q)
         self.assertEqual((info.model, info.pixels, info.min_time, info.max_time,
                           info.saturation),
-                         ("QEPRO", 1044, 8, 1600000, 2 ** 18 - 1))
+                         ("QEPRO", 1044, 8, 1599999, 2 ** 18 - 1))
         # seabreeze's dark pixels for the QE Pro (not the old private
         # attribute, which gave [] on every real device)
         self.assertEqual(info.dark_pixels, [0, 1, 2, 3, 1040, 1041, 1042, 1043])
@@ -99,7 +99,7 @@ class FactsTests(EmulatedCase):
         u = self.plug("USB2000PLUS", "USB2+")
         dev, info = self.open(u)
         self.assertEqual((info.model, info.pixels, info.min_time, info.max_time,
-                          info.saturation), ("USB2000PLUS", 2048, 1, 655350, 65535))
+                          info.saturation), ("USB2000PLUS", 2048, 1, 655349, 65535))
         self.assertEqual(info.dark_pixels, list(range(6, 21)))
         # order 3 in EEPROM slot 14: four coefficients from slots 6..9
         self.assertEqual(info.nonlinearity, [float(u.eeprom[i]) for i in range(6, 10)])
@@ -112,6 +112,33 @@ class FactsTests(EmulatedCase):
         f = self.plug("FLAMES", "FLMS")
         dev, info = self.open(f)
         self.assertEqual((info.model, info.pixels), ("FLAMES", 2048))
+
+
+class LimitsTests(EmulatedCase):
+    """The limits the driver reports are times seabreeze will set: pyseabreeze
+    takes ``t_min <= t < t_max`` (microseconds), so the longest whole
+    millisecond is one below its maximum. A max_time at the maximum itself
+    is refused by seabreeze (SeaBreezeError) and drops the device -- which
+    autointegration in weak light reaches."""
+
+    def check_longest(self, model, prefix):
+        # 1600 s and 655 s integrations, run 10^5 times faster
+        emulated = self.plug(model, prefix, time_scale=1e-5)
+        dev, info = self.open(emulated)
+        reading = acquire_clean(dev, info.max_time, info.min_time)
+        self.assertEqual(reading.integration_time, info.max_time)
+        self.assertIn(info.max_time * 1000, [e.micros for e in emulated.sent])
+        # and nothing longer: the limit is the device's, less than 1 ms off
+        self.assertRaises(DeviceError, dev.set_integration_time, info.max_time + 1)
+        return info
+
+    def test_qepro_longest_time(self):
+        info = self.check_longest("QEPRO", "QEP")
+        self.assertEqual(info.max_time, 1599999)
+
+    def test_usb2000plus_longest_time(self):
+        info = self.check_longest("USB2000PLUS", "USB2+")
+        self.assertEqual(info.max_time, 655349)
 
 
 class LabellingTests(EmulatedCase):

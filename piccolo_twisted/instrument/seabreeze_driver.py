@@ -146,7 +146,7 @@ class SeabreezeDevice:
         return DeviceInfo(serial=self.serial, model=spec.model,
                           pixels=len(wl), saturation=int(spec.max_intensity),
                           min_time=max(1, -(-int(lo) // 1000)),
-                          max_time=int(hi) // 1000,
+                          max_time=_longest_ms(hi),
                           wavelength_coefficients=coefficients,
                           dark_pixels=dark, nonlinearity=nonlinearity,
                           has_tec=self._tec is not None)
@@ -271,6 +271,13 @@ class SeabreezeDevice:
             raise DeviceError(f"{self.serial}: no thermo-electric cooler")
         self._call(self._tec.set_temperature_setpoint_degrees_celsius, float(target))
         self._call(self._tec.enable_tec, bool(enabled))
+
+
+def _longest_ms(hi_micros):
+    """The longest whole millisecond seabreeze sets: pyseabreeze takes
+    ``t_min <= t < t_max`` (its maximum itself is refused, SeaBreezeError),
+    so a limit on a millisecond boundary gives the one before it."""
+    return (int(hi_micros) - 1) // 1000
 
 
 def _list_devices():
