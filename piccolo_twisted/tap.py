@@ -84,7 +84,24 @@ def resolve(options):
             note = (f"instrument config {candidate} not found; using the embedded "
                     f"default {ipath} (simulated instrument)")
     instrument = load_instrument_config(ipath)
+    check_emulated(settings, instrument, ipath)
     return settings, instrument, notes + [note]
+
+
+def check_emulated(settings, instrument, ipath):
+    """Under ``[seabreeze] emulate`` the emulated bus is the only one
+    seabreeze sees: every spectrometer the instrument config opens through
+    seabreeze must be emulated, or it can never connect."""
+    if not settings.emulate:
+        return
+    emulated = {serial for _, serial in settings.emulate}
+    missing = [sc.serial for sc in instrument.spectrometers
+               if not sc.simulated and sc.serial not in emulated]
+    if missing:
+        raise ConfigError(
+            f"{ipath}: [spectrometers/{missing[0]}] is not emulated, and under "
+            f"{settings.source}: [seabreeze] emulate no other device can be "
+            f"seen (emulated: {', '.join(sorted(emulated))})")
 
 
 def mount_data_device(settings, from_command_line):

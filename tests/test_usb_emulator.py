@@ -212,6 +212,50 @@ class ConfigTests(unittest.SynchronousTestCase):
             self.assertNotIn("\n", str(e))
 
 
+    def test_simulator_serials_are_not_emulated(self):
+        """A ``sim_``/``dummy_`` serial names the simulator in the
+        instrument config: emulating one would silently run the simulator
+        in its place."""
+        for serial in ("sim_QEP00981", "dummy_FLMT1"):
+            e = self.assertRaises(ConfigError, load_server_config,
+                                  text=f"[seabreeze]\nemulate = QEPRO:{serial}\n")
+            self.assertIn(serial, str(e))
+            self.assertNotIn("\n", str(e))
+
+    def test_configured_serial_not_emulated_is_one_line(self):
+        """Under emulation the emulated bus is the only one seabreeze sees:
+        a spectrometer of the instrument config that is not emulated can
+        never connect. That is a config error at start, not a server
+        retrying every 5 s for ever."""
+        import os
+        import tempfile
+        from piccolo_twisted import tap
+        d = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, d, True)
+        cfg, inst = os.path.join(d, "rehearse.cfg"), os.path.join(d, "rehearse.config")
+        with open(inst, "w") as f:
+            f.write("[channels]\n  [[shutter_1]]\n    direction = upwelling\n"
+                    "[spectrometers]\n  [[QEP01234]]\n  [[FLMT05678]]\n"
+                    "  [[sim_QEP00981]]\n")
+        with open(cfg, "w") as f:
+            f.write("[seabreeze]\nemulate = QEPRO:QEP01234\n")
+        args = ["-c", cfg, "-i", inst, "-o", os.path.join(d, "data")]
+        e = self.assertRaises(SystemExit, tap.Options().parseOptions, args)
+        err = str(e)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("twistd piccolo: "), err)
+        for word in ("FLMT05678", "emulate"):
+            self.assertIn(word, err)
+        self.assertNotIn("QEP01234 ", err)
+        # emulating both (the simulated one needs nothing) starts
+        with open(cfg, "w") as f:
+            f.write("[seabreeze]\nemulate = QEPRO:QEP01234, USB2000PLUS:FLMT05678\n")
+        options = tap.Options()
+        options.parseOptions(args)
+        self.assertEqual(options.settings.emulate,
+                         [("QEPRO", "QEP01234"), ("USB2000PLUS", "FLMT05678")])
+
+
 class NoTrafficTests(unittest.SynchronousTestCase):
     """Every socket destination while listing and opening emulated devices
     is recorded; none may be outside loopback."""

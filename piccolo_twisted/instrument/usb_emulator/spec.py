@@ -4,6 +4,10 @@
 MODEL_NAMES = ("QEPRO", "USB2000PLUS", "FLAMES")
 
 
+#: serials the instrument config gives to the simulator, not to seabreeze
+SIMULATOR_PREFIXES = ("sim_", "dummy_")
+
+
 class EmulateError(ValueError):
     """An ``emulate`` setting that names no known model or is malformed."""
 
@@ -26,8 +30,13 @@ def parse_emulate(text):
         if model not in MODEL_NAMES:
             raise EmulateError(f"{item!r}: unknown model {model!r} (known: "
                                f"{', '.join(MODEL_NAMES)})")
-        if serial in serials or len(serial) > 15 or not serial.isprintable():
-            raise EmulateError(f"{item!r}: duplicate or invalid serial")
+        if serial in serials:
+            raise EmulateError(f"{item!r}: duplicate serial {serial!r}")
+        if len(serial) > 15 or not serial.isprintable():
+            raise EmulateError(f"{item!r}: invalid serial {serial!r}")
+        if serial.startswith(SIMULATOR_PREFIXES):
+            raise EmulateError(f"{item!r}: {serial!r} names the simulator "
+                               f"(serials starting {' or '.join(SIMULATOR_PREFIXES)})")
         serials.add(serial)
         devices.append((model, serial))
     return devices
