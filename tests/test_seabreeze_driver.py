@@ -141,6 +141,46 @@ class LimitsTests(EmulatedCase):
         self.assertEqual(info.max_time, 655349)
 
 
+class TriggerModeTests(EmulatedCase):
+    """``Spectrometer.trigger_mode()`` through pyseabreeze: in a mode that
+    waits for an external trigger the device integrates nothing (no
+    trigger cable here), so reads time out once what was buffered is
+    read; back in normal mode it free-runs again."""
+
+    def spectrometer(self, emulated):
+        from seabreeze.spectrometers import Spectrometer
+        spec = Spectrometer.from_serial_number(emulated.serial)
+        self.addCleanup(spec.close)
+        # reads time out after the integration time plus pyusb's default
+        spec._dev._transport._device.pyusb_device.default_timeout = 60
+        return spec
+
+    def check(self, model, mode):
+        import usb.core
+        emulated = self.plug(model, "TRG")
+        spec = self.spectrometer(emulated)
+        spec.integration_time_micros(spec.integration_time_micros_limits[0])
+        spec.intensities()
+        spec.trigger_mode(mode)
+        timed_out = False
+        for _ in range(150):            # a QE Pro buffers up to 100 at first
+            try:
+                spec.intensities()
+            except usb.core.USBTimeoutError:
+                timed_out = True
+                break
+        self.assertTrue(timed_out, f"{model} integrates in trigger mode {mode}")
+        spec.trigger_mode(0)
+        spec.intensities()
+        spec.intensities()              # free-running again
+
+    def test_qepro_external_trigger(self):
+        self.check("QEPRO", 3)          # EDGE
+
+    def test_usb2000plus_external_trigger(self):
+        self.check("USB2000PLUS", 3)    # HARDWARE
+
+
 class LabellingTests(EmulatedCase):
     """After every change of integration time the spectrum returned is one
     the device integrated at that time, begun after the request."""

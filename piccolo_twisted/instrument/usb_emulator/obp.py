@@ -23,7 +23,8 @@ every completed integration goes into an on-board FIFO holding up to
 spectra are not stored. "Get buffered spectrum with metadata" takes the
 oldest one out (waiting for the next integration to complete when the
 buffer is empty); "clear buffers" empties it; "abort acquisition" stops
-acquiring and "acquire into buffer" starts again. Every buffered spectrum
+acquiring and "acquire into buffer" starts again. In the external
+trigger modes (1-3) nothing is integrated: no trigger input is driven. Every buffered spectrum
 carries the 32-byte metadata block: spectrum count (u32), tick count in
 microseconds (u64, at the start of the integration), integration time in
 microseconds (u32), reserved (u16), trigger mode (u8), reserved (13),
@@ -132,6 +133,7 @@ class QEPro(EmulatedDevice):
         self.buffer = deque()
         self.buffer_size = self.default_buffer
         self.trigger_mode = 0
+        self.acquiring = True        # "abort" clears it, "acquire into buffer" sets it
         self.tec_on = False
         self.tec_setpoint = 20.0
         self._temp_at = (time.monotonic(), 22.0)
@@ -237,7 +239,18 @@ class QEPro(EmulatedDevice):
     def set_trigger_mode(self, payload):
         if payload[0] not in (0, 1, 2, 3):
             raise ObpError(E_INVALID)
+        self._fill()
         self.trigger_mode = payload[0]
+        self._run_or_wait()
+
+    def _run_or_wait(self):
+        """The detector free-runs while acquiring in normal trigger mode
+        (0); the external modes (1 level, 2 synchronisation, 3 edge) wait
+        for a trigger input, which nothing drives here."""
+        if self.acquiring and self.trigger_mode == 0:
+            self.detector.restart()
+        else:
+            self.detector.stop()
 
     def get_wavelength_coefficient(self, payload):
         i = payload[0]
@@ -273,10 +286,12 @@ class QEPro(EmulatedDevice):
 
     def abort(self, payload):
         self._fill()
-        self.detector.stop()
+        self.acquiring = False
+        self._run_or_wait()
 
     def start_buffering(self, payload):
-        self.detector.restart()
+        self.acquiring = True
+        self._run_or_wait()
 
     def get_buffered_spectrum(self, payload):
         def produce():

@@ -7,7 +7,10 @@ come on EP1 IN; spectra on EP2 IN (high speed). Commands modelled:
 - 0x01 initialize: default settings (integration time, trigger mode)
 - 0x02 set integration time: 32-bit microseconds, LSB first; it applies
   from the next integration (the one in progress keeps its time)
-- 0x03 lamp enable, 0x0A trigger mode, 0x6A write FPGA register
+- 0x03 lamp enable, 0x6A write FPGA register
+- 0x0A trigger mode: 0 normal and 1 software integrate as before; the
+  external modes (2-4) wait for a trigger input nothing drives here, so a
+  spectrum request is never answered
 - 0x05 query information: EEPROM slot n -> 17 bytes: 0x05, n, 15 bytes of
   ASCII, zero-terminated (slot 0 serial, 1-4 wavelength coefficients,
   6-13 nonlinearity coefficients, 14 nonlinearity order, 17 with the
@@ -44,6 +47,7 @@ class USB2000Plus(EmulatedDevice):
     min_micros = 1000
     max_micros = 655350000
     default_micros = 100000
+    FREE_RUNNING = (0, 1)
     LENGTHS = {0x01: 1, 0x02: 5, 0x03: 3, 0x05: 2, 0x06: 17, 0x09: 1,
                0x0A: 3, 0x6A: 4, 0x6B: 2, 0xFE: 1}
 
@@ -83,8 +87,8 @@ class USB2000Plus(EmulatedDevice):
 
     def cmd_01(self, data):                # initialize
         self.detector.set_micros(self.default_micros)
-        self.trigger_mode = 0
         self.lamp = 0
+        self._set_trigger_mode(0)
 
     def cmd_02(self, data):                # integration time, us
         (micros,) = struct.unpack_from("<I", data, 1)
@@ -95,7 +99,19 @@ class USB2000Plus(EmulatedDevice):
         (self.lamp,) = struct.unpack_from("<H", data, 1)
 
     def cmd_0a(self, data):
-        (self.trigger_mode,) = struct.unpack_from("<H", data, 1)
+        self._set_trigger_mode(struct.unpack_from("<H", data, 1)[0])
+
+    def _set_trigger_mode(self, mode):
+        """Normal (0) and software (1) modes integrate on their own; the
+        external ones (2 synchronisation, 3 hardware, 4 single shot) wait
+        for a trigger input, which nothing drives here: a spectrum request
+        is then never answered."""
+        self.detector.advance(time.monotonic())
+        self.trigger_mode = mode
+        if mode in self.FREE_RUNNING:
+            self.detector.restart()
+        else:
+            self.detector.stop()
 
     def cmd_6a(self, data):
         register, value = struct.unpack_from("<BH", data, 1)
@@ -127,6 +143,8 @@ class USB2000Plus(EmulatedDevice):
         self.reply(0x81, status)
 
     def cmd_09(self, data):                # request spectrum
+        if self.trigger_mode not in self.FREE_RUNNING:
+            return                         # waits for a trigger that never comes
         exposure = self.detector.in_progress(time.monotonic())
 
         def transmit():
