@@ -48,7 +48,7 @@ SCHEMA_VERSION = 2
 DB_NAME = "scheduler.sqlite"
 DAY = 24 * 3600
 MAX_JOBS = 1000
-QUIET_TIME = re.compile(r"^(\d{2}):(\d{2}):(\d{2})(?:([+-])(\d{2})(\d{2}))?$")
+QUIET_TIME = re.compile(r"^(\d{2}):(\d{2}):(\d{2})(?:([+-])(\d{2})(\d{2}))?$", re.ASCII)
 LIVE = ("active", "suspended")
 
 SCHEMA = """

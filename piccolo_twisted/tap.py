@@ -69,6 +69,8 @@ def resolve(options):
     if settings.mount:
         notes.append(mount_data_device(settings, options.get("mount")))
     settings.datadir = os.path.abspath(settings.datadir)
+    if settings.logfile:
+        check_log_file(settings)
     if options.get("instrument"):
         ipath = options["instrument"]
         note = f"instrument config {ipath} (from the command line)"
@@ -102,6 +104,19 @@ def check_emulated(settings, instrument, ipath):
             f"{ipath}: [spectrometers/{missing[0]}] is not emulated, and under "
             f"{settings.source}: [seabreeze] emulate no other device can be "
             f"seen (emulated: {', '.join(sorted(emulated))})")
+
+
+def check_log_file(settings):
+    """``[logging] logfile`` must be writable: one line now rather than a
+    traceback when the service opens it."""
+    path = settings.logfile
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{settings.source}: [logging/logfile] cannot write "
+                          f"{path}: {e.strerror or e}") from None
 
 
 def mount_data_device(settings, from_command_line):

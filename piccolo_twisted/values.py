@@ -8,8 +8,8 @@ spelling of a value is accepted or refused the same way everywhere:
   ``"yes"``);
 - numbers: JSON numbers or strings holding a decimal number (``"20"``,
   ``" 2.5 "``, ``"2e1"``, as the web dashboard sends form fields); never a
-  boolean, NaN or an infinity (``"nan"``, ``1e999``), hexadecimal or
-  ``1_000``. An integer setting takes any spelling of an integral value
+  boolean, NaN or an infinity (``"nan"``, ``1e999``), hexadecimal,
+  ``1_000`` or digits other than ASCII (``"١٢"``, ``"１２"``). An integer setting takes any spelling of an integral value
   (``20``, ``20.0``, ``"20"``, ``"20.0"``) and refuses ``20.5``;
 - date-times: ISO 8601 strings (``Z`` or an offset; none means UTC) from
   1970 to the year 9999 once converted to UTC.
@@ -22,9 +22,12 @@ from datetime import datetime, timezone
 from .errors import PiccoloError
 
 #: a decimal number as a person types it: no "nan", "inf", "0x", "1_000"
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$", re.ASCII)
 _MAX_NUMBER_TEXT = 64
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: the first float timestamp past 9999 (``9999-12-31T23:59:59.999999Z``
+#: rounds to it, and no datetime can be made of it again)
+END_TIMESTAMP = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp() + 1
 
 
 def _number(value, name, what):
@@ -93,7 +96,7 @@ def to_datetime(value, name="date-time"):
         when = when.astimezone(timezone.utc)
     except (OverflowError, ValueError):
         when = None
-    if when is None or when < EPOCH:
+    if when is None or when < EPOCH or when.timestamp() >= END_TIMESTAMP:
         raise PiccoloError(f"{name} {value[:40]!r} is out of range "
                            f"(1970 to 9999 in UTC)")
     return when

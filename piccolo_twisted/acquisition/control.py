@@ -450,6 +450,31 @@ class Control:
                                          job["delay"], job["target"]))
         return None
 
+    def put_record_sequence(self, run=None, nsequence=None, auto=None, delay=None,
+                            target=None, at_time=None, interval=None, end_time=None):
+        """PUT record_sequence: a batch starting now first makes sure of its
+        run on disk (see _run_ready)."""
+        def start():
+            return self.record_sequence(run, nsequence, auto, delay, target,
+                                        at_time, interval, end_time)
+        if at_time is not None:
+            return start()
+        self.validate_record(run, nsequence, auto, delay, target)
+        return self._run_ready(run, start)
+
+    def put_record_dark(self, run=None):
+        return self._run_ready(run, lambda: self.record_dark(run))
+
+    def _run_ready(self, run, start):
+        """``start()`` once ``run`` is a directory in the data directory
+        (created if missing): a name that exists there as a file or a
+        symlink is 4.00 now, as current_run answers it, rather than made
+        the current run and a batch failing on it."""
+        if run is None or self.busy:
+            return start()              # the current run, or 4.00 busy
+        check_run_name(run)
+        return self.datadir.prepare_run(run).addCallback(lambda _: start())
+
     def record_dark(self, run=None):
         run = check_run_name(run) if run is not None else self.datadir.current_run.value
         if self.busy:
@@ -540,8 +565,8 @@ class Control:
             "autointegration": setting(self.autointegration, self.set_autointegration),
             "delay": setting(self.delay, self.set_delay),
             "target": setting(self.target, self.set_target),
-            "record_sequence": Resource(put=self.record_sequence),
-            "record_dark": Resource(put=self.record_dark),
+            "record_sequence": Resource(put=self.put_record_sequence),
+            "record_dark": Resource(put=self.put_record_dark),
             "auto": Resource(put=self.auto),
             "power_on": Resource(put=self.power_on),
             "power_off": Resource(put=self.power_off),

@@ -23,6 +23,7 @@ Everything timed goes through the injected clock, so unit tests use
 ``task.Clock``.
 """
 
+import collections
 import hashlib
 import random
 import struct
@@ -50,6 +51,7 @@ DEDUP_MAX = 16384              # entries per dedup generation
 DEDUP_BYTES = 1024 * 1024      # bytes in all dedup generations (estimated)
 DEDUP_ENTRY = 320              # estimated bytes of one dedup entry's key
 BLOCK_CACHE_MAX = 64           # Block1 reassemblies in progress
+BLOCK1_PER_HOST = 8            # of those, from one host address
 BLOCK_CACHE_BYTES = 4 * 1024 * 1024  # Block2 bodies kept for follow-ups
 BLOCK_ENTRY = 400              # estimated bytes of one Block2 cache entry
 BLOCK_FRESH_PER_HOST = 1024    # not-yet-continued Block2 bodies per host
@@ -65,6 +67,8 @@ ECHO = 252                     # RFC 9175 Echo option
 MAX_PENDING = 256              # requests whose handler is still running
 MAX_PENDING_PER_HOST = 64      # of those, from one host address
 BUSY_MAX_AGE = 2               # seconds a 5.03 "busy" asks a client to wait
+MAX_QUEUED_BYTES = 1024 * 1024  # requests waiting for a busy host's handlers
+QUEUED_ENTRY = 600             # estimated bytes of one waiting request
 
 _LENGTH_LIMITS = {_tx.OBSERVE: 3, _tx.CONTENT_FORMAT: 2, _tx.ACCEPT: 2,
                   _tx.BLOCK1: 3, _tx.BLOCK2: 3, _tx.SIZE1: 4, _tx.SIZE2: 4,
@@ -406,6 +410,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self._echo_secret = random.getrandbits(128).to_bytes(16, "big")
         self.pending = {}       # host -> requests whose handler is running
         self.pending_total = 0
+        self.queued = {}        # host -> (Deferred, cost) waiting for a slot
+        self.queued_bytes = 0
         self.obs_seq = 2
         self.stats = {"received": 0, "malformed": 0, "duplicates": 0,
                       "too_many_options": 0, "errors": 0}
@@ -551,6 +557,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             return self._reply(msg, remote, key, _tx.BAD_REQUEST,
                                "Uri-Path is not UTF-8")
         block1 = msg.opt.block1
+        if block1 is not None and block1.size_exponent == 7:
+            # RFC 7959 2.2: reserved, 4.00 even on a lone final block 0
+            return self._reply(msg, remote, key, _tx.BAD_REQUEST,
+                               "Block1 size exponent 7 is reserved")
         if block1 is not None and (block1.block_number or block1.more):
             payload = self._collect_block1(msg, remote, key, path, block1)
             if payload is None:
@@ -579,43 +589,78 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if observe == 0 and msg.mtype == NON and not self._verified(remote, msg):
             observe = None          # no notifications to an unverified address
         host = remote[0]
+        cost = getattr(msg, "size", 0) + QUEUED_ENTRY
         if (self.pending_total >= MAX_PENDING
-                or self.pending.get(host, 0) >= MAX_PENDING_PER_HOST):
+                or (self.pending.get(host, 0) >= MAX_PENDING_PER_HOST
+                    and self.queued_bytes + cost > MAX_QUEUED_BYTES)):
             # overload: the work queued behind running handlers (and its
             # memory) stays bounded; the client is told to come back
             self.stats["busy"] = self.stats.get("busy", 0) + 1
             return self._reply(msg, remote, key, _tx.SERVICE_UNAVAILABLE,
                                "server busy; try again", max_age=BUSY_MAX_AGE)
-        result = self.site.handle(msg.code, path, msg.payload, observe is not None)
+
+        def handle(_=None):
+            return self.site.handle(msg.code, path, msg.payload, observe is not None)
+        if self.pending.get(host, 0) >= MAX_PENDING_PER_HOST:
+            # the host's handlers are all busy (a crowd behind one address,
+            # e.g. 200 clients fetching a file at once): the request waits
+            # for one of them to finish rather than fail (aiocoap gives up
+            # on a 5.03)
+            slot = defer.Deferred()
+            self.queued.setdefault(host, collections.deque()).append((slot, cost))
+            self.queued_bytes += cost
+            return self._await(self._counted(host, slot.addCallback(handle)),
+                               msg, remote, key, path, observe)
+        result = handle()
         if isinstance(result, defer.Deferred):
             self.pending[host] = self.pending.get(host, 0) + 1
             self.pending_total += 1
-
-            def finished(passthrough):
-                self.pending_total -= 1
-                left = self.pending[host] - 1
-                if left:
-                    self.pending[host] = left
-                else:
-                    del self.pending[host]
-                return passthrough
-            result.addBoth(finished)
-            self._await(result, msg, remote, key, path, observe)
+            self._await(self._counted(host, result), msg, remote, key, path, observe)
         else:
             self._respond(result, msg, remote, key, path, observe)
 
+    def _counted(self, host, d):
+        """``d`` holds one of ``host``'s handler slots until it fires; the
+        slot then goes to the host's next waiting request, if any."""
+        def finished(passthrough):
+            queue = self.queued.get(host)
+            if queue:
+                slot, cost = queue.popleft()
+                if not queue:
+                    del self.queued[host]
+                self.queued_bytes -= cost
+                # from the reactor: a long queue of quick handlers must not
+                # run nested in one another's callbacks
+                self.clock.callLater(0, slot.callback, None)
+                return passthrough
+            self.pending_total -= 1
+            left = self.pending[host] - 1
+            if left:
+                self.pending[host] = left
+            else:
+                del self.pending[host]
+            return passthrough
+        return d.addBoth(finished)
+
     def _collect_block1(self, msg, remote, key, path, block1):
         """Reassemble a Block1 body; return it when complete, else None."""
-        if block1.size_exponent == 7:
-            self._reply(msg, remote, key, _tx.BAD_REQUEST,
-                        "Block1 size exponent 7 is reserved")
-            return None
         size = 16 << block1.size_exponent
         bkey = (remote, path)
         now = self.clock.seconds()
         if block1.block_number == 0:
-            if len(self.block1) >= BLOCK_CACHE_MAX:
-                self.block1.pop(next(iter(self.block1)))
+            if bkey not in self.block1:
+                host = remote[0]
+                mine = [k for k in self.block1 if k[0][0] == host]
+                if len(mine) >= BLOCK1_PER_HOST:
+                    del self.block1[mine[0]]        # this host's oldest upload
+                elif len(self.block1) >= BLOCK_CACHE_MAX:
+                    # an upload under way is never dropped for another
+                    # host's new one: that one comes back later
+                    self.stats["busy"] = self.stats.get("busy", 0) + 1
+                    self._reply(msg, remote, key, _tx.SERVICE_UNAVAILABLE,
+                                "too many uploads in progress; try again",
+                                max_age=BUSY_MAX_AGE)
+                    return None
             entry = self.block1[bkey] = [bytearray(), now]
         else:
             entry = self.block1.get(bkey)
