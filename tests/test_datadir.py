@@ -280,9 +280,14 @@ class ListingWireTests(ServerTestCase):
         r = await self.request("PUT", "data_dir/current_run", "evil")
         self.assertEqual(r.code, aiocoap.BAD_REQUEST)
         self.assertNotIn("evil", await self.put("data_dir/all_runs"))
-        await self.put("control/record_sequence", {"run": "evil", "nsequence": 1, "auto": -1})
-        await self.wait_for("control/status", lambda s: s == "idle")
-        self.assertTrue(await self.get("control/fault"))
+        # refused when set, as current_run refuses it (not made current and
+        # failing later)
+        r = await self.request("PUT", "control/record_sequence",
+                               {"run": "evil", "nsequence": 1, "auto": -1})
+        self.assertEqual(r.code, aiocoap.BAD_REQUEST)
+        self.assertIn(b"not a directory", r.payload)
+        self.assertEqual(await self.get("control/status"), "idle")
+        self.assertNotEqual(await self.get("data_dir/current_run"), "evil")
         self.assertEqual(os.listdir(outside), [])
         # a file where a run should be: 4.04, never 5.00
         with open(os.path.join(self.datadir, "plain"), "w") as f:
