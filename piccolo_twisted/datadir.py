@@ -164,6 +164,8 @@ class DataDir:
         self._to_thread = to_thread
         self.current_run = Observable(DEFAULT_RUN)
         self.files_written = Observable(0)
+        #: called with (run, file name, size) after every file saved here
+        self.save_listeners = []
         # the index, reactor side
         self._built = False
         self._waiting = []              # Deferreds waiting for the build
@@ -519,8 +521,12 @@ class DataDir:
         k = runindex.key(batch, sequence, kind)
         filename = runindex.name(k)
 
+        sizes = []
+
         def encode():
-            return pico.encode(pico.document(spectra))
+            data = pico.encode(pico.document(spectra))
+            sizes.append(len(data))
+            return data
 
         async def go():
             await self._until_built()
@@ -548,6 +554,11 @@ class DataDir:
                 self._saved(run, k, before, after, root_change, version)
             finally:
                 self._unsaving(run)
+            for listener in list(self.save_listeners):
+                try:
+                    listener(run, filename, sizes[-1] if sizes else 0)
+                except Exception:
+                    self.log.failure("a save listener failed")
             return filename
         return defer.Deferred.fromCoroutine(go())
 
