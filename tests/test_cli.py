@@ -18,6 +18,7 @@ import struct
 import sys
 import tempfile
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from piccolo_twisted.acquisition import pico
@@ -240,6 +241,173 @@ class CommandLineWireTests(ServerTestCase):
         self.assertLess(len(os.listdir(self.run_dir("ctrlc"))), 50)
 
 
+class CommandLineReviewTests(ServerTestCase):
+    """What an operator met in the field (issue 12 review)."""
+
+    async def cli(self, *argv):
+        return await piccolo3("--server", self.base, *argv)
+
+    def assertOneLineError(self, err, *fragments):
+        lines = [l for l in err.strip().splitlines() if l.startswith("piccolo3: ")]
+        self.assertEqual(len(lines), 1, err)
+        self.assertNotIn("Traceback", err)
+        for fragment in fragments:
+            self.assertIn(fragment, lines[0])
+
+    @coro
+    async def test_batch_aborted_by_another_client(self):
+        """The dashboard aborts the batch: record says so and exits 4 (it
+        said "50 sequences recorded" and exited 0)."""
+        recording = asyncio.ensure_future(self.cli(
+            "record", "--run", "other", "-n", "50", "--auto", "-1", "--delay", "0.1"))
+        await self.wait_for("control/current_sequence", lambda s: s >= 1)
+        await self.get("control/abort")
+        code, out, err = await asyncio.wait_for(recording, 20)
+        self.assertEqual(code, 4, err)
+        self.assertNotIn("recorded\n", out)
+        self.assertOneLineError(err, "run other batch 0", "of 50 sequences recorded",
+                                "aborted")
+
+        # a file saved as PUT .../spectra answers it (coap-client -o): a JSON
+        # string holding the file's JSON (docs/API.md) plots like the file
+        name = "b000000_s000000_light.pico"
+        response = await self.request("PUT", "data_dir/runs/other/spectra", name)
+        self.assertTrue(response.code.is_successful(), response)
+        saved = os.path.join(self.mktemp() + "-coap.pico")
+        with open(saved, "wb") as f:
+            f.write(response.payload)
+        png = self.mktemp() + ".png"
+        code, out, err = await self.cli("plot", saved, "-o", png)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(png_size(png), (900, 720))
+
+        # a file the server will not give (not UTF-8) does not stop the rest
+        with open(os.path.join(self.run_dir("other"), "b000099_s000000_light.pico"),
+                  "wb") as f:
+            f.write(b'{"Spectra": "\xff\xfe"}')
+        laptop = self.mktemp()
+        code, out, err = await self.cli("fetch", "other", laptop)
+        self.assertEqual(code, 1, err)
+        self.assertIn("b000099_s000000_light.pico", err.strip().splitlines()[-1])
+        good = sorted(n for n in os.listdir(self.run_dir("other")) if "b000099" not in n)
+        self.assertEqual(sorted(os.listdir(os.path.join(laptop, "other"))), good)
+        for name in good:
+            with open(os.path.join(laptop, "other", name), "rb") as a, \
+                    open(os.path.join(self.run_dir("other"), name), "rb") as b:
+                self.assertEqual(a.read(), b.read(), name)
+
+    async def _script(self, *argv):
+        script = os.path.join(os.path.dirname(sys.executable), "piccolo3")
+        proc = await asyncio.create_subprocess_exec(
+            script, "--server", self.base, *argv, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        self.addCleanup(lambda: proc.returncode is None and proc.kill())
+        return proc
+
+    async def _prompted(self, proc):
+        """stderr up to the question (read as it comes, stdin left open)."""
+        seen = b""
+        while b"abort the batch? [y/N]" not in seen:
+            chunk = await asyncio.wait_for(proc.stderr.read(256), 20)
+            self.assertTrue(chunk, seen)
+            seen += chunk
+        return seen
+
+    @coro
+    async def test_second_ctrl_c_ends_the_program(self):
+        """Ctrl-C, then Ctrl-C at the question: the batch is aborted and
+        piccolo3 ends, without waiting for a line nobody will type (it hung
+        until Enter was pressed)."""
+        proc = await self._script("record", "--run", "twice", "-n", "50", "--auto", "-1",
+                                  "--delay", "0.1")
+        await self.wait_for("control/current_sequence", lambda s: s >= 1, timeout=20)
+        proc.send_signal(signal.SIGINT)
+        await self._prompted(proc)
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 10)   # stdin still open
+        err = (await proc.stderr.read()).decode()
+        self.assertEqual(code, 4, err)
+        self.assertTrue(err.strip().splitlines()[-1].endswith("aborted"), err)
+        self.assertEqual(await self.get("control/status"), "idle")
+
+    @coro
+    async def test_batch_ended_before_the_answer(self):
+        """The batch finishes while the question is on the screen; "y" then
+        aborts nothing: every sequence is recorded, exit 0 (it said aborted,
+        exit 4)."""
+        proc = await self._script("record", "--run", "late", "-n", "3", "--auto", "-1",
+                                  "--delay", "0.2")
+        await self.wait_for("control/current_sequence", lambda s: s >= 1, timeout=20)
+        proc.send_signal(signal.SIGINT)
+        await self._prompted(proc)
+        await self.wait_for("control/status", lambda s: s == "idle", timeout=20)
+        proc.stdin.write(b"y\n")
+        await proc.stdin.drain()
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn("run late batch 0: 3 sequences recorded", out.decode())
+
+    @coro
+    async def test_watch_follows_a_restart_and_ends_when_the_server_goes(self):
+        """status --watch kept showing the screen of a server that had
+        restarted (observations forgotten) or gone, for ever."""
+        from twisted.internet import reactor
+        from piccolo_twisted.cli import commands
+        from piccolo_twisted.cli.main import run
+        old = getattr(commands, "REFRESH", None)
+        commands.REFRESH = 0.3          # seconds without news before it asks itself
+        self.addCleanup(setattr, commands, "REFRESH", old)
+        out = io.StringIO()
+        watching = asyncio.ensure_future(run(["--server", self.base, "status", "--watch"],
+                                             out=out, err=out))
+        for _ in range(200):
+            if self.service.control.status._watchers and "last fault" in out.getvalue():
+                break
+            await asyncio.sleep(0.01)
+        # a restart: the same address, every observation forgotten
+        coap = self.service.coap
+        protocol = coap._port.protocol
+        await defer.maybeDeferred(coap._port.stopListening).asFuture(
+            asyncio.get_running_loop())
+        coap._port = reactor.listenUDP(self.port, protocol, interface="::1")
+        await self.put("data_dir/current_run", "after_restart")
+        for _ in range(1000):           # 0.3 s and a status round; 10 s under load
+            if "run after_restart" in out.getvalue() or watching.done():
+                break
+            await asyncio.sleep(0.01)
+        self.assertIn("run after_restart", out.getvalue())
+        self.assertFalse(watching.done(), out.getvalue())
+        # gone: one line, exit 1
+        await defer.maybeDeferred(coap._port.stopListening).asFuture(
+            asyncio.get_running_loop())
+        try:
+            code = await asyncio.wait_for(watching, 10)
+        finally:
+            coap._port = reactor.listenUDP(self.port, protocol, interface="::1")
+        self.assertEqual(code, 1, out.getvalue())
+        last = out.getvalue().strip().splitlines()[-1]
+        self.assertTrue(last.startswith(f"piccolo3: {self.base}"), last)
+
+    @coro
+    async def test_jobs_next_is_the_next_slot(self):
+        """A repeating job whose first time has passed: "next" is its next
+        slot on the grid start + k * interval, not the first time (which
+        showed a time in the past)."""
+        from datetime import datetime, timedelta, timezone
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        start = now - timedelta(seconds=7000)
+        await self.put("control/record_sequence",
+                       {"run": "grid", "nsequence": 1, "auto": -1,
+                        "at_time": start.isoformat(), "interval": 3600.5})
+        slot = start + timedelta(seconds=7201)            # 2 x 3600.5: the first ahead
+        code, out, err = await self.cli("jobs")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"next {slot:%Y-%m-%d %H:%M:%S} UTC, every 3600.5 s [active]", out)
+        code, out, err = await self.cli("status")
+        self.assertRegex(out, rf"(?m)^scheduler\s+1 active, 0 suspended; "
+                              rf"next at {slot:%Y-%m-%d %H:%M:%S} UTC$")
+
+
 class CommandLineLocalTests(unittest.SynchronousTestCase):
 
     def run_cli(self, *argv):
@@ -268,6 +436,51 @@ class CommandLineLocalTests(unittest.SynchronousTestCase):
         self.assertEqual((code, err.strip()),
                          (1, f"piccolo3: {tmp}/missing.pico: No such file or directory"))
         self.assertFalse(os.path.exists(os.path.join(tmp, "x.png")))
+
+    def test_bad_server_addresses_one_line(self):
+        """A URL a person can mistype: one line, never a traceback."""
+        for url in ("coap://[::1]:99999", "coap://[::1]:abc", "coap://[::1",
+                    "coap://user@[::1]:5683", "coap://[::1]:0"):
+            code, out, err = self.run_cli("--server", url, "status")
+            self.assertEqual(code, 1, (url, err))
+            self.assertEqual(len(err.strip().splitlines()), 1, (url, err))
+            self.assertTrue(err.startswith("piccolo3: not a coap:// server address"),
+                            (url, err))
+        for timeout in ("0", "-1", "nan", "inf"):
+            code, out, err = self.run_cli("--server", "coap://[::1]:9", "--timeout",
+                                          timeout, "status")
+            self.assertEqual(code, 2, (timeout, err))    # argparse: usage on stderr
+
+    def test_show_without_a_display(self):
+        """plot --show where no window can open: one line, not a silent 0."""
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        path = os.path.join(tmp, "one.pico")
+        with open(path, "w") as f:
+            json.dump({"Spectra": [{"Metadata": {"SerialNumber": "x", "Direction": "up",
+                                                 "Dark": False, "Run": "r", "Batch": 0,
+                                                 "SequenceNumber": 0},
+                                    "Pixels": [1, 2, 3]}]}, f)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
+        self.patch(os, "environ", env)
+        code, out, err = self.run_cli("plot", path, "--show")
+        self.assertEqual(code, 1, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("-o OUT.png", err)
+
+    def test_without_the_cli_extra(self):
+        """The server's own install has the piccolo3 script but not aiocoap:
+        one line saying what to install (it was a traceback)."""
+        import subprocess
+        code = ("import sys; sys.modules['aiocoap'] = None\n"
+                "from piccolo_twisted.cli.main import main\n"
+                "sys.exit(main(['--server', 'coap://[::1]:9', 'status']))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                              text=True, timeout=60)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+        self.assertIn("pip install 'piccolo-twisted[cli]'", proc.stderr)
 
     def test_usage(self):
         code, out, err = self.run_cli("fetch", "somedir")

@@ -39,9 +39,17 @@ def split_server(url):
     """``coap://host[:port]`` -> (scheme, netloc) checked; path ignored."""
     if "://" not in url:
         url = "coap://" + url
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("coap",) or not parts.hostname:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        hostname, port = parts.hostname, parts.port
+    except ValueError as e:             # "[::1", a port out of range or not a number
+        raise CliError(f"not a coap:// server address: {url} ({e})") from None
+    if parts.scheme not in ("coap",) or not hostname:
         raise CliError(f"not a coap:// server address: {url}")
+    if parts.username is not None or parts.password is not None:
+        raise CliError(f"not a coap:// server address: {url} (no user name in a CoAP URL)")
+    if port == 0:
+        raise CliError(f"not a coap:// server address: {url} (port 0)")
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -78,7 +86,11 @@ class Client:
     def message(self, code, path, payload=None, **options):
         raw = b"" if payload is None else json.dumps(payload).encode("utf-8")
         msg = aiocoap.Message(code=code, payload=raw, **options)
-        msg.set_request_uri(self.base)
+        try:
+            msg.set_request_uri(self.base)
+        except (aiocoap.error.Error, ValueError) as e:
+            raise CliError(f"not a coap:// server address: {self.base} ({_oneline(e)})") \
+                from None
         msg.opt.uri_path = tuple(p for p in path.split("/") if p) \
             if isinstance(path, str) else tuple(path)
         return msg

@@ -1,9 +1,13 @@
 """status, record, jobs and health."""
 
 import asyncio
+import math
+import os
+import re
 import signal
 import sys
-from datetime import datetime
+import threading
+from datetime import datetime, timedelta, timezone
 
 from .client import CliError, Refused, Unreachable
 
@@ -61,7 +65,7 @@ async def gather_status(client):
             "quiet": quiet}
 
 
-def format_status(s):
+def format_status(s, now=None):
     width = max([12] + [len(spec["name"]) for spec in s["spectrometers"]])
     lines = [f"{'control':<{width}} {s['control']}"]
     where = f"run {s['run'] or '-'}"
@@ -83,7 +87,7 @@ def format_status(s):
     active = [j for j in s["jobs"] if j[5] == "active"]
     suspended = [j for j in s["jobs"] if j[5] == "suspended"]
     summary = f"{len(active)} active, {len(suspended)} suspended"
-    upcoming = sorted(j[2] for j in active if j[2])
+    upcoming = sorted(filter(None, (next_run(j[2], j[3], j[4], now) for j in active)))
     if upcoming:
         summary += f"; next at {_when(upcoming[0])}"
     if s["quiet"]:
@@ -97,33 +101,63 @@ WATCHED = ("control/status", "control/fault", "data_dir/current_run",
            "control/scheduler/jobs")
 
 
-async def status(client, out, watch=False, updates=None):
-    print(format_status(await gather_status(client)), file=out, flush=True)
+REFRESH = 10.0     # seconds without a notification before --watch asks itself
+
+
+def _unchanging(s):
+    """What --watch compares: the screen's state but the temperatures."""
+    return {**s, "spectrometers": [{k: v for k, v in spec.items() if k != "temperature"}
+                                   for spec in s["spectrometers"]]}
+
+
+async def status(client, out, watch=False, updates=None, refresh=None):
+    shown = await gather_status(client)
+    print(format_status(shown), file=out, flush=True)
     if not watch:
         return 0
+    refresh = REFRESH if refresh is None else refresh
     specs = await client.get("spectrometer/spectrometers")
-    observations = [client.observe(p) for p in
-                    WATCHED + tuple(f"spectrometer/{s}/status" for s in specs)]
+    paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs)
     changed = asyncio.Event()
-    try:
+    observations, tasks = [], []
+
+    async def follow():
+        for obs in observations:
+            obs.cancel()
+        for t in tasks:
+            t.cancel()
+        observations[:] = [client.observe(p) for p in paths]
         for obs in observations:
             await obs.start()
-        tasks = [asyncio.ensure_future(_pump(obs, changed)) for obs in observations]
+        tasks[:] = [asyncio.ensure_future(_pump(obs, changed)) for obs in observations]
+
+    try:
+        await follow()
         seen = 0
-        try:
-            while updates is None or seen < updates:
-                await changed.wait()
+        while updates is None or seen < updates:
+            try:
+                await asyncio.wait_for(changed.wait(), refresh)
+            except asyncio.TimeoutError:
+                # quiet for a while: is the server still there, and did it
+                # forget the observations (a restart)? An unreachable server
+                # ends the watch with one line instead of a stale screen.
+                now = await gather_status(client)
+                if _unchanging(now) == _unchanging(shown):
+                    continue
+                await follow()
+            else:
                 changed.clear()
                 await asyncio.sleep(0.05)       # let a burst of changes settle
                 changed.clear()
-                seen += 1
-                stamp = datetime.now().strftime("%H:%M:%S")
-                print(f"\n-- {stamp}", file=out)
-                print(format_status(await gather_status(client)), file=out, flush=True)
-        finally:
-            for t in tasks:
-                t.cancel()
+                now = await gather_status(client)
+            seen += 1
+            shown = now
+            stamp = datetime.now().strftime("%H:%M:%S")
+            print(f"\n-- {stamp}", file=out)
+            print(format_status(shown), file=out, flush=True)
     finally:
+        for t in tasks:
+            t.cancel()
         for obs in observations:
             obs.cancel()
     return 0
@@ -156,20 +190,61 @@ class _Interrupts:
             self.installed = False
 
 
+def _read_line(fd, answer, loop):
+    """In a daemon thread: one line from the terminal, read from the file
+    descriptor itself (never through sys.stdin's buffer, whose lock a thread
+    left reading would hold at exit). Nobody waits for this thread: when a
+    second Ctrl-C answers the question, the program ends without it."""
+    data = b""
+    try:
+        while not data.endswith(b"\n"):
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(data))
+
+
 async def ask(question, interrupts):
     """Ask on the terminal; a second Ctrl-C counts as yes. EOF counts as no."""
     print(question, end=" ", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     interrupts.event.clear()
-    reading = loop.run_in_executor(None, sys.stdin.readline)
+    reading = loop.create_future()
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:
+        reading.set_result(b"")
+    else:
+        threading.Thread(target=_read_line, args=(fd, reading, loop), daemon=True,
+                         name="piccolo3-answer").start()
     again = asyncio.ensure_future(interrupts.event.wait())
     done, _ = await asyncio.wait({reading, again}, return_when=asyncio.FIRST_COMPLETED)
     again.cancel()
     interrupts.event.clear()
     if reading in done:
-        return reading.result().strip().lower() in ("y", "yes")
+        answer = reading.result().decode("utf-8", "replace")
+        return answer.strip().lower() in ("y", "yes")
     print(file=sys.stderr)
     return True
+
+
+_NAME = re.compile(r"b(\d+)_s(\d+)(?:_(light|dark))?\.pico")
+
+
+def sequences_on_disk(names, batch):
+    """How many sequences of ``batch`` the run's files hold (a sequence
+    counts once its light spectra, or its unsplit file, are written)."""
+    done = set()
+    for name in names or ():
+        m = _NAME.fullmatch(name) if isinstance(name, str) else None
+        if m and int(m.group(1)) == batch and m.group(3) != "dark":
+            done.add(int(m.group(2)))
+    return len(done)
 
 
 async def record(client, args, out, err, interactive=False, confirm=ask):
@@ -185,12 +260,16 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     if current != "idle":
         status_obs.cancel()
         raise CliError(f"record: piccolo is busy ({current})")
+    # the batch's number: the run's next (what the files will be called)
+    before = await _maybe(client.get(f"data_dir/runs/{args.run}/current_batch"), -1)
+    batch = before + 1 if isinstance(before, int) and before >= 0 else 0
     interrupts = _Interrupts(interactive)
-    bar = tqdm(total=args.nsequence, unit="seq", file=err, leave=True,
-               dynamic_ncols=True, desc=f"{args.run}")
-    aborted = False
+    bar = None
+    asked_abort = False
     try:
         await client.put("control/record_sequence", kwargs)
+        bar = tqdm(total=args.nsequence, unit="seq", file=err, leave=True,
+                   dynamic_ncols=True, desc=f"{args.run}")
         current = "waiting"
         while True:
             if current == "idle":
@@ -208,27 +287,35 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
             if stop in done:
                 bar.clear()
                 if await confirm("abort the batch? [y/N]", interrupts):
-                    aborted = True
+                    asked_abort = True
                     await _maybe(client.get("control/abort"))
                 bar.refresh()
             # no news for a while (or after a question): ask directly
             current = await client.get("control/status")
         fault = await _maybe(client.get("control/fault"), "")
-        if not fault and not aborted:
-            bar.n = args.nsequence
+        # what was recorded is what the run holds: the batch may have been
+        # aborted by another client, or have ended before our abort came
+        names = await _maybe(client.get(f"data_dir/runs/{args.run}/spectra_list"), [])
+        recorded = sequences_on_disk(names, batch)
+        bar.n = recorded
+        if not fault and recorded >= args.nsequence:
             bar.set_postfix_str("done")
         bar.close()
     finally:
         interrupts.remove()
         status_obs.cancel()
-        bar.close()
-    batch = await _maybe(client.get(f"data_dir/runs/{args.run}/current_batch"))
-    if fault:
-        raise CliError(f"record: run {args.run} batch {batch} stopped: {fault}", 3)
-    if aborted:
-        raise CliError(f"record: run {args.run} batch {batch} aborted", 4)
+        if bar is not None:
+            bar.close()
     plural = "s" if args.nsequence != 1 else ""
-    print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} recorded",
+    if fault:
+        raise CliError(f"record: run {args.run} batch {batch} stopped: {fault} "
+                       f"({recorded} of {args.nsequence} sequence{plural} recorded)", 3)
+    if recorded < args.nsequence:
+        who = "" if asked_abort else " (by another client)"
+        raise CliError(f"record: run {args.run} batch {batch}: {recorded} of "
+                       f"{args.nsequence} sequence{plural} recorded, aborted{who}", 4)
+    late = " (it had ended before the abort)" if asked_abort else ""
+    print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} recorded{late}",
           file=out)
     return 0
 
@@ -257,12 +344,41 @@ def _when(iso):
 def _every(seconds):
     if not seconds:
         return "once"
-    seconds = int(seconds)
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds % size == 0:
-            n = seconds // size
-            return f"every {unit}" if n == 1 else f"every {n} {unit}s"
-    return f"every {seconds} s"
+    if seconds == int(seconds):
+        whole = int(seconds)
+        for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+            if whole % size == 0:
+                n = whole // size
+                return f"every {unit}" if n == 1 else f"every {n} {unit}s"
+    return f"every {seconds:g} s"
+
+
+def _parse(iso):
+    try:
+        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def next_run(start_time, end_time, interval, now=None):
+    """When a job runs next, as an ISO string, or None when it will not run
+    again. ``start_time`` is when it was first due: a repeating job runs on
+    the grid start + k * interval (a missed slot is not made up), so the
+    next run is the first slot not before now; a job whose time has come
+    is due now (it runs when the control is idle)."""
+    start = _parse(start_time)
+    if start is None:
+        return start_time
+    now = now or datetime.now(timezone.utc)
+    if start >= now or not interval:
+        return start.isoformat()
+    slots = math.ceil((now - start).total_seconds() / interval)
+    nxt = start + timedelta(seconds=slots * interval)
+    end = _parse(end_time) if end_time else None
+    if end is not None and nxt > end:
+        return None
+    return nxt.isoformat()
 
 
 def describe_job(job):
@@ -290,9 +406,16 @@ async def jobs(client, out):
         _maybe(client.get("control/scheduler/quietEnd")))
     if not listing:
         print("no scheduled jobs", file=out)
+    now = datetime.now(timezone.utc)
     for job_id, job, start_time, end_time, interval, state in listing:
-        line = (f"#{job_id} {describe_job(job)}: next {_when(start_time)}, "
-                f"{_every(interval)}")
+        nxt = next_run(start_time, end_time, interval, now)
+        if nxt is None:
+            when = f"no run left (since {_when(start_time)})"
+        elif _parse(start_time) is not None and _parse(start_time) < now and not interval:
+            when = f"due since {_when(start_time)}"
+        else:
+            when = f"next {_when(nxt)}"
+        line = f"#{job_id} {describe_job(job)}: {when}, {_every(interval)}"
         if end_time:
             line += f" until {_when(end_time)}"
         print(f"{line} [{state}]", file=out)

@@ -14,7 +14,7 @@ import os
 import tempfile
 import zlib
 
-from .client import CliError, NotFound, TRANSFER_TIMEOUT
+from .client import CliError, NotFound, Refused, TRANSFER_TIMEOUT
 
 
 def json_body(text):
@@ -107,6 +107,7 @@ async def fetch(client, run, directory, jobs, err):
     for item in work:
         queue.put_nowait(item)
     counts = {"downloaded": 0, "present": 0}
+    failed = []
     bar = tqdm(total=len(work), unit="file", file=err, dynamic_ncols=True,
                desc="fetch")
 
@@ -123,6 +124,13 @@ async def fetch(client, run, directory, jobs, err):
                 fetched = await fetch_file(client, ctx, r, name, path)
             except OSError as e:
                 raise CliError(f"fetch: cannot write {path}: {e.strerror}") from None
+            except Refused as e:
+                # the server will not give this one file (e.g. it cannot read
+                # it): say so and go on with the others
+                failed.append(f"{r}/{name}: {e}")
+                bar.write(f"piccolo3: fetch: {r}/{name}: {e}", file=err)
+                bar.update(1)
+                continue
             counts["downloaded" if fetched else "present"] += 1
             bar.update(1)
 
@@ -136,4 +144,7 @@ async def fetch(client, run, directory, jobs, err):
     print(f"{len(work)} files in {len(runs)} run{'s' if len(runs) != 1 else ''}: "
           f"{counts['downloaded']} downloaded, {counts['present']} already here",
           file=err)
+    if failed:
+        raise CliError(f"fetch: {len(failed)} file{'s' if len(failed) != 1 else ''} "
+                       f"not fetched (first: {failed[0]})")
     return 0

@@ -5,10 +5,27 @@ import asyncio
 import os
 import sys
 
-from .client import DEFAULT_SERVER, TIMEOUT, CliError
+try:
+    from .client import DEFAULT_SERVER, TIMEOUT, CliError
+except ImportError as e:            # the server's own install, without the [cli] extra
+    MISSING = e.name or str(e)
+    DEFAULT_SERVER, TIMEOUT = "coap://localhost", 3.0
+else:
+    MISSING = None
 
 # exit codes
 OK, ERROR, USAGE, FAULT, ABORTED = 0, 1, 2, 3, 4
+
+
+def _seconds(text):
+    """--timeout: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
 
 
 def build_parser():
@@ -19,7 +36,7 @@ def build_parser():
                "a fault, 4 the batch was aborted.")
     parser.add_argument("--server", default=os.environ.get("PICCOLO_SERVER", DEFAULT_SERVER),
                         help="coap://host[:port] (default $PICCOLO_SERVER or %(default)s)")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+    parser.add_argument("--timeout", type=_seconds, default=TIMEOUT,
                         help="seconds to wait for an answer (default %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -61,6 +78,8 @@ async def run(argv, out=None, err=None, interactive=False):
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else USAGE
+    if MISSING is not None:
+        return _missing(MISSING, err)
     try:
         if args.command == "plot":
             from .plot import plot
@@ -84,7 +103,15 @@ async def run(argv, out=None, err=None, interactive=False):
     except CliError as e:
         print(f"piccolo3: {e}", file=err)
         return e.code
+    except ImportError as e:          # tqdm or matplotlib missing (lazily imported)
+        return _missing(e.name or str(e), err)
     raise AssertionError(args.command)
+
+
+def _missing(name, err):
+    print(f"piccolo3: needs the command line's libraries ({name} is missing): "
+          f"pip install 'piccolo-twisted[cli]'", file=err)
+    return ERROR
 
 
 def main(argv=None):

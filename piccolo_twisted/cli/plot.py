@@ -15,6 +15,14 @@ def read_pico(path):
         raise CliError(f"{path}: {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CliError(f"{path}: not a .pico file (not JSON: {e})") from None
+    if isinstance(data, str):
+        # saved from PUT .../spectra as it came (e.g. coap-client -o): a JSON
+        # string holding the file's text (docs/API.md: decode twice)
+        try:
+            data = json.loads(data)
+        except ValueError as e:
+            raise CliError(f"{path}: not a .pico file (a JSON string, not a "
+                           f"file's JSON: {e})") from None
     spectra = data.get("Spectra") if isinstance(data, dict) else None
     if not isinstance(spectra, list) or not spectra:
         raise CliError(f"{path}: not a .pico file (no \"Spectra\" list)")
@@ -41,12 +49,32 @@ def _joined(values):
     return ", ".join(values) if values else "?"
 
 
+def _interactive(matplotlib):
+    """Whether pyplot's backend can open a window (without a display
+    matplotlib falls back to Agg, whose show() does nothing)."""
+    from matplotlib import backends
+    backend = matplotlib.get_backend().lower()
+    interactive = getattr(backends, "backend_registry", None)
+    if interactive is not None:
+        try:
+            from matplotlib.backends import BackendFilter
+            return backend in interactive.list_builtin(BackendFilter.INTERACTIVE) \
+                or backend not in interactive.list_builtin()
+        except (ImportError, AttributeError):
+            pass
+    return backend not in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template")
+
+
 def plot(files, output=None, show=False, out=None):
     spectra = [(path, s) for path in files for s in read_pico(path)]
     import matplotlib
     if not show:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if show and not _interactive(matplotlib):
+        raise CliError("plot --show: no display to show a window on "
+                       "(matplotlib uses the non-interactive backend "
+                       f"{matplotlib.get_backend()}); write a file with -o OUT.png")
 
     serials = []
     for _, s in spectra:
