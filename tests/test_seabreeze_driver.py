@@ -174,6 +174,18 @@ class TriggerModeTests(EmulatedCase):
         spec.intensities()
         spec.intensities()              # free-running again
 
+    def test_driver_opens_a_device_left_in_an_external_mode(self):
+        """A QE Pro keeps its trigger mode while powered (another program
+        left it waiting for an external trigger): the driver puts it back
+        in normal mode when it opens it, or every acquisition times out."""
+        q = self.plug("QEPRO", "TRG")
+        spec = self.spectrometer(q)
+        spec.trigger_mode(3)
+        spec.close()
+        dev, info = self.open(q)
+        reading = acquire_clean(dev, 20, info.min_time)
+        self.assertEqual((reading.integration_time, q.sent[-1].micros), (20, 20000))
+
     def test_qepro_external_trigger(self):
         self.check("QEPRO", 3)          # EDGE
 

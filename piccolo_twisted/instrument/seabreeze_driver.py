@@ -9,6 +9,8 @@ saturation, wavelengths, ``f.spectrometer.get_electric_dark_pixel_indices()``,
 which features a model has: pyseabreeze's QE Pro has no TEC feature,
 cseabreeze's has; ``has_tec`` says which).
 
+Opening a device puts it in normal (free-running) trigger mode.
+
 A spectrum is labelled with the integration time it was integrated at:
 
 - a QE Pro under pyseabreeze reads its on-board buffer with the 32-byte
@@ -124,6 +126,15 @@ class SeabreezeDevice:
 
     def _facts(self, spec):
         import numpy as np
+        # normal (free-running) trigger mode: a device keeps its mode while
+        # powered, and one left waiting for an external trigger by another
+        # program would time out every acquisition (a model without trigger
+        # modes refuses the call: nothing to reset)
+        from seabreeze.spectrometers import SeaBreezeError
+        try:
+            spec.trigger_mode(0)
+        except SeaBreezeError:
+            pass
         lo, hi = spec.integration_time_micros_limits
         wl = np.asarray(spec.wavelengths(), dtype=float)
         idx = np.arange(len(wl), dtype=float)
