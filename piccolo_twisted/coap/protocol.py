@@ -234,7 +234,8 @@ class BlockCache:
     bodies, such as one file fetched by 200 clients, are shared -- plus
     BLOCK_ENTRY per entry). Entries whose transfer has continued past
     block 0 are active: they are never evicted to make room, only when idle
-    for ``lifetime`` seconds. To make room, bodies only ever sent as block 0
+    for ``lifetime`` seconds, or once their last block was sent (then they
+    go first). To make room, bodies only ever sent as block 0
     go first, oldest first; one host keeps at most ``fresh_per_host`` of
     those. When active transfers alone fill the budget a new body is not
     kept (its later blocks are rendered again, or refused with 4.08 when the
@@ -247,7 +248,7 @@ class BlockCache:
         self.max_bytes = max_bytes
         self.lifetime = lifetime
         self.fresh_per_host = fresh_per_host
-        self.entries = {}        # key -> [body, cf, etag, code, seen, bodykey]
+        self.entries = {}        # key -> [body, cf, etag, code, seen, bodykey, key]
         self.latest = {}         # (remote, path, method) -> key
         self.fresh = {}          # key -> None, oldest first (insertion order)
         self.fresh_hosts = {}    # host -> {key: None}, oldest first
@@ -295,7 +296,7 @@ class BlockCache:
         else:
             bodykey = None           # a crc collision: not shared
             self.bytes += len(body)
-        self.entries[key] = [body, cf, etag, code, self.clock.seconds(), bodykey]
+        self.entries[key] = [body, cf, etag, code, self.clock.seconds(), bodykey, key]
         self.bytes += BLOCK_ENTRY
         self.latest[key[:3]] = key
         self.fresh[key] = None
@@ -306,6 +307,15 @@ class BlockCache:
         while self.bytes > self.max_bytes and self.fresh:
             self.remove(next(iter(self.fresh)))
         return etag
+
+    def finished(self, entry):
+        """The last block of ``entry`` (from ``get``) was sent: the transfer
+        is complete, and its body goes first to make room (kept meanwhile
+        for a repeated last block)."""
+        key = entry[6]
+        if self.entries.get(key) is entry and key not in self.fresh:
+            self.fresh[key] = None
+            self.fresh_hosts.setdefault(key[0][0], {})[key] = None
 
     def _unfresh(self, key):
         del self.fresh[key]
@@ -579,6 +589,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             cached = self.block2.get(msg.block_key, not msg.payload)
             if cached is not None:
                 body, cf, etag, code = cached[:4]
+                size = 16 << min(block2.size_exponent, MAX_SZX)
+                if (block2.block_number + 1) * size >= len(body):
+                    self.block2.finished(cached)
                 return self._send_response(msg, remote, key, code, body, cf,
                                            etag=etag)
             if msg.code != _tx.GET and not msg.payload:
