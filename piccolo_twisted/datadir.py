@@ -24,6 +24,7 @@ runs and files, and the listings encoded from it.
 
 import json
 import os
+import time
 from collections import OrderedDict
 from array import array
 from bisect import bisect_left
@@ -88,6 +89,16 @@ def _makedir(path):
         os.chmod(path, runindex.DIR_MODE)
 
 
+def set_aside(path):
+    """Rename ``path`` to ``<path>.unusable-<time>`` (a free name); return it."""
+    base = f"{path}.unusable-{int(time.time())}"
+    aside, n = base, 1
+    while os.path.lexists(aside):
+        aside, n = f"{base}.{n}", n + 1
+    os.replace(path, aside)
+    return aside
+
+
 def prepare_state(root):
     """Create ``<root>/.piccolo`` and move server files an earlier version
     left in the data directory into it (blocking, start-up; idempotent).
@@ -95,6 +106,10 @@ def prepare_state(root):
     log = DataDir.log
     _makedir(root)
     state = os.path.join(root, STATE_DIR)
+    if os.path.lexists(state) and not os.path.isdir(state):
+        aside = set_aside(state)
+        log.error("{state} is not a directory; moved aside to {aside}",
+                  state=state, aside=aside)
     if not os.path.isdir(state):
         os.mkdir(state, 0o755)
         os.chmod(state, 0o755)

@@ -107,11 +107,21 @@ def load_authorized_keys(path):
 
 
 def host_key(directory):
-    """The server's SSH host key, generated once (0600) in ``directory``."""
+    """The server's SSH host key, generated once (0600) in ``directory``.
+
+    Whatever is in the way (a directory, an unreadable or garbled file) is
+    moved aside with an error in the log, and a fresh key made: the key
+    never stops the server from starting."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, HOST_KEY)
-    if os.path.exists(path):
-        return keys.Key.fromFile(path)
+    if os.path.lexists(path):
+        try:
+            return keys.Key.fromFile(path)
+        except Exception as e:      # OSError, BadKeyError, a decoder's own error
+            from .datadir import set_aside
+            aside = set_aside(path)
+            log.error("manhole: host key {path} unusable ({error}); moved aside to "
+                      "{aside}, a new key is made", path=path, error=e, aside=aside)
     from cryptography.hazmat.primitives.asymmetric import ed25519
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

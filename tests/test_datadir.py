@@ -74,6 +74,20 @@ class StateFilesTests(unittest.SynchronousTestCase):
                          [".piccolo", "scheduler.sqlite-journal"])
 
 
+    def test_state_name_taken_by_a_file(self):
+        """A file named .piccolo does not stop the start: it is moved aside
+        and the state directory made (issue 15.3)."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        with open(os.path.join(root, ".piccolo"), "w") as f:
+            f.write("junk")
+        DataDir(root, to_thread=sync_thread).prepare()
+        self.assertTrue(os.path.isdir(os.path.join(root, ".piccolo")))
+        aside = [n for n in os.listdir(root) if n.startswith(".piccolo.unusable-")]
+        self.assertEqual(len(aside), 1, os.listdir(root))
+        with open(os.path.join(root, aside[0])) as f:
+            self.assertEqual(f.read(), "junk")
+
 class FakeRun:
     """Builds a big run fast: one real file, the others hard links to it."""
 

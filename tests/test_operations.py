@@ -236,6 +236,26 @@ class ManholeTests(unittest.TestCase):
             return port.stopListening()
         return service._waitingForPort.addCallback(check)
 
+    def test_unusable_host_key_replaced(self):
+        """A directory or garbage where the host key goes does not stop the
+        start: it is moved aside, logged, and a fresh key made (issue 15.3)."""
+        from piccolo_twisted import manhole
+        state = os.path.join(self.dir, ".piccolo")
+        path = os.path.join(state, manhole.HOST_KEY)
+        os.makedirs(os.path.join(path, "sub"))
+        key = manhole.host_key(state)
+        self.assertTrue(key.isPublic() is False)
+        self.assertEqual(manhole.host_key(state), key)      # kept from now on
+        with open(path, "wb") as f:
+            f.write(b"garbage\n")
+        other = manhole.host_key(state)
+        self.assertNotEqual(other, key)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        aside = sorted(n for n in os.listdir(state) if n != manhole.HOST_KEY)
+        self.assertEqual(len(aside), 2, aside)
+        self.assertTrue(all(n.startswith(manhole.HOST_KEY + ".unusable-") for n in aside))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_no_keys_file_refused(self):
         from piccolo_twisted import manhole
         self.assertRaises(SystemExit, manhole.load_authorized_keys, "")
