@@ -477,10 +477,14 @@ class Health:
         return defer.gatherResults(calls)
 
     def _spectrometers(self):
-        from .instrument.spectrometer import STATUS_NAMES
+        from .instrument.spectrometer import CONNECTED, STATUS_NAMES
         result = {}
         for s in self.spectrometers:
             status = s.status.value
+            if status not in CONNECTED:
+                # disconnected, powered off, dropped: no reading, and the
+                # last one (maybe hours old) is not shown as the current one
+                self._temperatures.pop(s.serial, None)
             errors = getattr(s, "error_count", None)
             entry = {
                 "name": s.name,

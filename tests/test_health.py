@@ -252,6 +252,23 @@ class HealthTests(unittest.SynchronousTestCase):
         self.assertEqual(self.qep.reads, 1)           # no device call during a recording
         self.assertEqual(h["spectrometers"]["QEP00981"]["temperature"], -9.96)
 
+    def test_no_temperature_while_not_connected(self):
+        """A disconnected, powered-off or dropped spectrometer has no current
+        temperature: null, not the last reading from before (health showed
+        "disconnected, 14.5 °C", minutes old)."""
+        from piccolo_twisted.instrument.spectrometer import DISCONNECTED, DROPPED, POWERED_OFF
+        health = self.health(max_age=1.0)
+        self.assertEqual(self.value(health)["spectrometers"]["QEP00981"]["temperature"], -9.96)
+        for status in (DISCONNECTED, POWERED_OFF, DROPPED):
+            self.qep.status.set(status)
+            self.clock.advance(2)
+            h = self.value(health)
+            self.assertIsNone(h["spectrometers"]["QEP00981"]["temperature"], status)
+        self.qep.status.set(IDLE)
+        self.qep.temperature = 12.0
+        self.clock.advance(2)
+        self.assertEqual(self.value(health)["spectrometers"]["QEP00981"]["temperature"], 12.0)
+
     def test_other_fault_sources_when_present(self):
         class Scheduler:
             fault = Observable("scheduler database unreadable; running degraded")
