@@ -204,6 +204,20 @@ class Corrupt(Exception):
     """The file is not a usable scheduler database: move it aside."""
 
 
+class Vanished(sqlite3.OperationalError):
+    """The database file was removed or replaced under the open connection
+    (SQLite would go on writing into the unlinked file)."""
+
+
+def file_identity(path):
+    """(device, inode) of ``path``, or None if there is nothing there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _move_aside(path, stamp):
     """Move ``path`` and its -wal/-shm/-journal aside under one new name
     (so they still pair with each other); returns that name."""
@@ -283,6 +297,7 @@ def load_database(path, timeout=1.0):
             raise Corrupt(str(e)) from None
         state.setdefault("next_id", max(jobs, default=0) + 1)
         state["unreadable"] = bad
+        state["file"] = file_identity(path)
         # finished and deleted jobs are purged (older files kept them)
         gone = [j for j in jobs.values() if j.status not in LIVE]
         if gone:
@@ -298,10 +313,13 @@ def load_database(path, timeout=1.0):
     return db, jobs, settings, state
 
 
-def write_batch(db, batch):
+def write_batch(db, batch, path=None, identity=None):
     """Commit each change of ``batch`` (a list of statement lists); all in
     one transaction, or one by one if that fails. Returns one result per
-    change: None (committed) or the exception."""
+    change: None (committed) or the exception. Nothing is written when the
+    file at ``path`` is no longer the one opened (``identity``)."""
+    if path is not None and file_identity(path) != identity:
+        return [Vanished(f"{path} was removed or replaced")] * len(batch)
     def run(changes):
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -355,6 +373,7 @@ class Scheduler:
         self.fault = Observable("")
         self._faults = {}
         self._db = None
+        self._db_file = None            # (device, inode) of the open file
         self._pool = None
         self._run_db = run_db
         self._queue = []
@@ -461,6 +480,7 @@ class Scheduler:
     def _adopt(self, loaded):
         db, jobs, settings, state = loaded
         self._db = db
+        self._db_file = state.get("file")
         self.jobs = jobs
         for key, value in settings.items():
             if key in self.settings:
@@ -504,6 +524,7 @@ class Scheduler:
         statements.append((SET_STATE, ("switched_off", json.dumps(self.switched_off))))
         self.jobs = merged
         self._db = db
+        self._db_file = state.get("file")
         self._retry_delay = self.RETRY_FIRST
         self._jobs_modified()
         self._set_fault("database", "")
@@ -528,7 +549,8 @@ class Scheduler:
     def _flush(self):
         batch, self._queue = self._queue, []
         db = self._db
-        self._writing = self._run_db(write_batch, db, [b[0] for b in batch])
+        self._writing = self._run_db(write_batch, db, [b[0] for b in batch],
+                                     self.path, self._db_file)
 
         def written(results):
             for (statements, apply, d), error in zip(batch, results):
@@ -543,6 +565,9 @@ class Scheduler:
                 else:
                     d.errback(Failure(PiccoloError(
                         f"not stored: the scheduler database failed ({error})")))
+            vanished = [e for e in results if isinstance(e, Vanished)]
+            if vanished and self._db is db:
+                self._lost(db, vanished[0])
 
         def crashed(f):
             for _, _, d in batch:
@@ -555,6 +580,20 @@ class Scheduler:
                 self._flush()
         self._writing.addCallbacks(written, crashed)
         self._writing.addBoth(next_batch)
+
+    def _lost(self, db, error):
+        """The file went away under the connection: from now on in memory,
+        and everything (not only what changes meanwhile) is written into
+        the database the retry opens."""
+        self._db = None
+        self._db_file = None
+        self._dirty_settings = set(self.settings)
+        queued, self._queue = self._queue, []
+        for _, _, d in queued:
+            d.errback(Failure(PiccoloError(
+                f"not stored: the scheduler database failed ({error})")))
+        self._run_db(db.close).addErrback(lambda f: None)
+        self._go_degraded(error)
 
     def _write_failed(self, failure):
         """For writes no client waits on (a tick's progress, a merge)."""

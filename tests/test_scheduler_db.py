@@ -130,6 +130,41 @@ class CommitTests(Base):
         self.assertEqual(body, b"600")
 
 
+    def test_database_removed_while_running(self):
+        """The data directory removed (or replaced) under a running server:
+        SQLite would go on committing into the unlinked file, every 2.04 a
+        value lost at the next start. A write finds the file gone: 4.00, and
+        the scheduler keeps everything in memory and writes all of it into a
+        fresh database (issue 15.2)."""
+        import shutil
+        s = self.make()
+        res = s.resources()
+        self.successResultOf(res["powerDelay"].put(77))
+        self.successResultOf(res["quietTimeEnabled"].put(True))
+        self.successResultOf(s.add("record", JOB, at(3600), 600))
+        shutil.rmtree(self.dir)
+        f = self.failureResultOf(res["powerDelay"].put(12), PiccoloError)
+        self.assertIn("not stored", str(f.value))
+        self.assertEqual(s.settings["powerDelay"].value, 77)
+        self.assertTrue(s.degraded)
+        self.assertIn("in memory only", s.fault.value)
+        self.clock.advance(s.RETRY_FIRST)
+        self.assertFalse(s.degraded)
+        self.assertEqual(s.fault.value, "")
+        jobs, settings, _ = self.reopen()
+        self.assertEqual([j.listing() for j in jobs.values()], s.listing())
+        self.assertEqual((settings["powerDelay"], settings["quietTimeEnabled"]), (77, True))
+        # replaced by another file (a stick swapped): the same
+        os.replace(self.path, self.path + ".old")
+        db = sqlite3.connect(self.path)
+        db.execute("CREATE TABLE x (y)")
+        db.close()
+        self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
+        self.clock.advance(s.RETRY_FIRST)
+        self.successResultOf(res["powerDelay"].put(14))
+        jobs, settings, _ = self.reopen()
+        self.assertEqual((len(jobs), settings["powerDelay"]), (1, 14))
+
 class StartUpTests(Base):
     """Whatever is at the database path, the scheduler starts."""
 
