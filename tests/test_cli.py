@@ -332,20 +332,53 @@ class CommandLineReviewTests(ServerTestCase):
 
     @coro
     async def test_batch_ended_before_the_answer(self):
-        """The batch finishes while the question is on the screen; "y" then
-        aborts nothing: every sequence is recorded, exit 0 (it said aborted,
-        exit 4)."""
+        """The batch finishes while the question is on the screen: the
+        question goes, every sequence is recorded, exit 0 (it waited for an
+        answer, and "y" then said aborted, exit 4)."""
         proc = await self._script("record", "--run", "late", "-n", "3", "--auto", "-1",
                                   "--delay", "0.2")
         await self.wait_for("control/current_sequence", lambda s: s >= 1, timeout=20)
         proc.send_signal(signal.SIGINT)
         await self._prompted(proc)
         await self.wait_for("control/status", lambda s: s == "idle", timeout=20)
-        proc.stdin.write(b"y\n")
-        await proc.stdin.drain()
-        out, err = await asyncio.wait_for(proc.communicate(), 20)
-        self.assertEqual(proc.returncode, 0, err)
-        self.assertIn("run late batch 0: 3 sequences recorded", out.decode())
+        code = await asyncio.wait_for(proc.wait(), 10)   # nobody answers, stdin open
+        out = (await proc.stdout.read()).decode()
+        err = (await proc.stderr.read()).decode()
+        self.assertEqual(code, 0, err)
+        self.assertIn("the batch has ended", err)
+        self.assertIn("run late batch 0: 3 sequences recorded", out)
+
+    @coro
+    async def test_batch_ended_as_the_answer_came(self):
+        """"y" that reaches the server after the batch's end aborts nothing:
+        every sequence is recorded, exit 0 (it said aborted, exit 4)."""
+        from piccolo_twisted.cli import commands
+
+        async def late_yes(question, interrupts):
+            await self.wait_for("control/status", lambda s: s == "idle")
+            return True
+
+        class CtrlC:
+            def __init__(self, install):
+                self.event = asyncio.Event()
+                self.event.set()                  # Ctrl-C at once
+
+            def remove(self):
+                pass
+        self.patch(commands, "_Interrupts", CtrlC)
+
+        async def until_never(observation):
+            await asyncio.Event().wait()
+        self.patch(commands, "_until_idle", until_never)   # the answer wins the race
+        from piccolo_twisted.cli.main import build_parser
+        from piccolo_twisted.cli.client import Client
+        args = build_parser().parse_args(["record", "--run", "late", "-n", "3",
+                                          "--auto", "-1", "--delay", "0.2"])
+        out, err = io.StringIO(), io.StringIO()
+        async with Client(self.base) as client:
+            code = await commands.record(client, args, out, err, confirm=late_yes)
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertIn("run late batch 0: 3 sequences recorded", out.getvalue())
 
     @coro
     async def test_watch_follows_a_restart_and_ends_when_the_server_goes(self):

@@ -223,8 +223,10 @@ async def ask(question, interrupts):
         threading.Thread(target=_read_line, args=(fd, reading, loop), daemon=True,
                          name="piccolo3-answer").start()
     again = asyncio.ensure_future(interrupts.event.wait())
-    done, _ = await asyncio.wait({reading, again}, return_when=asyncio.FIRST_COMPLETED)
-    again.cancel()
+    try:
+        done, _ = await asyncio.wait({reading, again}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        again.cancel()
     interrupts.event.clear()
     if reading in done:
         answer = reading.result().decode("utf-8", "replace")
@@ -286,9 +288,19 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
             get_next.cancel()
             if stop in done:
                 bar.clear()
-                if await confirm("abort the batch? [y/N]", interrupts):
-                    asked_abort = True
-                    await _maybe(client.get("control/abort"))
+                # the question stands until answered or the batch ends
+                answer = asyncio.ensure_future(confirm("abort the batch? [y/N]", interrupts))
+                ended = asyncio.ensure_future(_until_idle(status_obs))
+                done, _ = await asyncio.wait({answer, ended},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if answer in done:
+                    ended.cancel()
+                    if answer.result():
+                        asked_abort = True
+                        await _maybe(client.get("control/abort"))
+                else:
+                    answer.cancel()
+                    print("\nthe batch has ended", file=err, flush=True)
                 bar.refresh()
             # no news for a while (or after a question): ask directly
             current = await client.get("control/status")
@@ -318,6 +330,11 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} recorded{late}",
           file=out)
     return 0
+
+
+async def _until_idle(observation):
+    while await observation.next() != "idle":
+        pass
 
 
 async def _show(client, bar, status, total):
