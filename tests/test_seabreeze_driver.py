@@ -152,7 +152,7 @@ class TriggerModeTests(EmulatedCase):
         spec = Spectrometer.from_serial_number(emulated.serial)
         self.addCleanup(spec.close)
         # reads time out after the integration time plus pyusb's default
-        spec._dev._transport._device.pyusb_device.default_timeout = 60
+        spec._dev._transport._device.pyusb_device.default_timeout = 300
         return spec
 
     def check(self, model, mode):

@@ -179,19 +179,21 @@ class OOITests(EmulatorCase):
             self.assertRaises(usb.core.USBTimeoutError, dev.read, 0x82, 4097, 30)
 
     def test_spectrum_and_integration_time_from_the_next_integration(self):
-        u, dev = self.plug("USB2000PLUS", time_scale=0.05)
-        dev.write(0x01, struct.pack("<BI", 0x02, 1000))
-        time.sleep(0.02)
+        # the integration in progress at the change is a long one (40 ms
+        # here): the host's two commands fall inside it even under load
+        u, dev = self.plug("USB2000PLUS", time_scale=0.2)
+        dev.write(0x01, struct.pack("<BI", 0x02, 200000))
+        time.sleep(0.03)
         dev.write(0x01, b"\x09")
         dev.read(0x82, 4097, timeout=2000)
-        dev.write(0x01, struct.pack("<BI", 0x02, 200000))
+        dev.write(0x01, struct.pack("<BI", 0x02, 1000))
         dev.write(0x01, b"\x09")
         data = bytes(dev.read(0x82, 4097, timeout=2000))
         self.assertEqual((len(data), data[-1]), (4097, 0x69))
-        self.assertEqual(u.sent[-1].micros, 1000)     # begun before the change
+        self.assertEqual(u.sent[-1].micros, 200000)   # begun before the change
         dev.write(0x01, b"\x09")
         dev.read(0x82, 4097, timeout=2000)
-        self.assertEqual(u.sent[-1].micros, 200000)
+        self.assertEqual(u.sent[-1].micros, 1000)
 
 
 class ConfigTests(unittest.SynchronousTestCase):
