@@ -30,6 +30,7 @@ import loadclient  # noqa: E402
 CON, NON = 0, 1
 GET, PUT, POST = 1, 3, 2
 MAX_SECONDS = 120.0
+SEPARATE_WAIT = 30.0    # seconds a client waits for a response after an empty ACK
 
 
 def _check(host):
@@ -99,7 +100,8 @@ def option_flood_datagram(mid, size=65000):
 
 class Transfer:
     __slots__ = ("sock", "path", "code", "payload", "num", "body", "mid", "data",
-                 "sent_at", "tries", "result", "resume_at", "every_block")
+                 "sent_at", "tries", "result", "resume_at", "every_block", "acked",
+                 "con_mid")
 
     def __init__(self, sock, path, code, payload, every_block):
         self.sock = sock
@@ -115,6 +117,8 @@ class Transfer:
         self.tries = 0
         self.result = None          # bytes when complete, else an error string
         self.resume_at = 0.0
+        self.acked = False          # an empty ACK came: the answer follows
+        self.con_mid = None         # mid of the last separate response
 
 
 def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
@@ -142,6 +146,7 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
         t.sock.send(t.data)
         t.sent_at = time.monotonic()
         t.tries = 1
+        t.acked = False
         inflight[t.sock] = t
 
     try:
@@ -164,7 +169,19 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                 if len(data) < 4:
                     continue
                 mtype, rcode, mid, token, block2, chunk = parse(data)
-                if mid != t.mid or t.sock not in inflight:
+                if mtype == CON:
+                    # a separate response (RFC 7252 5.2.2): acknowledged,
+                    # and taken once
+                    t.sock.send(struct.pack("!BBH", 0x60, 0, mid))
+                    if t.sock not in inflight or mid == t.con_mid:
+                        continue
+                    t.con_mid = mid
+                elif mid != t.mid or t.sock not in inflight:
+                    continue
+                elif rcode == 0:
+                    # an empty ACK: the server is still working on it
+                    t.acked = True
+                    t.sent_at = time.monotonic()
                     continue
                 del inflight[t.sock]
                 if not 0x40 <= rcode < 0x60:
@@ -182,6 +199,11 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                 ready.append(t)
             now = time.monotonic()
             for t in list(inflight.values()):
+                if t.acked:
+                    if now - t.sent_at > SEPARATE_WAIT:
+                        del inflight[t.sock]
+                        t.result = f"no separate response at block {t.num}"
+                    continue
                 if now - t.sent_at > t.tries:       # 1, 2, 3 s: back off
                     if t.tries >= 4:
                         del inflight[t.sock]

@@ -241,3 +241,61 @@ class LogFileConfigTests(unittest.SynchronousTestCase):
             self.assertEqual(len(err.splitlines()), 1, err)
             self.assertTrue(err.startswith(f"twistd piccolo: {cfg}: [logging/logfile] "
                                            f"cannot write {logfile}: "), err)
+
+
+class HostQueueTests(unittest.SynchronousTestCase):
+    """On task.Clock: requests beyond a host's running handlers wait for a
+    slot (in order), for QUEUE_WAIT at most, then 5.03."""
+
+    def setUp(self):
+        from twisted.internet import task
+        from piccolo_twisted.api import Resource
+        from piccolo_twisted.coap import protocol
+        from piccolo_twisted.coap.protocol import ServerCoap
+        from piccolo_twisted.coap.site import Site
+        from .test_coap_protocol import FakeTransport
+        self.protocol = protocol
+        self.clock = task.Clock()
+        self.running = []
+
+        def slow(*args):
+            d = defer.Deferred()
+            self.running.append(d)
+            return d
+        self.proto = ServerCoap(Site({"": {"slow": Resource(put=slow)}}), clock=self.clock)
+        self.transport = FakeTransport()
+        self.proto.transport = self.transport
+        self.proto.startProtocol()
+        self.addCleanup(self.proto.stopProtocol)
+
+    def send(self, mid, port):
+        from .test_coap_protocol import request
+        from piccolo_twisted.coap import _tx
+        self.proto.datagramReceived(request(_tx.PUT, path="slow", mid=mid, payload=b"1"),
+                                    ("127.0.0.2", port))
+
+    def answers(self):
+        from piccolo_twisted.coap.protocol import decode
+        out = [(decode(d).mid, decode(d).code) for d, _ in self.transport.sent]
+        self.transport.sent.clear()
+        return out
+
+    def test_waits_for_a_slot_then_5_03(self):
+        from piccolo_twisted.coap import _tx
+        cap = self.protocol.MAX_PENDING_PER_HOST
+        for i in range(cap + 2):
+            self.send(i, 40000 + i)
+        self.assertEqual(len(self.running), cap)
+        self.running[0].callback(None)
+        self.clock.advance(0)               # the slot passes to the first waiting
+        self.assertEqual(len(self.running), cap + 1)
+        self.assertIn((0, _tx.CHANGED), self.answers())
+        self.clock.advance(self.protocol.QUEUE_WAIT)
+        # the second waiting one got no slot in time: 5.03, never run
+        self.assertIn((cap + 1, _tx.SERVICE_UNAVAILABLE), self.answers())
+        self.assertEqual(len(self.running), cap + 1)
+        self.assertEqual((self.proto.queued, self.proto.queued_bytes), ({}, 0))
+        for d in self.running[1:]:
+            d.callback(None)
+        self.assertEqual(self.proto.pending, {})
+        self.assertEqual(self.proto.pending_total, 0)

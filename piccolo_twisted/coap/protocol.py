@@ -67,8 +67,9 @@ ECHO = 252                     # RFC 9175 Echo option
 MAX_PENDING = 256              # requests whose handler is still running
 MAX_PENDING_PER_HOST = 64      # of those, from one host address
 BUSY_MAX_AGE = 2               # seconds a 5.03 "busy" asks a client to wait
-MAX_QUEUED_BYTES = 1024 * 1024  # requests waiting for a busy host's handlers
-QUEUED_ENTRY = 600             # estimated bytes of one waiting request
+MAX_QUEUED_BYTES = 512 * 1024  # requests waiting for a busy host's handlers
+QUEUED_ENTRY = 2048            # estimated bytes of one waiting request
+QUEUE_WAIT = 1.5               # seconds a request may wait for them (< ACK_TIMEOUT)
 
 _LENGTH_LIMITS = {_tx.OBSERVE: 3, _tx.CONTENT_FORMAT: 2, _tx.ACCEPT: 2,
                   _tx.BLOCK1: 3, _tx.BLOCK2: 3, _tx.SIZE1: 4, _tx.SIZE2: 4,
@@ -612,18 +613,15 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             return self._reply(msg, remote, key, _tx.SERVICE_UNAVAILABLE,
                                "server busy; try again", max_age=BUSY_MAX_AGE)
 
-        def handle(_=None):
+        def handle():
             return self.site.handle(msg.code, path, msg.payload, observe is not None)
         if self.pending.get(host, 0) >= MAX_PENDING_PER_HOST:
             # the host's handlers are all busy (a crowd behind one address,
             # e.g. 200 clients fetching a file at once): the request waits
-            # for one of them to finish rather than fail (aiocoap gives up
-            # on a 5.03)
-            slot = defer.Deferred()
-            self.queued.setdefault(host, collections.deque()).append((slot, cost))
-            self.queued_bytes += cost
-            return self._await(self._counted(host, slot.addCallback(handle)),
-                               msg, remote, key, path, observe)
+            # a moment for one of them to finish rather than fail at once
+            # (aiocoap gives up on a 5.03)
+            return self._wait_for_slot(host, cost, handle, msg, remote, key, path,
+                                       observe)
         result = handle()
         if isinstance(result, defer.Deferred):
             self.pending[host] = self.pending.get(host, 0) + 1
@@ -632,16 +630,42 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         else:
             self._respond(result, msg, remote, key, path, observe)
 
+    def _wait_for_slot(self, host, cost, handle, msg, remote, key, path, observe):
+        """Queue a request until one of ``host``'s running handlers finishes
+        (its slot passes on), for QUEUE_WAIT seconds at most (less than a
+        client waits before it retransmits); then 5.03 after all. The
+        queue is bounded in bytes (MAX_QUEUED_BYTES, all hosts)."""
+        entry = [defer.Deferred(), cost, None]
+        queue = self.queued.setdefault(host, collections.deque())
+        queue.append(entry)
+        self.queued_bytes += cost
+
+        def give_up():
+            queue.remove(entry)
+            if not queue:
+                del self.queued[host]
+            self.queued_bytes -= cost
+            self.stats["busy"] = self.stats.get("busy", 0) + 1
+            self._reply(msg, remote, key, _tx.SERVICE_UNAVAILABLE,
+                        "server busy; try again", max_age=BUSY_MAX_AGE)
+
+        def start(_):
+            self._await(self._counted(host, defer.maybeDeferred(handle)),
+                        msg, remote, key, path, observe)
+        entry[2] = self.clock.callLater(QUEUE_WAIT, give_up)
+        entry[0].addCallback(start)
+
     def _counted(self, host, d):
         """``d`` holds one of ``host``'s handler slots until it fires; the
         slot then goes to the host's next waiting request, if any."""
         def finished(passthrough):
             queue = self.queued.get(host)
             if queue:
-                slot, cost = queue.popleft()
+                slot, cost, timer = queue.popleft()
                 if not queue:
                     del self.queued[host]
                 self.queued_bytes -= cost
+                timer.cancel()
                 # from the reactor: a long queue of quick handlers must not
                 # run nested in one another's callbacks
                 self.clock.callLater(0, slot.callback, None)
