@@ -114,6 +114,9 @@ class PiccoloService(service.MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
+            # the data directory's file pool (started with the index build)
+            # would keep the process alive, serving nothing
+            self.datadir.stop()
             raise SystemExit(f"piccolo: cannot listen on [{self.settings.address}]:"
                              f"{self.settings.port}: {e.socketError}") from None
         # after the bind: a failed start must not leave its thread behind

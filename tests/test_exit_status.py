@@ -73,3 +73,32 @@ class ForegroundExitTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(d, "twistd.pid")))
         for name in os.listdir(os.path.join(d, "data", "stop")):
             self.assertTrue(name.endswith(".pico"), name)     # no partial file
+
+
+class PortTakenTests(unittest.TestCase):
+    timeout = 60
+
+    def test_port_taken_exits(self):
+        """A port already in use is a one-line error and the process ends
+        (the data directory's file pool, started before the bind, held it
+        alive for good, serving nothing; attack on issue 13)."""
+        import socket
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        taken = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        self.addCleanup(taken.close)
+        taken.bind(("::1", 0))
+        port = taken.getsockname()[1]
+        env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
+        proc = subprocess.Popen(
+            TWISTD + ["-n", "--pidfile=", "piccolo", "--address", "::1", "--port",
+                      str(port), "--data-dir", os.path.join(d, "data")],
+            cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            self.fail("the server did not end when its port was taken")
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn(f"piccolo: cannot listen on [::1]:{port}: ", out)
