@@ -484,6 +484,63 @@ class CommandLineLocalTests(unittest.SynchronousTestCase):
                                           timeout, "status")
             self.assertEqual(code, 2, (timeout, err))    # argparse: usage on stderr
 
+    def test_plot_of_several_sequences_tells_them_apart(self):
+        """Light spectra of two sequences in one panel: each line says its
+        batch and sequence (the legend read "upwelling light" twice)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        paths = []
+        for seq in (1, 2):
+            path = os.path.join(tmp, f"b000003_s00000{seq}_light.pico")
+            meta = {"SerialNumber": "x", "Direction": "upwelling", "Dark": False,
+                    "Run": "r", "Batch": 3, "SequenceNumber": seq, "IntegrationTime": 100.0}
+            with open(path, "w") as f:
+                json.dump({"Spectra": [{"Metadata": meta, "Pixels": [1, 2, 3]}]}, f)
+            paths.append(path)
+        figures = []
+        real_close = plt.close
+        self.patch(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+        code, out, err = self.run_cli("plot", *paths, "-o", os.path.join(tmp, "two.png"))
+        self.assertEqual(code, 0, err)
+        legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+        self.assertEqual(legend[:2], ["b3 s1 upwelling light (100 ms)",
+                                      "b3 s2 upwelling light (100 ms)"])
+
+    def test_unknown_host_name(self):
+        """A host name that does not resolve is said so (it read "cannot
+        reach the server", as for a stopped server). aiocoap raises
+        ResolutionError for it; a stand-in context raises it here, so no
+        name is looked up on the network."""
+        import aiocoap
+        from piccolo_twisted.cli.client import Client, Unreachable
+
+        class Request:
+            def __init__(self):
+                self.response = asyncio.get_running_loop().create_future()
+                self.response.set_exception(aiocoap.error.ResolutionError(
+                    "No address information found for requests to 'piccolo.lan'"))
+
+        class Context:
+            def request(self, msg, **kw):
+                return Request()
+
+        async def ask():
+            client = Client("coap://piccolo.lan")
+            client.ctx = Context()
+            with self.assertRaises(Unreachable) as caught:
+                await client.get("control/status")
+            return str(caught.exception)
+        loop = asyncio.new_event_loop()
+        try:
+            message = loop.run_until_complete(ask())
+        finally:
+            loop.close()
+        self.assertEqual(message, "coap://piccolo.lan: unknown host name "
+                                  "(is the address right?)")
+
     def test_show_without_a_display(self):
         """plot --show where no window can open: one line, not a silent 0."""
         tmp = self.mktemp()

@@ -102,6 +102,9 @@ class Client:
         except asyncio.TimeoutError:
             raise Unreachable(f"{self.base}: no answer within {timeout:g} s "
                            f"(is the server running?)") from None
+        except aiocoap.error.ResolutionError:
+            raise Unreachable(f"{self.base}: unknown host name (is the address "
+                              f"right?)") from None
         except aiocoap.error.NetworkError:
             raise Unreachable(f"{self.base}: cannot reach the server "
                            f"(is it running, is the address right?)") from None
@@ -175,6 +178,9 @@ class Observation:
         except asyncio.TimeoutError:
             raise Unreachable(f"{self.client.base}: no answer within "
                               f"{self.client.timeout:g} s (is the server running?)") from None
+        except aiocoap.error.ResolutionError:
+            raise Unreachable(f"{self.client.base}: unknown host name (is the address "
+                              f"right?)") from None
         except aiocoap.error.NetworkError:
             raise Unreachable(f"{self.client.base}: cannot reach the server "
                               f"(is it running, is the address right?)") from None

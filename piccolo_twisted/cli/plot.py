@@ -84,6 +84,10 @@ def plot(files, output=None, show=False, out=None):
     fig, axes = plt.subplots(len(serials), 1, figsize=(9, 3.2 * len(serials) + 0.8),
                              squeeze=False)
     panels = {serial: axes[i][0] for i, serial in enumerate(serials)}
+    # files of several runs, batches or sequences: say which line is which
+    origins = {(s["Metadata"].get("Run"), s["Metadata"].get("Batch"),
+                s["Metadata"].get("SequenceNumber")) for _, s in spectra}
+    several_runs = len({o[0] for o in origins}) > 1
     saturation = {}
     colours = {}            # one colour per direction, in every panel
     for path, s in spectra:
@@ -93,6 +97,9 @@ def plot(files, output=None, show=False, out=None):
         x, xlabel = wavelengths(meta, len(s["Pixels"]))
         dark = bool(meta.get("Dark", meta.get("Type") == "dark"))
         label = f"{meta.get('Direction', '?')} {'dark' if dark else 'light'}"
+        if len(origins) > 1:
+            label = (f"{meta.get('Run', '?')} " if several_runs else "") + \
+                f"b{meta.get('Batch', '?')} s{meta.get('SequenceNumber', '?')} {label}"
         if meta.get("IntegrationTime") is not None:
             label += f" ({meta['IntegrationTime']:g} ms)"
         colour = colours.setdefault(meta.get("Direction"), f"C{len(colours)}")
