@@ -224,6 +224,9 @@ class LabellingTests(EmulatedCase):
         the clean integration: the device has moved on to the idle time;
         the driver notices and still returns a spectrum integrated at
         the time it asked for."""
+        from piccolo_twisted.instrument import seabreeze_driver
+        # the path that idles between the two reads (long integrations)
+        self.patch(seabreeze_driver, "FAST_IDLE_MIN_S", 0)
         u = self.plug("USB2000PLUS", "USB2+")
         dev, info = self.open(u)
         set_time = dev.set_integration_time
@@ -239,6 +242,29 @@ class LabellingTests(EmulatedCase):
         self.assertEqual(len(stalls), 1)
         self.assertEqual(u.sent[-1].micros, 200000)
         self.assertEqual(reading.integration_time, 200)
+
+    def test_usb2000plus_host_stalled_before_the_clean_request(self):
+        """The host stalls after the driver's check and before the clean
+        spectrum's request reaches the device (a thread switch, the GIL):
+        the integration at the requested time is over by then. Seen under
+        load in the wire test: a dark labelled 25 ms integrated at 10 ms."""
+        u = self.plug("USB2000PLUS", "USB2+")
+        dev, info = self.open(u)
+        read = dev.read
+        reads = []
+
+        def late(*args):
+            reads.append(1)
+            if len(reads) == 2:                     # the clean request
+                time.sleep(0.4 * SCALE * 1.5)       # 1.5 x the 400 ms integration
+            return read(*args)
+        dev.read = late
+        reading = acquire_clean(dev, 400, info.min_time)
+        self.assertEqual(len(reads), 2)
+        self.assertEqual(reading.integration_time, 400)
+        self.assertEqual(u.sent[-1].micros, 400000,
+                         "a spectrum labelled 400 ms integrated at "
+                         f"{u.sent[-1].micros} us")
 
     def test_naive_two_reads_mislabel_a_qepro(self):
         """Why the QE Pro needs its own procedure: set the long time, read,
