@@ -24,6 +24,7 @@ runs and files, and the listings encoded from it.
 
 import json
 import os
+import stat
 import time
 from collections import OrderedDict
 from array import array
@@ -626,6 +627,24 @@ class DataDir:
                 self._forget_body(run)
             if new:
                 entry.version += 1
+
+    def check_run_usable(self, run):
+        """Fires when ``run`` can be recorded into later: missing (created
+        then) or a real directory; a file or a symlink of that name is
+        PiccoloError now (a job scheduled into it would fail when it runs)."""
+        check_run_name(run)
+        path = os.path.join(self.path.path, run)
+
+        def look():
+            try:
+                return os.lstat(path).st_mode
+            except FileNotFoundError:
+                return None
+
+        def answer(mode):
+            if mode is not None and not stat.S_ISDIR(mode):
+                raise PiccoloError(f"run {run!r} exists and is not a directory")
+        return self._to_thread(look).addCallback(answer)
 
     def prepare_run(self, run):
         """Create the run if needed and return its next batch number (from

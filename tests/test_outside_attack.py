@@ -121,11 +121,14 @@ class RunNameOnDiskTests(ServerTestCase):
                                   ("control/record_sequence",
                                    {"run": name, "nsequence": 1, "auto": -1}),
                                   ("control/record_sequence", name),
+                                  ("control/record_sequence",
+                                   {"run": name, "at_time": FUTURE}),
                                   ("control/record_dark", {"run": name})):
                 r = await self.request("PUT", path, payload)
                 self.assertEqual(r.code, aiocoap.BAD_REQUEST, (path, payload, r.payload))
                 self.assertIn(b"not a directory", r.payload)
         self.assertEqual(await self.get("data_dir/current_run"), run)
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
         self.assertEqual(await self.get("control/status"), "idle")
         self.assertEqual(await self.get("control/fault"), "")
         self.assertEqual(os.listdir(self.outside), [])

@@ -453,13 +453,16 @@ class Control:
     def put_record_sequence(self, run=None, nsequence=None, auto=None, delay=None,
                             target=None, at_time=None, interval=None, end_time=None):
         """PUT record_sequence: a batch starting now first makes sure of its
-        run on disk (see _run_ready)."""
+        run on disk (see _run_ready); a job for later, that its run is not
+        a file or a symlink."""
         def start():
             return self.record_sequence(run, nsequence, auto, delay, target,
                                         at_time, interval, end_time)
-        if at_time is not None:
-            return start()
         self.validate_record(run, nsequence, auto, delay, target)
+        if at_time is not None:
+            if run is None:
+                return start()
+            return self.datadir.check_run_usable(run).addCallback(lambda _: start())
         return self._run_ready(run, start)
 
     def put_record_dark(self, run=None):
