@@ -30,6 +30,7 @@ import json
 import os
 import re
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, time as dtime, timedelta, timezone
 
@@ -231,6 +232,68 @@ def _move_aside(path, stamp):
     return aside
 
 
+def _read_tables(db):
+    """``(jobs, settings, state)`` as stored; unreadable entries skipped."""
+    jobs, bad = {}, []
+    for row in db.execute("SELECT id, kind, args, start_time, next_time, end_time, "
+                          "interval, ignore_quiet, status FROM jobs"):
+        try:
+            job = Job(int(row[0]), row[1], json.loads(row[2]), float(row[3]),
+                      float(row[4]), row[5], row[6], bool(row[7]), row[8])
+            if job.kind == "record":
+                job.listing()
+        except (TypeError, ValueError, KeyError):
+            bad.append(row[0])
+            continue
+        jobs[job.id] = job
+    settings = {}
+    for key, value in db.execute("SELECT key, value FROM settings"):
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            bad.append(key)
+    state = {}
+    for key, value in db.execute("SELECT key, value FROM state"):
+        try:
+            state[key] = json.loads(value)
+        except ValueError:
+            bad.append(key)
+    state.setdefault("next_id", max(jobs, default=0) + 1)
+    state["unreadable"] = bad
+    return jobs, settings, state
+
+
+def read_database(path):
+    """What a database that cannot be opened for writing holds (a full
+    disk, a lock): ``(jobs, settings, state)`` read without writing
+    anything, or None. Blocking."""
+    if not os.path.isfile(path):
+        return None
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path))
+    # read-only still needs the -shm of a WAL database; without a -wal, or
+    # with an empty one (a clean close; a failed open on a full disk
+    # leaves one), the file alone is the whole database
+    try:
+        wal = os.path.getsize(path + "-wal")
+    except OSError:
+        wal = 0
+    modes = ["?mode=ro"] + ([] if wal else ["?immutable=1"])
+    for mode in modes:
+        try:
+            db = sqlite3.connect(uri + mode, uri=True, check_same_thread=False, timeout=0.1)
+        except sqlite3.Error:
+            continue
+        try:
+            jobs, settings, state = _read_tables(db)
+        except sqlite3.Error:
+            continue
+        finally:
+            db.close()
+        jobs = {i: j for i, j in jobs.items() if j.status in LIVE}
+        return jobs, settings, state
+    return None
+
+
 def load_database(path, timeout=1.0):
     """Open (creating if need be) and read the database: blocking.
 
@@ -267,36 +330,11 @@ def load_database(path, timeout=1.0):
         try:
             db.executescript("BEGIN IMMEDIATE;" + SCHEMA
                              + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-            jobs, bad = {}, []
-            for row in db.execute("SELECT id, kind, args, start_time, next_time, end_time, "
-                                  "interval, ignore_quiet, status FROM jobs"):
-                try:
-                    job = Job(int(row[0]), row[1], json.loads(row[2]), float(row[3]),
-                              float(row[4]), row[5], row[6], bool(row[7]), row[8])
-                    if job.kind == "record":
-                        job.listing()
-                except (TypeError, ValueError, KeyError):
-                    bad.append(row[0])
-                    continue
-                jobs[job.id] = job
-            settings = {}
-            for key, value in db.execute("SELECT key, value FROM settings"):
-                try:
-                    settings[key] = json.loads(value)
-                except ValueError:
-                    bad.append(key)
-            state = {}
-            for key, value in db.execute("SELECT key, value FROM state"):
-                try:
-                    state[key] = json.loads(value)
-                except ValueError:
-                    bad.append(key)
+            jobs, settings, state = _read_tables(db)
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as e:
             raise Corrupt(str(e)) from None
-        state.setdefault("next_id", max(jobs, default=0) + 1)
-        state["unreadable"] = bad
         state["file"] = file_identity(path)
         # finished and deleted jobs are purged (older files kept them)
         gone = [j for j in jobs.values() if j.status not in LIVE]
@@ -391,6 +429,7 @@ class Scheduler:
         self._refused_window = None
         # degraded mode
         self._dirty_settings = set()
+        self._from_disk = set()         # ids of jobs read from a file we could not open
         self._retry_call = None
         self._retry_delay = self.RETRY_FIRST
         self._opening = None
@@ -426,6 +465,10 @@ class Scheduler:
         try:
             loaded = self._load()
         except Exception as e:
+            stored = read_database(self.path)
+            if stored is not None:
+                self._adopt((None,) + stored)
+                self._from_disk = set(self.jobs)
             self._go_degraded(e)
             return
         self._adopt(loaded)
@@ -504,8 +547,13 @@ class Scheduler:
         next_id = max(int(state.get("next_id", 1)), max(jobs, default=0) + 1)
         merged = dict(jobs)
         statements = []
+        for gone in self._from_disk - set(self.jobs):       # deleted meanwhile
+            if merged.pop(gone, None) is not None:
+                statements.append(("DELETE FROM jobs WHERE id = ?", (gone,)))
         for job in mine:
-            if job.id in merged or job.id < next_id:
+            if job.id in self._from_disk:
+                pass                                        # the same job, ours newer
+            elif job.id in merged or job.id < next_id:
                 old = job.id
                 job.id, next_id = next_id, next_id + 1
                 self.log.info("job {old} renumbered {new}", old=old, new=job.id)
@@ -518,6 +566,7 @@ class Scheduler:
         for key in self._dirty_settings:
             statements.append((SET_SETTING, (key, json.dumps(self.settings[key].value))))
         self._dirty_settings.clear()
+        self._from_disk = set()
         self.switched_off = self.switched_off or bool(state.get("switched_off", False))
         self._next_id = max(self._next_id, next_id)
         statements.append((SET_STATE, ("next_id", json.dumps(self._next_id))))

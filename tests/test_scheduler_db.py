@@ -211,6 +211,50 @@ class StartUpTests(Base):
         self.patch(sch.Scheduler, "OPEN_TIMEOUT", 0.05)
         self.check_degraded_then_recovers(lambda: (other.execute("COMMIT"), other.close()))
 
+    def test_what_is_stored_is_used_while_the_database_cannot_be_written(self):
+        """A database that can be read but not written at start (a full
+        disk: the -wal cannot be made; a lock): its settings and jobs are
+        used in memory, not the defaults, and the reopened file keeps them
+        once, jobs not doubled (issue 15.3)."""
+        s = self.make()
+        self.successResultOf(s.resources()["powerDelay"].put(77))
+        self.successResultOf(s.resources()["quietTimeEnabled"].put(True))
+        keep = self.successResultOf(s.add("record", JOB, at(3600), 600))
+        gone = self.successResultOf(s.add("record", JOB, at(7200), 600))
+        s.close()
+        listing = s.listing()
+        other = sqlite3.connect(self.path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        self.patch(sch.Scheduler, "OPEN_TIMEOUT", 0.05)
+        s = self.make()
+        self.assertTrue(s.degraded)
+        self.assertIn("in memory only", s.fault.value)
+        self.assertEqual(s.settings["powerDelay"].value, 77)
+        self.assertEqual(s.settings["quietTimeEnabled"].value, True)
+        self.assertEqual(s.listing(), listing)
+        self.successResultOf(s.delete(gone))
+        other.execute("COMMIT")
+        other.close()
+        self.clock.advance(s.RETRY_FIRST)
+        self.assertFalse(s.degraded)
+        self.assertEqual([j[0] for j in s.listing()], [keep])
+        jobs, settings, _ = self.reopen()
+        self.assertEqual(sorted(jobs), [keep])
+        self.assertEqual((settings["powerDelay"], settings["quietTimeEnabled"]), (77, True))
+
+    def test_stored_values_read_beside_what_a_full_disk_leaves(self):
+        """A failed open on a full disk leaves an empty -wal and a stub -shm
+        beside a cleanly closed file: what the file holds is still read."""
+        s = self.make()
+        self.successResultOf(s.resources()["powerDelay"].put(55))
+        s.close()
+        self.assertFalse(os.path.exists(self.path + "-wal"))
+        open(self.path + "-wal", "wb").close()
+        with open(self.path + "-shm", "wb") as f:
+            f.write(b"\0\0\0")
+        jobs, settings, state = sch.read_database(self.path)
+        self.assertEqual(settings["powerDelay"], 55)
+
     def test_unopenable_path(self):
         parent = os.path.join(self.dir, "state")
         open(parent, "w").close()                       # a file where a directory goes
