@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import time
+from array import array
 from datetime import datetime, timezone
 
 from twisted.internet import defer, task, threads
@@ -191,14 +192,13 @@ class SpectraScan:
         return found
 
     def recent(self, since, before):
-        """``[(mtime, size)]`` of the spectrum files modified in
-        [since, before), sorted; and the newest mtime of a spectrum file in
-        the runs read (None if none)."""
+        """Mtimes (sorted) and sizes of the spectrum files modified in
+        [since, before), and the newest of those mtimes (None if none)."""
         found = []
         try:
             entries = list(os.scandir(self.root))
         except OSError:
-            return found, None
+            return array("d"), array("q"), None
         for i, entry in enumerate(entries):
             if i % 256 == 255:
                 time.sleep(0)
@@ -220,28 +220,31 @@ class SpectraScan:
             except OSError:
                 pass
         found.sort()
-        return found, (found[-1][0] if found else None)
+        mtimes = array("d", [m for m, _ in found])
+        sizes = array("q", [size for _, size in found])
+        return mtimes, sizes, (mtimes[-1] if found else None)
 
 
 class Tally:
-    """Reactor side: (mtime, size) of the spectrum files of the rate
-    window, from one ``SpectraScan`` at the first refresh plus every file
-    the server saves from the moment that scan started."""
+    """Reactor side: mtimes and sizes of the spectrum files of the rate
+    window (16 bytes a file), from one ``SpectraScan`` at the first refresh
+    plus every file the server saves from the moment that scan started."""
 
     def __init__(self):
-        self.files = []         # sorted (mtime, size) in the window
+        self.mtimes = array("d")    # sorted
+        self.sizes = array("q")     # in the same order
         self.bytes = 0
         self.newest = None
-        self.started = None     # wall time the scan counts up to
+        self.started = None         # wall time the scan counts up to
         self.ready = False
-        self._early = []        # saves while the scan runs
+        self._early = []            # saves while the scan runs
 
     def start(self, now):
         self.started = now
 
-    def scanned(self, files, newest):
-        self.files = files
-        self.bytes = sum(size for _, size in files)
+    def scanned(self, mtimes, sizes, newest):
+        self.mtimes, self.sizes = mtimes, sizes
+        self.bytes = sum(sizes)
         self.newest = newest
         self.ready = True
         early, self._early = self._early, []
@@ -257,26 +260,25 @@ class Tally:
             return
         if when < self.started:
             return              # the scan found it
-        if self.files and when < self.files[-1][0]:
-            bisect.insort(self.files, (when, size))
-        else:
-            self.files.append((when, size))
+        i = bisect.bisect_right(self.mtimes, when)
+        self.mtimes.insert(i, when)
+        self.sizes.insert(i, size)
         self.bytes += size
         if self.newest is None or when > self.newest:
             self.newest = when
 
     def figures(self, now, day_start):
         """``(files since day_start, bytes per day over the window or None)``."""
-        since = now - RATE_WINDOW
-        files = self.files
-        gone = bisect.bisect_left(files, (since,))
+        mtimes = self.mtimes
+        gone = bisect.bisect_left(mtimes, now - RATE_WINDOW)
         if gone:
-            self.bytes -= sum(size for _, size in files[:gone])
-            del files[:gone]
-        today = len(files) - bisect.bisect_left(files, (day_start,))
+            self.bytes -= sum(self.sizes[:gone])
+            del mtimes[:gone]
+            del self.sizes[:gone]
+        today = len(mtimes) - bisect.bisect_left(mtimes, day_start)
         if not self.bytes:
             return today, None
-        span = max(now - files[0][0], MIN_RATE_SPAN)
+        span = max(now - mtimes[0], MIN_RATE_SPAN)
         return today, self.bytes * 86400.0 / span
 
 
