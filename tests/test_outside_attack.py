@@ -38,14 +38,16 @@ EDGE = ["9999-12-31T23:59:59.999999+00:00", "9999-12-31T23:59:59.9999999Z"]
 FUTURE = "2099-01-01T00:00:00+00:00"
 
 
-def coap(mid, path, payload=b"", code=hostile.PUT, token=b"a", block1=None):
+def coap(mid, path, payload=b"", code=hostile.PUT, token=b"a", block1=None,
+         extra=()):
     """A CON request datagram; ``block1`` is ``(num, more, szx)``, sent as is
-    (reserved values too)."""
-    options = [(11, seg.encode()) for seg in path.split("/")]
+    (reserved values too); ``extra``: more (number, raw value) options."""
+    options = [(11, seg.encode()) for seg in path.split("/")] + list(extra)
     if block1 is not None:
         num, more, szx = block1
         value = (num << 4) | (more << 3) | szx
         options.append((27, value.to_bytes((value.bit_length() + 7) // 8, "big")))
+    options.sort(key=lambda o: o[0])
     out = struct.pack("!BBH", 0x40 | len(token), code, mid) + token
     last = 0
     for number, value in options:
@@ -177,6 +179,34 @@ class HostileCrowdTests(unittest.TestCase):
         def check(answer):
             self.assertEqual(answer[1], 0x80, answer)            # 4.00
             self.assertEqual(self.service.control.delay.value, 0.0)
+        return d.addCallback(check)
+
+    def test_bad_option_values_treated_as_unknown_options(self):
+        # RFC 7252 5.4.3: a value of the wrong length, or a repeated
+        # non-repeatable option, is an unknown option: elective -> ignored,
+        # critical -> 4.02 (it was a RST, or the first Block2 was used)
+        cases = [
+            ([(6, b"\x00" * 5)], 0x45),                    # Observe, 5 bytes: 2.05
+            ([(12, b"\x00" * 3)], 0x45),                   # Content-Format, 3 bytes
+            ([(23, b"\x00\x00\x00\x06")], 0x82),          # Block2, 4 bytes: 4.02
+            ([(23, b"\x06"), (23, b"\x16")], 0x82),        # Block2 twice
+            ([(17, b"\x32"), (17, b"\x00")], 0x82),        # Accept twice
+        ]
+
+        def go():
+            sock = hostile.udp("127.0.0.2", self.dst)
+            try:
+                return [self.exchange(coap(20 + i, "control/status", code=hostile.GET,
+                                           extra=extra), sock)
+                        for i, (extra, _) in enumerate(cases)]
+            finally:
+                sock.close()
+        d = self.in_thread(go)
+
+        def check(answers):
+            self.assertEqual([(a[0], a[1]) for a in answers],
+                             [(2, code) for _, code in cases], answers)
+            self.assertEqual(self.service.coap.protocol._host_observers, {})
         return d.addCallback(check)
 
     def test_upload_survives_other_hosts_starting_uploads(self):

@@ -74,6 +74,8 @@ QUEUE_WAIT = 1.5               # seconds a request may wait for them (< ACK_TIME
 _LENGTH_LIMITS = {_tx.OBSERVE: 3, _tx.CONTENT_FORMAT: 2, _tx.ACCEPT: 2,
                   _tx.BLOCK1: 3, _tx.BLOCK2: 3, _tx.SIZE1: 4, _tx.SIZE2: 4,
                   _tx.URI_PORT: 2, _tx.MAX_AGE: 4}
+_REPEATABLE = frozenset((_tx.IF_MATCH, _tx.ETAG, _tx.LOCATION_PATH, _tx.URI_PATH,
+                         _tx.URI_QUERY, _tx.LOCATION_QUERY))
 
 
 class FormatError(ValueError):
@@ -140,11 +142,18 @@ def decode(data):
         number += delta
         if pos + length > n:
             raise FormatError("truncated option value")
-        if length > _LENGTH_LIMITS.get(number, 1034):
-            raise FormatError(f"option {number} too long")
-        option = formats.get(number, _tx.OpaqueOption)(number)
-        option.decode(data[pos:pos + length])
+        value = data[pos:pos + length]
         pos += length
+        if (length > _LENGTH_LIMITS.get(number, 1034)
+                or (number not in _REPEATABLE and number in msg.opt._options)):
+            # RFC 7252 5.4.3: a value of the wrong length, or a repeat of a
+            # non-repeatable option, is treated like an unknown option:
+            # ignored when elective, 4.02 when critical
+            if number & 1:
+                msg.bad_option = number
+            continue
+        option = formats.get(number, _tx.OpaqueOption)(number)
+        option.decode(value)
         msg.opt.addOption(option)
     return msg
 
@@ -557,6 +566,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             self.log.failure("cannot send 5.00 to {remote}", remote=remote)
 
     def handleRequest(self, msg, remote, key, path):
+        bad = getattr(msg, "bad_option", None)
+        if bad is not None:
+            return self._reply(msg, remote, key, _tx.BAD_OPTION,
+                               f"critical option {bad} malformed or repeated")
         for number in msg.opt._options:
             if number & 1 and number not in KNOWN_OPTIONS:
                 return self._reply(msg, remote, key, _tx.BAD_OPTION,
