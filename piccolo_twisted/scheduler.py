@@ -430,6 +430,7 @@ class Scheduler:
         # degraded mode
         self._dirty_settings = set()
         self._from_disk = set()         # ids of jobs read from a file we could not open
+        self._moved_aside = None
         self._retry_call = None
         self._retry_delay = self.RETRY_FIRST
         self._opening = None
@@ -479,10 +480,20 @@ class Scheduler:
             return load_database(self.path, self.OPEN_TIMEOUT)
         except Corrupt as e:
             aside = _move_aside(self.path, int(self.wall()))
+            # said on the reactor side, when the fresh database is taken on
+            self._moved_aside = (f"scheduler database {self.path} was corrupt ({e}); "
+                                 f"moved aside to {aside}: the jobs and settings it "
+                                 "held are not used")
             self.log.error("scheduler database {path} is corrupt ({error}); moved aside "
                            "(with its -wal/-shm) to {aside}; starting a fresh one",
                            path=self.path, error=e, aside=aside)
             return load_database(self.path, self.OPEN_TIMEOUT)
+
+    def _report_moved_aside(self):
+        """A corrupt file moved aside lost what it held: a lasting fault."""
+        if self._moved_aside is not None:
+            self._set_fault("corrupt", self._moved_aside)
+            self._moved_aside = None
 
     def _go_degraded(self, error):
         reason = f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error)
@@ -524,6 +535,7 @@ class Scheduler:
         db, jobs, settings, state = loaded
         self._db = db
         self._db_file = state.get("file")
+        self._report_moved_aside()
         self.jobs = jobs
         for key, value in settings.items():
             if key in self.settings:
@@ -574,6 +586,7 @@ class Scheduler:
         self.jobs = merged
         self._db = db
         self._db_file = state.get("file")
+        self._report_moved_aside()
         self._retry_delay = self.RETRY_FIRST
         self._jobs_modified()
         self._set_fault("database", "")

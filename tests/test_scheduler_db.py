@@ -287,6 +287,20 @@ class StartUpTests(Base):
         s.close()
         self.assertEqual(len(self.reopen()[0]), 1)
 
+    def test_corrupt_database_is_a_fault_over_coap(self):
+        """Moving a corrupt database aside loses its jobs: said in
+        /control/scheduler/fault (and so in /sysinfo/health), not only in
+        the log (issue 15.3)."""
+        from piccolo_twisted.coap import _tx
+        from piccolo_twisted.coap.site import Site
+        with open(self.path, "wb") as f:
+            f.write(b"garbage " * 1000)
+        s = self.make()
+        site = Site({"control/scheduler": s.resources()})
+        code, body, _, _ = site.handle(_tx.GET, ("control", "scheduler", "fault"), b"")
+        self.assertIn(b"corrupt", body)
+        self.assertIn(f"{sch.DB_NAME}.corrupt-{int(T0.timestamp())}".encode(), body)
+
     def test_unreadable_rows_are_skipped(self):
         s = self.make()
         self.successResultOf(s.add("record", JOB, at(3600)))
