@@ -24,12 +24,11 @@ A spectrum is labelled with the integration time it was integrated at:
 - a device without a buffer (USB2000+, Flame-S: a new integration time
   applies from the next integration) reads twice: the first read is the
   integration in progress at the request (stale), the second began after it.
-  Integrations under ``FAST_IDLE_MIN_S`` are read twice at the requested
-  time and idle only after. Longer ones set the idle time between the two
-  reads (the next acquisition then waits for an idle integration, not a
-  long one); if the host took longer than half the clean integration to
-  ask for it (a stall), the device may have moved on to the idle time,
-  and the spectrum is taken again at the requested time throughout.
+  The idle time is set between the two reads; if the host took longer
+  than half the clean integration to ask for it (a stall), or the clean
+  answer came so late after the stale request that it may be the idle
+  integration (a stall the host could not see), the spectrum is taken
+  again at the requested time throughout.
 """
 
 import struct
@@ -54,15 +53,13 @@ _METADATA_MODELS = {"QEPRO"}
 #: by every device's thread, and listing opens devices
 _LOCK = threading.RLock()
 
-#: shortest idle integration between acquisitions on devices read twice (ms)
-IDLE_FLOOR_MS = 10
+#: shortest idle integration between acquisitions on devices read twice (ms);
+#: also the margin by which a late clean answer is told from the idle one
+IDLE_FLOOR_MS = 25
 
-#: integrations shorter than this (host seconds) are read twice at the same
-#: time, idling only after: idling between the two reads saves the next
-#: acquisition up to one integration, but needs the clean request to reach
-#: the device before that integration ends -- the host's unmeasured gaps
-#: (thread switches) must stay under half of it, here >= 125 ms
-FAST_IDLE_MIN_S = 0.25
+#: the part of nominal integration times a device is trusted to take at
+#: least (its clock against the host's)
+CLOCK_MARGIN = 0.999
 
 #: most reads one clean acquisition may take before the device is declared
 #: not to apply integration times
@@ -220,22 +217,26 @@ class SeabreezeDevice:
         # after it runs at ``ms``; the idle time is set for the one after
         # that, before asking for the clean one -- which must still be in
         # progress when asked for, or the answer is the idle integration
-        if idle_ms == ms or ms / 1000.0 * self.time_scale < FAST_IDLE_MIN_S:
-            # both reads at ``ms``: the second began when the first ended,
-            # at ``ms``, however long the host takes between them (a short
-            # integration is easily over before a stalled host asks for it)
+        if idle_ms == ms:
             self.read()
             pixels, _, _ = self.read()
-            if idle_ms != ms:
-                self.set_integration_time(idle_ms)
             return Reading(pixels, ms, not_before, acquisitions=2)
+        seconds = self.time_scale / 1000.0
+        stale_asked = time.monotonic()
         self.read()
         returned = time.monotonic()
         self.set_integration_time(idle_ms)
         asked = time.monotonic()
-        if asked - returned < ms / 1000.0 * self.time_scale * 0.5:
+        if asked - returned < ms * seconds * 0.5:
             pixels, _, _ = self.read()
-            return Reading(pixels, ms, not_before, acquisitions=2)
+            # The stale integration ended (T) after the stale request was
+            # sent; the clean one ends at T + ms, the idle one after it at
+            # T + ms + idle. An answer sooner than ms + idle after the stale
+            # request cannot be the idle integration, whatever the host did
+            # between the reads (a stall after the check above is not seen
+            # by it); later, it may be: take it again.
+            if time.monotonic() - stale_asked < CLOCK_MARGIN * (ms + idle_ms) * seconds:
+                return Reading(pixels, ms, not_before, acquisitions=2)
         # the host was too slow to be sure: integrate at ``ms`` throughout,
         # take the next complete one, and only then go back to idling
         self.set_integration_time(ms)
