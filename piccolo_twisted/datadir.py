@@ -100,7 +100,7 @@ def set_aside(path):
     return aside
 
 
-def prepare_state(root):
+def prepare_state(root, note=None):
     """Create ``<root>/.piccolo`` and move server files an earlier version
     left in the data directory into it (blocking, start-up; idempotent).
     Returns its path."""
@@ -111,6 +111,8 @@ def prepare_state(root):
         aside = set_aside(state)
         log.error("{state} is not a directory; moved aside to {aside}",
                   state=state, aside=aside)
+        if note is not None:
+            note(f"{state} was not a directory; moved aside to {aside}")
     if not os.path.isdir(state):
         os.mkdir(state, 0o755)
         os.chmod(state, 0o755)
@@ -180,6 +182,8 @@ class DataDir:
         self._to_thread = to_thread
         self.current_run = Observable(DEFAULT_RUN)
         self.files_written = Observable(0)
+        #: what start-up found wrong in the data directory (health's faults)
+        self.fault = Observable("")
         #: called with (run, file name, size) after every file saved here
         self.save_listeners = []
         # the index, reactor side
@@ -206,7 +210,11 @@ class DataDir:
     # -- start-up and stop ------------------------------------------------
 
     def prepare_state(self):
-        return prepare_state(self.path.path)
+        return prepare_state(self.path.path, note=self.note_fault)
+
+    def note_fault(self, text):
+        """Reactor side (or start-up): add ``text`` to ``fault``."""
+        self.fault.set("; ".join(t for t in (self.fault.value, text) if t))
 
     def prepare(self):
         """Create the data directory and the current run, move the server's

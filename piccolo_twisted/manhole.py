@@ -106,7 +106,7 @@ def load_authorized_keys(path):
     return found
 
 
-def host_key(directory):
+def host_key(directory, note=None):
     """The server's SSH host key, generated once (0600) in ``directory``.
 
     Whatever is in the way (a directory, an unreadable or garbled file) is
@@ -122,6 +122,9 @@ def host_key(directory):
             aside = set_aside(path)
             log.error("manhole: host key {path} unusable ({error}); moved aside to "
                       "{aside}, a new key is made", path=path, error=e, aside=aside)
+            if note is not None:
+                note(f"manhole host key {path} unusable ({e}); moved aside to {aside}, "
+                     "a new key is made")
     from cryptography.hazmat.primitives.asymmetric import ed25519
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -150,7 +153,8 @@ def manhole_service(piccolo):
     settings = piccolo.settings
     authorized = load_authorized_keys(settings.manhole_keys)
     from .datadir import prepare_state
-    key = host_key(prepare_state(settings.datadir))
+    note = getattr(getattr(piccolo, "datadir", None), "note_fault", None)
+    key = host_key(prepare_state(settings.datadir, note=note), note=note)
     factory = make_factory(piccolo.namespace(), authorized, key)
     interface = settings.manhole_interface or "127.0.0.1"
     endpoint = f"tcp:{settings.manhole_port}:interface={interface.replace(':', chr(92) + ':')}"

@@ -81,12 +81,14 @@ class StateFilesTests(unittest.SynchronousTestCase):
         os.makedirs(root)
         with open(os.path.join(root, ".piccolo"), "w") as f:
             f.write("junk")
-        DataDir(root, to_thread=sync_thread).prepare()
+        datadir = DataDir(root, to_thread=sync_thread)
+        datadir.prepare()
         self.assertTrue(os.path.isdir(os.path.join(root, ".piccolo")))
         aside = [n for n in os.listdir(root) if n.startswith(".piccolo.unusable-")]
         self.assertEqual(len(aside), 1, os.listdir(root))
         with open(os.path.join(root, aside[0])) as f:
             self.assertEqual(f.read(), "junk")
+        self.assertIn("moved aside", datadir.fault.value)
 
 class FakeRun:
     """Builds a big run fast: one real file, the others hard links to it."""

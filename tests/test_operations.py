@@ -256,6 +256,27 @@ class ManholeTests(unittest.TestCase):
         self.assertTrue(all(n.startswith(manhole.HOST_KEY + ".unusable-") for n in aside))
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
+    def test_unusable_host_key_in_health(self):
+        """The replaced key is said over CoAP: /sysinfo/health's faults
+        (issue 15.3: logged and visible)."""
+        from piccolo_twisted import manhole
+        from piccolo_twisted.datadir import DataDir
+
+        class Fake:
+            settings = load_server_config()
+            datadir = DataDir(self.dir)
+
+            def namespace(self):
+                return {}
+        fake = Fake()
+        fake.settings.datadir = self.dir
+        fake.settings.manhole_port = 0
+        fake.settings.manhole_keys = self.keyfile
+        os.makedirs(os.path.join(self.dir, ".piccolo", manhole.HOST_KEY))
+        manhole.manhole_service(fake)
+        self.assertIn("manhole host key", fake.datadir.fault.value)
+        self.assertIn("moved aside", fake.datadir.fault.value)
+
     def test_no_keys_file_refused(self):
         from piccolo_twisted import manhole
         self.assertRaises(SystemExit, manhole.load_authorized_keys, "")
