@@ -59,6 +59,25 @@ def defaults(text):
     return out
 
 
+EXAMPLE_CMD = re.compile(
+    r"^    \$ coap-client-notls -m (get|put)(?: -e '([^']*)')? coap://\[::1\]/(\S+)$")
+
+
+def worked_example(text):
+    """[(method, payload, path, expected output)] from the scheduler's
+    worked example, as coap-client prints it ("" when it prints nothing)."""
+    section = text.split("### Worked example", 1)[1].split("\n## ", 1)[0]
+    lines = section.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = EXAMPLE_CMD.match(line)
+        if m:
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            expected = nxt[4:] if nxt.startswith("    ") and not nxt.startswith("    $") else ""
+            out.append((m.group(1).upper(), m.group(2), m.group(3), expected))
+    return out
+
+
 def parse_core(payload):
     """[(path, observable)] from a CoRE link-format document."""
     links = []
@@ -188,4 +207,21 @@ class ApiDocTests(ServerTestCase):
             for path, value in sorted(table.items()):
                 got = await self.get(path.lstrip("/"))
                 self.assertEqual((path, got, type(got)), (path, value, type(value)))
+        return as_deferred(check())
+
+    def test_scheduler_worked_example(self):
+        """The worked example's requests, sent as written, get the answers
+        the reference shows (as coap-client prints them)."""
+        async def check():
+            with open(API_MD, encoding="utf-8") as f:
+                steps = worked_example(f.read())
+            self.assertGreaterEqual(len(steps), 6)
+            for method, payload, path, expected in steps:
+                raw = payload.encode() if payload is not None else b""
+                r = await self.request(method, path, raw=raw)
+                if r.code.is_successful():
+                    got = r.payload.decode()
+                else:
+                    got = f"{r.code.dotted} {r.payload.decode()}"
+                self.assertEqual(got, expected, (method, path, payload))
         return as_deferred(check())
