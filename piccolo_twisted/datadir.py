@@ -85,9 +85,21 @@ def _is_truthy(value, name):
 
 
 def _makedir(path):
-    if not os.path.isdir(path):
-        os.makedirs(path)
-        os.chmod(path, runindex.DIR_MODE)
+    """Create ``path`` and every missing parent 0755 whatever the umask: a
+    parent left 0700 (daemon umask 077) would hide the data from the user
+    copying it off the Pi."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent != path and not os.path.isdir(parent):
+        _makedir(parent)
+    try:
+        os.mkdir(path, runindex.DIR_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    os.chmod(path, runindex.DIR_MODE)
 
 
 def set_aside(path):

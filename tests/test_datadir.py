@@ -53,6 +53,22 @@ class UmaskTests(unittest.TestCase):
         self.assertEqual(os.stat(os.path.join(root, "r")).st_mode & 0o777, 0o755)
         self.assertEqual(os.stat(os.path.join(root, "r", name)).st_mode & 0o777, 0o644)
 
+    def test_missing_parents_0755_under_umask_077(self):
+        """A data directory whose parents do not exist yet (``-o
+        /home/pi/field/data``): the parents the server creates are 0755 too,
+        or a 0700 parent hides every spectrum from the user copying them."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        root = os.path.join(base, "field", "2026", "data")
+        old = os.umask(0o077)
+        self.addCleanup(os.umask, old)
+        dd = DataDir(root, to_thread=sync_thread)
+        dd.prepare()
+        self.successResultOf(dd.save("r", 0, 0, "light", []))
+        for path in (os.path.join(base, "field"), os.path.join(base, "field", "2026"),
+                     root, os.path.join(root, "r")):
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o755, path)
+
 
 class StateFilesTests(unittest.SynchronousTestCase):
     """The server's own files live in <datadir>/.piccolo (issue 11.1)."""
