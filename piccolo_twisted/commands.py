@@ -69,6 +69,8 @@ class _Collect(protocol.ProcessProtocol):
             self.size += len(data)
 
     def processEnded(self, reason):
+        if self.deferred.called:    # answered at the timeout already
+            return
         code = reason.value.exitCode
         if code is None:            # killed by a signal
             code = -(reason.value.signal or 0)
@@ -98,11 +100,17 @@ def run(argv, env=None, reactor=None, timeout=TIMEOUT):
                                        f"{e.strerror or e}"))
 
     def expire():
+        # Answer now: processEnded waits for the pipes to close too, and a
+        # child of the helper (the mount that sudo started, hung on a dying
+        # stick) outlives the killed helper and keeps them open.
         proto.timed_out = True
         try:
             transport.signalProcess("KILL")
         except error.ProcessExitedAlready:
             pass
+        transport.loseConnection()          # stop reading the child's pipes
+        if not d.called:
+            d.errback(PiccoloError(f"{describe(argv)}: no answer within {timeout:g} s"))
     call = reactor.callLater(timeout, expire)
 
     def ended(result):

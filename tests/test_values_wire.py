@@ -236,3 +236,25 @@ class DatesAndHelpersWireTests(ServerTestCase):
         r = await self.request("GET", "data_dir/mount")
         self.assertEqual(r.code, aiocoap.BAD_REQUEST)
         self.assertEqual(await self.get("control/status"), "idle")
+
+    @coro
+    async def test_hanging_helper_whose_child_keeps_the_pipes(self):
+        """A hung ``sudo mount`` on a dying USB stick: killing sudo leaves
+        its child (mount) running with sudo's stdout and stderr. The answer
+        is 4.00 at the timeout all the same, not when the child lets go of
+        the pipes (a stand-in sudo whose sleep outlives it answered only
+        after the sleep: 100 s for a 60 s timeout)."""
+        import time
+        bin_dir = os.path.abspath(self.mktemp())
+        self.service.datadir.device = "/dev/piccolo-test-none"
+        self.service.datadir.mntpnt = self.datadir
+        # not exec: the shell (sudo) is killed, its sleep (mount) lives on
+        script(bin_dir, "sudo", "/bin/sleep 4; true")
+        self.use_path(bin_dir, timeout=0.3)
+        # the payloads piccolo3-client sends: json.dumps([args, kwargs])
+        for path, payload in (("data_dir/mount", [[True], {}]),
+                              ("sysinfo/clock", [["2026-11-25T12:00:00Z"], {}])):
+            start = time.monotonic()
+            await self.refused(path, payload, "no answer within 0.3 s")
+            self.assertLess(time.monotonic() - start, 2.5, path)
+        self.assertEqual(await self.get("control/status"), "idle")
