@@ -56,6 +56,9 @@ BLOCK_CACHE_BYTES = 4 * 1024 * 1024  # Block2 bodies kept for follow-ups
 BLOCK_ENTRY = 400              # estimated bytes of one Block2 cache entry
 BLOCK_FRESH_PER_HOST = 1024    # not-yet-continued Block2 bodies per host
 BLOCK_LIFETIME = 60.0          # seconds a Block1/Block2 transfer may idle
+NOTIFY_HOLD = 2.0              # seconds a multi-block notification's transfer
+                               # may idle before a newer one replaces it
+NOTIFY_RECHECK = 0.05          # seconds between checks while one is held
 HOUSEKEEPING = 10.0            # seconds between sweeps
 MAX_OBSERVERS = 2048           # observations in all
 MAX_OBSERVERS_PER_HOST = 256   # observations one host address may hold
@@ -306,7 +309,8 @@ class BlockCache:
         else:
             bodykey = None           # a crc collision: not shared
             self.bytes += len(body)
-        self.entries[key] = [body, cf, etag, code, self.clock.seconds(), bodykey, key]
+        self.entries[key] = [body, cf, etag, code, self.clock.seconds(), bodykey, key,
+                             False]
         self.bytes += BLOCK_ENTRY
         self.latest[key[:3]] = key
         self.fresh[key] = None
@@ -323,6 +327,7 @@ class BlockCache:
         is complete, and its body goes first to make room (kept meanwhile
         for a repeated last block)."""
         key = entry[6]
+        entry[7] = True
         if self.entries.get(key) is entry and key not in self.fresh:
             self.fresh[key] = None
             self.fresh_hosts.setdefault(key[0][0], {})[key] = None
@@ -354,6 +359,13 @@ class BlockCache:
             del self.bodies[bodykey]
             self.bytes -= len(entry[0])
 
+    def in_progress(self, key, idle):
+        """True while the transfer kept for ``key`` has not sent its last
+        block and was last active less than ``idle`` seconds ago."""
+        entry = self.entries.get(key)
+        return (entry is not None and not entry[7]
+                and self.clock.seconds() - entry[4] < idle)
+
     def sweep(self):
         now = self.clock.seconds()
         for key in [k for k, e in self.entries.items() if now - e[4] > self.lifetime]:
@@ -364,7 +376,7 @@ class BlockCache:
 
 
 class Observer:
-    __slots__ = ("remote", "token", "target", "szx", "pending", "confirmed")
+    __slots__ = ("remote", "token", "target", "szx", "pending", "confirmed", "held")
 
     def __init__(self, remote, token, target, szx, now):
         self.remote = remote
@@ -373,6 +385,8 @@ class Observer:
         self.szx = szx
         self.pending = None          # mid of the CON notification in flight
         self.confirmed = now         # last registration or acknowledgement
+        self.held = None             # DelayedCall: a newer state waits for
+                                     # the transfer of the previous one
 
 
 class Target:
@@ -1009,6 +1023,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if target.observers.pop((observer.remote, observer.token), None) is None:
             return
         self._forget_observer(observer.remote[0])
+        if observer.held is not None and observer.held.active():
+            observer.held.cancel()
+        observer.held = None
         if observer.pending is not None:
             exchange = self.exchanges.pop(observer.pending, None)
             if exchange is not None and exchange.timer.active():
@@ -1026,6 +1043,21 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def observer_count(self):
         return sum(self._host_observers.values())
+
+    def _hold(self, target, observer):
+        if observer.held is not None:
+            return
+        key = self.block2.request_key(observer.remote, target.path, _tx.GET, b"", ())
+
+        def check():
+            observer.held = None
+            if target.observers.get((observer.remote, observer.token)) is not observer:
+                return              # dropped meanwhile
+            if self.block2.in_progress(key, NOTIFY_HOLD):
+                observer.held = self.clock.callLater(NOTIFY_RECHECK, check)
+                return
+            self.notify(target, [observer])
+        observer.held = self.clock.callLater(NOTIFY_RECHECK, check)
 
     def notify(self, target, observers=None):
         """The target's value changed: send every observer (or those given)
@@ -1055,6 +1087,18 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if len(body) > size:
                 key = self.block2.request_key(observer.remote, target.path, _tx.GET,
                                               b"", ())
+                if observer.held is not None or (
+                        self.block2.in_progress(key, NOTIFY_HOLD)
+                        and self.block2.entries[key][0] != body):
+                    # The observer is still fetching the later blocks of the
+                    # previous notification (by plain GETs that name no
+                    # version): replacing that body now would hand it blocks
+                    # of another one (aiocoap ends the observation with
+                    # ResourceChanged). The newest state follows once that
+                    # transfer is done or idle (RFC 7641 4.2: intermediate
+                    # states may be skipped).
+                    self._hold(target, observer)
+                    continue
                 etag = self.block2.put(key, body, cf, code)
                 blocks = (0, True, observer.szx)
                 payload = body[:size]
