@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from piccolo_twisted.config import ConfigError, load_server_config
 from piccolo_twisted.instrument import usb_emulator
+from piccolo_twisted.instrument.usb_emulator import bus, detector, ooi
 from piccolo_twisted.instrument.simulator import Optics
 
 _serials = iter(range(1, 100000))
@@ -179,21 +180,66 @@ class OOITests(EmulatorCase):
             self.assertRaises(usb.core.USBTimeoutError, dev.read, 0x82, 4097, 30)
 
     def test_spectrum_and_integration_time_from_the_next_integration(self):
-        # the integration in progress at the change is a long one (40 ms
-        # here): the host's two commands fall inside it even under load
+        """A spectrum request is answered with the integration in progress
+        when it arrives; a new integration time applies from the next one.
+        The emulator's clock is held while the host sends its two commands,
+        so they arrive in the middle of a 200 ms integration whatever the
+        load on the host (on the host's clock they once had 40 ms)."""
+        clock = HeldClock()
+        for module in (bus, detector, ooi):
+            self.patch(module, "time", clock)
         u, dev = self.plug("USB2000PLUS", time_scale=0.2)
         dev.write(0x01, struct.pack("<BI", 0x02, 200000))
-        time.sleep(0.03)
+        time.sleep(0.03)            # the 100 ms (20 ms here) one in progress ends
         dev.write(0x01, b"\x09")
+        with u.cond:
+            (end, _, _), = u.pending
+        # device time stands still from the end of that integration (when
+        # it is transmitted) and moves on only half-way through the next
+        # before the host's two commands
+        clock.hold_at(end)
         dev.read(0x82, 4097, timeout=2000)
+        self.assertEqual((clock.held, u.sent[-1].micros), (end, 200000))
+        clock.held += u.detector.seconds(200000) / 2
         dev.write(0x01, struct.pack("<BI", 0x02, 1000))
         dev.write(0x01, b"\x09")
+        clock.release()
         data = bytes(dev.read(0x82, 4097, timeout=2000))
         self.assertEqual((len(data), data[-1]), (4097, 0x69))
         self.assertEqual(u.sent[-1].micros, 200000)   # begun before the change
+        self.assertEqual(u.sent[-1].start, end)
         dev.write(0x01, b"\x09")
         dev.read(0x82, 4097, timeout=2000)
         self.assertEqual(u.sent[-1].micros, 1000)
+
+
+class HeldClock:
+    """``time`` for the emulator's modules: the host's monotonic clock,
+    except that it can be made to stop at a device instant (as if the host
+    did what it does next in no time at all) and go on from there."""
+
+    def __init__(self):
+        self.offset = 0.0
+        self.held = None
+        self._hold_at = None
+
+    def hold_at(self, when):
+        self._hold_at = when
+
+    def release(self):
+        self.offset = self.held - time.monotonic()
+        self.held = self._hold_at = None
+
+    def monotonic(self):
+        if self.held is not None:
+            return self.held
+        now = time.monotonic() + self.offset
+        if self._hold_at is not None and now >= self._hold_at:
+            self.held = now = self._hold_at
+        return now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
 class ConfigTests(unittest.SynchronousTestCase):
