@@ -6,6 +6,7 @@ device unplugged mid-batch, then re-enumerating."""
 import asyncio
 import json
 import os
+import threading
 import zlib
 from collections import deque
 
@@ -13,6 +14,7 @@ import numpy as np
 from twisted.trial import unittest
 
 from piccolo_twisted.instrument import spectrometer as sp
+from piccolo_twisted.instrument.seabreeze_driver import OBP_GET_BUFFERED_SPECTRUM_META
 
 from .helpers import ServerTestCase
 from .test_wire import coro
@@ -92,18 +94,33 @@ class EmulatedServerTests(ServerTestCase):
         self.addCleanup(setattr, sp, "RECONNECT_INTERVAL", saved)
         device = self.service.instrument.emulated[QEP]
         await self.put(f"spectrometer/S_{QEP}/current_time/upwelling", 4000)
+        # the QE Pro vanishes once the batch has asked it for a spectrum and
+        # before the answer (mid-read), whatever the load on the host: on
+        # the host's clock (50 ms after RECORDING was seen) the batch could
+        # be over before the unplug
+        length, get_spectrum = device.handlers[OBP_GET_BUFFERED_SPECTRUM_META]
+        asked = threading.Event()
+
+        def unplug_when_asked(payload):
+            answer = get_spectrum(payload)
+            if not asked.is_set():
+                asked.set()
+                device.unplug()
+            return answer
+        device.handlers[OBP_GET_BUFFERED_SPECTRUM_META] = (length, unplug_when_asked)
         await self.put("control/record_sequence", {"run": "gone", "nsequence": 1,
                                                    "auto": -1})
-        await self.wait_for(f"spectrometer/S_{QEP}/status",
-                            lambda s: s == sp.RECORDING, interval=0.01)
-        await asyncio.sleep(0.05)
-        device.unplug()
         await self.wait_for(f"spectrometer/S_{QEP}/status", lambda s: s == sp.DROPPED,
                             timeout=5, interval=0.02)
+        self.assertTrue(asked.is_set())
         await self.wait_for("control/status", lambda s: s == "idle", timeout=20)
-        # it stays away while unplugged; back when it re-enumerates
+        # it stays away while unplugged (a reconnect attempt may be under
+        # way when asked: CONNECTING, then DROPPED again); back when it
+        # re-enumerates
         await asyncio.sleep(1.5 * sp.RECONNECT_INTERVAL)
-        self.assertEqual(await self.get(f"spectrometer/S_{QEP}/status"), sp.DROPPED)
+        self.assertEqual(await self.wait_for(f"spectrometer/S_{QEP}/status",
+                                             lambda s: s != sp.CONNECTING,
+                                             timeout=5, interval=0.02), sp.DROPPED)
         device.replug()
         await self.wait_for(f"spectrometer/S_{QEP}/status", lambda s: s == sp.IDLE,
                             timeout=10, interval=0.05)

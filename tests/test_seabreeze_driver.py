@@ -284,7 +284,11 @@ class LabellingTests(EmulatedCase):
             dev.read()
             if q.sent[-1].micros == 8000:
                 break
-        time.sleep(0.05)            # more are buffered at the idle time
+        time.sleep(0.05)            # more are buffered at the idle time:
+        with q.cond:                # 0.05 s is 125 of them here, at least
+            q._fill()
+            self.assertEqual({e.micros for e in q.buffer}, {8000})
+            self.assertGreaterEqual(len(q.buffer), 2)
         dev.set_integration_time(100)
         dev.read()
         dev.set_integration_time(info.min_time)
