@@ -346,6 +346,26 @@ class ProtocolTests(unittest.SynchronousTestCase):
             self.value.set(v)
         self.assertEqual(len(self.proto.exchanges), 1)
 
+    def test_held_notification_ends_with_the_protocol(self):
+        """A multi-block notification held while the observer still fetches
+        the previous one's blocks (RFC 7641 4.2) is not sent after
+        stopProtocol: no datagram, no timer left (a held notification that
+        fired after the server stopped started a retransmission timer on a
+        stopped server, and the wire test's reactor was unclean)."""
+        self.observe()
+        self.value.set("a" * 3000)              # 3 blocks: block 0 goes out
+        [n] = self.replies()
+        self.assertTrue(n.opt.block2.more)
+        self.send(_tx.Message(mtype=_tx.ACK, mid=n.mid, code=0).encode())
+        self.value.set("b" * 3000)              # held: block 1 not fetched yet
+        self.assertEqual(self.replies(), [])
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.proto.stopProtocol()
+        self.clock.pump([0.05] * 100)
+        self.assertEqual(self.replies(), [])
+        self.assertEqual(self.proto.exchanges, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_observe_storm_bounded(self):
         from piccolo_twisted.coap import protocol
         registered = 0

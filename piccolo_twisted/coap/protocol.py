@@ -467,6 +467,13 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self.exchanges.clear()
         for target in self.targets.values():
             target.close()
+            for observer in target.observers.values():
+                # a notification held for a block transfer (RFC 7641 4.2)
+                # must not go out, nor start retransmitting, once stopped
+                if observer.held is not None and observer.held.active():
+                    observer.held.cancel()
+                observer.held = None
+            target.observers.clear()
         self.targets.clear()
         self._host_observers.clear()
 
