@@ -17,6 +17,7 @@ Loopback only; every phase bounded in count and time.
 
 import ipaddress
 import os
+import random
 import selectors
 import socket
 import struct
@@ -31,6 +32,10 @@ CON, NON = 0, 1
 GET, PUT, POST = 1, 3, 2
 MAX_SECONDS = 120.0
 SEPARATE_WAIT = 30.0    # seconds a client waits for a response after an empty ACK
+# RFC 7252 4.8: a client's retransmission of a CON request
+ACK_TIMEOUT = 2.0
+ACK_RANDOM_FACTOR = 1.5
+MAX_RETRANSMIT = 4
 
 
 def _check(host):
@@ -101,7 +106,7 @@ def option_flood_datagram(mid, size=65000):
 class Transfer:
     __slots__ = ("sock", "path", "code", "payload", "num", "body", "mid", "data",
                  "sent_at", "tries", "result", "resume_at", "every_block", "acked",
-                 "con_mid")
+                 "con_mid", "wait")
 
     def __init__(self, sock, path, code, payload, every_block):
         self.sock = sock
@@ -119,13 +124,15 @@ class Transfer:
         self.resume_at = 0.0
         self.acked = False          # an empty ACK came: the answer follows
         self.con_mid = None         # mid of the last separate response
+        self.wait = ACK_TIMEOUT     # seconds until the next retransmission
 
 
 def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
               every_block=True, pause=0.0, timeout=60.0, szx=6):
     """``n`` blockwise downloads of one resource from ``n`` ports, all in
     progress at once (round robin, ``window`` requests in flight), as CON
-    requests retransmitted after 1 s (4 tries). ``every_block``: the payload
+    requests retransmitted as RFC 7252 4.8 has a client do it (after 2-3 s,
+    doubling, 4 retransmissions). ``every_block``: the payload
     goes with every block request, or only with the first (as aiocoap and
     libcoap's coap-client send it). ``pause``: seconds between one transfer's blocks.
     Returns the list of results: the body (bytes) or an error string."""
@@ -145,7 +152,8 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                          block2=(t.num, szx) if t.num else None)
         t.sock.send(t.data)
         t.sent_at = time.monotonic()
-        t.tries = 1
+        t.tries = 0
+        t.wait = random.uniform(ACK_TIMEOUT, ACK_TIMEOUT * ACK_RANDOM_FACTOR)
         t.acked = False
         inflight[t.sock] = t
 
@@ -185,7 +193,8 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                     continue
                 del inflight[t.sock]
                 if not 0x40 <= rcode < 0x60:
-                    t.result = f"{rcode >> 5}.{rcode & 31:02d} {chunk[:80]!r} at block {t.num}"
+                    t.result = (f"{rcode >> 5}.{rcode & 31:02d} {chunk[:80]!r} at block {t.num}"
+                                f" (type {mtype}, mid {mid}, request mid {t.mid})")
                     continue
                 if t.num and (block2 is None or block2[0] != t.num):
                     t.result = f"block {block2} answered for block {t.num}"
@@ -204,12 +213,14 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                         del inflight[t.sock]
                         t.result = f"no separate response at block {t.num}"
                     continue
-                if now - t.sent_at > t.tries:       # 1, 2, 3 s: back off
-                    if t.tries >= 4:
+                if now - t.sent_at > t.wait:
+                    if t.tries >= MAX_RETRANSMIT:
                         del inflight[t.sock]
                         t.result = f"no answer at block {t.num}"
                     else:
                         t.tries += 1
+                        t.sent_at = now
+                        t.wait *= 2
                         t.sock.send(t.data)
     finally:
         sel.close()
