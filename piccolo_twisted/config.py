@@ -176,6 +176,7 @@ def _load(path, spec, text=None):
 @dataclass
 class ServerConfig:
     instrument: str = "piccolo.config"
+    instrument_named: bool = False   # ``config`` set in the file, not the default
     address: str = "::"
     port: int = 5683
     daemon: bool = False
@@ -209,6 +210,7 @@ def load_server_config(path=None, text=None):
     backend, emulate = _seabreeze(name, cfg["seabreeze"])
     return ServerConfig(
         instrument=cfg["config"],
+        instrument_named="config" not in cfg.defaults,
         address=address,
         port=cfg["coap"]["port"],
         daemon=cfg["daemon"]["daemon"],

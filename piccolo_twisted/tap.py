@@ -73,11 +73,15 @@ def resolve(options):
         check_log_file(settings)
     if options.get("instrument"):
         ipath = options["instrument"]
+        check_named_instrument(ipath, "--instrument:")
         note = f"instrument config {ipath} (from the command line)"
     else:
         candidate = settings.instrument
         if not os.path.isabs(candidate):
             candidate = os.path.join(settings.datadir, candidate)
+        if settings.instrument_named:
+            # named explicitly: never fall back to the simulated instrument
+            check_named_instrument(candidate, f"{settings.source}: [config]")
         if os.path.isfile(candidate):
             ipath = candidate
             note = f"instrument config {ipath} (from the data directory)"
@@ -88,6 +92,20 @@ def resolve(options):
     instrument = load_instrument_config(ipath)
     check_emulated(settings, instrument, ipath)
     return settings, instrument, notes + [note]
+
+
+def check_named_instrument(path, where):
+    """An instrument config that was named must be there: falling back to
+    the bundled one would record simulated spectra on a real instrument."""
+    if not os.path.exists(path):
+        problem = "not found"
+    elif not os.path.isfile(path):
+        problem = "is not a file"
+    elif not os.access(path, os.R_OK):
+        problem = "is not readable"
+    else:
+        return
+    raise ConfigError(f"{where} instrument config {path} {problem}")
 
 
 def check_emulated(settings, instrument, ipath):

@@ -315,3 +315,58 @@ class MountAtStartTests(unittest.SynchronousTestCase):
         self.assertIn("already mounted",
                       mount_at_start("/dev/piccolo-two", self.mnt, mounts_file=mounts))
         self.assertEqual(self.calls(), [])
+
+
+class NamedInstrumentConfigTests(unittest.TestCase):
+    """An instrument config that is named (``-i`` or the server config's
+    ``config`` key) but missing, a directory or unreadable stops twistd
+    with one line: a Pi must never fall back to the simulated instrument
+    because of a typo. Only the unnamed default may fall back."""
+
+    def test_named_but_missing_is_one_line_error(self):
+        d = os.path.abspath(self.mktemp())
+        data = os.path.join(d, "data")
+        os.makedirs(os.path.join(data, "piccolo.config"))    # a directory
+        absent = os.path.join(d, "x", "piccolo.config")
+        cfgs = []
+        for value in (absent, "piccolo.config"):
+            path = os.path.join(d, f"server{len(cfgs)}.cfg")
+            with open(path, "w") as f:
+                f.write(f"config = {value}\n[datadir]\ndatadir = {data}\n")
+            cfgs.append(path)
+        cases = [
+            (["-c", cfgs[0]], f"twistd piccolo: {cfgs[0]}: [config] instrument "
+                              f"config {absent} not found"),
+            (["-c", cfgs[1]], f"twistd piccolo: {cfgs[1]}: [config] instrument "
+                              f"config {data}/piccolo.config is not a file"),
+            (["-i", absent], f"twistd piccolo: --instrument: instrument "
+                             f"config {absent} not found"),
+        ]
+        env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
+        procs = [(args, line, subprocess.Popen(
+            TWISTD + ["-n", "--pidfile=", "piccolo", "--port", "0"] + args,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for args, line in cases]
+        for args, line, p in procs:
+            try:
+                out, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            what = f"{args}: rc={p.returncode} stderr={err!r} stdout={out[-300:]!r}"
+            self.assertEqual(p.returncode, 1, what)
+            self.assertEqual(err.strip(), line, what)
+            self.assertNotIn("Traceback", err + out, what)
+            self.assertNotIn("simulated", out, what)
+
+    def test_unnamed_default_still_falls_back(self):
+        """No ``config`` key (or no server config): the bundled simulated
+        instrument when <datadir>/piccolo.config is absent, as before."""
+        data = os.path.abspath(self.mktemp())
+        cfg = os.path.abspath(self.mktemp())
+        with open(cfg, "w") as f:
+            f.write("[coap]\nport = 0\n")
+        for args in (["-o", data], ["-c", cfg, "-o", data]):
+            options = tap.Options()
+            options.parseOptions(args)
+            self.assertIn("using the embedded default", options.instrument_note)
