@@ -43,7 +43,7 @@ from twisted.python.threadpool import ThreadPool
 from .api import EncodedJSON, Resource
 from .errors import BusyError, PiccoloError
 from .observable import Observable
-from .values import to_bool, to_datetime, to_float, to_int
+from .values import END_TIMESTAMP, to_bool, to_datetime, to_float, to_int
 
 SCHEMA_VERSION = 2
 DB_NAME = "scheduler.sqlite"
@@ -232,17 +232,45 @@ def _move_aside(path, stamp):
     return aside
 
 
+def _out_of_range(job):
+    """Why a stored job's times are not what the server accepts now (an
+    older version may have stored them), or None. Such a job cannot be
+    listed (e.g. a time that formats into year 10000)."""
+    for name, ts in (("start_time", job.start_time), ("end_time", job.end_time)):
+        if ts is None and name == "end_time":
+            continue
+        try:
+            ts = float(ts)
+            if not 0 <= ts < END_TIMESTAMP:
+                raise ValueError
+            iso(ts)
+        except (TypeError, ValueError, OverflowError, OSError):
+            return f"{name} {ts!r} out of range"
+    if job.interval is not None:
+        try:
+            to_float(job.interval, "interval", lo=1.0, hi=366 * DAY)
+        except PiccoloError as e:
+            return str(e)
+    return None
+
+
 def _read_tables(db):
-    """``(jobs, settings, state)`` as stored; unreadable entries skipped."""
-    jobs, bad = {}, []
+    """``(jobs, settings, state)`` as stored; unreadable entries skipped;
+    live jobs whose times are out of range are marked deleted (and so
+    purged) and named in ``state["invalid"]``."""
+    jobs, bad, invalid = {}, [], []
     for row in db.execute("SELECT id, kind, args, start_time, next_time, end_time, "
                           "interval, ignore_quiet, status FROM jobs"):
         try:
             job = Job(int(row[0]), row[1], json.loads(row[2]), float(row[3]),
                       float(row[4]), row[5], row[6], bool(row[7]), row[8])
-            if job.kind == "record":
+            why = _out_of_range(job) if job.status in LIVE else None
+            if why is not None:
+                job.status = "deleted"
+                invalid.append((job.id, why))
+            elif job.kind == "record":
                 job.listing()
-        except (TypeError, ValueError, KeyError):
+        except (TypeError, ValueError, KeyError, OverflowError, OSError):
             bad.append(row[0])
             continue
         jobs[job.id] = job
@@ -260,6 +288,7 @@ def _read_tables(db):
             bad.append(key)
     state.setdefault("next_id", max(jobs, default=0) + 1)
     state["unreadable"] = bad
+    state["invalid"] = invalid
     return jobs, settings, state
 
 
@@ -495,6 +524,17 @@ class Scheduler:
             self._set_fault("corrupt", self._moved_aside)
             self._moved_aside = None
 
+    def _report_invalid(self, state):
+        """Jobs dropped at load for out-of-range times: a lasting fault."""
+        invalid = state.get("invalid") or []
+        for job_id, why in invalid:
+            self.log.warn("scheduler database: job {id} dropped (deleted): {why}",
+                          id=job_id, why=why)
+        if invalid:
+            self._set_fault("invalid", "scheduler database: jobs with times out of "
+                            "range dropped (deleted): " + ", ".join(
+                                f"job {i} ({why})" for i, why in invalid))
+
     def _go_degraded(self, error):
         reason = f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error)
         self.log.error("scheduler database {path} cannot be used ({reason}); jobs and "
@@ -536,6 +576,7 @@ class Scheduler:
         self._db = db
         self._db_file = state.get("file")
         self._report_moved_aside()
+        self._report_invalid(state)
         self.jobs = jobs
         for key, value in settings.items():
             if key in self.settings:
@@ -587,6 +628,7 @@ class Scheduler:
         self._db = db
         self._db_file = state.get("file")
         self._report_moved_aside()
+        self._report_invalid(state)
         self._retry_delay = self.RETRY_FIRST
         self._jobs_modified()
         self._set_fault("database", "")

@@ -245,3 +245,56 @@ class SchedulerSettingsWireTests(FastTick, ServerTestCase):
         self.assertEqual(r.code, aiocoap.CHANGED)
         self.assertEqual(len(await self.get("control/scheduler/jobs")), 1)
         self.assertEqual(await self.get("sysinfo/version") is not None, True)
+
+    @coro
+    async def test_job_out_of_range_in_an_older_database_is_dropped(self):
+        """An older server stored 9999-12-31T23:59:59.999999Z (which rounds
+        into year 10000): the listing still answers 2.05 with the other
+        jobs; the bad job is purged, logged and named in the fault."""
+        import sqlite3
+        import aiocoap
+        await self.service.stopService().asFuture(asyncio.get_event_loop())
+        path = self.service.scheduler.path
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+        late = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc).timestamp()
+        soon = datetime.now(timezone.utc).timestamp() + 3600
+        rec = json.dumps({"run": "r", "nsequence": 1, "auto": -1, "delay": 0.0,
+                          "target": 80})
+        db = sqlite3.connect(path)
+        db.executescript("""
+            CREATE TABLE jobs (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+                args TEXT NOT NULL, start_time REAL NOT NULL, next_time REAL NOT NULL,
+                end_time REAL, interval REAL, ignore_quiet INTEGER NOT NULL DEFAULT 0,
+                status TEXT NOT NULL);
+            CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            PRAGMA user_version = 2;""")
+        db.executemany("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?)", [
+            (1, "record", rec, soon, soon, None, None, 0, "active"),
+            (2, "power_on", "null", late, late, None, None, 1, "active"),
+            (3, "power_off", "null", soon, soon, late, 600.0, 1, "suspended"),
+            (4, "record", rec, soon, soon, soon + 7200, 600.0, 0, "active"),
+        ])
+        db.execute("INSERT INTO state VALUES ('next_id', '5')")
+        db.commit()
+        db.close()
+        self.service = make_service(self.datadir, time_scale=self.time_scale)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.base = f"coap://[::1]:{self.service.coap._port.getHost().port}"
+        r = await self.request("GET", "control/scheduler/jobs")
+        self.assertEqual(r.code, aiocoap.CONTENT, r.payload)
+        jobs = json.loads(r.payload)
+        self.assertEqual([j[0] for j in jobs], [1, 4])
+        self.assertEqual(jobs[1][1], ["record", ["r", 1, -1, 0.0, 80]])
+        fault = await self.get("control/scheduler/fault")
+        self.assertIn("job 2 ", fault)
+        self.assertIn("job 3 ", fault)
+        db = sqlite3.connect(path)
+        try:
+            ids = [i for (i,) in db.execute("SELECT id FROM jobs ORDER BY id")]
+        finally:
+            db.close()
+        self.assertEqual(ids, [1, 4])
