@@ -96,9 +96,13 @@ class Client:
         return msg
 
     async def _send(self, msg, timeout, ctx=None, **kw):
+        return await self._answer((ctx or self.ctx).request(msg, **kw).response, timeout)
+
+    async def _answer(self, response, timeout):
+        """Await a request's response; a missing or failed answer is
+        Unreachable, named by the server's address."""
         try:
-            return await asyncio.wait_for((ctx or self.ctx).request(msg, **kw).response,
-                                          timeout)
+            return await asyncio.wait_for(response, timeout)
         except asyncio.TimeoutError:
             raise Unreachable(f"{self.base}: no answer within {timeout:g} s "
                            f"(is the server running?)") from None
@@ -173,19 +177,7 @@ class Observation:
         self.request = self.client.ctx.request(msg)
         notifications = self.request.observation.__aiter__()
         self._pump = asyncio.ensure_future(self._forward(notifications))
-        try:
-            response = await asyncio.wait_for(self.request.response, self.client.timeout)
-        except asyncio.TimeoutError:
-            raise Unreachable(f"{self.client.base}: no answer within "
-                              f"{self.client.timeout:g} s (is the server running?)") from None
-        except aiocoap.error.ResolutionError:
-            raise Unreachable(f"{self.client.base}: unknown host name (is the address "
-                              f"right?)") from None
-        except aiocoap.error.NetworkError:
-            raise Unreachable(f"{self.client.base}: cannot reach the server "
-                              f"(is it running, is the address right?)") from None
-        except aiocoap.error.Error as e:
-            raise Unreachable(f"{self.client.base}: {_oneline(e)}") from None
+        response = await self.client._answer(self.request.response, self.client.timeout)
         return self.client.decode(response, f"GET /{self.path}")
 
     async def _forward(self, notifications):
