@@ -141,6 +141,27 @@ class ServerTestCase(unittest.TestCase):
     def run_dir(self, run):
         return os.path.join(self.datadir, run)
 
+    def load_run(self, run):
+        """Every file of ``run``'s directory, parsed: {name: json}."""
+        files = {}
+        for name in sorted(os.listdir(self.run_dir(run))):
+            with open(os.path.join(self.run_dir(run), name)) as f:
+                files[name] = json.load(f)
+        return files
+
+    def disk_full_at(self, marker):
+        """From now on writing a .pico file whose name holds ``marker``
+        fails as a full disk (ENOSPC); every other file is written."""
+        import errno
+        from piccolo_twisted.acquisition import pico
+        real = pico.write_atomic
+
+        def full(directory, name, data, clobber=False, fsync=None):
+            if marker in name:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(directory, name, data, clobber)
+        self.patch(pico, "write_atomic", full)
+
     async def observe_changes(self, path, n, action, timeout=5):
         """Observe ``path``, run ``action()``, return the next ``n`` values."""
         import aiocoap

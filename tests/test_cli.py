@@ -9,7 +9,6 @@ the terminal matters (Ctrl-C during ``record``): there the installed
 import ast
 import asyncio
 import configparser
-import errno
 import io
 import json
 import os
@@ -20,8 +19,6 @@ import tempfile
 
 from twisted.internet import defer
 from twisted.trial import unittest
-
-from piccolo_twisted.acquisition import pico
 
 from .helpers import ServerTestCase
 from .test_wire import coro
@@ -167,13 +164,7 @@ class CommandLineWireTests(ServerTestCase):
 
     @coro
     async def test_record_fault_exits_3(self):
-        real = pico.write_atomic
-
-        def full(directory, name, data, clobber=False, fsync=None):
-            if "s000001" in name:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(directory, name, data, clobber)
-        self.patch(pico, "write_atomic", full)
+        self.disk_full_at("s000001")
         code, out, err = await self.cli("record", "--run", "full", "-n", "3", "--auto", "-1")
         self.assertEqual(code, 3, err)
         last = err.strip().splitlines()[-1]

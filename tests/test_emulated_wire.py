@@ -4,7 +4,6 @@ protocols -- under batches with autointegration, over the wire; and a
 device unplugged mid-batch, then re-enumerating."""
 
 import asyncio
-import json
 import os
 import threading
 import zlib
@@ -37,13 +36,6 @@ LONG = os.environ.get("PICCOLO_LONG") == "1"
 class EmulatedServerTests(ServerTestCase):
     server_text = SERVER
     instrument_text = INSTRUMENT
-
-    def load_run(self, run):
-        files = {}
-        for name in sorted(os.listdir(self.run_dir(run))):
-            with open(os.path.join(self.run_dir(run), name)) as f:
-                files[name] = json.load(f)
-        return files
 
     @coro
     async def test_batch_with_autointegration(self):
