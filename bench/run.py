@@ -232,23 +232,33 @@ def emulated_rows(runs, quick):
                 shutil.rmtree(server.confdir, ignore_errors=True)
 
 
-def status_during(server, start_batch, rate=50):
-    """GET /control/status at ``rate``/s from just before ``start_batch()``
-    until the batch is over; the open-loop latencies."""
+def status_while(server, action, rate=50, settle=0.0, duration=600.0):
+    """GET /control/status at ``rate``/s (from another thread) while
+    ``action()`` runs, ``settle`` seconds after the load starts; the
+    open-loop latencies."""
     import threading
     out = {}
     done = threading.Event()
     t = threading.Thread(target=lambda: out.update(loadclient.open_loop(
-        "::1", server.port, "/control/status", rate=rate, duration=600.0, stop=done)))
+        "::1", server.port, "/control/status", rate=rate, duration=duration, stop=done)))
     t.start()
     try:
-        time.sleep(0.1)
-        start_batch()
-        server.wait_idle(timeout=600.0)
+        if settle:
+            time.sleep(settle)
+        action()
     finally:
         done.set()
         t.join()
     return out
+
+
+def status_during(server, start_batch, rate=50):
+    """GET /control/status at ``rate``/s from just before ``start_batch()``
+    until the batch is over; the open-loop latencies."""
+    def batch():
+        start_batch()
+        server.wait_idle(timeout=600.0)
+    return status_while(server, batch, rate, settle=0.1)
 
 
 def cold_autointegration(runs, nsequence=20, cpu_quota=None):
@@ -427,14 +437,7 @@ def scale_rows(runs, quick):
                                for _ in range(20))
                 firsts.setdefault(label, []).append((statistics.median(times), times[-1]))
             # status at 50/s while a client pulls the whole listing, twice
-            import threading
-            out = {}
-            done = threading.Event()
-            t = threading.Thread(target=lambda: out.update(loadclient.open_loop(
-                "::1", server.port, "/control/status", rate=50, duration=300.0, stop=done)))
-            t.start()
-            try:
-                time.sleep(0.2)
+            def pull_listing():
                 # the puller is its own process: in this one it would take
                 # the GIL from the status client and inflate its figures
                 pull = subprocess.run(
@@ -442,10 +445,7 @@ def scale_rows(runs, quick):
                      f"/data_dir/runs/{big}/spectra_list"],
                     capture_output=True, text=True, timeout=120, cwd=HERE)
                 assert pull.stdout.split() == [str(files)] * 2, pull.stdout + pull.stderr
-            finally:
-                done.set()
-                t.join()
-            status.append(out)
+            status.append(status_while(server, pull_listing, settle=0.2, duration=300.0))
         finally:
             server.stop()
             shutil.rmtree(root, ignore_errors=True)
@@ -615,23 +615,11 @@ def server_cases(a, runs, want):
 
         # -- responsiveness during batches ----------------------------------------
         if want('batch'):
-            import threading
-
             def during_batch(ms, nsequence):
                 server.set_times(ms)
                 server.call("PUT", "/control/record_sequence",
                             {"run": f"busy{ms}", "nsequence": nsequence, "auto": -1, "delay": 0})
-                out = {}
-                done = threading.Event()
-                t = threading.Thread(target=lambda: out.update(loadclient.open_loop(
-                    "::1", server.port, "/control/status", rate=50, duration=300.0, stop=done)))
-                t.start()
-                try:
-                    server.wait_idle()
-                finally:
-                    done.set()
-                    t.join()
-                return out
+                return status_while(server, server.wait_idle, duration=300.0)
             for label, ms, n in (("20-sequence batch at 200 ms", 200, 20),
                                  ("batch, two devices integrating 1 s", 1000, 10)):
                 results = [during_batch(ms, n if not a.quick else 3) for _ in range(runs)]
