@@ -88,10 +88,6 @@ class Shutters:
         except KeyError:
             raise NotFoundError(f"no such shutter channel: {channel}") from None
 
-    @staticmethod
-    def _flag(value, name):
-        return to_bool(value, name)
-
     def resources(self):
         res = {"shutters": Resource(get=self.names)}
         for channel, shutter in self.by_channel.items():
@@ -101,10 +97,10 @@ class Shutters:
 
     def _channel_resources(self, s):
         def open_shutter(open=True):
-            return s.set_open(self._flag(open, "open")).addCallback(lambda _: None)
+            return s.set_open(to_bool(open, "open")).addCallback(lambda _: None)
 
         def close_shutter(close=True):
-            return s.set_open(not self._flag(close, "close")).addCallback(lambda _: None)
+            return s.set_open(not to_bool(close, "close")).addCallback(lambda _: None)
         return {
             "status": Resource(get=lambda: s.state),
             "reverse": Resource(get=lambda: s.config.reverse),
