@@ -387,7 +387,7 @@ class Health:
         started_with, self._batch_files = self._batch_files, None
         if written is None or started_with is None or written <= started_with:
             return
-        if _value(getattr(control, "fault", "")) or getattr(control, "_abort", False):
+        if _value(getattr(control, "fault", "")) or getattr(control, "aborted", False):
             return
         self._last_batch = self.wall_time()
 

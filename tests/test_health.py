@@ -53,7 +53,7 @@ class FakeControl:
         self.status = Observable("idle")
         self.fault = Observable("")
         self.files_written = 0
-        self._abort = False
+        self.aborted = False
 
 
 class HealthTests(unittest.SynchronousTestCase):
@@ -164,9 +164,9 @@ class HealthTests(unittest.SynchronousTestCase):
             control.files_written += 2
             self.now += 60
             if stop == "abort":
-                control._abort = True
+                control.aborted = True
             else:
-                control._abort = False
+                control.aborted = False
                 control.fault.set("No space left on device")
             control.status.set("idle")
             self.clock.advance(10)

@@ -85,6 +85,11 @@ class Control:
     def busy(self):
         return self._task is not None
 
+    @property
+    def aborted(self):
+        """Whether an abort was asked of the current (or last) procedure."""
+        return self._abort
+
     def _start(self, kind, coro):
         if self.busy:
             raise BusyError()
