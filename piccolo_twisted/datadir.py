@@ -149,9 +149,6 @@ class SaveFailed(Exception):
     """A spectrum file could not be written (its message names the file)."""
 
 
-read_mounts = mounting.read_mounts
-
-
 class _Run:
     """The index entry of one run."""
     __slots__ = ("mtime", "listed", "keys", "version")
