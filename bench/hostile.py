@@ -65,36 +65,7 @@ def request(mid, path, code=GET, token=b"", payload=b"", mtype=CON, block2=None,
                                      block2=block2, mtype=mtype)
 
 
-def parse(data):
-    """(mtype, code, mid, token, block2 (num, more, szx) or None, payload)."""
-    mtype = (data[0] >> 4) & 3
-    tkl = data[0] & 15
-    code = data[1]
-    mid = struct.unpack_from("!H", data, 2)[0]
-    token = data[4:4 + tkl]
-    pos, number, block2 = 4 + tkl, 0, None
-    payload = b""
-    while pos < len(data):
-        b = data[pos]
-        pos += 1
-        if b == 0xFF:
-            payload = data[pos:]
-            break
-        d, l = b >> 4, b & 15
-        if d == 13:
-            d, pos = data[pos] + 13, pos + 1
-        elif d == 14:
-            d, pos = struct.unpack_from("!H", data, pos)[0] + 269, pos + 2
-        if l == 13:
-            l, pos = data[pos] + 13, pos + 1
-        elif l == 14:
-            l, pos = struct.unpack_from("!H", data, pos)[0] + 269, pos + 2
-        number += d
-        if number == 23:
-            v = int.from_bytes(data[pos:pos + l], "big")
-            block2 = (v >> 4, bool(v & 8), v & 7)
-        pos += l
-    return mtype, code, mid, token, block2, payload
+parse = loadclient.parse  # (mtype, code, mid, token, block2, payload)
 
 
 def option_flood_datagram(mid, size=65000):

@@ -215,7 +215,8 @@ def fetch(host, port, path, method=1, payload=b"", timeout=5.0):
                 data = sock.recv(65536)
                 if struct.unpack_from("!H", data, 2)[0] == mid:
                     break
-            code, more, chunk = _parse_block(data)
+            _, code, _, _, block2, chunk = parse(data)
+            more = bool(block2 and block2[1])
             body += chunk
             if not more:
                 return code, body, num + 1
@@ -224,14 +225,21 @@ def fetch(host, port, path, method=1, payload=b"", timeout=5.0):
         sock.close()
 
 
-def _parse_block(data):
+def parse(data):
+    """(mtype, code, mid, token, block2 (num, more, szx) or None, payload)."""
+    mtype = (data[0] >> 4) & 3
     tkl = data[0] & 15
-    pos, number, more = 4 + tkl, 0, False
+    code = data[1]
+    mid = struct.unpack_from("!H", data, 2)[0]
+    token = data[4:4 + tkl]
+    pos, number, block2 = 4 + tkl, 0, None
+    payload = b""
     while pos < len(data):
         b = data[pos]
         pos += 1
         if b == 0xFF:
-            return data[1], more, data[pos:]
+            payload = data[pos:]
+            break
         d, l = b >> 4, b & 15
         if d == 13:
             d, pos = data[pos] + 13, pos + 1
@@ -244,9 +252,9 @@ def _parse_block(data):
         number += d
         if number == 23:
             v = int.from_bytes(data[pos:pos + l], "big")
-            more = bool(v & 8)
+            block2 = (v >> 4, bool(v & 8), v & 7)
         pos += l
-    return data[1], more, b""
+    return mtype, code, mid, token, block2, payload
 
 
 if __name__ == "__main__":
