@@ -318,7 +318,7 @@ class LayerTests(unittest.SynchronousTestCase):
 
 # -- over real UDP on loopback ------------------------------------------------
 
-class HostileWireTests(unittest.TestCase):
+class LoopbackServerCase(unittest.TestCase):
     """The whole server on 127.0.0.1 (so other loopback hosts exist)."""
 
     timeout = 120
@@ -331,8 +331,19 @@ class HostileWireTests(unittest.TestCase):
         self.service = make_service(self.datadir, address="127.0.0.1")
         self.service.privilegedStartService()
         self.service.startService()
+        self.addCleanup(self.service.stopService)
         self.port = self.service.coap._port.getHost().port
         self.dst = ("127.0.0.1", self.port)
+
+    def in_thread(self, fn, *args, **kw):
+        return threads.deferToThread(fn, *args, **kw)
+
+
+class HostileWireTests(LoopbackServerCase):
+    """The whole server on 127.0.0.1 (so other loopback hosts exist)."""
+
+    def setUp(self):
+        super().setUp()
         self.proto = self.service.coap.protocol
         run = os.path.join(self.datadir, "field")
         os.makedirs(run)
@@ -352,10 +363,7 @@ class HostileWireTests(unittest.TestCase):
     def tearDown(self):
         async def close():
             await self.ctx.shutdown()
-        return as_deferred(close()).addCallback(lambda _: self.service.stopService())
-
-    def in_thread(self, fn, *args, **kw):
-        return threads.deferToThread(fn, *args, **kw)
+        return as_deferred(close())
 
     async def aiocoap_put(self, path, payload):
         import aiocoap

@@ -24,10 +24,11 @@ import struct
 import sys
 import tempfile
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from .helpers import ServerTestCase, as_deferred, asyncio_reactor, make_service
+from .helpers import ServerTestCase, as_deferred
+from .test_hostile_coap import LoopbackServerCase
 from .test_wire import coro
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,25 +142,8 @@ class RunNameOnDiskTests(ServerTestCase):
         self.assertTrue(os.listdir(self.run_dir("fresh")))
 
 
-class HostileCrowdTests(unittest.TestCase):
+class HostileCrowdTests(LoopbackServerCase):
     """The server on 127.0.0.1, so that other loopback hosts exist."""
-
-    timeout = 120
-
-    def setUp(self):
-        if not asyncio_reactor():
-            raise unittest.SkipTest("wire tests need --reactor=asyncio (aiocoap)")
-        self.datadir = tempfile.mkdtemp(prefix="piccolo-test-")
-        self.addCleanup(shutil.rmtree, self.datadir, True)
-        self.service = make_service(self.datadir, address="127.0.0.1")
-        self.service.privilegedStartService()
-        self.service.startService()
-        self.port = self.service.coap._port.getHost().port
-        self.dst = ("127.0.0.1", self.port)
-        self.addCleanup(self.service.stopService)
-
-    def in_thread(self, fn, *args, **kw):
-        return threads.deferToThread(fn, *args, **kw)
 
     def exchange(self, data, sock):
         answer = hostile.exchange(self.dst, data, sock=sock)
