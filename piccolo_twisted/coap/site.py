@@ -100,7 +100,7 @@ def encode_json(value):
         return b""
     if isinstance(value, EncodedJSON):
         return value
-    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return EncodedJSON.encode(value)
 
 
 class Leaf(_txresource.CoAPResource):
