@@ -139,13 +139,6 @@ def in_quiet(now, start, end):
     return s <= now < e
 
 
-def power_off_span(now, start, end, delay):
-    """(off_from, on_at) of the window containing or following ``now``: the
-    spectrometers should be off in [start + delay, end - delay)."""
-    s, e = quiet_window(now, start, end)
-    return s + delay, e - delay
-
-
 def next_run(next_time, interval, now):
     """The first run time after ``now`` on the grid ``next_time + k*interval``
     (missed runs are fast-forwarded: run once, not N times)."""
