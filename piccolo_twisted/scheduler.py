@@ -156,13 +156,6 @@ def iso(ts):
     return datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
-def _timestamp(value, name):
-    try:
-        return to_datetime(value, name).timestamp()
-    except (OverflowError, ValueError, OSError):
-        raise PiccoloError(f"{name} out of range: {value!r}") from None
-
-
 @dataclass
 class Job:
     id: int
@@ -740,10 +733,10 @@ class Scheduler:
         """Create a job: a Deferred firing with its id once it is stored.
         PiccoloError at once (nothing stored) on bad times or at the cap."""
         now = self.wall()
-        start = _timestamp(at_time, "at_time")
+        start = to_datetime(at_time, "at_time").timestamp()
         if interval is not None:
             interval = to_float(interval, "interval", lo=1.0, hi=366 * DAY)
-        end = _timestamp(end_time, "end_time") if end_time is not None else None
+        end = to_datetime(end_time, "end_time").timestamp() if end_time is not None else None
         if interval is None and start < now - 1:
             raise PiccoloError("at_time is in the past and the job does not repeat")
         if end is not None and end <= start:
