@@ -176,8 +176,11 @@ class DataDir:
 
     def __init__(self, path, device="/dev/sda1", mntpnt="/mnt",
                  run_command=None, mounts_file="/proc/mounts",
-                 to_thread=None):
+                 to_thread=None, write_file=None):
         self.path = FilePath(os.path.abspath(path))
+        #: writes one spectrum file atomically (thread side); None:
+        #: ``pico.write_atomic`` (the season simulator injects faults here)
+        self.write_file = write_file
         self.device = device
         self.mntpnt = mntpnt
         self.mounts_file = mounts_file
@@ -572,7 +575,7 @@ class DataDir:
             try:
                 before, after, root_change = await self._to_thread(
                     runindex.save, self.path.path, run, filename, encode, clobber,
-                    pico.write_atomic)
+                    self.write_file or pico.write_atomic)
             except Exception as e:
                 self._unsaving(run)
                 if isinstance(e, runindex.NoSuchRun):

@@ -4,6 +4,8 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer
@@ -15,9 +17,23 @@ from .datadir import DataDir
 from .sysinfo import Health, SysInfo
 
 
+@dataclass
+class Workers:
+    """Where blocking calls run, each a ``deferToThread``-like callable; None
+    is the component's own pool. The season simulator runs them in
+    simulated time."""
+    devices: Optional[Callable] = None      # spectrometer calls
+    files: Optional[Callable] = None        # the data directory's file system work
+    database: Optional[Callable] = None     # the scheduler's SQLite (one at a time)
+    compute: Optional[Callable] = None      # arithmetic (autointegration), health probes
+
+
 class PiccoloService(service.MultiService):
     """Builds the instrument, the data directory, control, scheduler and the
-    CoAP server from parsed configuration, and shuts them down in order."""
+    CoAP server from parsed configuration, and shuts them down in order.
+
+    ``serve=False`` builds the components without the CoAP server and the
+    manhole (and leaves the heap alone): the season simulator's server."""
 
     log = Logger()
     STOP_DEVICES_WAIT = 1.0     # for device calls at stop
@@ -25,7 +41,8 @@ class PiccoloService(service.MultiService):
     SWITCH_INTERVAL = 0.001
 
     def __init__(self, settings, instrument, notes=(), clock=None,
-                 configure_logging=True, time_scale=1.0, wall=None):
+                 configure_logging=True, time_scale=1.0, wall=None,
+                 workers=None, bus=None, gpio=None, serve=True):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -38,32 +55,41 @@ class PiccoloService(service.MultiService):
         self.notes = list(notes)
         self.clock = clock
         self.configure_logging = configure_logging
+        self.workers = workers or Workers()
+        self.serve = serve
         self.sysinfo = SysInfo()
         self.datadir = DataDir(settings.datadir, device=settings.device,
-                               mntpnt=settings.mntpnt)
+                               mntpnt=settings.mntpnt, to_thread=self.workers.files)
         self.components = {
             "sysinfo": self.sysinfo.resources(),
             "data_dir": self.datadir.resources(),
         }
-        self._build_instrument(time_scale)
-        self.coap = coap_service(self.components, settings.address,
-                                 settings.port, clock=clock)
-        self.coap.setServiceParent(self)
-        self._build_manhole()
+        self._build_instrument(time_scale, bus, gpio)
+        self.coap = None
+        self.manhole = None
+        if serve:
+            self.coap = coap_service(self.components, settings.address,
+                                     settings.port, clock=clock)
+            self.coap.setServiceParent(self)
+            self._build_manhole()
 
-    def _build_instrument(self, time_scale):
+    def _build_instrument(self, time_scale, bus, gpio):
         from .instrument import build_instrument
         from .acquisition.control import Control
         from .scheduler import DB_NAME, Scheduler
+        workers = self.workers
         self.instrument = build_instrument(
-            self.instrument_config, self.clock, time_scale=time_scale,
+            self.instrument_config, self.clock, gpio=gpio, bus=bus,
+            time_scale=time_scale, to_thread=workers.devices,
             emulate=self.settings.emulate,
             seabreeze_backend=self.settings.seabreeze_backend)
-        self.control = Control(self.instrument, self.datadir, self.clock)
+        control_options = {"to_thread": workers.compute} if workers.compute else {}
+        self.control = Control(self.instrument, self.datadir, self.clock,
+                               **control_options)
         # the server's own files live out of the runs' reach
         self.scheduler = Scheduler(self.control,
                                    os.path.join(self.datadir.state_dir, DB_NAME),
-                                   self.clock, wall=self.wall)
+                                   self.clock, run_db=workers.database, wall=self.wall)
         self.control.scheduler = self.scheduler
         self.components.update({
             "shutter": self.control.guard_hardware(self.instrument.shutters.resources()),
@@ -75,11 +101,11 @@ class PiccoloService(service.MultiService):
         self.scheduler.timer.setServiceParent(self)
         self.health = Health(self.datadir, self.clock, control=self.control,
                              spectrometers=self.instrument.spectrometers,
-                             scheduler=self.scheduler)
+                             scheduler=self.scheduler, to_thread=workers.compute,
+                             wall_time=self.wall)
         self.components["sysinfo"].update(self.health.resources())
 
     def _build_manhole(self):
-        self.manhole = None
         if self.settings.manhole_port:
             from .manhole import manhole_service
             self.manhole = manhole_service(self)
@@ -93,7 +119,8 @@ class PiccoloService(service.MultiService):
             "shutters": self.instrument.shutters,
             "spectrometers": self.instrument.spectrometers,
             "control": self.control, "scheduler": self.scheduler,
-            "datadir": self.datadir, "coap": self.coap.protocol,
+            "datadir": self.datadir,
+            "coap": self.coap.protocol if self.coap is not None else None,
         }
 
     def privilegedStartService(self):
@@ -131,9 +158,10 @@ class PiccoloService(service.MultiService):
         sys.setswitchinterval(self.SWITCH_INTERVAL)
         self.instrument.start().addErrback(
             lambda f: self.log.failure("starting the instrument failed", f))
-        self.clock.callLater(0, self._freeze_heap)
-        self.log.info("piccolo serving CoAP on [{address}]:{port}",
-                      address=self.settings.address, port=self.settings.port)
+        if self.serve:
+            self.clock.callLater(0, self._freeze_heap)
+            self.log.info("piccolo serving CoAP on [{address}]:{port}",
+                          address=self.settings.address, port=self.settings.port)
 
     def _freeze_heap(self):
         """Move everything start-up created out of the collector's reach:
