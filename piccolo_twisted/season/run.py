@@ -1,0 +1,825 @@
+"""A season: the real server components living through simulated days.
+
+Each life of the server process is an :class:`Incarnation`: a
+``PiccoloService`` built from the configuration and the data directory on
+disk (a real SQLite file, real spectrum files), on its own ``task.Clock``,
+with its blocking calls run in simulated time (:mod:`.simio`). A crash
+drops the incarnation with its clock: every timer, every call not yet run
+or not yet answered dies with it, as with ``kill -9``; the next one starts
+from what is on disk.
+
+The season advances the world's time from event to event -- the next
+timer of the running incarnation or the next event of the world -- so a
+quiet simulated day costs only what happens in it.
+"""
+
+import errno
+import gc
+import math
+import os
+import shutil
+import tempfile
+from datetime import datetime, timedelta, timezone
+
+from twisted.internet import defer, task
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from ..acquisition import pico
+from ..config import load_instrument_config, load_server_config
+from ..errors import PiccoloError
+from ..instrument.device import DeviceError
+from ..instrument.simulator import SimulatedBus
+from ..instrument.spectrometer import CONNECTED, DROPPED, POWERED_OFF
+from ..service import PiccoloService, Workers
+from .invariants import Violation, iso
+from .ledger import Ledger, load_pico
+from .simio import SimGPIO, SimThreads, SimWall, failing_fsync
+from .world import DAY, FAULTS, World, log_uniform
+
+HOUR = 3600.0
+MINUTE = 60.0
+#: the world's calendar starts in 2012 (+ up to a year, by seed): ten
+#: simulated years still end before the real clock, which stamps the run
+#: directories (the spectrum files get the simulated time)
+EPOCH = datetime(2012, 1, 1, tzinfo=timezone.utc).timestamp()
+
+INSTRUMENT = """
+[channels]
+  [[shutter_1]]
+    direction = upwelling
+  [[shutter_2]]
+    direction = downwelling
+[spectrometers]
+  [[sim_QEP00981]]
+    detectorSetTemperature = -10.0
+    fan = True
+    power_switch = 20
+    min_integration_time = 8
+    max_integration_time = 2000
+  [[sim_GEN00042]]
+    power_switch = 21
+    min_integration_time = 3
+    max_integration_time = 2000
+[output]
+  split = True
+"""
+POWER_PINS = {20: "sim_QEP00981", 21: "sim_GEN00042"}
+SERIALS = list(POWER_PINS.values())
+
+#: a slot must be decided within this much server uptime after it is due
+DECIDE_WITHIN = 3 * HOUR
+#: power state must follow the window this long after it last changed
+POWER_OFF_BOUND = 30 * MINUTE
+POWER_ON_BOUND = 10 * MINUTE
+
+
+class Disk:
+    full = False
+
+
+class Incarnation:
+    """One life of the server process."""
+
+    def __init__(self, season, number, wall_offset):
+        self.season = season
+        self.number = number
+        self.clock = task.Clock()
+        self.clock.advance(season.t)
+        self.wall = SimWall(self.clock, wall_offset)
+        rng = season.world.rng(f"io-{number}")
+        # opening a spectrometer (USB enumeration, reading its EEPROM) takes
+        # a while; everything else the simulated device's own time
+        self.devices = SimThreads(self.clock, cost=lambda fn: rng.uniform(0.3, 3.0)
+                                  if getattr(fn, "__name__", "") == "_open" else 0.0)
+        self.devices.on_error = season.device_error
+        self.files = SimThreads(self.clock, before=lambda: rng.uniform(0.001, 0.005))
+        self.db = SimThreads(self.clock, serial=True, before=season.commit_time,
+                             after=lambda: 0.001)
+        self.db.on_call = None
+        self.compute = SimThreads(self.clock)
+        self.gpio = SimGPIO(POWER_PINS, plugged=lambda s: season.cable_in[s],
+                            failing=lambda s: season.switch_fault,
+                            before_switch=season.before_switch)
+        self.bus = SimulatedBus(time_scale=1.0, time_source=self.devices)
+        for serial in SERIALS:
+            device = self.bus.device(serial)
+            device.read_delay = season.read_delay
+            self.gpio.attach(serial, device)
+        workers = Workers(devices=self.devices, files=self.files,
+                          database=self.db, compute=self.compute)
+        self.service = PiccoloService(
+            season.settings, season.instrument, clock=self.clock,
+            configure_logging=False, time_scale=1.0, wall=self.wall,
+            workers=workers, bus=self.bus, gpio=self.gpio, serve=False)
+        self.service.datadir.write_file = season.file_writer(self.wall)
+        self.control = self.service.control
+        self.scheduler = self.service.scheduler
+        self.spectrometers = {s.serial: s for s in self.service.instrument.spectrometers}
+        self.drops = {s: 0 for s in SERIALS}
+        for s in self.spectrometers.values():
+            s.status.watch(lambda status, s=s: self._status(s, status))
+        self.control.status.watch(self._control_status)
+        self.service.datadir.save_listeners.append(season.file_saved)
+        self.started = False
+
+    def _status(self, spectrometer, status):
+        if status == DROPPED:
+            self.drops[spectrometer.serial] += 1
+        if status == POWERED_OFF and self.control.busy:
+            self.season.violation("never-off-under-batch",
+                                  f"{spectrometer.name} POWERED_OFF while control is "
+                                  f"{self.control.status.value!r}")
+
+    def _control_status(self, status):
+        self.season.control_status(self, status)
+
+    def start(self):
+        self.service.privilegedStartService()
+        self.season.after_open(self)
+        self.service.startService()
+        self.started = True
+
+    def resource(self, component, path):
+        return self.service.components[component][path]
+
+    def close_database(self):
+        """What the OS does to a killed process's files: the connection
+        goes (nothing uncommitted survives; SQLite's WAL is left as is)."""
+        for holder in (self.scheduler, getattr(self.scheduler, "store", None)):
+            db = getattr(holder, "_db", None) if holder is not None else None
+            if db is not None:
+                try:
+                    db.close()
+                except Exception:
+                    pass
+
+
+class Season:
+    def __init__(self, days, seed, faults=tuple(FAULTS), root=None, verbose=False,
+                 out=None, keep_going=False):
+        self.days = days
+        self.seed = seed
+        self.faults = set(faults)
+        self.verbose = verbose
+        self.out = out
+        self.keep_going = keep_going
+        self.world = World(seed)
+        rng = self.world.rng("calendar")
+        self.start = EPOCH + math.floor(rng.uniform(0, 365)) * DAY + rng.randrange(86400)
+        self.t = self.start
+        self.end = self.start + days * DAY
+        self.catch_up = rng.choice([600] * 6 + [0, 60, 3600])
+        self._own_root = root is None
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.root = root or tempfile.mkdtemp(prefix="piccolo-season-", dir=base)
+        self.datadir = os.path.join(self.root, "data")
+        os.makedirs(self.datadir, exist_ok=True)
+        self.settings = load_server_config(text=self._server_config())
+        self.settings.datadir = self.datadir
+        self.instrument = load_instrument_config(text=INSTRUMENT)
+        self.ledger = Ledger(self)
+        self.inc = None
+        self.incarnations = 0
+        self.violations = []
+        self.counts = {k: 0 for k in FAULTS}
+        self.requests = {"acked": 0, "refused": 0, "unanswered": 0}
+        # the world's state of the hardware
+        self.cable_in = {s: True for s in SERIALS}
+        self.switch_fault = False
+        self.read_delay = 0.0
+        self.disk = Disk()
+        self.slow_commit = False
+        self.downtime = 0.0
+        self.down_since = None
+        self.last_wall = None
+        self.pending = {}              # request number -> what it changes
+        self._request = 0
+        self.batch_starts = {}         # run -> [(true, wall)]
+        self.power_since = self.start  # the window's wanted state held since
+        self.power_wanted = None
+        self.user_excuse = 0           # window changes a user's power action excuses
+        self.slow_reads_until = 0.0
+        self.armed = None              # a crash waiting for its moment
+        self.history = None            # the scheduler keeps a history (feature)
+        self.job_seq = 0
+        self.stopped = False
+        self._observer = None
+
+    # -- configuration ----------------------------------------------------------
+
+    def _server_config(self):
+        from ..config import SERVER_SPEC
+        text = "[datadir]\ndatadir = data\n"
+        if "[scheduler]" in SERVER_SPEC:
+            text += f"[scheduler]\ncatch_up = {self.catch_up}\n"
+        return text
+
+    def commit_time(self):
+        """How long the next SQLite commit takes."""
+        rng = self.world.rng("commit")
+        if self.slow_commit:
+            return log_uniform(rng, 1.0, 90.0)
+        return rng.uniform(0.002, 0.02)
+
+    def file_writer(self, wall):
+        """The data directory's atomic writer, on a disk that can be full,
+        stamping files with the simulated wall clock as the kernel would."""
+        fsync = failing_fsync(self.disk)
+
+        def write(directory, name, data, clobber=False):
+            pico.write_atomic(directory, name, data, clobber, fsync=fsync)
+            t = wall()
+            os.utime(name, (t, t), dir_fd=directory, follow_symlinks=False)
+        return write
+
+    # -- time ------------------------------------------------------------------
+
+    @property
+    def day(self):
+        return (self.t - self.start) / DAY
+
+    def wall(self):
+        return self.inc.wall() if self.inc is not None else None
+
+    def run(self):
+        self._observer = self._log_observer
+        globalLogPublisher.addObserver(self._observer)
+        try:
+            self._schedule_world()
+            self.boot()
+            while not self.stopped:
+                inc = self.inc
+                t_world = self.world.next_time()
+                calls = inc.clock.calls if inc is not None else ()
+                t_clock = calls[0].getTime() if calls else math.inf
+                t = min(t_world, t_clock, self.end)
+                if t >= self.end and t_world > self.end and t_clock > self.end:
+                    self._advance(self.end)
+                    break
+                self._advance(t)
+                if t_world <= t:
+                    action, args = self.world.pop()
+                    action(*args)
+            self.final_checks()
+        finally:
+            globalLogPublisher.removeObserver(self._observer)
+        return self
+
+    def _advance(self, t):
+        inc = self.inc
+        if inc is not None and t > inc.clock.seconds():
+            inc.clock.advance(t - inc.clock.seconds())
+        elif inc is not None:
+            inc.clock.advance(0)
+        self.t = max(self.t, t)
+        if inc is not None and self.inc is inc:
+            wall = inc.wall()
+            self.last_wall = wall
+            self.ledger.pass_time(wall, self.t, self.downtime)
+
+    def _log_observer(self, event):
+        if not self.verbose:
+            return
+        from twisted.logger import formatEvent
+        text = formatEvent(event)
+        level = event.get("log_level")
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += f": {failure.getErrorMessage()}"
+        wall = self.wall()
+        print(f"[day {self.day:8.4f} wall {iso(wall)}] {level.name if level else ''} "
+              f"{text}", file=self.out)
+
+    def note(self, text):
+        if self.verbose:
+            print(f"[day {self.day:8.4f} wall {iso(self.wall())}] SEASON {text}", file=self.out)
+
+    # -- violations --------------------------------------------------------------
+
+    def violation(self, name, detail):
+        v = Violation(name, detail, self.day, self.t, self.wall())
+        self.violations.append(v)
+        self.note(f"violation {name}: {detail}")
+        if not self.keep_going:
+            self.stopped = True
+
+    # -- the server's lives -------------------------------------------------------
+
+    def boot(self, wall_offset=0.0):
+        self.incarnations += 1
+        if self.down_since is not None:
+            self.downtime += self.t - self.down_since
+            self.down_since = None
+        inc = Incarnation(self, self.incarnations, wall_offset)
+        self.inc = inc
+        self.note(f"boot #{inc.number}, wall clock {iso(inc.wall())}")
+        self.history = hasattr(inc.scheduler, "history")
+        inc.start()
+        self.power_disturbed()
+
+    def crash(self):
+        inc = self.inc
+        if inc is None:
+            return
+        self.counts["crash"] += 1
+        self.note(f"crash (control {inc.control.status.value!r}, "
+                  f"{inc.db.running} SQLite calls in flight)")
+        self.inc = None
+        self.down_since = self.t
+        inc.close_database()
+        self.armed = None
+        for number, what in self.pending.items():
+            what["uncertain"] = True
+            job = what.get("job")
+            if job is not None:
+                job.uncertain = True
+            key = what.get("setting")
+            if key is not None:
+                self.ledger.uncertain_settings.setdefault(
+                    key, {self.ledger.settings.get(key, what["old"])}).add(what["value"])
+        self.pending = {}
+        gc.collect()
+        rng = self.world.rng("crash")
+        down = log_uniform(rng, 5.0, 2 * HOUR)
+        self.world.at(self.t + down, self.reboot)
+
+    def reboot(self):
+        offset = 0.0
+        if "clock" in self.faults:
+            rng = self.world.rng("boot-clock")
+            r = rng.random()
+            if r < 0.1:
+                # no RTC, no fake-hwclock: the Pi thinks it is 1970
+                offset = -self.t + rng.uniform(10, 60)
+                self.world.at(self.t + log_uniform(rng, 10, 2 * HOUR), self.ntp_sync)
+                self.counts["clock"] += 1
+            elif r < 0.3 and self.last_wall is not None:
+                # fake-hwclock: the time saved at the last shutdown
+                offset = self.last_wall - self.t
+                self.world.at(self.t + log_uniform(rng, 10, 30 * MINUTE), self.ntp_sync)
+                self.counts["clock"] += 1
+        self.boot(offset)
+
+    def ntp_sync(self):
+        if self.inc is not None and self.inc.wall.offset != 0.0:
+            self.note(f"NTP: wall clock {iso(self.inc.wall())} -> {iso(self.t)}")
+            self.inc.wall.offset = 0.0
+            self.clock_moved()
+
+    def clock_moved(self):
+        # nothing tells a real server that NTP stepped the clock: the
+        # server is not told here either
+        self.power_disturbed()
+
+    # -- what the incarnation reports ---------------------------------------------
+
+    def after_open(self, inc):
+        """The scheduler has read its database (before anything runs):
+        everything acknowledged must be there."""
+        self.check_acked(inc)
+        self.scan_disk()
+
+    def control_status(self, inc, status):
+        if inc is not self.inc:
+            return
+        if status != "idle" and not getattr(inc, "_busy", False):
+            inc._busy = True
+            run = inc.service.datadir.current_run.value
+            self.batch_starts.setdefault(run, []).append((self.t, inc.wall()))
+            if self.armed == "batch":
+                rng = self.world.rng("crash")
+                self.armed = None
+                self.world.at(self.t + rng.uniform(0, 60), self.crash)
+        elif status == "idle":
+            inc._busy = False
+
+    def device_error(self, fn, error):
+        if not isinstance(error, DeviceError) or self.inc is None:
+            return
+        inc = self.inc
+        drops = dict(inc.drops)
+        self.world.at(self.t + 1.0, self._check_drop, inc, drops, str(error))
+
+    def _check_drop(self, inc, drops, error):
+        if inc is not self.inc:
+            return
+        failing = [s for s in SERIALS if inc.drops[s] == drops[s]
+                   and inc.spectrometers[s].status.value in CONNECTED
+                   and not self.cable_in_and_powered(inc, s)]
+        if failing:
+            self.violation("device-fault-recorded",
+                           f"a device call failed ({error}) and {failing} still "
+                           "report connected")
+
+    def cable_in_and_powered(self, inc, serial):
+        return self.cable_in[serial] and inc.gpio.powered.get(serial, True)
+
+    def before_switch(self, serial, on):
+        inc = self.inc
+        if not on and inc is not None and inc.control.busy:
+            self.violation("never-off-under-batch",
+                           f"the power switch of {serial} turned off while control is "
+                           f"{inc.control.status.value!r}")
+
+    def file_saved(self, run, name, size):
+        self._record_file(run, name)
+
+    def _record_file(self, run, name):
+        path = os.path.join(self.datadir, run, name)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            self.violation("files-intact", f"{run}/{name} was reported saved: {e}")
+            return
+        key = (run, name)
+        known = self.ledger.files.get(key)
+        if known is not None:
+            if known[0] != st.st_ino or known[1] != st.st_size:
+                self.violation("files-intact", f"{run}/{name} was overwritten")
+            return
+        if load_pico(path) is None:
+            self.violation("files-intact", f"{run}/{name} is not a complete .pico file")
+        self.ledger.files[key] = (st.st_ino, st.st_size, st.st_mtime)
+
+    def scan_disk(self):
+        """Files on disk the ledger has not seen (written just before a
+        crash, their saving never reported)."""
+        for run in os.listdir(self.datadir):
+            d = os.path.join(self.datadir, run)
+            if run.startswith(".") or not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                if name.endswith(".pico") and not name.startswith("."):
+                    if (run, name) not in self.ledger.files:
+                        self._record_file(run, name)
+
+    # -- client requests ------------------------------------------------------------
+
+    def request(self, component, path, *args, method="put", change=None, **kwargs):
+        """A client's request through the same handler CoAP calls; ``change``
+        describes what an acknowledgement makes true."""
+        inc = self.inc
+        if inc is None or not inc.started:
+            self.requests["unanswered"] += 1
+            return None
+        resource = inc.resource(component, path)
+        fn = resource.put if method == "put" else resource.get
+        self._request += 1
+        number = self._request
+        what = dict(change or {})
+        self.pending[number] = what
+        d = defer.maybeDeferred(fn, *args, **kwargs)
+
+        def acked(result):
+            if inc is not self.inc:
+                return None
+            self.pending.pop(number, None)
+            self.requests["acked"] += 1
+            on_ack = what.get("on_ack")
+            if on_ack is not None:
+                on_ack(result)
+            return result
+
+        def refused(f):
+            if inc is not self.inc:
+                return None
+            self.pending.pop(number, None)
+            if not f.check(PiccoloError):
+                self.violation("acked-durable", f"{component}/{path} answered with an "
+                                                f"unexpected error: {f.value!r}")
+                return None
+            self.requests["refused"] += 1
+            on_refuse = what.get("on_refuse")
+            if on_refuse is not None:
+                on_refuse(f.value)
+            return None
+        d.addCallbacks(acked, refused)
+        return d
+
+    def listing(self, inc=None):
+        import json
+        inc = inc or self.inc
+        body = inc.resource("control/scheduler", "jobs").get()
+        return json.loads(body) if isinstance(body, bytes) else body
+
+    # -- checks --------------------------------------------------------------------
+
+    def check_acked(self, inc):
+        ledger = self.ledger
+        listing = {row[0]: row for row in self.listing(inc)}
+        by_run = {row[1][1][0]: row for row in listing.values() if row[1][0] == "record"}
+        for job in ledger.jobs:
+            row = listing.get(job.id) if job.id is not None else None
+            if row is None and job.run is not None:
+                row = by_run.get(job.run)
+                if row is not None:
+                    ledger.learn_id(job, row[0])
+            if job.uncertain or job.state == "pending":
+                job.uncertain = False
+                if row is not None:
+                    job.state = row[5]
+                elif job.state == "pending":
+                    job.state = "deleted"
+                continue
+            if job.state not in ("active", "suspended") or job.cursor is None:
+                continue
+            if row is None:
+                self.violation("acked-durable", f"job {job.id} ({job.kind} {job.run}) "
+                                                "is gone after a restart")
+                return
+            if row[5] != job.state:
+                self.violation("acked-durable", f"job {job.id} is {row[5]} after a restart, "
+                                                f"was acknowledged {job.state}")
+                return
+            start = datetime.fromisoformat(row[2]).timestamp()
+            if abs(start - job.start) > 1e-3 or (row[4] or None) != job.interval:
+                self.violation("acked-durable", f"job {job.id} changed across a restart: {row}")
+                return
+        for key, value in ledger.settings.items():
+            actual = inc.resource("control/scheduler", key).get()
+            possible = ledger.uncertain_settings.get(key, {value})
+            if actual not in possible:
+                self.violation("acked-durable", f"setting {key} is {actual!r} after a "
+                                                f"restart, acknowledged {value!r}")
+                return
+            ledger.settings[key] = actual
+        ledger.uncertain_settings.clear()
+
+    def check_slots(self, final=False):
+        """Outcomes read from the durable history (or, without one, the
+        batches on disk) against the slots the jobs passed."""
+        ledger = self.ledger
+        inc = self.inc
+        if self.history and inc is not None:
+            path = inc.scheduler.path
+            for row in ledger.read_history(path):
+                self._history_entry(*row)
+                if self.stopped:
+                    return
+        uptime_now = self.t - self.downtime - (
+            self.t - self.down_since if self.down_since is not None else 0)
+        still = []
+        for slot in ledger.open_slots:
+            if slot.outcome is not None:
+                continue
+            up = uptime_now - (slot.due_true - slot.downtime_at_due)
+            if not self.history:
+                still.append(slot)
+                continue
+            if up >= DECIDE_WITHIN or final:
+                self.violation("slot-accounted",
+                               f"job {slot.job.id} ({slot.job.kind} {slot.job.run}) slot "
+                               f"{iso(slot.time)} has no outcome {up / HOUR:.1f} h of "
+                               "server time after it was due")
+                return
+            still.append(slot)
+        ledger.open_slots = still
+        if not self.history:
+            self._check_batches_on_disk(uptime_now, final)
+
+    def _check_batches_on_disk(self, uptime_now, final):
+        """Without a history the only record of a slot is its batch."""
+        for job in self.ledger.jobs:
+            if job.kind != "record" or not job.slots:
+                continue
+            due = [s for s in job.slots.values() if s.required and (
+                final or uptime_now - (s.due_true - s.downtime_at_due) >= DECIDE_WITHIN)]
+            if not due:
+                continue
+            batches = {name[:7] for (run, name) in self.ledger.files if run == job.run}
+            if len(batches) < len(due):
+                self.violation("slot-accounted",
+                               f"job {job.id} (run {job.run}) passed {len(due)} slots "
+                               f"({', '.join(iso(s.time) for s in sorted(due, key=lambda s: s.time)[-4:])}"
+                               f"{', ...' if len(due) > 4 else ''}) but {len(batches)} "
+                               "batches are on disk and nothing records the others")
+                return
+            if len(batches) > len(job.slots):
+                self.violation("slot-accounted",
+                               f"job {job.id} (run {job.run}) has {len(batches)} batches "
+                               f"on disk for {len(job.slots)} slots")
+                return
+
+    def _history_entry(self, hid, job_id, slot_time, outcome, reason, run, batch):
+        ledger = self.ledger
+        job = ledger.by_id.get(job_id)
+        if job is None and run is not None:
+            job = ledger.by_run.get(run)
+            if job is not None:
+                ledger.learn_id(job, job_id)
+        if job is None:
+            self.violation("slot-accounted", f"history entry {hid} names job {job_id}, "
+                                             "which no client created")
+            return
+        slot = ledger.slot(job, slot_time)
+        if slot is None:
+            why = ("is not one of its slots" if not job.grid(slot_time)
+                   else "was never reached while the job was live")
+            self.violation("slot-accounted", f"history entry {hid}: job {job_id} slot "
+                                             f"{iso(slot_time)} {why}")
+            return
+        if slot.outcome is not None:
+            self.violation("slot-accounted", f"job {job_id} slot {iso(slot_time)} recorded "
+                                             f"twice: {slot.outcome}, then {outcome}")
+            return
+        if outcome not in ("done", "missed", "failed"):
+            self.violation("slot-accounted", f"history entry {hid}: outcome {outcome!r}")
+            return
+        if outcome != "done" and not reason:
+            self.violation("slot-accounted", f"job {job_id} slot {iso(slot_time)} "
+                                             f"{outcome} without a reason")
+            return
+        slot.outcome, slot.reason, slot.run, slot.batch = outcome, reason, run, batch
+        ledger.outcomes[outcome] += 1
+        if job.kind != "record":
+            return
+        if outcome == "done":
+            names = [n for (r, n) in ledger.files if r == run and n.startswith(f"b{batch:06d}_")]
+            if not names:
+                self.scan_disk()
+                names = [n for (r, n) in ledger.files
+                         if r == run and n.startswith(f"b{batch:06d}_")]
+            if not names:
+                self.violation("files-intact", f"job {job_id} slot {iso(slot_time)} is done "
+                                               f"as batch {batch} of run {run}, which has "
+                                               "no file on disk")
+                return
+        if outcome in ("done", "failed") and run is not None:
+            starts = self.batch_starts.get(run, [])
+            start = next(((t, w) for t, w in starts if t >= slot.due_true - 1e-6), None)
+            if start is None:
+                if outcome == "done":
+                    self.violation("timers-on-wall-time", f"job {job_id} slot "
+                                   f"{iso(slot_time)} is done but no batch of run {run} "
+                                   "started after it was due")
+                return
+            starts.remove(start)
+            t, wall = start
+            if wall < slot_time - 1e-3:
+                self.violation("timers-on-wall-time", f"job {job_id} slot {iso(slot_time)} "
+                               f"started early, at wall time {iso(wall)}")
+            elif wall - slot_time > self.catch_up + 2.0:
+                self.violation("timers-on-wall-time", f"job {job_id} slot {iso(slot_time)} "
+                               f"started {wall - slot_time:.0f} s late (catch-up "
+                               f"{self.catch_up} s)")
+
+    # -- the power window ------------------------------------------------------------
+
+    def power_disturbed(self):
+        self.power_since = self.t
+        self.power_wanted = None
+
+    def user_power(self, on):
+        """An operator (or a power job) switched the spectrometers: that
+        is their wish until the window has changed once (on) or twice (off)."""
+        self.user_excuse = 1 if on else 2
+        self.power_since = self.t
+
+    def live_power_jobs(self):
+        return any(j.kind != "record" and j.state in ("active", "pending", "suspended")
+                   and j.cursor is not None for j in self.ledger.jobs)
+
+    def window_wants_off(self, inc, wall):
+        get = lambda key: inc.resource("control/scheduler", key).get()
+        if not (get("quietTimeEnabled") and get("powerOffEnabled")):
+            return False
+        delay = get("powerDelay")
+        start, end = quiet_window(wall, get("quietStart"), get("quietEnd"))
+        if end - start <= 2 * delay:
+            return False
+        return start + delay <= wall < end - delay
+
+    def check_power(self):
+        inc = self.inc
+        if inc is None or not inc.started:
+            return
+        wanted_off = self.window_wants_off(inc, inc.wall())
+        if self.live_power_jobs():
+            self.power_disturbed()
+            return
+        if wanted_off != self.power_wanted:
+            if self.power_wanted is not None and self.user_excuse:
+                self.user_excuse -= 1
+            self.power_wanted = wanted_off
+            self.power_since = self.t
+            return
+        if self.user_excuse:
+            return
+        if self.switch_fault or self.t < self.slow_reads_until:
+            self.power_since = self.t
+            return
+        bound = POWER_OFF_BOUND if wanted_off else POWER_ON_BOUND
+        if self.t - self.power_since < bound:
+            return
+        wrong = [s for s in SERIALS if inc.gpio.powered.get(s, True) == wanted_off]
+        if wrong:
+            self.violation("power-follows-window",
+                           f"{', '.join(wrong)} {'on' if wanted_off else 'off'} "
+                           f"{(self.t - self.power_since) / MINUTE:.0f} min after the "
+                           f"window wanted them {'off' if wanted_off else 'on'}")
+
+    # -- health -------------------------------------------------------------------
+
+    def check_health(self):
+        inc = self.inc
+        if inc is None or not inc.started:
+            return
+        d = inc.service.health.refresh()
+
+        def compare(value):
+            if inc is not self.inc:
+                return
+            now = datetime.fromisoformat(value["time"]).timestamp()
+            day_start = datetime.fromtimestamp(now).astimezone().replace(
+                hour=0, minute=0, second=0, microsecond=0).timestamp()
+            self.scan_disk()
+            on_disk = sum(1 for (_, _, m) in self.ledger.files.values()
+                          if day_start <= m <= now)
+            if value["files_today"] != on_disk:
+                self.violation("health-matches-disk",
+                               f"files_today {value['files_today']}, but {on_disk} "
+                               f"spectrum files on disk are from {iso(day_start)} to "
+                               f"{iso(now)}")
+        d.addCallback(compare)
+        d.addErrback(lambda f: self.violation("health-matches-disk",
+                                              f"/sysinfo/health failed: {f.value!r}"))
+
+    # -- final --------------------------------------------------------------------
+
+    def final_checks(self):
+        if self.stopped:
+            return
+        # a last look: everything due long enough ago must be decided
+        if self.inc is not None:
+            self.check_slots()
+        if self.stopped:
+            return
+        self.scan_disk()
+        for (run, name), (ino, size, _) in self.ledger.files.items():
+            try:
+                st = os.stat(os.path.join(self.datadir, run, name))
+            except OSError as e:
+                self.violation("files-intact", f"{run}/{name} is gone: {e}")
+                return
+            if st.st_ino != ino or st.st_size != size:
+                self.violation("files-intact", f"{run}/{name} was overwritten")
+                return
+
+    # -- the world -------------------------------------------------------------------
+
+    def _schedule_world(self):
+        from . import actions
+        actions.schedule(self)
+
+    def summary(self):
+        batches = {(run, name[:7]) for (run, name) in self.ledger.files}
+        faults = sum(self.counts.values())
+        o = self.ledger.outcomes
+        lines = [
+            f"season seed {self.seed}: {iso(self.start)} to {iso(min(self.t, self.end))}, "
+            f"faults {','.join(sorted(self.faults)) or 'none'}, catch-up {self.catch_up} s",
+            f"server lives {self.incarnations}; client requests {self.requests['acked']} "
+            f"acknowledged, {self.requests['refused']} refused, "
+            f"{self.requests['unanswered']} unanswered (server down)",
+            f"jobs {len(self.ledger.jobs)}; slots done {o['done']}, missed {o['missed']}, "
+            f"failed {o['failed']}" + ("" if self.history else " (no history: slots "
+                                                              "counted from batches on disk)"),
+            "faults " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())),
+        ]
+        if self.violations:
+            lines.append(self.violations[0].describe(self.seed))
+            lines.append(f"replay: piccolo3-season --days {self.days} --seed {self.seed} "
+                         f"--faults {','.join(sorted(self.faults)) or 'none'} --verbose")
+        days = min(self.days, max(0.0, self.day))
+        lines.append(f"{days:g} days, {len(batches)} batches, {faults} faults, "
+                     f"{len(self.violations)} violations")
+        return "\n".join(lines)
+
+    def cleanup(self):
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def quiet_window(now, start, end):
+    """The quiet window (start, end) containing ``now`` or the next one, as
+    docs/API.md defines it: "HH:MM:SS+zzzz" times, a window across midnight
+    is one window. Written here again, apart from the scheduler's, so the
+    check does not trust the code it checks."""
+    def parse(text):
+        hh, mm, ss = int(text[0:2]), int(text[3:5]), int(text[6:8])
+        sign = -1 if text[8] == "-" else 1
+        offset = sign * (int(text[9:11]) * 3600 + int(text[11:13]) * 60)
+        return hh * 3600 + mm * 60 + ss, offset
+    (s, s_off), (e, e_off) = parse(start), parse(end)
+    # local midnight (in the start time's offset) of the day before now
+    day = math.floor((now + s_off) / DAY) * DAY - s_off
+    for shift in (-1, 0, 1):
+        w_start = day + shift * DAY + s
+        # the end on the same local date in its own offset, then after the start
+        w_end = day + shift * DAY + s_off - e_off + e
+        while w_end <= w_start:
+            w_end += DAY
+        if now < w_end:
+            return w_start, w_end
+    raise AssertionError("no window")
