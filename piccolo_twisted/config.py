@@ -40,6 +40,8 @@ emulate = force_list(default=list())
 port = integer(min=0, max=65535, default=0)
 interface = string(default=127.0.0.1)
 keys = string(default="")
+[scheduler]
+catch_up = integer(min=0, max=86400, default=600)
 """
 
 INSTRUMENT_SPEC = """
@@ -193,6 +195,7 @@ class ServerConfig:
     manhole_keys: str = ""
     seabreeze_backend: str | None = None     # None: seabreeze's own choice
     emulate: list = field(default_factory=list)  # [(model, serial)]
+    catch_up: int = 600          # seconds a missed slot may still run
     source: str = "<defaults>"
 
 
@@ -227,6 +230,7 @@ def load_server_config(path=None, text=None):
         manhole_keys=cfg["manhole"]["keys"],
         seabreeze_backend=backend,
         emulate=emulate,
+        catch_up=cfg["scheduler"]["catch_up"],
         source=path or "<string>" if (path or text) else "<defaults>",
     )
 

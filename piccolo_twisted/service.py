@@ -26,6 +26,7 @@ class Workers:
     files: Optional[Callable] = None        # the data directory's file system work
     database: Optional[Callable] = None     # the scheduler's SQLite (one at a time)
     compute: Optional[Callable] = None      # arithmetic (autointegration), health probes
+    connect: Optional[Callable] = None      # opens the scheduler's SQLite file
 
 
 class PiccoloService(service.MultiService):
@@ -87,9 +88,11 @@ class PiccoloService(service.MultiService):
         self.control = Control(self.instrument, self.datadir, self.clock,
                                **control_options)
         # the server's own files live out of the runs' reach
+        db_options = {"connect": workers.connect} if workers.connect else {}
         self.scheduler = Scheduler(self.control,
                                    os.path.join(self.datadir.state_dir, DB_NAME),
-                                   self.clock, run_db=workers.database, wall=self.wall)
+                                   self.clock, run_db=workers.database, wall=self.wall,
+                                   catch_up=self.settings.catch_up, **db_options)
         self.control.scheduler = self.scheduler
         self.components.update({
             "shutter": self.control.guard_hardware(self.instrument.shutters.resources()),
@@ -98,7 +101,8 @@ class PiccoloService(service.MultiService):
             "control": self.control.resources(),
             "control/scheduler": self.scheduler.resources(),
         })
-        self.scheduler.timer.setServiceParent(self)
+        self.scheduler.setServiceParent(self)
+        self.sysinfo.clock_set.append(self.scheduler.wall_changed)
         self.health = Health(self.datadir, self.clock, control=self.control,
                              spectrometers=self.instrument.spectrometers,
                              scheduler=self.scheduler, to_thread=workers.compute,
@@ -150,14 +154,21 @@ class PiccoloService(service.MultiService):
         self.scheduler.open()
 
     def startService(self):
+        # The order matters. The instrument's lease is held by start-up
+        # until every spectrometer has been tried once: the scheduler (a
+        # child service, started next) may find a job due at once, and its
+        # batch waits for the instrument instead of failing on devices not
+        # yet connected.
+        startup = self.instrument.lease.try_take("start-up")
         super().startService()
         # before the first request can arrive: heavy imports stall nothing
         self.control.prepare()
         # a worker running Python code (a device driver, an import) gives
         # the GIL up after 1 ms instead of 5 when the reactor asks for it
         sys.setswitchinterval(self.SWITCH_INTERVAL)
-        self.instrument.start().addErrback(
-            lambda f: self.log.failure("starting the instrument failed", f))
+        d = self.instrument.start()
+        d.addErrback(lambda f: self.log.failure("starting the instrument failed", f))
+        d.addBoth(lambda _: startup.release())
         if self.serve:
             self.clock.callLater(0, self._freeze_heap)
             self.log.info("piccolo serving CoAP on [{address}]:{port}",

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from piccolo_twisted import scheduler as sch
 from piccolo_twisted.errors import PiccoloError
+from piccolo_twisted.scheduler.store import Store
 
 from .test_scheduler import JOB, FakeControl, sync_db
 from .test_scheduler_power import FailingWrites
@@ -42,7 +43,8 @@ class Base(unittest.TestCase):
         self.control = FakeControl()
 
     def make(self):
-        s = sch.Scheduler(self.control, self.path, self.clock, run_db=sync_db)
+        s = sch.Scheduler(self.control, self.path, self.clock, run_db=sync_db,
+                          wall=self.clock.seconds)
         s.open()
         self.addCleanup(s.close)
         return s
@@ -65,7 +67,8 @@ class CommitTests(Base):
             d = defer.Deferred()
             held.append((d, fn, a))
             return d
-        s = sch.Scheduler(self.control, self.path, self.clock, run_db=run_db)
+        s = sch.Scheduler(self.control, self.path, self.clock, run_db=run_db,
+                          wall=self.clock.seconds)
         s.open()
         res = s.resources()
         d1 = res["powerDelay"].put(120)
@@ -87,7 +90,7 @@ class CommitTests(Base):
         self.assertEqual(self.successResultOf(d2), 1)
         self.successResultOf(d3)
         self.assertEqual(len(s.listing()), 1)
-        s._db.close()
+        s.store._db.close()
         jobs, settings, _ = self.reopen()
         self.assertEqual(list(jobs), [1])
         self.assertEqual(settings, {"powerDelay": 120, "quietStart": "21:00:00+0000"})
@@ -96,8 +99,8 @@ class CommitTests(Base):
         s = self.make()
         res = s.resources()
         jid = self.successResultOf(s.add("record", JOB, at(60), 60))
-        real = s._db
-        s._db = FailingWrites(real)
+        real = s.store._db
+        s.store._db = FailingWrites(real)
         before = (s.listing(), s.jobs_changed.value)
         for key, value in (("powerDelay", 5), ("quietTimeEnabled", True),
                            ("quietStart", "20:00:00"), ("powerOffEnabled", True)):
@@ -111,7 +114,7 @@ class CommitTests(Base):
             self.failureResultOf(call(), PiccoloError)
         self.assertEqual((s.listing(), s.jobs_changed.value), before)
         self.assertEqual(s._pending_adds, 0)
-        s._db = real
+        s.store._db = real
         # and it works again once the disk has room
         self.successResultOf(res["powerDelay"].put(5))
         self.assertEqual(self.reopen()[1]["powerDelay"], 5)
@@ -121,7 +124,7 @@ class CommitTests(Base):
         from piccolo_twisted.coap.site import Site
         s = self.make()
         site = Site({"control/scheduler": s.resources()})
-        s._db = FailingWrites(s._db)
+        s.store._db = FailingWrites(s.store._db)
         code, body, _, _ = self.successResultOf(
             site.handle(_tx.PUT, ("control", "scheduler", "powerDelay"), b"[[5], {}]"))
         self.assertEqual(code, _tx.BAD_REQUEST)
@@ -148,7 +151,7 @@ class CommitTests(Base):
         self.assertEqual(s.settings["powerDelay"].value, 77)
         self.assertTrue(s.degraded)
         self.assertIn("in memory only", s.fault.value)
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.assertFalse(s.degraded)
         self.assertEqual(s.fault.value, "")
         jobs, settings, _ = self.reopen()
@@ -160,7 +163,7 @@ class CommitTests(Base):
         db.execute("CREATE TABLE x (y)")
         db.close()
         self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.successResultOf(res["powerDelay"].put(14))
         jobs, settings, _ = self.reopen()
         self.assertEqual((len(jobs), settings["powerDelay"]), (1, 14))
@@ -178,10 +181,10 @@ class StartUpTests(Base):
         self.successResultOf(s.resources()["powerDelay"].put(42))
         self.assertEqual(s.listing()[0][0], jid)
         # still broken at the first retry
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.assertTrue(s.degraded)
         fix()
-        self.clock.advance(2 * s.RETRY_FIRST)
+        self.clock.advance(2 * s.store.RETRY_FIRST)
         self.assertFalse(s.degraded)
         self.assertEqual(s.fault.value, "")
         self.assertEqual(s.settings["powerDelay"].value, 42)
@@ -208,7 +211,7 @@ class StartUpTests(Base):
         other.execute("PRAGMA journal_mode=WAL")
         other.execute("CREATE TABLE x (y)")
         other.execute("BEGIN EXCLUSIVE")
-        self.patch(sch.Scheduler, "OPEN_TIMEOUT", 0.05)
+        self.patch(Store, "OPEN_TIMEOUT", 0.05)
         self.check_degraded_then_recovers(lambda: (other.execute("COMMIT"), other.close()))
 
     def test_what_is_stored_is_used_while_the_database_cannot_be_written(self):
@@ -225,7 +228,7 @@ class StartUpTests(Base):
         listing = s.listing()
         other = sqlite3.connect(self.path, isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")
-        self.patch(sch.Scheduler, "OPEN_TIMEOUT", 0.05)
+        self.patch(Store, "OPEN_TIMEOUT", 0.05)
         s = self.make()
         self.assertTrue(s.degraded)
         self.assertIn("in memory only", s.fault.value)
@@ -235,7 +238,7 @@ class StartUpTests(Base):
         self.successResultOf(s.delete(gone))
         other.execute("COMMIT")
         other.close()
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.assertFalse(s.degraded)
         self.assertEqual([j[0] for j in s.listing()], [keep])
         jobs, settings, _ = self.reopen()
@@ -337,9 +340,12 @@ class BoundsTests(Base):
 
     def make(self):
         self.held = Held()
-        s = sch.Scheduler(self.control, self.path, self.clock, run_db=self.held)
+        s = sch.Scheduler(self.control, self.path, self.clock, run_db=self.held,
+                          wall=self.clock.seconds)
         s.open()
-        self.addCleanup(lambda: (self.held.run(), s.close(), self.held.run()))
+        s.startService()
+        self.addCleanup(lambda: (s.running and s.stopService(), self.held.run(), s.close(),
+                                 self.held.run()))
         return s
 
     def fill(self, s, n, interval=None):

@@ -4,6 +4,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .gpio import GPIO, StatusLEDs
+from .lease import Lease
 from .shutter import Shutter, Shutters
 from .simulator import SimulatedBus
 from .spectrometer import DROPPED, Spectrometer, Spectrometers
@@ -20,6 +21,8 @@ class Instrument:
         self.spectrometers = spectrometers
         self.bus = bus
         self.clock = clock
+        #: one owner of the spectrometers at a time (batches, power changes)
+        self.lease = Lease()
         self.leds = None
         try:
             self.leds = StatusLEDs(gpio, clock)

@@ -163,8 +163,12 @@ def job_admin(season):
         verb, state = "delete", "deleted"
 
     def done(_):
-        if job.state not in ("finished",) or state == "deleted":
-            job.state = state
+        if state == "suspended" and job.state == "active":
+            season.ledger.suspended(job)
+        elif state == "active" and job.state == "suspended":
+            season.ledger.resumed(job, season.wall())
+        elif state == "deleted":
+            job.state = "deleted"
     season.request("control/scheduler", verb, job.id,
                    change={"job": job, "on_ack": done})
 
@@ -367,9 +371,11 @@ def disk_full(season):
     season.counts["disk-full"] += 1
     season.note("disk full")
     season.disk.full = True
+    season.stall_changed()
 
     def heal():
         season.disk.full = False
+        season.stall_changed()
         season.note("disk has space again")
     season.world.at(season.t + log_uniform(rng, MINUTE, 12 * HOUR), heal)
 

@@ -26,7 +26,7 @@ class Slot:
     time: float               # the slot's wall time
     required: bool            # passed while the job was surely active
     due_true: float           # the world's time when the wall clock reached it
-    downtime_at_due: float    # the world's downtime total then
+    downtime_at_due: float    # the world's stalled time (down, disk full) then
     outcome: str | None = None
     reason: str | None = None
     run: str | None = None
@@ -46,6 +46,7 @@ class SimJob:
     state: str = "pending"     # pending, active, suspended, deleted, finished
     uncertain: bool = False    # a write about it was unanswered at a crash
     cursor: float | None = None
+    floor: float | None = None # the cursor when it was suspended
     slots: dict = field(default_factory=dict)
 
     def first_slot(self):
@@ -136,6 +137,29 @@ class Ledger:
                     job.state = "finished"
             else:
                 self._push(job)
+
+    def suspended(self, job):
+        """A suspension was acknowledged: the slots it passes are skipped."""
+        job.state = "suspended"
+        job.floor = job.cursor
+
+    def resumed(self, job, wall):
+        """An unsuspension was acknowledged: the job goes on from its next
+        slot after now, never from one it had already passed."""
+        job.state = "active"
+        if job.floor is None:
+            return
+        nxt = job.start
+        if job.interval and wall >= job.start:
+            nxt = job.start + (int((wall - job.start) // job.interval) + 1) * job.interval
+        cursor = max(job.floor, nxt)
+        if job.end is not None and cursor > job.end + 1e-6:
+            job.cursor = None
+            job.state = "finished"
+            return
+        job.cursor = cursor
+        job.floor = None
+        self._push(job)
 
     def slot(self, job, t):
         return job.slots.get(round(t, 3))

@@ -34,7 +34,7 @@ from ..instrument.spectrometer import CONNECTED, DROPPED, POWERED_OFF
 from ..service import PiccoloService, Workers
 from .invariants import Violation, iso
 from .ledger import Ledger, load_pico
-from .simio import SimGPIO, SimThreads, SimWall, failing_fsync
+from .simio import SimGPIO, SimThreads, SimWall, failing_fsync, full_disk_connect
 from .world import DAY, FAULTS, World, log_uniform
 
 HOUR = 3600.0
@@ -69,6 +69,9 @@ SERIALS = list(POWER_PINS.values())
 
 #: a slot must be decided within this much server uptime after it is due
 DECIDE_WITHIN = 3 * HOUR
+#: how much later than its catch-up a batch may start: the scheduler's
+#: grace, and the commit of its start (a slow commit takes up to 90 s)
+LATE_SLACK = 1.0 + 90.0 + 1.0
 #: power state must follow the window this long after it last changed
 POWER_OFF_BOUND = 30 * MINUTE
 POWER_ON_BOUND = 10 * MINUTE
@@ -107,7 +110,8 @@ class Incarnation:
             device.read_delay = season.read_delay
             self.gpio.attach(serial, device)
         workers = Workers(devices=self.devices, files=self.files,
-                          database=self.db, compute=self.compute)
+                          database=self.db, compute=self.compute,
+                          connect=full_disk_connect(season.disk))
         self.service = PiccoloService(
             season.settings, season.instrument, clock=self.clock,
             configure_logging=False, time_scale=1.0, wall=self.wall,
@@ -192,8 +196,13 @@ class Season:
         self.slow_commit = False
         self.downtime = 0.0
         self.down_since = None
+        # time in which nothing can be made durable (server down, disk full)
+        self._stall_total = 0.0
+        self._stall_mark = self.t
+        self._stalling = False
         self.last_wall = None
         self.pending = {}              # request number -> what it changes
+        self.memory_only = []          # acknowledged while the scheduler had no file
         self._request = 0
         self.batch_starts = {}         # run -> [(true, wall)]
         self.power_since = self.start  # the window's wanted state held since
@@ -276,7 +285,7 @@ class Season:
         if inc is not None and self.inc is inc:
             wall = inc.wall()
             self.last_wall = wall
-            self.ledger.pass_time(wall, self.t, self.downtime)
+            self.ledger.pass_time(wall, self.t, self.stalled())
 
     def _log_observer(self, event):
         if not self.verbose:
@@ -294,6 +303,17 @@ class Season:
     def note(self, text):
         if self.verbose:
             print(f"[day {self.day:8.4f} wall {iso(self.wall())}] SEASON {text}", file=self.out)
+
+    def stalled(self):
+        """Seconds so far in which the server could make nothing durable."""
+        return self._stall_total + (self.t - self._stall_mark if self._stalling else 0.0)
+
+    def stall_changed(self):
+        """Call after the server went down or up, or the disk filled or
+        emptied."""
+        self._stall_total = self.stalled()
+        self._stall_mark = self.t
+        self._stalling = self.inc is None or self.disk.full
 
     # -- violations --------------------------------------------------------------
 
@@ -313,6 +333,7 @@ class Season:
             self.down_since = None
         inc = Incarnation(self, self.incarnations, wall_offset)
         self.inc = inc
+        self.stall_changed()
         self.note(f"boot #{inc.number}, wall clock {iso(inc.wall())}")
         self.history = hasattr(inc.scheduler, "history")
         inc.start()
@@ -327,6 +348,7 @@ class Season:
                   f"{inc.db.running} SQLite calls in flight)")
         self.inc = None
         self.down_since = self.t
+        self.stall_changed()
         inc.close_database()
         self.armed = None
         for number, what in self.pending.items():
@@ -339,6 +361,15 @@ class Season:
                 self.ledger.uncertain_settings.setdefault(
                     key, {self.ledger.settings.get(key, what["old"])}).add(what["value"])
         self.pending = {}
+        if getattr(inc.scheduler, "degraded", False):
+            for what in self.memory_only:
+                if what.get("job") is not None:
+                    what["job"].uncertain = True
+                key = what.get("setting")
+                if key is not None:
+                    self.ledger.uncertain_settings.setdefault(key, {what["old"]}).add(
+                        self.ledger.settings.get(key, what["value"]))
+        self.memory_only = []
         gc.collect()
         rng = self.world.rng("crash")
         down = log_uniform(rng, 5.0, 2 * HOUR)
@@ -479,6 +510,12 @@ class Season:
             on_ack = what.get("on_ack")
             if on_ack is not None:
                 on_ack(result)
+            if getattr(inc.scheduler, "degraded", False) and (what.get("job") or
+                                                               what.get("setting")):
+                # documented: with its database unusable the scheduler keeps
+                # what it acknowledges in memory only (and says so in its
+                # fault) until the file can be written
+                self.memory_only.append(what)
             return result
 
         def refused(f):
@@ -509,6 +546,7 @@ class Season:
         ledger = self.ledger
         listing = {row[0]: row for row in self.listing(inc)}
         by_run = {row[1][1][0]: row for row in listing.values() if row[1][0] == "record"}
+        resolved = []
         for job in ledger.jobs:
             row = listing.get(job.id) if job.id is not None else None
             if row is None and job.run is not None:
@@ -516,11 +554,23 @@ class Season:
                 if row is not None:
                     ledger.learn_id(job, row[0])
             if job.uncertain or job.state == "pending":
-                job.uncertain = False
-                if row is not None:
+                # a write was unanswered: the file says what happened
+                resolved.append(job)
+                if row is None:
+                    if job.state == "pending":
+                        job.state = "deleted"
+                    elif job.state in ("active", "suspended"):
+                        job.state = "deleted"       # a delete went through
+                elif row[5] == "active" and job.state == "suspended":
+                    job.state = "active"
+                    if job.floor is not None:
+                        job.cursor, job.floor = job.floor, None
+                        ledger._push(job)
+                elif row[5] == "suspended" and job.state == "active":
+                    ledger.suspended(job)
+                else:
                     job.state = row[5]
-                elif job.state == "pending":
-                    job.state = "deleted"
+                job.uncertain = True
                 continue
             if job.state not in ("active", "suspended") or job.cursor is None:
                 continue
@@ -536,6 +586,10 @@ class Season:
             if abs(start - job.start) > 1e-3 or (row[4] or None) != job.interval:
                 self.violation("acked-durable", f"job {job.id} changed across a restart: {row}")
                 return
+        # the slots passed meanwhile are the uncertain jobs' to run or not
+        ledger.pass_time(inc.wall(), self.t, self.stalled())
+        for job in resolved:
+            job.uncertain = False
         for key, value in ledger.settings.items():
             actual = inc.resource("control/scheduler", key).get()
             possible = ledger.uncertain_settings.get(key, {value})
@@ -557,13 +611,28 @@ class Season:
                 self._history_entry(*row)
                 if self.stopped:
                     return
-        uptime_now = self.t - self.downtime - (
-            self.t - self.down_since if self.down_since is not None else 0)
+        uptime_now = self.t - self.stalled()
+        wall = inc.wall() if inc is not None else None
         still = []
         for slot in ledger.open_slots:
             if slot.outcome is not None:
                 continue
-            up = uptime_now - (slot.due_true - slot.downtime_at_due)
+            if wall is not None and wall < slot.time:
+                # the wall clock went back before it: due again when it
+                # comes round (the server cannot know the earlier time was
+                # wrong), if the job is still there then
+                slot.again = True
+                if slot.job.state in ("active", "finished"):
+                    still.append(slot)
+                continue
+            if getattr(slot, "again", False) and slot.job.state not in ("active", "finished"):
+                continue
+            if getattr(slot, "again", False) and wall is not None:
+                slot.again = False
+                slot.since = (self.t, self.stalled())
+            since_true, since_stall = getattr(slot, "since", (slot.due_true,
+                                                              slot.downtime_at_due))
+            up = uptime_now - (since_true - since_stall)
             if not self.history:
                 still.append(slot)
                 continue
@@ -659,7 +728,7 @@ class Season:
             if wall < slot_time - 1e-3:
                 self.violation("timers-on-wall-time", f"job {job_id} slot {iso(slot_time)} "
                                f"started early, at wall time {iso(wall)}")
-            elif wall - slot_time > self.catch_up + 2.0:
+            elif wall - slot_time > self.catch_up + LATE_SLACK:
                 self.violation("timers-on-wall-time", f"job {job_id} slot {iso(slot_time)} "
                                f"started {wall - slot_time:.0f} s late (catch-up "
                                f"{self.catch_up} s)")

@@ -55,7 +55,9 @@ class SimThreads:
         if self._now is None:
             raise RuntimeError("sleep() outside a simulated worker call")
         if seconds > 0:
-            self._now += seconds
+            # a sleep takes at least a microsecond: at simulated POSIX times
+            # (1.3e9 s) a shorter one would not move the clock at all
+            self._now += max(seconds, 1e-6)
 
     # -- deferToThread ----------------------------------------------------
 
@@ -189,3 +191,47 @@ def failing_fsync(disk):
             raise OSError(errno.ENOSPC, "No space left on device")
         os.fsync(fd)
     return fsync
+
+
+class FullDiskConnection:
+    """A real SQLite connection on a disk that can be full: while
+    ``disk.full`` every statement that writes fails as SQLite fails there
+    (SQLITE_FULL), after rolling back what the transaction had done."""
+
+    WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "COMMIT")
+
+    def __init__(self, db, disk):
+        self._db = db
+        self._disk = disk
+
+    def _check(self, sql):
+        if self._disk.full and sql.lstrip().split(None, 1)[0].upper() in self.WRITES:
+            import sqlite3
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql, *args):
+        self._check(sql)
+        return self._db.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        self._check(sql)
+        return self._db.executemany(sql, *args)
+
+    def executescript(self, script):
+        self._check(script.replace("BEGIN IMMEDIATE;", "").lstrip() or "SELECT")
+        return self._db.executescript(script)
+
+    def close(self):
+        self._db.close()
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def full_disk_connect(disk):
+    """``sqlite3.connect`` for a disk that can be full."""
+    import sqlite3
+
+    def connect(*args, **kwargs):
+        return FullDiskConnection(sqlite3.connect(*args, **kwargs), disk)
+    return connect
