@@ -181,6 +181,9 @@ class DataDir:
         #: writes one spectrum file atomically (thread side); None:
         #: ``pico.write_atomic`` (the season simulator injects faults here)
         self.write_file = write_file
+        #: how an encoding worker gives the GIL away between spectra (no
+        #: use where workers run in simulated time)
+        self.pause = time.sleep
         self.device = device
         self.mntpnt = mntpnt
         self.mounts_file = mounts_file
@@ -559,8 +562,10 @@ class DataDir:
 
         sizes = []
 
+        pause = self.pause
+
         def encode():
-            data = pico.encode(pico.document(spectra))
+            data = pico.encode(pico.document(spectra), pause=pause)
             sizes.append(len(data))
             return data
 

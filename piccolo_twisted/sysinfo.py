@@ -129,14 +129,23 @@ class _Timex(ctypes.Structure):
     ]
 
 
+_adjtimex = []
+
+
 def kernel_clock_state():
     """``(adjtimex return value, timex.status)`` read without changing
     anything (modes = 0, no privileges needed); None where the call is not
     available (not Linux)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        adjtimex = libc.adjtimex
-    except (OSError, AttributeError):
+    if not _adjtimex:
+        # found once: find_library runs ldconfig (a process) every call
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                               use_errno=True)
+            _adjtimex.append(libc.adjtimex)
+        except (OSError, AttributeError):
+            _adjtimex.append(None)
+    adjtimex = _adjtimex[0]
+    if adjtimex is None:
         return None
     timex = _Timex()
     state = adjtimex(ctypes.byref(timex))
@@ -245,7 +254,13 @@ class Tally:
         self.newest = None
         self.scanning = False
         self.ready = False
+        self.cutoff = None          # files before this were let go
         self._early = {}            # (run, name) -> (wall time, size) saved meanwhile
+
+    def stale(self, now):
+        """Has the wall clock gone back so far that files this tally let go
+        count again? Then it is built again from a scan."""
+        return self.cutoff is not None and now - RATE_WINDOW < self.cutoff
 
     def start(self):
         self.scanning = True
@@ -287,6 +302,7 @@ class Tally:
         if gone:
             del mtimes[:gone]
             del self.sizes[:gone]
+            self.cutoff = max(self.cutoff or 0.0, now - RATE_WINDOW)
         upto = bisect.bisect_right(mtimes, now)
         today = upto - bisect.bisect_left(mtimes, day_start, 0, upto)
         recorded = sum(self.sizes[:upto])
@@ -435,6 +451,10 @@ class Health:
             return d
         self._pending = []
         now = self.wall_time()
+        if self.tally.ready and self.tally.stale(now):
+            self.log.info("the wall clock went back more than the rate window: the "
+                          "spectrum files are counted again from the disk")
+            self.tally = Tally()
         tally = self.tally
         scan = not tally.ready and not tally.scanning
         if scan:

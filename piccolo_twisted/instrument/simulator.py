@@ -12,6 +12,7 @@ Time comes from ``time_source`` (an object with ``monotonic()`` and
 device calls in simulated time.
 """
 
+import bisect
 import math
 import threading
 import time
@@ -59,15 +60,19 @@ class Optics:
     def __init__(self, now=time.monotonic):
         self._lock = threading.Lock()
         self._events = {}        # channel -> [(monotonic time, lit)]
+        self._times = {}         # channel -> [monotonic time] (the same, for bisect)
         self._now = now
 
     def set_lit(self, channel, lit, when=None):
         when = self._now() if when is None else when
         with self._lock:
             events = self._events.setdefault(channel, [(0.0, False)])
+            times = self._times.setdefault(channel, [0.0])
             events.append((when, bool(lit)))
+            times.append(when)
             if len(events) > 256:
                 del events[1:len(events) - 128]
+                del times[1:len(times) - 128]
 
     def channels(self):
         with self._lock:
@@ -78,7 +83,13 @@ class Optics:
         if t1 <= t0:
             return 0.0
         with self._lock:
-            events = list(self._events.get(channel, ()))
+            times = self._times.get(channel)
+            if not times:
+                return 0.0
+            # from the last change at or before t0 to the last before t1
+            first = max(bisect.bisect_right(times, t0) - 1, 0)
+            last = bisect.bisect_left(times, t1, first)
+            events = self._events[channel][first:last + 1]
         lit_time = 0.0
         for i, (t, lit) in enumerate(events):
             end = events[i + 1][0] if i + 1 < len(events) else math.inf

@@ -4,6 +4,7 @@ Times are POSIX seconds (wall clock, UTC); quiet times are the wire's
 ``"HH:MM:SS+zzzz"`` strings.
 """
 
+import functools
 import re
 from datetime import datetime, time as dtime, timedelta, timezone
 
@@ -18,6 +19,11 @@ def parse_quiet_time(value):
     ``datetime.time``; PiccoloError for anything else."""
     if not isinstance(value, str):
         raise PiccoloError("quiet times are strings like '22:00:00+0000'")
+    return _parse_quiet_time(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_quiet_time(value):
     m = QUIET_TIME.match(value.strip())
     if not m:
         raise PiccoloError(f"not a time like '22:00:00+0000' or '22:00:00': {value!r}")
@@ -37,10 +43,27 @@ def normalise_quiet_time(value):
     return text if len(text) > 8 else text + "+0000"
 
 
+_windows = {}
+
+
 def quiet_window(now, start, end):
     """The quiet window (UTC epoch start, end) containing ``now`` or the
     next one after it. Windows are built as full date-times day by day, so
-    a window across midnight (22:00 to 04:00) is one window."""
+    a window across midnight (22:00 to 04:00) is one window.
+
+    The scheduler asks several times a minute: the answer for the last
+    ``now`` holds until the window's end (and back to that ``now``)."""
+    cached = _windows.get((start, end))
+    if cached is not None and cached[0] <= now < cached[2]:
+        return cached[1], cached[2]
+    s, e = _quiet_window(now, start, end)
+    if len(_windows) > 64:
+        _windows.clear()
+    _windows[(start, end)] = (now, s, e)
+    return s, e
+
+
+def _quiet_window(now, start, end):
     start_t, end_t = parse_quiet_time(start), parse_quiet_time(end)
     tz = start_t.tzinfo
     local_day = datetime.fromtimestamp(now, tz).date()

@@ -45,8 +45,9 @@ DEFAULT_SETTINGS = {
 class Scheduler(service.Service):
     log = Logger()
 
-    #: the longest the scheduler sleeps (a wall clock jump is noticed then)
-    MAX_SLEEP = 60.0
+    #: the longest the scheduler sleeps: a step of the wall clock (NTP) is
+    #: noticed this long after at the latest (``PUT /sysinfo/clock`` at once)
+    MAX_SLEEP = 300.0
     #: a wall clock moving this much against the reactor's is a jump
     JUMP = 2.0
 

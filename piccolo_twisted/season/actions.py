@@ -108,6 +108,7 @@ def add_power_job(season):
     kind = rng.choice(["power_on", "power_off"])
     start = float(int(wall + log_uniform(rng, HOUR, 3 * DAY)))
     job = season.ledger.new_job(kind, None, start, DAY, None, wall)
+    season.power_jobs.append(job)
     _job_request(season, job, "control", kind, kwargs={"at_time": at_iso(start)})
     # the operator deletes it again after a few days (while it is live,
     # the power check stands aside: the operator's wish is the state)
@@ -222,11 +223,14 @@ def pause_or_abort(season):
         season.request("control", "abort", method="get")
     else:
         season.request("control", "pause", method="get")
-        season.world.at(season.t + log_uniform(rng, 1, 600), _resume, season, inc)
+        season.world.at(season.t + log_uniform(rng, 1, 600), _resume, season, inc,
+                        getattr(inc.control, "outcome", None))
 
 
-def _resume(season, inc):
-    if inc is season.inc and inc.control.busy and inc.control.status.value == "paused":
+def _resume(season, inc, procedure):
+    # a second pause resumes: sent while the same procedure runs
+    if inc is season.inc and inc.control.busy and getattr(
+            inc.control, "outcome", None) is procedure:
         season.request("control", "pause", method="get")
 
 
@@ -290,6 +294,9 @@ def clock_jump(season):
     season.note(f"wall clock jumps {jump:+.0f} s")
     inc.wall.offset += jump
     season.clock_moved()
+    if rng.random() < 0.7:
+        # NTP puts it right again, after a while
+        season.world.at(season.t + log_uniform(rng, 60, DAY), season.ntp_sync)
 
 
 def unplug(season):

@@ -10,6 +10,7 @@ the scheduler: each of those slots must end as a batch on disk or as a
 recorded miss or failure.
 """
 
+import bisect
 import heapq
 import json
 import os
@@ -87,6 +88,8 @@ class Ledger:
         self.settings = {}             # key -> acked value
         self.uncertain_settings = {}   # key -> set of possible values
         self.files = {}                # (run, name) -> (inode, size, mtime)
+        self.batches = {}              # run -> {batch number: [file names]}
+        self.mtimes = []               # every file's mtime, sorted
         self.history_seen = 0          # the highest history id read
         self.outcomes = {"done": 0, "missed": 0, "failed": 0}
         self.open_slots = []           # required slots without an outcome yet
@@ -161,6 +164,16 @@ class Ledger:
         job.floor = None
         self._push(job)
 
+    def add_file(self, run, name, st):
+        self.files[(run, name)] = (st.st_ino, st.st_size, st.st_mtime)
+        bisect.insort(self.mtimes, st.st_mtime)
+        if name.startswith("b") and name[1:7].isdigit():
+            self.batches.setdefault(run, {}).setdefault(int(name[1:7]), []).append(name)
+
+    def files_between(self, lo, hi):
+        """How many files have an mtime in [lo, hi]."""
+        return bisect.bisect_right(self.mtimes, hi) - bisect.bisect_left(self.mtimes, lo)
+
     def slot(self, job, t):
         return job.slots.get(round(t, 3))
 
@@ -189,12 +202,21 @@ class Ledger:
         return rows
 
 
-def load_pico(path):
-    """The spectra of a complete .pico file, or None."""
+def load_pico(path, parse=True):
+    """The spectra of a complete .pico file, or None. Without ``parse``
+    only its shape is looked at: the whole document, start to end (what a
+    partial write would not have)."""
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
-    except (OSError, ValueError):
+            data = f.read()
+    except OSError:
+        return None
+    if not parse:
+        ok = data.startswith(b'{"Spectra":[{') and data.endswith(b"}]}")
+        return [None] if ok else None
+    try:
+        doc = json.loads(data)
+    except ValueError:
         return None
     spectra = doc.get("Spectra") if isinstance(doc, dict) else None
     if not isinstance(spectra, list) or not spectra:

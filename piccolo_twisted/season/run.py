@@ -117,6 +117,7 @@ class Incarnation:
             configure_logging=False, time_scale=1.0, wall=self.wall,
             workers=workers, bus=self.bus, gpio=self.gpio, serve=False)
         self.service.datadir.write_file = season.file_writer(self.wall)
+        self.service.datadir.pause = lambda seconds: None
         self.control = self.service.control
         self.scheduler = self.service.scheduler
         self.spectrometers = {s.serial: s for s in self.service.instrument.spectrometers}
@@ -171,7 +172,7 @@ class Season:
         self.world = World(seed)
         rng = self.world.rng("calendar")
         self.start = EPOCH + math.floor(rng.uniform(0, 365)) * DAY + rng.randrange(86400)
-        self.t = self.start
+        self._t = self.start
         self.end = self.start + days * DAY
         self.catch_up = rng.choice([600] * 6 + [0, 60, 3600])
         self._own_root = root is None
@@ -203,6 +204,7 @@ class Season:
         self.last_wall = None
         self.pending = {}              # request number -> what it changes
         self.memory_only = []          # acknowledged while the scheduler had no file
+        self.power_jobs = []           # the power jobs that may still be live
         self._request = 0
         self.batch_starts = {}         # run -> [(true, wall)]
         self.power_since = self.start  # the window's wanted state held since
@@ -245,6 +247,17 @@ class Season:
     # -- time ------------------------------------------------------------------
 
     @property
+    def t(self):
+        """The world's time: the running server's clock (also in the middle
+        of advancing it), else the last event's."""
+        inc = self.inc
+        return inc.clock.seconds() if inc is not None else self._t
+
+    @t.setter
+    def t(self, value):
+        self._t = value
+
+    @property
     def day(self):
         return (self.t - self.start) / DAY
 
@@ -281,7 +294,7 @@ class Season:
             inc.clock.advance(t - inc.clock.seconds())
         elif inc is not None:
             inc.clock.advance(0)
-        self.t = max(self.t, t)
+        self._t = max(self._t, t)
         if inc is not None and self.inc is inc:
             wall = inc.wall()
             self.last_wall = wall
@@ -346,6 +359,7 @@ class Season:
         self.counts["crash"] += 1
         self.note(f"crash (control {inc.control.status.value!r}, "
                   f"{inc.db.running} SQLite calls in flight)")
+        self._t = inc.clock.seconds()
         self.inc = None
         self.down_since = self.t
         self.stall_changed()
@@ -417,7 +431,10 @@ class Season:
         if status != "idle" and not getattr(inc, "_busy", False):
             inc._busy = True
             run = inc.service.datadir.current_run.value
-            self.batch_starts.setdefault(run, []).append((self.t, inc.wall()))
+            outcome = getattr(inc.control, "outcome", None)
+            if outcome is None or outcome.kind == "batch":
+                # (an autointegration alone is no batch of the current run)
+                self.batch_starts.setdefault(run, []).append((self.t, inc.wall()))
             if self.armed == "batch":
                 rng = self.world.rng("crash")
                 self.armed = None
@@ -429,13 +446,17 @@ class Season:
         if not isinstance(error, DeviceError) or self.inc is None:
             return
         inc = self.inc
+        # the simulated device names itself first in its errors
+        serial = str(error).split(":", 1)[0]
+        if serial not in SERIALS:
+            return
         drops = dict(inc.drops)
-        self.world.at(self.t + 1.0, self._check_drop, inc, drops, str(error))
+        self.world.at(self.t + 1.0, self._check_drop, inc, serial, drops, str(error))
 
-    def _check_drop(self, inc, drops, error):
+    def _check_drop(self, inc, serial, drops, error):
         if inc is not self.inc:
             return
-        failing = [s for s in SERIALS if inc.drops[s] == drops[s]
+        failing = [s for s in [serial] if inc.drops[s] == drops[s]
                    and inc.spectrometers[s].status.value in CONNECTED
                    and not self.cable_in_and_powered(inc, s)]
         if failing:
@@ -469,9 +490,10 @@ class Season:
             if known[0] != st.st_ino or known[1] != st.st_size:
                 self.violation("files-intact", f"{run}/{name} was overwritten")
             return
-        if load_pico(path) is None:
+        # every file whole; one in twenty parsed to the end
+        if load_pico(path, parse=len(self.ledger.files) % 20 == 0) is None:
             self.violation("files-intact", f"{run}/{name} is not a complete .pico file")
-        self.ledger.files[key] = (st.st_ino, st.st_size, st.st_mtime)
+        self.ledger.add_file(run, name, st)
 
     def scan_disk(self):
         """Files on disk the ledger has not seen (written just before a
@@ -551,8 +573,12 @@ class Season:
             row = listing.get(job.id) if job.id is not None else None
             if row is None and job.run is not None:
                 row = by_run.get(job.run)
-                if row is not None:
-                    ledger.learn_id(job, row[0])
+            elif row is None and job.id is None:
+                # a power job: known by its kind and time
+                row = next((r for r in listing.values() if r[1][0] == job.kind and abs(
+                    datetime.fromisoformat(r[2]).timestamp() - job.start) < 1e-3), None)
+            if row is not None:
+                ledger.learn_id(job, row[0])
             if job.uncertain or job.state == "pending":
                 # a write was unanswered: the file says what happened
                 resolved.append(job)
@@ -605,14 +631,16 @@ class Season:
         batches on disk) against the slots the jobs passed."""
         ledger = self.ledger
         inc = self.inc
-        if self.history and inc is not None:
+        if inc is None:
+            return                  # looked at when the server is back
+        if self.history:
             path = inc.scheduler.path
             for row in ledger.read_history(path):
                 self._history_entry(*row)
                 if self.stopped:
                     return
         uptime_now = self.t - self.stalled()
-        wall = inc.wall() if inc is not None else None
+        wall = inc.wall()
         still = []
         for slot in ledger.open_slots:
             if slot.outcome is not None:
@@ -656,7 +684,7 @@ class Season:
                 final or uptime_now - (s.due_true - s.downtime_at_due) >= DECIDE_WITHIN)]
             if not due:
                 continue
-            batches = {name[:7] for (run, name) in self.ledger.files if run == job.run}
+            batches = self.ledger.batches.get(job.run, {})
             if len(batches) < len(due):
                 self.violation("slot-accounted",
                                f"job {job.id} (run {job.run}) passed {len(due)} slots "
@@ -704,11 +732,10 @@ class Season:
         if job.kind != "record":
             return
         if outcome == "done":
-            names = [n for (r, n) in ledger.files if r == run and n.startswith(f"b{batch:06d}_")]
+            names = ledger.batches.get(run, {}).get(batch)
             if not names:
                 self.scan_disk()
-                names = [n for (r, n) in ledger.files
-                         if r == run and n.startswith(f"b{batch:06d}_")]
+                names = ledger.batches.get(run, {}).get(batch)
             if not names:
                 self.violation("files-intact", f"job {job_id} slot {iso(slot_time)} is done "
                                                f"as batch {batch} of run {run}, which has "
@@ -725,6 +752,9 @@ class Season:
                 return
             starts.remove(start)
             t, wall = start
+            if self.verbose:
+                self.note(f"slot {iso(slot_time)} of job {job_id} ({run}): started at "
+                          f"{iso(wall)} (due since day {(slot.due_true - self.start) / DAY:.4f})")
             if wall < slot_time - 1e-3:
                 self.violation("timers-on-wall-time", f"job {job_id} slot {iso(slot_time)} "
                                f"started early, at wall time {iso(wall)}")
@@ -746,8 +776,10 @@ class Season:
         self.power_since = self.t
 
     def live_power_jobs(self):
-        return any(j.kind != "record" and j.state in ("active", "pending", "suspended")
-                   and j.cursor is not None for j in self.ledger.jobs)
+        live = [j for j in self.power_jobs
+                if j.state in ("active", "pending", "suspended") and j.cursor is not None]
+        self.power_jobs = live
+        return bool(live)
 
     def window_wants_off(self, inc, wall):
         get = lambda key: inc.resource("control/scheduler", key).get()
@@ -775,7 +807,12 @@ class Season:
             return
         if self.user_excuse:
             return
-        if self.switch_fault or self.t < self.slow_reads_until:
+        if (self.switch_fault or self.t < self.slow_reads_until
+                or (wanted_off and self.disk.full)):
+            # a switch that fails; a read still running (a power change
+            # answers busy); off waits until it can be recorded (else a
+            # restart would never switch them on again): the bound starts
+            # when that is over
             self.power_since = self.t
             return
         bound = POWER_OFF_BOUND if wanted_off else POWER_ON_BOUND
@@ -802,9 +839,7 @@ class Season:
             now = datetime.fromisoformat(value["time"]).timestamp()
             day_start = datetime.fromtimestamp(now).astimezone().replace(
                 hour=0, minute=0, second=0, microsecond=0).timestamp()
-            self.scan_disk()
-            on_disk = sum(1 for (_, _, m) in self.ledger.files.values()
-                          if day_start <= m <= now)
+            on_disk = self.ledger.files_between(day_start, now)
             if value["files_today"] != on_disk:
                 self.violation("health-matches-disk",
                                f"files_today {value['files_today']}, but {on_disk} "
@@ -842,7 +877,7 @@ class Season:
         actions.schedule(self)
 
     def summary(self):
-        batches = {(run, name[:7]) for (run, name) in self.ledger.files}
+        batches = sum(len(b) for b in self.ledger.batches.values())
         faults = sum(self.counts.values())
         o = self.ledger.outcomes
         lines = [
@@ -861,7 +896,7 @@ class Season:
             lines.append(f"replay: piccolo3-season --days {self.days} --seed {self.seed} "
                          f"--faults {','.join(sorted(self.faults)) or 'none'} --verbose")
         days = min(self.days, max(0.0, self.day))
-        lines.append(f"{days:g} days, {len(batches)} batches, {faults} faults, "
+        lines.append(f"{days:g} days, {batches} batches, {faults} faults, "
                      f"{len(self.violations)} violations")
         return "\n".join(lines)
 
