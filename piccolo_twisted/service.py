@@ -168,7 +168,10 @@ class PiccoloService(service.MultiService):
         sys.setswitchinterval(self.SWITCH_INTERVAL)
         d = self.instrument.start()
         d.addErrback(lambda f: self.log.failure("starting the instrument failed", f))
-        d.addBoth(lambda _: startup.release())
+        # ready once every spectrometer has been tried (a batch's shutter
+        # moves queue behind the closing pulses on each shutter's lock)
+        tried = self.instrument.tried if self.instrument.tried is not None else d
+        tried.addBoth(lambda result: (startup.release(), result)[1])
         if self.serve:
             self.clock.callLater(0, self._freeze_heap)
             self.log.info("piccolo serving CoAP on [{address}]:{port}",

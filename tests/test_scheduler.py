@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from piccolo_twisted.errors import BusyError, PiccoloError
+from piccolo_twisted.errors import PiccoloError
 from piccolo_twisted.observable import Observable
 from piccolo_twisted import scheduler as sch
 

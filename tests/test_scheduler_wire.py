@@ -107,6 +107,71 @@ class SchedulerWireTests(ServerTestCase):
         self.assertEqual(jobs[0][4], 86400)
 
     @coro
+    async def test_unknown_job_ids_are_done_as_the_legacy_server_answered(self):
+        """The deployed client (piccolo3.client PiccoloScheduler.suspend,
+        unsuspend, delete: a_put(verb, jid), i.e. ``[[jid], {}]``) raises on
+        anything but success; the legacy server answered 2.04 for an id no
+        job has. So does this one, and logs it."""
+        import aiocoap
+        from twisted.logger import formatEvent, globalLogPublisher
+        said = []
+
+        def observe(event):
+            said.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        await self.put("control/record_sequence",
+                       {"run": "legacy", "nsequence": 1, "at_time": iso_in(3600),
+                        "interval": 600})
+        [job] = await self.get("control/scheduler/jobs")
+        for verb in ("suspend", "unsuspend", "delete"):
+            r = await self.request("PUT", f"control/scheduler/{verb}", raw=b"[[4711], {}]")
+            self.assertEqual(r.code, aiocoap.CHANGED, (verb, r.payload))
+            self.assertEqual(r.payload, b"")
+            self.assertTrue(any(f"{verb} job 4711: no such job" in line for line in said),
+                            said)
+        self.assertEqual(await self.get("control/scheduler/jobs"), [job])
+        # a known id, the same payloads
+        raw = f"[[{job[0]}], {{}}]".encode()
+        for verb, status in (("suspend", "suspended"), ("unsuspend", "active")):
+            r = await self.request("PUT", f"control/scheduler/{verb}", raw=raw)
+            self.assertEqual(r.code, aiocoap.CHANGED)
+            self.assertEqual((await self.get("control/scheduler/jobs"))[0][5], status)
+        r = await self.request("PUT", "control/scheduler/delete", raw=raw)
+        self.assertEqual(r.code, aiocoap.CHANGED)
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
+        # deleted now: as unknown as 4711
+        r = await self.request("PUT", "control/scheduler/delete", raw=raw)
+        self.assertEqual(r.code, aiocoap.CHANGED)
+        # not a job id at all is still a client error
+        r = await self.request("PUT", "control/scheduler/delete", raw=b'[["x"], {}]')
+        self.assertEqual(r.code, aiocoap.BAD_REQUEST)
+
+    @coro
+    async def test_history_is_observable_and_durable(self):
+        async def schedule():
+            await self.put("control/record_sequence",
+                           {"run": "watched", "nsequence": 1, "auto": -1,
+                            "at_time": iso_in(0.5)})
+        first, seen = await self.observe_changes("control/scheduler/history", 1, schedule,
+                                                 timeout=15)
+        self.assertEqual(first, [])
+        [[entry]] = seen
+        self.assertEqual(set(entry), {"job", "slot", "outcome", "reason", "run", "batch"})
+        self.assertEqual((entry["outcome"], entry["run"], entry["batch"], entry["reason"]),
+                         ("done", "watched", 0, None))
+        datetime.fromisoformat(entry["slot"])
+        self.assertTrue(entry["slot"].endswith("+00:00"))
+        await self.service.stopService().asFuture(asyncio.get_event_loop())
+        self.service = make_service(self.datadir, time_scale=self.time_scale)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.base = f"coap://[::1]:{self.service.coap._port.getHost().port}"
+        self.assertEqual(await self.get("control/scheduler/history"), [entry])
+        health = await self.get("sysinfo/health")
+        self.assertEqual((health["slots_missed_24h"], health["slots_failed_24h"]), (0, 0))
+
+    @coro
     async def test_survives_restart(self):
         await self.put("control/record_sequence",
                        {"run": "keep", "nsequence": 2, "at_time": iso_in(3600), "interval": 600})

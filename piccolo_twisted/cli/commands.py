@@ -415,12 +415,34 @@ def describe_job(job):
     return str(what)
 
 
+def _printable(text):
+    """A server's string for the terminal: control characters shown, not
+    obeyed."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text))
+
+
+def last_outcome(entry):
+    """A job's last slot, from /control/scheduler/history, in a few words."""
+    text = f"last: {_printable(entry.get('outcome'))} at {_when(entry.get('slot'))}"
+    if entry.get("batch") is not None:
+        text += f" (batch {entry['batch']})"
+    if entry.get("reason"):
+        text += f" ({_printable(entry['reason'])})"
+    return text
+
+
 async def jobs(client, out):
-    listing, quiet, start, end = await asyncio.gather(
+    listing, quiet, start, end, history = await asyncio.gather(
         client.get("control/scheduler/jobs"),
         _maybe(client.get("control/scheduler/quietTimeEnabled")),
         _maybe(client.get("control/scheduler/quietStart")),
-        _maybe(client.get("control/scheduler/quietEnd")))
+        _maybe(client.get("control/scheduler/quietEnd")),
+        # servers before the history have none (4.04)
+        _maybe(client.get("control/scheduler/history"), []))
+    last = {}
+    for entry in history if isinstance(history, list) else []:
+        if isinstance(entry, dict):
+            last[entry.get("job")] = entry
     if not listing:
         print("no scheduled jobs", file=out)
     now = datetime.now(timezone.utc)
@@ -435,7 +457,11 @@ async def jobs(client, out):
         line = f"#{job_id} {describe_job(job)}: {when}, {_every(interval)}"
         if end_time:
             line += f" until {_when(end_time)}"
-        print(f"{line} [{state}]", file=out)
+        if job_id in last:
+            line = f"{line} [{state}]; {last_outcome(last[job_id])}"
+        else:
+            line = f"{line} [{state}]"
+        print(line, file=out)
     if quiet is not None:
         print(f"quiet time {'on' if quiet else 'off'}"
               + (f" ({start} to {end})" if quiet else ""), file=out)
@@ -486,6 +512,9 @@ def format_health(h):
             t = s["temperature"]
             line += ", " + (f"{t:.1f} °C" if isinstance(t, (int, float)) else "temperature ?")
         lines.append(line)
+    if "slots_missed_24h" in h:
+        lines.append(f"slots 24 h   {h.get('slots_missed_24h')} missed, "
+                     f"{h.get('slots_failed_24h')} failed (piccolo3 jobs: the last of each)")
     lines.append(f"fault        {h.get('fault') or 'none'}")
     for source, fault in sorted((h.get("faults") or {}).items()):
         lines.append(f"{source + ' fault':<12} {fault}")

@@ -15,7 +15,7 @@ MINUTE = 60.0
 INTERVALS = [1800, 3600, 2 * 3600, 3 * 3600, 4 * 3600, 6 * 3600, 8 * 3600,
              12 * 3600, 86400, 2700, 5400]
 #: the world keeps the scheduled load of repeating record jobs below this
-MAX_BATCHES_PER_DAY = 14
+MAX_BATCHES_PER_DAY = 10
 
 
 def at_iso(ts):
@@ -30,7 +30,7 @@ def schedule(season):
     w.stream("add-power-job", 0.08, lambda: add_power_job(season), t0)
     w.stream("job-admin", 0.8, lambda: job_admin(season), t0)
     w.stream("settings", 0.6, lambda: change_setting(season), t0)
-    w.stream("manual", 1.5, lambda: manual_batch(season), t0)
+    w.stream("manual", 1.0, lambda: manual_batch(season), t0)
     w.stream("dark", 0.3, lambda: season.request("control", "record_dark", run="manual"), t0)
     w.stream("auto", 0.3, lambda: season.request("control", "auto"), t0)
     w.stream("pause-abort", 2.0, lambda: pause_or_abort(season), t0)

@@ -13,17 +13,14 @@ timer of the running incarnation or the next event of the world -- so a
 quiet simulated day costs only what happens in it.
 """
 
-import errno
-import gc
 import math
 import os
 import shutil
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 
 from ..acquisition import pico
 from ..config import load_instrument_config, load_server_config
@@ -384,7 +381,6 @@ class Season:
                     self.ledger.uncertain_settings.setdefault(key, {what["old"]}).add(
                         self.ledger.settings.get(key, what["value"]))
         self.memory_only = []
-        gc.collect()
         rng = self.world.rng("crash")
         down = log_uniform(rng, 5.0, 2 * HOUR)
         self.world.at(self.t + down, self.reboot)
