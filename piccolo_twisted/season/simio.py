@@ -95,7 +95,10 @@ class SimThreads:
                 d.errback(result)
             else:
                 d.callback(result)
-        self.clock.callLater(max(0.0, start - now), run)
+        if start <= now:
+            run()           # a free thread starts at once (its answer comes later)
+        else:
+            self.clock.callLater(start - now, run)
         return d
 
 
