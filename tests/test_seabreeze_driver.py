@@ -386,3 +386,58 @@ class FaultTests(EmulatedCase):
         u.stall_next_read = True
         e = self.assertRaises(DeviceError, dev.read)
         self.assertIn("timed out", str(e))
+
+
+class CountsTests(EmulatedCase):
+    """Counts as the device gives them (issue 20). A USB2000+ or Flame-S
+    saturates at the level in its EEPROM slot 17 (62,000 raw counts here);
+    seabreeze scales every pixel by 65535 / that level, so that saturation
+    reads 65,535, the ``max_intensity`` it reports. The driver records what
+    seabreeze reports, rounded (truncating made 65,534.999... of a
+    saturated pixel 65,534, below the saturation level), and the
+    saturation level in the same units. The emulator's own record of the
+    raw counts it sent is the ground truth."""
+
+    def check(self, model, prefix):
+        import numpy as np
+        u = self.plug(model, prefix)
+        self.assertEqual(u.saturation(), 62000)        # read from the EEPROM slot
+        dev, info = self.open(u)
+        self.optics.set_lit("downwelling", True)        # bright: saturates at 200 ms
+        reading = acquire_clean(dev, 200, info.min_time)
+        self.optics.set_lit("downwelling", False)
+        raw = np.asarray(u.last_counts, dtype=float)
+        self.assertEqual(u.sent[-1].micros, 200000)
+        self.assertEqual(raw.max(), 62000)              # the detector saturated
+        want = np.rint(raw * 65535.0 / 62000.0).astype(np.int64)
+        pixels = np.asarray(reading.pixels)
+        self.assertEqual(pixels.dtype.kind, "i")
+        self.assertEqual(pixels.tolist(), want.tolist())
+        # pixels and SaturationLevel agree: every saturated pixel reads the
+        # level, and the count of those at or above it is the device's
+        self.assertEqual(info.saturation, 65535)
+        self.assertEqual(int(pixels.max()), info.saturation)
+        from piccolo_twisted.instrument.spectrometer import saturated_pixels
+        self.assertEqual(saturated_pixels(reading.pixels, info.saturation),
+                         int((raw >= 62000).sum()))
+        self.assertGreater(int((raw >= 62000).sum()), 0)
+        self.assertLess(int((raw >= 62000).sum()), len(raw))
+
+    def test_usb2000plus(self):
+        self.check("USB2000PLUS", "CNT")
+
+    def test_flame_s(self):
+        self.check("FLAMES", "CNTF")
+
+    def test_qepro_raw_counts(self):
+        """A QE Pro's buffered spectra are raw 32-bit counts; its saturation
+        level is the 18-bit ADC's full scale, which the counts reach."""
+        import numpy as np
+        q = self.plug("QEPRO", "CNTQ")
+        dev, info = self.open(q)
+        self.optics.set_lit("downwelling", True)
+        reading = acquire_clean(dev, 400, info.min_time)
+        self.optics.set_lit("downwelling", False)
+        self.assertEqual(reading.pixels, np.asarray(q.last_counts).tolist())
+        self.assertEqual(info.saturation, 2 ** 18 - 1)
+        self.assertEqual(max(reading.pixels), info.saturation)

@@ -161,7 +161,7 @@ class SeabreezeDevice:
             self._buffer = "clear"
         self._running_micros = None
         return DeviceInfo(serial=self.serial, model=spec.model,
-                          pixels=len(wl), saturation=int(spec.max_intensity),
+                          pixels=len(wl), saturation=int(round(spec.max_intensity)),
                           min_time=max(1, -(-int(lo) // 1000)),
                           max_time=_longest_ms(hi),
                           wavelength_coefficients=coefficients,
@@ -197,8 +197,14 @@ class SeabreezeDevice:
         self._running_micros = micros
 
     def read(self):
+        """One spectrum as seabreeze reports it, rounded to whole counts
+        (never truncated): a USB2000+ or Flame-S reports raw counts scaled
+        by 65535 / the saturation level in its EEPROM (pyseabreeze and
+        cseabreeze alike), so that saturation is 65,535 on every device;
+        a truncated 65,534.99 would hide a saturated pixel."""
+        import numpy as np
         counts = self._call(lambda: self.spec.intensities())
-        return counts.astype("int64").tolist(), None, None
+        return np.rint(counts).astype(np.int64).tolist(), None, None
 
     def acquire(self, ms, idle_ms):
         """One spectrum at ``ms`` that began after this call (a Reading)."""

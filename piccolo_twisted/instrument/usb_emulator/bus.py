@@ -103,6 +103,7 @@ class EmulatedDevice:
         self.stall_next_read = False  # the next IN transfer is never answered
         self.transfers = 0            # bulk transfers seen (for tests)
         self.sent = deque(maxlen=64)  # exposures transmitted (ground truth)
+        self.last_counts = None       # raw counts of the last one transmitted
 
     @property
     def fail_next_read(self):
