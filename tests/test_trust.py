@@ -151,11 +151,14 @@ class TrustWireTests(ServerTestCase):
         self.assertEqual(summary["saturated_spectra"], len(saturated))
         self.assertEqual(sorted((e["spectrometer"], e["channel"], e["type"])
                                 for e in summary["saturated"]), sorted(saturated))
-        self.assertTrue(all(e["sequence"] == 0 and e["pixels"] > 0
-                            for e in summary["saturated"]))
+        self.assertTrue(all(e["sequences"] == [[0, 0]] and e["spectra"] == 1
+                            and e["pixels_min"] > 0 for e in summary["saturated"]))
         self.assertEqual(summary["temperature_unstable_spectra"], len(unstable))
         self.assertEqual(sorted((e["spectrometer"], e["channel"], e["type"])
                                 for e in summary["temperature_unstable"]), sorted(unstable))
+        for e in summary["temperature_unstable"]:
+            self.assertEqual((e["set_point"], e["tolerance"]), (35.0, 2.0))
+            self.assertGreater(abs(e["temperature_max"] - 35.0), 2.0)
         self.assertEqual(summary["integration_times"],
                          {qep: {"upwelling": [100.0], "downwelling": [100.0]},
                           flame: {"upwelling": [100.0], "downwelling": [100.0]}})
@@ -257,3 +260,25 @@ class LegacyParserTests(unittest.SynchronousTestCase):
         self.assertRaises(legacy_pico.Lossy, legacy_pico.parse_spectrum, bad)
         sat = legacy_pico.parse_spectrum(self.spectrum([10, 10, 65535] + [10] * 7))
         self.assertTrue(sat["isSaturated"])
+
+
+class SummaryTests(unittest.SynchronousTestCase):
+    """A long batch's summary stays small: flagged spectra by spectrometer,
+    channel and type, their sequences as ranges."""
+
+    def test_grouped_with_sequence_ranges(self):
+        from piccolo_twisted.acquisition.summary import BatchSummary
+        s = BatchSummary("batch", "r", 1.0e9)
+        s.batch = 4
+        for seq in list(range(0, 1000)) + [1002]:
+            s.spectrum("S_a", {"Direction": "downwelling", "Dark": False, "SequenceNumber": seq,
+                               "IntegrationTime": 100.0, "SaturatedPixels": 500 + seq % 3,
+                               "SaturationLevel": 65535, "TemperatureStable": True})
+        s.finish(1.0e9 + 60, False)
+        d = s.as_dict()
+        self.assertEqual(d["saturated_spectra"], 1001)
+        [e] = d["saturated"]
+        self.assertEqual((e["sequences"], e["pixels_min"], e["pixels_max"]),
+                         ([[0, 999], [1002, 1002]], 500, 502))
+        self.assertLess(len(json.dumps(d)), 1000)
+        self.assertEqual(d["integration_times"], {"S_a": {"downwelling": [100.0]}})
