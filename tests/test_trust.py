@@ -282,3 +282,89 @@ class SummaryTests(unittest.SynchronousTestCase):
                          ([[0, 999], [1002, 1002]], 500, 502))
         self.assertLess(len(json.dumps(d)), 1000)
         self.assertEqual(d["integration_times"], {"S_a": {"downwelling": [100.0]}})
+
+
+class PlotTests(unittest.SynchronousTestCase):
+    """``piccolo3 plot`` as a reader of a paper needs it."""
+
+    def write(self, directory, name, spectra):
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            json.dump({"Spectra": spectra}, f)
+        return path
+
+    def spectrum(self, seq, dark, pixels, ms=100.0, **extra):
+        meta = {"SerialNumber": "QEP1", "Direction": "upwelling", "Dark": dark,
+                "Type": "dark" if dark else "light", "Run": "r", "Batch": 2,
+                "SequenceNumber": seq, "IntegrationTime": ms, "SaturationLevel": 1000,
+                "DarkPixels": [0], "Datetime": "2026-11-25T12:50:40.000802+0000",
+                "WavelengthCalibrationCoefficients": [400.0, 1.0, 0.0, 0.0]}
+        meta.update(extra)
+        return {"Metadata": meta, "Pixels": pixels}
+
+    def plot(self, *argv):
+        import io
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from piccolo_twisted.cli.main import run
+        figures = []
+        real_close = plt.close
+        self.patch(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+        out, err = io.StringIO(), io.StringIO()
+        code = asyncio.run(run(list(argv), out=out, err=err))
+        return code, err.getvalue(), figures
+
+    def test_dark_subtracted_saturation_and_temperature(self):
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        self.write(tmp, "b000002_s000000_dark.pico", [self.spectrum(0, True, [5, 100, 100, 100])])
+        self.write(tmp, "b000002_s000000_dark.pico".replace("s000000", "s000003"),
+                   [self.spectrum(3, True, [5, 120, 120, 120], ms=50.0)])
+        light = self.write(tmp, "b000002_s000002_light.pico", [self.spectrum(
+            2, False, [5, 600, 1000, 700], TemperatureStable=False, Temperature=4.5,
+            TemperatureSetPoint=-10.0)])
+        png = os.path.join(tmp, "p.png")
+        code, err, figures = self.plot("plot", "--dark", light, "-o", png)
+        self.assertEqual(code, 0, err)
+        [ax] = figures[0].axes
+        line = ax.get_lines()[0]
+        # the dark of sequence 0 at the same 100 ms, found beside the file;
+        # the electric dark pixel 0 left out
+        self.assertTrue(np.isnan(line.get_ydata()[0]))
+        self.assertEqual(list(line.get_ydata()[1:]), [500.0, 900.0, 600.0])
+        self.assertEqual(list(line.get_xdata()), [400.0, 401.0, 402.0, 403.0])
+        self.assertEqual(ax.get_ylabel(), "dark-subtracted counts")
+        self.assertEqual(ax.get_xlabel(), "wavelength (nm)")
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        self.assertIn("b2 s2 upwelling light (100 ms) − dark s0\n"
+                      "  TEMPERATURE UNSTABLE: 4.5 °C, set point -10 °C", legend)
+        self.assertIn("  saturated: 1 pixels (shaded)", legend)
+        title = figures[0].get_suptitle()
+        self.assertIn("run r, batch 2, sequence 2", title)
+        self.assertIn("2026-11-25 12:50:40 UTC", title)
+        # the legend is beside the data, not over it
+        self.assertGreaterEqual(ax.get_legend().get_bbox_to_anchor().x0,
+                                ax.get_window_extent().x1)
+
+    def test_no_matching_dark_is_one_line(self):
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        light = self.write(tmp, "b000002_s000002_light.pico",
+                           [self.spectrum(2, False, [5, 600, 900, 700], ms=30.0)])
+        code, err, _ = self.plot("plot", "--dark", light, "-o", os.path.join(tmp, "p.png"))
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("no dark spectrum for QEP1 upwelling at 30.0 ms", err)
+
+    def test_per_ms(self):
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        light = self.write(tmp, "b000002_s000002_light.pico",
+                           [self.spectrum(2, False, [5, 600, 900, 700], ms=50.0)])
+        code, err, figures = self.plot("plot", "--per-ms", light, "-o",
+                                       os.path.join(tmp, "p.png"))
+        self.assertEqual(code, 0, err)
+        ax = figures[0].axes[0]
+        self.assertEqual(ax.get_ylabel(), "counts/ms")
+        self.assertEqual(list(ax.get_lines()[0].get_ydata()[1:]), [12.0, 18.0, 14.0])
