@@ -14,7 +14,6 @@ from twisted.trial import unittest
 from piccolo_twisted.config import bundled_instrument_config, load_instrument_config
 from piccolo_twisted.instrument.device import acquire_clean
 from piccolo_twisted.instrument.simulator import Optics, SimulatedSpectrometer
-from piccolo_twisted.instrument.spectrometer import saturated_pixels, temperature_stable
 
 from . import legacy_pico
 from .helpers import ServerTestCase
@@ -51,10 +50,12 @@ class LegacyDefaultsTests(unittest.SynchronousTestCase):
 class FlagTests(unittest.SynchronousTestCase):
 
     def test_saturated_pixels_in_the_same_units(self):
+        from piccolo_twisted.instrument.spectrometer import saturated_pixels
         self.assertEqual(saturated_pixels([0, 65534, 65535, 70000], 65535), 2)
         self.assertEqual(saturated_pixels([], 65535), 0)
 
     def test_temperature_stable(self):
+        from piccolo_twisted.instrument.spectrometer import temperature_stable
         self.assertTrue(temperature_stable(True, -9.0, -10.0, 2.0))
         self.assertTrue(temperature_stable(True, -8.0, -10.0, 2.0))
         self.assertFalse(temperature_stable(True, 0.5, -10.0, 2.0))
@@ -213,7 +214,6 @@ class WaitForTemperatureTests(ServerTestCase):
 
     @coro
     async def test_batch_waits_for_the_set_point(self):
-        from piccolo_twisted.instrument.spectrometer import temperature_stable  # noqa
         statuses = []
         obs_task = asyncio.ensure_future(self._collect_status(statuses))
         try:
