@@ -312,7 +312,13 @@ class PlotTests(unittest.SynchronousTestCase):
         real_close = plt.close
         self.patch(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
         out, err = io.StringIO(), io.StringIO()
-        code = asyncio.run(run(list(argv), out=out, err=err))
+        # a loop of its own, never installed (asyncio.run would leave the
+        # thread without the reactor's loop for the tests after this)
+        loop = asyncio.new_event_loop()
+        try:
+            code = loop.run_until_complete(run(list(argv), out=out, err=err))
+        finally:
+            loop.close()
         return code, err.getvalue(), figures
 
     def test_dark_subtracted_saturation_and_temperature(self):

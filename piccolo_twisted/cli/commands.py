@@ -9,14 +9,10 @@ import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
-from .client import CliError, Refused, Unreachable
+from .client import CliError, Refused
 
 STATUS_WORDS = {1: "no worker", 2: "powered off", 3: "dropped", 4: "connecting",
                 5: "disconnected", 6: "idle", 7: "recording", 8: "autointegrating"}
-
-
-BUSY = (7, 8)                 # recording, autointegrating: the device is in use
-TEMPERATURE_TIMEOUT = 1.0
 
 
 async def _maybe(coro, default=None):
