@@ -133,7 +133,13 @@ class PiccoloService(service.MultiService):
             lambda f: self.log.failure("starting the instrument failed", f))
         self.clock.callLater(0, self._freeze_heap)
         self.log.info("piccolo serving CoAP on [{address}]:{port}",
-                      address=self.settings.address, port=self.settings.port)
+                      address=self.settings.address, port=self.coap_port())
+
+    def coap_port(self):
+        """The UDP port bound: the configured one, or the one the system
+        chose for ``port = 0`` (which clients need to be told)."""
+        port = getattr(self.coap, "_port", None)
+        return port.getHost().port if port is not None else self.settings.port
 
     def _freeze_heap(self):
         """Move everything start-up created out of the collector's reach:
