@@ -40,6 +40,7 @@ emulate = force_list(default=list())
 port = integer(min=0, max=65535, default=0)
 interface = string(default=127.0.0.1)
 keys = string(default="")
+host_key = string(default="")
 """
 
 INSTRUMENT_SPEC = """
@@ -229,6 +230,7 @@ class ServerConfig:
     manhole_port: int = 0
     manhole_interface: str = "127.0.0.1"
     manhole_keys: str = ""
+    manhole_host_key: str = ""    # empty: in the state directory (statedir.py)
     seabreeze_backend: str | None = None     # None: seabreeze's own choice
     emulate: list = field(default_factory=list)  # [(model, serial)]
     source: str = "<defaults>"
@@ -263,6 +265,7 @@ def load_server_config(path=None, text=None):
         manhole_port=cfg["manhole"]["port"],
         manhole_interface=interface,
         manhole_keys=cfg["manhole"]["keys"],
+        manhole_host_key=cfg["manhole"]["host_key"],
         seabreeze_backend=backend,
         emulate=emulate,
         source=path or "<string>" if (path or text) else "<defaults>",

@@ -49,6 +49,8 @@ class PiccoloService(service.MultiService):
         self.coap = coap_service(self.components, settings.address,
                                  settings.port, clock=clock)
         self.coap.setServiceParent(self)
+        # before the manhole looks for its key: an old one is moved, not remade
+        self._move_state_out_of_the_data()
         self._build_manhole()
 
     def _build_instrument(self, time_scale):
@@ -77,6 +79,14 @@ class PiccoloService(service.MultiService):
                              spectrometers=self.instrument.spectrometers,
                              scheduler=self.scheduler)
         self.components["sysinfo"].update(self.health.resources())
+
+    def _move_state_out_of_the_data(self):
+        """A host key an earlier version kept under the data directory goes
+        to the state directory (statedir.py), whether or not the manhole is on."""
+        from .statedir import host_key_path, inside, migrate_host_key
+        path = host_key_path(self.settings)
+        if not inside(path, self.settings.datadir):
+            migrate_host_key(self.settings.datadir, path, note=self.datadir.note_fault)
 
     def _build_manhole(self):
         self.manhole = None

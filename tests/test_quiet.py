@@ -39,7 +39,7 @@ class QuietRunTests(unittest.TestCase):
                   "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
                   "from twisted.conch.ssh import keys\n"
                   "d = tempfile.mkdtemp()\n"
-                  "k = manhole.host_key(d)\n"
+                  "k = manhole.host_key(os.path.join(d, 'state', 'key'))\n"
                   "p = os.path.join(d, 'authorized_keys')\n"
                   "open(p, 'wb').write(k.public().toString('openssh') + b'\\n')\n"
                   "manhole.load_authorized_keys(p)\n")
