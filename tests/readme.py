@@ -73,14 +73,25 @@ def block_starting(body, first_line):
     return matches[0]
 
 
+def strip_comment(line):
+    """A shell line without its comment (a ``#`` after a blank, outside
+    quotes)."""
+    quote = None
+    for i, c in enumerate(line):
+        if quote:
+            if c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
 def commands(block):
-    """The commands of a shell block: one per line, comments dropped."""
-    out = []
-    for line in block.splitlines():
-        command = line.split("  #")[0].rstrip() if "  #" in line else line.rstrip()
-        if command and not command.lstrip().startswith("#"):
-            out.append(command)
-    return out
+    """The commands of a shell block: one per line, comments dropped
+    (a line that continues a comment is dropped too)."""
+    return [c for c in (strip_comment(line) for line in block.splitlines()) if c.strip()]
 
 
 class Server:
