@@ -295,23 +295,23 @@ class DataCopyTests(unittest.TestCase):
                   for d, dirs, names in os.walk(laptop) for n in names]
         self.assertTrue(any(n.endswith(".pico") for n in copied), copied)
         self.assertFalse([n for n in copied if "host_key" in n or ".piccolo" in n], copied)
+        self.assertTrue(os.path.exists(os.path.join(state, "manhole_host_key")))
+        self.assertFalse(os.path.exists(os.path.join(data, ".piccolo", "manhole_host_key")))
 
     def make_installation(self, data, state):
         """A data directory as an earlier version left it (the host key in
-        .piccolo), then started once by this one with the manhole on, and
-        the schedule database unreadable for others (daemon umask 077)."""
-        from .helpers import make_service
-        from .test_statedir import make_key
+        .piccolo), then started once by this one with the manhole on (the
+        unit's state directory in ``state``), and the schedule database
+        unreadable for others (daemon umask 077)."""
+        from .helpers import make_service, make_ssh_key
         old_key = os.path.join(data, ".piccolo", "manhole_host_key")
-        make_key(old_key)
-        admin = make_key(os.path.join(state, "admin_key"))
+        make_ssh_key(old_key)
+        admin = make_ssh_key(os.path.join(state, "admin_key"))
         keys = os.path.join(state, "authorized_keys")
         with open(keys, "wb") as f:
             f.write(admin.public().toString("openssh") + b"\n")
-        make_service(data, server_text=(f"[manhole]\nport = 2299\nkeys = {keys}\n"
-                                        f"host_key = {state}/manhole_host_key\n"))
-        self.assertFalse(os.path.exists(old_key))
-        self.assertTrue(os.path.exists(os.path.join(state, "manhole_host_key")))
+        self.patch(os, "environ", dict(os.environ, STATE_DIRECTORY=state))
+        make_service(data, server_text=f"[manhole]\nport = 2299\nkeys = {keys}\n")
         run = os.path.join(data, "first")
         os.makedirs(run)
         with open(os.path.join(run, "b000000_s000000_light.pico"), "w") as f:

@@ -11,16 +11,7 @@ from twisted.trial import unittest
 from piccolo_twisted import statedir
 from piccolo_twisted.config import ConfigError, load_server_config
 
-
-def make_key(path):
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-    from twisted.conch.ssh import keys
-    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(key.toString("openssh"))
-    os.chmod(path, 0o600)
-    return key
+from .helpers import make_ssh_key as make_key
 
 
 def files_under(root):
