@@ -169,6 +169,8 @@ class Server:
                 self.call("PUT", f"/spectrometer/{s}/current_time/{ch}", ms)
 
     def stop(self):
+        if getattr(self, "log", None) is not None:
+            self.log.close()
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

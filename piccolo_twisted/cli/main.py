@@ -34,10 +34,7 @@ def build_parser():
         description="Operate a Piccolo spectrometer over CoAP.",
         epilog="Exit status: 0 done, 1 error, 2 usage, 3 the batch stopped on "
                "a fault, 4 the batch was aborted.")
-    parser.add_argument("--server", default=os.environ.get("PICCOLO_SERVER", DEFAULT_SERVER),
-                        help="coap://host[:port] (default $PICCOLO_SERVER or %(default)s)")
-    parser.add_argument("--timeout", type=_seconds, default=TIMEOUT,
-                        help="seconds to wait for an answer (default %(default)s)")
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("status", help="one screen: control, spectrometers, shutters, jobs")
@@ -70,7 +67,21 @@ def build_parser():
 
     sub.add_parser("jobs", help="the schedule in words")
     sub.add_parser("health", help="disk, devices, clock, faults")
+    for command in sub.choices.values():
+        # after the command too (``piccolo3 status --server URL``); absent
+        # there, the value given before it (or the default) stays
+        _global_options(command, argparse.SUPPRESS)
     return parser
+
+
+def _global_options(parser, default=None):
+    """``--server`` and ``--timeout``, accepted before and after the command."""
+    server = os.environ.get("PICCOLO_SERVER", DEFAULT_SERVER)
+    parser.add_argument("--server", default=server if default is None else default,
+                        help=f"coap://host[:port] (default $PICCOLO_SERVER or {server})")
+    parser.add_argument("--timeout", type=_seconds,
+                        default=TIMEOUT if default is None else default,
+                        help=f"seconds to wait for an answer (default {TIMEOUT})")
 
 
 async def run(argv, out=None, err=None, interactive=False):

@@ -204,10 +204,22 @@ class Spectrometer:
         hi = info.max_time if self.config.max_time is None else min(info.max_time, self.config.max_time)
         if lo > hi:
             lo, hi = info.min_time, info.max_time
+        self._warn_limits(info, lo, hi)
         self._device_limits = (info.min_time, info.max_time)
         self.min_time.set(lo)
         self.max_time.set(hi)
         self._clamp_times()
+
+    def _warn_limits(self, info, lo, hi):
+        """The config's integration-time limits outside the device's range
+        are replaced by what the device can do: said in the log, not silently."""
+        for key, configured, used in (("min_integration_time", self.config.min_time, lo),
+                                      ("max_integration_time", self.config.max_time, hi)):
+            if configured is not None and configured != used:
+                self.log.warn("{name}: {key} = {configured} ms is outside the device's "
+                              "range {dmin}..{dmax} ms: using {used} ms", name=self.name,
+                              key=key, configured=configured, dmin=info.min_time,
+                              dmax=info.max_time, used=used)
 
     def _clamp_times(self):
         for obs in self.current_time.values():
