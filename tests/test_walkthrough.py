@@ -92,6 +92,6 @@ class FirstMeasurementTests(unittest.TestCase):
         lines = p.stdout.splitlines()
         self.assertEqual(len(lines), 4, p.stdout)      # 2 spectrometers x 2 channels
         pattern = re.compile(r"sim_(QEP00981|FLMT01234) (up|down)welling light: "
-                             r"\d+\.\d ms, peak \d+ counts at \d+\.\d nm$")
+                             r"\d+\.\d ms, peak \d+ counts at \d+\.\d nm, \d+ pixels saturated$")
         for line in lines:
             self.assertRegex(line, pattern)
