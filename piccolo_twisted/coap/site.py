@@ -203,14 +203,42 @@ class Site:
             node = child
         raise NotFoundError("no such resource: /" + "/".join(path))
 
+    def _leaf(self, path):
+        try:
+            return self.resolve(path)[0]
+        except NotFoundError:
+            return None
+
     def safe_get(self, path):
         """True when a GET of ``path`` has no effect, so a duplicate may
         simply be answered again (RFC 7252 4.5) instead of from a cache."""
-        try:
-            leaf, _ = self.resolve(path)
-        except NotFoundError:
-            return True
-        return leaf is WellKnownCore or not leaf.spec.get_acts
+        leaf = self._leaf(path)
+        return leaf is None or leaf is WellKnownCore or not leaf.spec.get_acts
+
+    def safe(self, code, path):
+        """True when the request has no effect (a GET that does not act, a
+        PUT that only reads, e.g. a file or a listing): a duplicate is
+        run again rather than kept in the dedup cache."""
+        if code == _tx.GET:
+            return self.safe_get(path)
+        if code == _tx.PUT:
+            leaf = self._leaf(path)
+            return leaf is not None and leaf is not WellKnownCore and leaf.spec.put_reads
+        return False
+
+    def acts(self, path):
+        """True when a GET of ``path`` changes something (abort, pause,
+        connect, power_on, ...)."""
+        leaf = self._leaf(path)
+        return leaf is not None and leaf is not WellKnownCore and leaf.spec.get_acts
+
+    def urgent(self, path):
+        """True for requests served even when the server is full: the
+        state and settings (observable resources: /control/status,
+        numSequences, ...) and what stops things (abort, pause)."""
+        leaf = self._leaf(path)
+        return (leaf is not None and leaf is not WellKnownCore
+                and (leaf.spec.urgent or leaf.observable))
 
     # -- the entry point used by the protocol -----------------------------
 
