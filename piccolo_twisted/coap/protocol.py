@@ -352,21 +352,22 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     # -- handler slots -------------------------------------------------------------
 
-    def _run(self, req, handle):
+    def _run(self, req, handle, deliver=None):
         """Run the handler if a slot is free for the host (urgent requests
         have their own pool); a host at its share waits a moment for one of
-        its own to finish; otherwise 5.03."""
+        its own to finish; otherwise 5.03. ``deliver`` takes the result
+        (default: answer the request with it)."""
         host = req.host
         pool = self.urgent_slots if req.urgent else self.slots
         if pool.fits(host):
-            return self._call(req, handle, pool)
+            return self._call(req, handle, pool, deliver)
         cost = req.msg.size + QUEUED_ENTRY
         if not req.urgent and not pool.host_fits(host) and self._queue_room(host, cost):
             # the host's handlers are all busy (a crowd behind one address,
             # e.g. 200 clients fetching a file at once): the request waits
             # a moment for one of them to finish rather than fail at once
             # (aiocoap gives up on a 5.03)
-            return self._wait_for_slot(req, handle, cost)
+            return self._wait_for_slot(req, handle, cost, deliver)
         self._busy(req)
 
     def _busy(self, req):
@@ -390,15 +391,17 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             waiting.give_up()
         return True
 
-    def _call(self, req, handle, pool):
+    def _call(self, req, handle, pool, deliver=None):
         result = handle()
         if isinstance(result, defer.Deferred):
             pool.take(req.host)
-            self._await(self._holding_slot(req.host, pool, result), req)
+            self._await(self._holding_slot(req.host, pool, result), req, deliver)
+        elif deliver is not None:
+            deliver(result)
         else:
             self._respond(req, result)
 
-    def _wait_for_slot(self, req, handle, cost):
+    def _wait_for_slot(self, req, handle, cost, deliver=None):
         """Queue a request until one of its host's running handlers finishes
         (its slot passes on), for QUEUE_WAIT seconds at most (less than a
         client waits before it retransmits); then 5.03 after all."""
@@ -407,7 +410,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
         def start():
             self._await(self._holding_slot(host, self.slots, defer.maybeDeferred(handle)),
-                        req)
+                        req, deliver)
 
         def give_up():
             queue.remove(waiting)
@@ -574,16 +577,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                                   block1=block1, echo=echo))
         if not is_lazy(body):
             return send(body[start:start + size])
-        # a file: this block is read from it (in the file pool) by offset
-        if not self.slots.fits(req.host):
-            return self._busy(req)
-        self.slots.take(req.host)
-        d = defer.maybeDeferred(body.read, start, min(size, total - start))
-        self._await(d.addBoth(self._release_slot, req.host), req, send)
-
-    def _release_slot(self, result, host):
-        self.slots.release(host)
-        return result
+        # a file: this block is read from it by offset (in the file pool,
+        # holding one of the host's slots meanwhile)
+        self._run(req, lambda: body.read(start, min(size, total - start)), send)
 
     def _fit_block(self, req, transfer, szx, num, observe, block1):
         """The largest block size (and so block number) whose answer fits

@@ -98,8 +98,8 @@ def message(error):
 def encode_json(value):
     if value is None:
         return b""
-    if isinstance(value, EncodedJSON):
-        return value
+    if isinstance(value, EncodedJSON) or hasattr(value, "read"):
+        return value                # encoded already, or read by offset (jsontext)
     return EncodedJSON.encode(value)
 
 
