@@ -317,6 +317,84 @@ class WholeServerAttacks(LoopbackServerCase):
             stop.set()
             yield pinning
 
+    def test_a_7_mb_file_costs_a_fixed_amount_per_block(self):
+        return self.big_body_blocks("file")
+
+    def test_a_4_mb_listing_costs_a_fixed_amount_per_block(self):
+        return self.big_body_blocks("listing")
+
+    @defer.inlineCallbacks
+    def big_body_blocks(self, which):
+        """A 7 MB file and a 4.4 MB listing fetched block by block: on main
+        bodies over 4 MiB were not kept, so every 1 KiB block read and
+        encoded the whole file again (37.6 ms a block, ~261 s of CPU per
+        fetch) or took the CRC of the whole listing (1.9 ms a block). Now a
+        block reads at most two 8 KiB pieces of the file, and a listing's
+        ETag is computed once per encoded body. Work is counted (bytes
+        read, bytes checksummed), not timed."""
+        import zlib
+        run = os.path.join(self.datadir, "huge")
+        os.makedirs(run)
+        name = "b000000_s000000_light.pico"
+        text = json.dumps({"Spectra": [{"Metadata": {"Batch": 0},
+                                        "Pixels": list(range(900_000))}]})
+        self.assertGreater(len(text), 7_000_000)
+        with open(os.path.join(run, name), "w") as f:
+            f.write(text)
+        for i in range(1, 150_000):
+            path = os.path.join(run, f"b{i // 500:06d}_s{i % 500:06d}_light.pico")
+            if i % 50_000 == 1:             # (a file takes 65,000 links at most)
+                open(path, "w").close()
+                source = path
+            else:
+                os.link(source, path)
+        counted = {"read": 0, "crc": 0}
+        real_read, real_pread, real_crc = os.read, os.pread, zlib.crc32
+
+        def read(fd, n):
+            data = real_read(fd, n)
+            counted["read"] += len(data)
+            return data
+
+        def pread(fd, n, offset):
+            data = real_pread(fd, n, offset)
+            counted["read"] += len(data)
+            return data
+
+        def crc32(data, *a):
+            counted["crc"] += len(data)
+            return real_crc(data, *a)
+        self.patch(os, "read", read)
+        self.patch(os, "pread", pread)
+        self.patch(zlib, "crc32", crc32)
+        sock = self.udp("127.0.9.1")
+        cases = {"file": [("data_dir/runs/huge/spectra", PUT, json.dumps(name).encode())],
+                 "listing": [("data_dir/runs/huge/spectra_list", GET, b"")]}[which]
+
+        def fetch_blocks(path, code, payload):
+            echo, mid, costs, sizes = None, 100, [], []
+            for n in (0, 0, 1, 2, 500, 3000, 4200, 1, 4200):
+                mid += 1
+                before = dict(counted)
+                answer = hostile.exchange(self.dst, hostile.request(
+                    mid, path, code=code, payload=payload, token=b"z",
+                    block2=(n, 6), echo=echo), sock=sock, timeout=30)
+                assert answer is not None, (path, n)
+                echo = hostile.loadclient.echo_of(answer) or echo
+                _, rcode, _, _, block2, chunk = hostile.parse(answer)
+                assert rcode in (0x44, 0x45), (path, n, rcode, chunk[:80])
+                costs.append((n, counted["read"] - before["read"],
+                              counted["crc"] - before["crc"]))
+                sizes.append((n, block2, len(chunk)))
+            return costs, sizes
+        for path, code, payload in cases:
+            costs, sizes = yield self.in_thread(fetch_blocks, path, code, payload)
+            # the second request is verified (it returned the Echo): 1 KiB blocks
+            self.assertEqual([s[1][2] for s in sizes[1:]], [6] * 8, sizes)
+            for n, read_bytes, crc_bytes in costs[2:]:
+                self.assertLessEqual(read_bytes, 2 * 8192, (path, costs))
+                self.assertLessEqual(crc_bytes, 4096, (path, costs))
+
     def _coap_client_fetches(self, binary, field):
         import subprocess
         good = []
