@@ -520,3 +520,63 @@ class ClockedEndpoint(unittest.TestCase):
         # every timer the endpoint started in the minute: retransmissions,
         # holds, housekeeping (50 ms re-checks of 64 holds would be 76,800)
         self.assertLess(len(calls), 5000, len(calls))
+
+
+class AccessPolicyTests(unittest.SynchronousTestCase):
+    """The hook issue 22's ``[access] control_from`` plugs into: a policy
+    with ``refusal(host) -> Optional[str]``. Requests that change anything
+    from a refused host are 4.03 with the reason; reads stay open."""
+
+    class Stub:
+        def __init__(self):
+            self.asked = []
+
+        def refusal(self, host):
+            self.asked.append(host)
+            return None if host == "127.0.0.1" else f"{host} may not control this instrument"
+
+    def setUp(self):
+        from .test_coap_protocol import FakeTransport, request, verify
+        self.request = request
+        self.value = Observable(1)
+        self.acted = []
+        self.policy = self.Stub()
+        site = Site({"": {
+            "value": Resource(get=lambda: self.value.value, put=self.value.set,
+                              observe=self.value),
+            "abort": Resource(get=lambda: self.acted.append("abort"), get_acts=True),
+        }})
+        self.proto = ServerCoap(site, clock=task.Clock(), access=self.policy)
+        self.transport = FakeTransport()
+        self.proto.transport = self.transport
+        verify(self.proto, "127.0.0.2")
+
+    def send(self, code, path, peer, payload=b""):
+        self.proto.datagramReceived(self.request(code, path=path, payload=payload,
+                                                 mid=len(self.policy.asked) + 100), peer)
+        [r] = [decode(d) for d, _ in self.transport.sent]
+        self.transport.sent.clear()
+        return r
+
+    def test_changes_refused_reads_open(self):
+        other, allowed = ("127.0.0.2", 5000), ("127.0.0.1", 5000)
+        r = self.send(_tx.PUT, "value", other, b"5")
+        self.assertEqual((r.code, r.payload),
+                         (_tx.FORBIDDEN, b"127.0.0.2 may not control this instrument"))
+        self.assertEqual(r.opt.content_format, 0)
+        r = self.send(_tx.GET, "abort", other)
+        self.assertEqual(r.code, _tx.FORBIDDEN)
+        for code in (_tx.POST, _tx.DELETE):
+            self.assertEqual(self.send(code, "value", other).code, _tx.FORBIDDEN)
+        self.assertEqual((self.value.value, self.acted), (1, []))
+        r = self.send(_tx.GET, "value", other)
+        self.assertEqual((r.code, r.payload), (_tx.CONTENT, b"1"))
+        self.assertEqual(self.send(_tx.PUT, "value", allowed, b"5").code, _tx.CHANGED)
+        self.assertEqual(self.send(_tx.GET, "abort", allowed).code, _tx.CONTENT)
+        self.assertEqual((self.value.value, self.acted), (5, ["abort"]))
+
+    def test_coap_service_passes_the_policy(self):
+        from piccolo_twisted.coap.server import coap_service
+        service = coap_service({"": {}}, "127.0.0.1", 0, clock=task.Clock(),
+                               access=self.policy)
+        self.assertIs(service.protocol.access, self.policy)
