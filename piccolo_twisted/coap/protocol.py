@@ -554,8 +554,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         total = body_size(body)
         if total <= (16 << szx) and not num and transfer is None and not is_lazy(body):
             reply = Reply(code, body, cf, observe=observe, block1=block1)
-            if req.limit is None or self._length(req, reply) <= req.limit:
-                return self._send(req, reply)
+            data = self._encode(req, reply)
+            if req.limit is None or len(data) <= req.limit:
+                return self._send(req, reply, data=data)
         if transfer is None:
             if req.block_key is None:
                 req.block_key = request_key(req.remote, req.path or (), msg.code,
@@ -610,26 +611,33 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
     def _length(self, req, reply):
         return len(reply.encode(ACK, 0, req.msg.token))
 
-    def _send(self, req, reply, text=False):
-        """Fit ``reply`` to the request's message type and limit, send it,
-        and remember it for duplicates."""
+    def _encode(self, req, reply):
+        """``reply`` as the datagram answering ``req`` (piggybacked in the
+        ACK, or a separate CON, or NON)."""
         msg = req.msg
-        if req.limit is not None:
-            data_len = self._length(req, reply)
-            if data_len > req.limit:
-                reply = self._shrunk(req, reply, text)
-                if reply is None:
-                    self.log.debug("request from {remote}: no answer fits 3x",
-                                   remote=req.remote)
-                    return
         if msg.mtype == CON and not req.separate:
-            mtype, mid = ACK, msg.mid
+            req_mid = msg.mid
+            mtype = ACK
         else:
-            mtype, mid = (CON if msg.mtype == CON else NON), self.nextMessageID()
-        data = reply.encode(mtype, mid, msg.token)
+            mtype, req_mid = (CON if msg.mtype == CON else NON), self.nextMessageID()
+        return reply.encode(mtype, req_mid, msg.token)
+
+    def _send(self, req, reply, text=False, data=None):
+        """Fit ``reply`` to the request's limit, send it, and remember it
+        for duplicates."""
+        msg = req.msg
+        if data is None:
+            data = self._encode(req, reply)
+        if req.limit is not None and len(data) > req.limit:
+            reply = self._shrunk(req, reply, text)
+            if reply is None:
+                self.log.debug("request from {remote}: no answer fits 3x",
+                               remote=req.remote)
+                return
+            data = self._encode(req, reply)
         req.answered = True
-        if mtype == CON:
-            self.retransmitter.send(req.remote, mid, data)
+        if data[0] >> 4 & 3 == CON:
+            self.retransmitter.send(req.remote, int.from_bytes(data[2:4], "big"), data)
             self.dedup.answer(req.seen, empty(ACK, msg.mid))
         else:
             self.dedup.answer(req.seen, data)

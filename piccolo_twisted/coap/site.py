@@ -162,6 +162,7 @@ class Site:
                 full = "/".join(p for p in (prefix, path) if p)
                 self._add(full, Leaf(spec, full))
         self._core = None
+        self._resolved = {}
         self._add(".well-known/core", WellKnownCore)
 
     def _add(self, path, leaf):
@@ -188,8 +189,26 @@ class Site:
             self._core = ",".join(links).encode("utf-8")
         return self._core
 
+    RESOLVED_MAX = 4096
+
     def resolve(self, path):
-        """Return (leaf, path args) for a path tuple, or raise NotFoundError."""
+        """Return (leaf, path args) for a path tuple, or raise NotFoundError
+        (remembered: a request asks three times, and most ask the same
+        few paths)."""
+        found = self._resolved.get(path)
+        if found is None:
+            try:
+                found = self._resolve(path)
+            except NotFoundError as e:
+                found = e
+            if len(self._resolved) >= self.RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[path] = found
+        if isinstance(found, NotFoundError):
+            raise NotFoundError(str(found))
+        return found
+
+    def _resolve(self, path):
         node = self.root
         for i, part in enumerate(path):
             child = node.children.get(part.encode("utf-8"))
