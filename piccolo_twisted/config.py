@@ -52,8 +52,10 @@ open_pin = integer(min=0, max=53, default=None)
 close_pin = integer(min=0, max=53, default=None)
 [spectrometers]
 [[__many__]]
-detectorSetTemperature = float(min=-60, max=40, default=0)
-fan = boolean(default=False)
+detectorSetTemperature = float(min=-60, max=40, default=-10.0)
+fan = boolean(default=True)
+temperature_tolerance = float(min=0, max=100, default=2.0)
+wait_for_temperature = float(min=0, max=1440, default=0)
 power_switch = integer(min=-1, max=53, default=-1)
 min_integration_time = integer(min=0, default=None)
 max_integration_time = integer(min=1, default=None)
@@ -265,6 +267,10 @@ class SpectrometerConfig:
     min_time: int | None
     max_time: int | None
     calibration: dict = field(default_factory=dict)  # channel -> coefficients
+    #: °C from the set point beyond which a cooled spectrum is flagged
+    temperature_tolerance: float = 2.0
+    #: minutes a batch waits for the detector to reach its set point
+    wait_for_temperature: float = 0.0
 
     @property
     def simulated(self):
@@ -359,7 +365,9 @@ def load_instrument_config(path=None, text=None):
         spectrometers.append(SpectrometerConfig(
             serial=serial, set_temperature=s["detectorSetTemperature"],
             fan=s["fan"], power_switch=s["power_switch"],
-            min_time=lo, max_time=hi, calibration=calibration))
+            min_time=lo, max_time=hi, calibration=calibration,
+            temperature_tolerance=s["temperature_tolerance"],
+            wait_for_temperature=s["wait_for_temperature"]))
     return InstrumentConfig(
         channels=channels, spectrometers=spectrometers,
         clobber=cfg["output"]["clobber"], split=cfg["output"]["split"],

@@ -59,6 +59,11 @@ def build_parser():
 
     p = sub.add_parser("plot", help="plot .pico files (counts against wavelength)")
     p.add_argument("files", nargs="+", metavar="FILE.pico")
+    p.add_argument("--dark", action="store_true",
+                   help="subtract the matching dark spectrum (same batch, spectrometer, "
+                        "channel and integration time; from the files given or beside them)")
+    p.add_argument("--per-ms", action="store_true",
+                   help="counts per millisecond of integration (spectra of different times)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("-o", "--output", metavar="OUT.png")
     out.add_argument("--show", action="store_true", help="open a window")
@@ -83,7 +88,8 @@ async def run(argv, out=None, err=None, interactive=False):
     try:
         if args.command == "plot":
             from .plot import plot
-            return plot(args.files, args.output, args.show, out)
+            return plot(args.files, args.output, args.show, out, dark=args.dark,
+                        per_ms=args.per_ms)
         if args.command == "fetch" and (args.all == bool(args.run)):
             raise CliError("fetch: give RUN DIR, or --all DIR", USAGE)
         from .client import Client
