@@ -108,6 +108,10 @@ class JSONText:
     def __bool__(self):
         return True
 
+    def __bytes__(self):
+        """The whole encoded string (blocking: reads the file)."""
+        return self.read_now(0, self.size)
+
     @classmethod
     def open(cls, opener, to_thread, limit):
         """Scan the file (blocking: call it in the file pool); None when it
