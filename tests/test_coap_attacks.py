@@ -60,6 +60,16 @@ def paced(sends, per_batch=100, pause=0.005):
             time.sleep(pause)
 
 
+def ask(dst, datagram, sock, tries=4, timeout=2.0):
+    """One CON request as a client sends it: retransmitted (same message
+    ID) until answered, RFC 7252 4.2; the answer, or None."""
+    for _ in range(tries):
+        answer = hostile.exchange(dst, datagram, sock=sock, timeout=timeout)
+        if answer is not None:
+            return answer
+    return None
+
+
 def _next_datagram(sock, timeout):
     """The next datagram on ``sock`` within ``timeout`` s, or None."""
     import selectors
@@ -148,14 +158,13 @@ class WholeServerAttacks(LoopbackServerCase):
                 paced(sends)
                 for i in range(10):             # the uninvolved client meanwhile
                     mid += 1
-                    a = hostile.exchange(self.dst, hostile.request(
-                        mid, "control/status", token=b"s"), sock=client, timeout=2)
+                    a = ask(self.dst, hostile.request(mid, "control/status", token=b"s"),
+                            client)
                     answers.append(("status", a))
                     time.sleep(0.1)
                 for sock in attackers:
                     drain(sock)
-            a = hostile.exchange(self.dst, hostile.request(9999, "control/abort",
-                                                           token=b"a"), sock=client)
+            a = ask(self.dst, hostile.request(9999, "control/abort", token=b"a"), client)
             answers.append(("abort", a))
         yield self.in_thread(attack_and_watch)
         codes = [(what, decode(a).code if a else None) for what, a in answers]
