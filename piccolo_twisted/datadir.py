@@ -22,6 +22,7 @@ runs and files, and the listings encoded from it.
   run names, which are never hidden.
 """
 
+import errno
 import json
 import os
 import stat
@@ -36,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
-from . import runindex
+from . import jsontext, runindex
 from .acquisition import pico
 from .api import EncodedJSON as Encoded, Resource
 from . import commands, mount as mounting
@@ -56,6 +57,7 @@ BODY_CACHE_BYTES = 8 << 20      # encoded spectra lists kept (least recently use
 SPLICE_DEPTH = 64               # a saved name this near the top is spliced in
 SMALL_LIST = 500                # names encoded on the reactor; more in the pool
 MAX_FILE = 64 << 20             # largest file served
+TEXTS_KEPT = 64                 # scanned spectrum files remembered (jsontext)
 
 
 def check_run_name(name):
@@ -194,6 +196,7 @@ class DataDir:
                                    name="piccolo-files")
             to_thread = self._in_pool
         self._to_thread = to_thread
+        self._texts = OrderedDict()     # (run, name) -> jsontext.JSONText
         self.current_run = Observable(DEFAULT_RUN)
         self.files_written = Observable(0)
         #: what start-up found wrong in the data directory (health's faults)
@@ -810,15 +813,45 @@ class DataDir:
             raise PiccoloError("not a spectrum file name from spectra_list")
         check_run_name(run)
 
-        def read():
-            data = runindex.read_file(self.path.path, run, name, MAX_FILE)
-            if data is None:
-                return None
+        root = self.path.path
+
+        def opener():
+            """A descriptor of the run's regular file ``name``, never
+            through a symlink (FileNotFoundError when it is not one)."""
+            root_fd = runindex.open_root(root)
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
+                run_fd, _ = runindex.open_run(root_fd, run)
+            finally:
+                os.close(root_fd)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC, dir_fd=run_fd)
+            finally:
+                os.close(run_fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise FileNotFoundError(name)
+            return fd
+        known = self._texts.get((run, name))
+
+        def scan():
+            # the file's text as a JSON string, read block by block by
+            # offset (jsontext): scanned once per file, not per block
+            try:
+                if known is not None:
+                    fd = opener()
+                    try:
+                        if jsontext.identity_of(fd) == known.identity:
+                            return known
+                    finally:
+                        os.close(fd)
+                return jsontext.JSONText.open(opener, self._to_thread, MAX_FILE)
+            except (FileNotFoundError, NotADirectoryError, jsontext.FileChanged):
                 return None
-            return json.dumps(text).encode("ascii")
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return None
+                raise
 
         async def answer():
             entry = await self._check(run)
@@ -827,22 +860,27 @@ class DataDir:
             if i == len(keys) or keys[i] != k:
                 raise PiccoloError(f"{name} is not in the spectra list of run {run}")
             try:
-                body = await self._to_thread(read)
+                body = await self._to_thread(scan)
             except runindex.NoSuchRun:
                 raise NotFoundError(f"no such run: {run}") from None
             except OSError as e:
                 raise PiccoloError(f"cannot read {name}: {e.strerror or e}") from None
             if body is None:
                 raise PiccoloError(f"{name} is not a spectrum file of run {run}")
-            return Encoded(body)
+            self._texts[(run, name)] = body
+            self._texts.move_to_end((run, name))
+            while len(self._texts) > TEXTS_KEPT:
+                self._texts.popitem(last=False)
+            return body
         return defer.Deferred.fromCoroutine(answer())
 
     def resources(self):
         return {
             "datadir": Resource(get=self.get_datadir),
             "mount": Resource(get=self.get_mount, put=self.set_mount),
-            "all_runs": Resource(put=self.all_runs),
+            "all_runs": Resource(put=self.all_runs, put_reads=True),
             "current_run": Resource(get=self.get_current_run, put=self.set_current_run,
                                     observe=self.current_run),
-            "runs": Resource(get=self.run_get, put=self.run_put, parse_path=True),
+            "runs": Resource(get=self.run_get, put=self.run_put, parse_path=True,
+                             put_reads=True),
         }

@@ -6,6 +6,12 @@ file, login name ``admin``; password logins are not offered. The host key
 is generated on first use in the state directory (statedir.py: never under
 the data directory, which is copied off the Pi) with mode 0600.
 Imported only when the manhole is on: conch costs ~10 MiB.
+
+Idle connections cannot exhaust the server's descriptors: a connection
+that has not logged in within LOGIN_TIMEOUT seconds is closed (conch's own
+login timeout is 10 h, and it has none before the key exchange), and at
+most MAX_PENDING connections (MAX_PENDING_PER_HOST per host address) may
+be in that state at once; more are closed as they arrive.
 """
 
 import os
@@ -18,6 +24,7 @@ from twisted.conch.insults import insults
 from twisted.conch.ssh import keys
 from twisted.cred import portal
 from twisted.logger import Logger
+from twisted.protocols import policies
 
 from .statedir import HOST_KEY  # noqa: F401 (the key file's name)
 
@@ -28,6 +35,9 @@ warnings.filterwarnings("ignore", message="DSA is deprecated",
 
 log = Logger()
 LOGIN = b"admin"
+LOGIN_TIMEOUT = 30.0           # seconds to log in, from the TCP connection
+MAX_PENDING = 32               # connections not (yet) logged in, all hosts
+MAX_PENDING_PER_HOST = 4       # ... from one host address
 
 
 class ManholeConfigError(SystemExit):
@@ -150,6 +160,13 @@ def host_key(path, note=None):
     return key
 
 
+from twisted.conch.ssh import userauth  # noqa: E402
+
+
+class _UserAuth(userauth.SSHUserAuthServer):
+    loginTimeout = LOGIN_TIMEOUT     # conch's default is 10 h
+
+
 def make_portal(namespace, authorized):
     realm = manhole_ssh.TerminalRealm()
     realm.chainedProtocolFactory = lambda: insults.ServerProtocol(
@@ -160,9 +177,82 @@ def make_portal(namespace, authorized):
 
 def make_factory(namespace, authorized, key):
     factory = manhole_ssh.ConchFactory(make_portal(namespace, authorized))
+    factory.services = dict(factory.services)
+    factory.services[b"ssh-userauth"] = _UserAuth
     factory.publicKeys = {key.sshType(): key.public()}
     factory.privateKeys = {key.sshType(): key}
     return factory
+
+
+class _LoginGuard(policies.ProtocolWrapper):
+    """Closes the connection unless it has logged in within LOGIN_TIMEOUT."""
+
+    timer = None
+
+    def connectionMade(self):
+        self.timer = self.factory.clock.callLater(LOGIN_TIMEOUT, self.expire)
+        super().connectionMade()
+
+    def logged_in(self):
+        wrapped = self.wrappedProtocol
+        return (getattr(wrapped, "avatar", None) is not None
+                or type(getattr(wrapped, "service", None)).__name__ == "SSHConnection")
+
+    def expire(self):
+        self.timer = None
+        self.factory.settled(self)
+        if not self.logged_in():
+            log.info("manhole: {peer} did not log in within {t:.0f} s; closed",
+                     peer=self.getPeer(), t=LOGIN_TIMEOUT)
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
+
+    def connectionLost(self, reason):
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.factory.settled(self)
+        super().connectionLost(reason)
+
+
+class LoginGuardFactory(policies.WrappingFactory):
+    """Wraps the SSH factory: a login timeout, and a cap on connections
+    that have not logged in yet, per host address and in all."""
+
+    protocol = _LoginGuard
+
+    def __init__(self, wrapped, clock=None, cap=MAX_PENDING, per_host=MAX_PENDING_PER_HOST):
+        super().__init__(wrapped)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.cap = cap
+        self.per_host = per_host
+        self.pending = {}           # guard -> host, connections in their login time
+        self.per_host_count = {}
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", None)
+        if (len(self.pending) >= self.cap
+                or self.per_host_count.get(host, 0) >= self.per_host):
+            log.info("manhole: connection from {host} refused: {n} not logged in yet",
+                     host=host, n=self.per_host_count.get(host, 0))
+            return None
+        guard = super().buildProtocol(addr)
+        self.pending[guard] = host
+        self.per_host_count[host] = self.per_host_count.get(host, 0) + 1
+        return guard
+
+    def settled(self, guard):
+        """``guard``'s login time is over (logged in, closed or expired)."""
+        if guard not in self.pending:
+            return
+        host = self.pending.pop(guard)
+        left = self.per_host_count.get(host, 1) - 1
+        if left > 0:
+            self.per_host_count[host] = left
+        else:
+            self.per_host_count.pop(host, None)
 
 
 def manhole_service(piccolo):
@@ -176,4 +266,4 @@ def manhole_service(piccolo):
     endpoint = f"tcp:{settings.manhole_port}:interface={interface.replace(':', chr(92) + ':')}"
     log.info("manhole: SSH on {interface}:{port}, user admin, keys from {keys}",
              interface=interface, port=settings.manhole_port, keys=settings.manhole_keys)
-    return strports.service(endpoint, factory)
+    return strports.service(endpoint, LoginGuardFactory(factory))

@@ -134,8 +134,6 @@ class PiccoloService(service.MultiService):
 
     def startService(self):
         super().startService()
-        # before the first request can arrive: heavy imports stall nothing
-        self.control.prepare()
         # a worker running Python code (a device driver, an import) gives
         # the GIL up after 1 ms instead of 5 when the reactor asks for it
         sys.setswitchinterval(self.SWITCH_INTERVAL)

@@ -8,9 +8,10 @@ the next acquisitions run. ``pause`` takes effect at the next step;
 discarded (the spectrometer front keeps the device to itself until then),
 the shutters close and the status is idle within a shutter pulse.
 
-Nothing heavy runs on the reactor thread: numpy is imported at start
-(``prepare``), autointegration arithmetic and ``.pico`` encoding run in
-workers, and the encoder works spectrum by spectrum.
+Nothing heavy runs on the reactor thread: numpy (11 MiB, ~100 ms of
+import) is imported in a worker when the first procedure starts, not at
+start (``prepare``), autointegration arithmetic and ``.pico`` encoding run
+in workers, and the encoder works spectrum by spectrum.
 """
 
 import dataclasses
@@ -80,16 +81,21 @@ class Control:
         self._wait = None
         self._waiters = set()
         self._writes = defer.DeferredLock()
+        self._imported = None           # Deferred: numpy imported in a worker
         self._write_failed = None
 
     def prepare(self):
-        """Import what the first batch needs, once, at start (blocking).
-
-        numpy (with autointegration) costs ~100 ms of CPU to import, most
-        of it holding the GIL: imported lazily, on whatever thread, it
-        stalls the reactor inside the first batch. Before serving it
-        stalls nothing."""
-        from . import autointegrate  # noqa: F401 (numpy with it)
+        """Import what procedures need (numpy, with autointegration), once,
+        in a worker: not at start (it would cost every server 11 MiB of
+        RSS), and never on the reactor thread, where the ~100 ms of import,
+        most of it holding the GIL, stalled the first batch. Returns a
+        Deferred; ``_start`` calls it, and autointegration waits for it."""
+        if self._imported is None:
+            def load():
+                from . import autointegrate  # noqa: F401 (numpy with it)
+            self._imported = defer.maybeDeferred(self.to_thread, load)
+            self._imported.addErrback(lambda f: self.log.failure("importing numpy failed", f))
+        return self._imported
 
     # -- state --------------------------------------------------------------
 
@@ -108,6 +114,7 @@ class Control:
         self._abort = False
         self._paused = False
         self._write_failed = None
+        self.prepare()
         self._summary = None
         self.fault.set("")
         # busy from the first moment: a client polling status right after
@@ -321,6 +328,7 @@ class Control:
 
     async def _autointegrate(self, devices, target):
         """Find integration times for every channel and device."""
+        await self.prepare()            # (imported in a worker: a no-op here)
         from .autointegrate import AutoIntegration
         shutters = self.instrument.shutters
         for channel in self.instrument.channels:

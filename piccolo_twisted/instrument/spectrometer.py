@@ -619,15 +619,22 @@ class Spectrometers:
         return self._all("power_off")
 
     def power_on_all(self):
-        """Power devices on 10 s apart (inrush current), then connect."""
+        """Power devices on 10 s apart (inrush current), then connect.
+        Devices already on are not waited for: only those switched on now
+        are spaced, so a power_on with everything on answers at once."""
         from twisted.internet import task
         ds = []
-        for i, s in enumerate(self):
-            if i == 0:
+        switched = 0
+        for s in self:
+            if s.status.value != POWERED_OFF:
+                ds.append(s.power_on())         # on already: connects if need be
+            elif switched == 0:
                 ds.append(s.power_on())
+                switched = 1
             else:
-                ds.append(task.deferLater(self.clock, self.POWER_STAGGER * i,
+                ds.append(task.deferLater(self.clock, self.POWER_STAGGER * switched,
                                           s.power_on).addCallback(lambda d: d))
+                switched += 1
         return defer.gatherResults(ds).addCallback(
             lambda rs: "|".join(r for r in rs if r != "ok") or "ok")
 
