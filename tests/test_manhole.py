@@ -36,7 +36,8 @@ class ManholeIdleConnectionTests(unittest.TestCase):
         self.addCleanup(lambda: __import__("shutil").rmtree(self.datadir, True))
         settings = types.SimpleNamespace(
             manhole_keys=keys_file(self.datadir), datadir=self.datadir,
-            manhole_interface="127.0.0.1", manhole_port=0)
+            manhole_interface="127.0.0.1", manhole_port=0,
+            manhole_host_key=os.path.join(self.datadir, "state", "host_key"))
         piccolo = types.SimpleNamespace(settings=settings, namespace=lambda: {})
         self.service = manhole.manhole_service(piccolo)
         self.service.startService()
