@@ -36,6 +36,7 @@ from . import _tx
 
 CON, NON, ACK, RST = _tx.CON, _tx.NON, _tx.ACK, _tx.RST
 EMPTY = _tx.EMPTY
+FORBIDDEN = _tx.FORBIDDEN      # 4.03: [access] control_from refused the host
 Message = _tx.Message
 
 KNOWN_OPTIONS = frozenset(_tx.options)
@@ -427,11 +428,12 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     log = Logger()
 
-    def __init__(self, site, clock=None, max_body=MAX_BODY):
+    def __init__(self, site, clock=None, max_body=MAX_BODY, access=None):
         if clock is None:
             from twisted.internet import reactor as clock
         _tx.Coap.__init__(self, site)
         self.site = site
+        self.access = access    # [access] control_from: refusal(host) or None
         self.clock = clock
         self.max_body = max_body
         self.dedup = DedupCache(clock)
@@ -601,6 +603,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if path is None:
             return self._reply(msg, remote, key, _tx.BAD_REQUEST,
                                "Uri-Path is not UTF-8")
+        if self.access is not None and self.site.may_change(msg.code, path):
+            reason = self.access.refusal(remote[0])
+            if reason is not None:
+                return self._reply(msg, remote, key, FORBIDDEN, reason)
         block1 = msg.opt.block1
         if block1 is not None and block1.size_exponent == 7:
             # RFC 7959 2.2: reserved, 4.00 even on a lone final block 0
