@@ -30,12 +30,15 @@ def as_deferred(coro):
 
 
 def make_service(datadir, instrument_text=None, port=0, address="::1",
-                 time_scale=TIME_SCALE, clock=None, server_text=None):
+                 time_scale=TIME_SCALE, clock=None, server_text=None, web_port=0):
     from piccolo_twisted.service import PiccoloService
     settings = load_server_config(text=server_text) if server_text else load_server_config()
     settings.address = address
     settings.port = port
     settings.datadir = datadir
+    # the web page only where a test asks for it (an ephemeral port then:
+    # web_port=None); never the default 8080 that parallel tests share
+    settings.web_port = web_port
     if instrument_text is None:
         instrument = load_instrument_config(bundled_instrument_config())
     else:
