@@ -116,6 +116,7 @@ class Server:
         self.proc = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", "piccolo", "--address", "::1",
                       "--port", str(self.port), "--data-dir", self.datadir]
+            + (["--web", "0"] if "--web" not in self.args else [])
             + self.args,
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=self.cpu_quota.enter if self.cpu_quota else None)
