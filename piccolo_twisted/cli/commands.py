@@ -34,6 +34,9 @@ async def _spectrometer(client, name, channels):
     status, tec, *times = await asyncio.gather(
         client.get(f"{base}/status"), _maybe(client.get(f"{base}/haveTEC"), False),
         *(_maybe(client.get(f"{base}/current_time/{c}")) for c in channels))
+    # the latest spectrum of each channel (a server without last_spectrum: none)
+    latest = await asyncio.gather(
+        *(_maybe(client.get(f"{base}/last_spectrum/{c}")) for c in channels))
     temperature = None
     if tec and status not in BUSY:
         # a reading waits for the device; never let it hold the screen up
@@ -43,7 +46,32 @@ async def _spectrometer(client, name, channels):
         except (Refused, Unreachable):      # busy, no cooler, or slow: "-"
             temperature = None
     return {"name": name, "status": status, "tec": tec, "temperature": temperature,
-            "times": dict(zip(channels, times))}
+            "times": dict(zip(channels, times)),
+            "peaks": {c: _peak(doc) for c, doc in zip(channels, latest)}}
+
+
+def _peak(doc):
+    """What status shows of a channel's latest spectrum, or None."""
+    if not isinstance(doc, dict) or doc.get("peak") is None:
+        return None
+    return {k: doc.get(k) for k in ("peak", "kind", "integration_time", "saturated")}
+
+
+def format_peaks(peaks):
+    """``upwelling 56132 (light, 100 ms), downwelling 65535 (light, 100 ms,
+    1304 saturated)``, or "-" before anything was recorded."""
+    parts = []
+    for channel, p in peaks.items():
+        if p is None:
+            continue
+        t = p["integration_time"]
+        what = [p["kind"] or "?"]
+        if isinstance(t, (int, float)):
+            what.append(f"{t:g} ms")
+        if p["saturated"]:
+            what.append(f"{p['saturated']} saturated")
+        parts.append(f"{channel} {p['peak']} ({', '.join(what)})")
+    return ", ".join(parts) or "-"
 
 
 async def gather_status(client):
@@ -82,6 +110,8 @@ def format_status(s, now=None):
             t = spec["temperature"]
             line += "; temperature " + (f"{t:.1f} °C" if isinstance(t, (int, float)) else "-")
         lines.append(line)
+        if spec.get("peaks"):
+            lines.append(f"{'':<{width}}   latest peak: {format_peaks(spec['peaks'])}")
     lines.append(f"{'shutters':<{width}} " + (", ".join(f"{c} {v}" for c, v in s["shutters"].items())
                                     or "none"))
     active = [j for j in s["jobs"] if j[5] == "active"]
