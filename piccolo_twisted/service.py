@@ -86,12 +86,17 @@ class PiccoloService(service.MultiService):
     def _build_web(self):
         self.web = None
         if self.settings.web_port:
-            from .web import web_service
-            self.web = web_service(self.components, self.datadir.path.path,
-                                   address=self.settings.web_interface,
-                                   port=self.settings.web_port, access=self.access,
-                                   clock=self.clock)
-            self.web.setServiceParent(self)
+            self.add_web(self.settings.web_port)
+
+    def add_web(self, port, address=None):
+        """The web page on ``port`` (0: any free one), before the service
+        starts; ``address`` defaults to ``[web] address``, else CoAP's."""
+        from .web import web_service
+        self.web = web_service(self.components, self.datadir.path.path,
+                               address=address or self.settings.web_interface,
+                               port=port, access=self.access, clock=self.clock)
+        self.web.setServiceParent(self)
+        return self.web
 
     def _build_manhole(self):
         self.manhole = None

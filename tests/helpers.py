@@ -63,6 +63,8 @@ class ServerTestCase(unittest.TestCase):
     instrument_text = None
     server_text = None
     time_scale = TIME_SCALE
+    address = "::1"             # CoAP
+    web_address = None          # the web page's address: None, no web page
     timeout = 60
 
     def setUp(self):
@@ -77,11 +79,20 @@ class ServerTestCase(unittest.TestCase):
         self.populate(self.datadir)
         self.service = make_service(self.datadir, self.instrument_text,
                                     time_scale=self.time_scale,
-                                    server_text=self.server_text)
+                                    server_text=self.server_text,
+                                    address=self.address)
+        if self.web_address is not None:
+            # the web page on an ephemeral port
+            self.service.add_web(0, address=self.web_address)
         self.service.privilegedStartService()
         self.service.startService()
         self.port = self.service.coap._port.getHost().port
-        self.base = f"coap://[::1]:{self.port}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        self.base = f"coap://{host}:{self.port}"
+        if self.service.web is not None:
+            wport = self.service.web.listening_port
+            whost = f"[{self.web_address}]" if ":" in self.web_address else self.web_address
+            self.http = f"http://{whost}:{wport}"
         return as_deferred(self._client()).addCallback(lambda _: self.wait_connected())
 
     async def _client(self):

@@ -184,7 +184,9 @@ def empty_document(spectrometer, channel):
 
 class LiveSpectra:
     """The latest spectrum per (spectrometer, channel), each an Observable
-    of a :class:`Snapshot` (None before the first)."""
+    of a :class:`Snapshot` (None before the first); and the latest dark
+    one apart, which a light spectrum recorded right after it (a batch's
+    next step) must not hide from a client that samples the latest."""
 
     def __init__(self, spectrometers, channels, to_thread=None, wall=time.time):
         self.spectrometers = list(spectrometers)
@@ -193,11 +195,12 @@ class LiveSpectra:
         self.wall = wall
         self.latest = {(s, c): Observable(None)
                        for s in self.spectrometers for c in self.channels}
+        self.darks = {key: Observable(None) for key in self.latest}
         self._encoding = {}         # snapshot -> [Deferred] waiting for its body
 
-    def observable(self, spectrometer, channel):
+    def observable(self, spectrometer, channel, dark=False):
         try:
-            return self.latest[(spectrometer, channel)]
+            return (self.darks if dark else self.latest)[(spectrometer, channel)]
         except KeyError:
             raise NotFoundError(f"no spectrometer {spectrometer!r} with a channel "
                                 f"{channel!r}") from None
@@ -208,14 +211,17 @@ class LiveSpectra:
         obs = self.latest.get((spectrometer, channel))
         if obs is None:
             return
-        obs.set(Snapshot(spectrometer, channel, kind, pixels, metadata, self.wall(),
-                         run=run, batch=batch, sequence=sequence))
+        snapshot = Snapshot(spectrometer, channel, kind, pixels, metadata, self.wall(),
+                            run=run, batch=batch, sequence=sequence)
+        obs.set(snapshot)
+        if kind == "dark":
+            self.darks[(spectrometer, channel)].set(snapshot)
 
-    def body(self, spectrometer, channel):
-        """The latest spectrum's JSON document: EncodedJSON, or a Deferred
-        firing with it while it is made in a worker (shared by everyone
-        asking for the same snapshot meanwhile)."""
-        snapshot = self.observable(spectrometer, channel).value
+    def body(self, spectrometer, channel, dark=False):
+        """The latest (dark) spectrum's JSON document: EncodedJSON, or a
+        Deferred firing with it while it is made in a worker (shared by
+        everyone asking for the same snapshot meanwhile)."""
+        snapshot = self.observable(spectrometer, channel, dark).value
         if snapshot is None:
             return empty_document(spectrometer, channel)
         if snapshot.encoded_body is not None or self.to_thread is None:
@@ -237,18 +243,20 @@ class LiveSpectra:
         return d
 
     def resources(self):
-        """``<spec>/last_spectrum/<channel>`` for every spectrometer."""
+        """``<spec>/last_spectrum/<channel>`` and ``<spec>/last_dark/<channel>``
+        for every spectrometer."""
         res = {}
         for s in self.spectrometers:
-            def get(channel=None, *extra, s=s):
-                if channel is None or extra:
-                    raise NotFoundError("use last_spectrum/<channel>")
-                return self.body(s, channel)
+            for name, dark in (("last_spectrum", False), ("last_dark", True)):
+                def get(channel=None, *extra, s=s, name=name, dark=dark):
+                    if channel is None or extra:
+                        raise NotFoundError(f"use {name}/<channel>")
+                    return self.body(s, channel, dark)
 
-            def lookup(channel=None, *extra, s=s):
-                if channel is None or extra:
-                    raise NotFoundError("use last_spectrum/<channel>")
-                return self.observable(s, channel)
-            res[f"{s}/last_spectrum"] = Resource(get=get, parse_path=True, observe=lookup,
-                                                 known=tuple(self.channels))
+                def lookup(channel=None, *extra, s=s, name=name, dark=dark):
+                    if channel is None or extra:
+                        raise NotFoundError(f"use {name}/<channel>")
+                    return self.observable(s, channel, dark)
+                res[f"{s}/{name}"] = Resource(get=get, parse_path=True, observe=lookup,
+                                              known=tuple(self.channels))
         return res

@@ -218,6 +218,7 @@ class PooledStream:
         self.paused = False
         self.stepping = False
         self.finished = False
+        self.sent = 0
 
     def start(self):
         self.request.registerProducer(self, True)
@@ -239,6 +240,7 @@ class PooledStream:
             self._end()
             return
         if data:
+            self.sent += len(data)
             self.request.write(data)
         self._next()
 
@@ -296,6 +298,7 @@ class Downloads(resource.Resource):
         self.in_pool = in_pool
         self.zipped = zipped
         self.active = {}        # host -> downloads streaming now
+        self.streams = set()    # the PooledStreams sending now
 
     def _answer(self, request, code, text):
         request.setResponseCode(code)
@@ -370,7 +373,7 @@ class Downloads(resource.Resource):
                 return
             if first:
                 request.write(first)
-            PooledStream(request, source, self.in_pool, done=release).start()
+            self._stream(request, source, release)
 
         def failed(f):
             release()
@@ -411,7 +414,7 @@ class Downloads(resource.Resource):
                 self.in_pool(source.close)
                 request.finish()
                 return
-            PooledStream(request, source, self.in_pool, done=release).start()
+            self._stream(request, source, release)
 
         def failed(f):
             release()
@@ -421,6 +424,18 @@ class Downloads(resource.Resource):
                 request.finish()
         request.notifyFinish().addErrback(lambda _: setattr(request, "_gone", True))
         self.in_pool(open_spectrum, self.root, run, name).addCallbacks(opened, failed)
+
+
+    def _stream(self, request, source, release):
+        def done():
+            self.streams.discard(stream)
+            release()
+        stream = PooledStream(request, source, self.in_pool, done=done)
+        self.streams.add(stream)
+        stream.start()
+
+    def active_count(self):
+        return sum(self.active.values())
 
 
 def _attachment(filename):

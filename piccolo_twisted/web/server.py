@@ -113,6 +113,20 @@ class Static(resource.Resource):
         return self.body
 
 
+class NotFound(resource.Resource):
+    """A plain-text 404 (nothing of the request is echoed)."""
+
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(http.NOT_FOUND)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"no such page"
+
+
+NOT_FOUND = NotFound()
+
+
 class WhoAmI(resource.Resource):
     """``/whoami``: the address this client is seen from and whether it
     may control (the page says "read only" before anyone clicks)."""
@@ -143,7 +157,7 @@ class Folder(resource.Resource):
             self.putChild(name.encode("ascii"), child)
 
     def getChild(self, name, request):
-        return resource.NoResource("no such page")
+        return NOT_FOUND
 
 
 class Root(resource.Resource):
@@ -160,7 +174,7 @@ class Root(resource.Resource):
             return self.page
         if name == b"index.html" and not request.postpath:
             return self.page
-        return resource.NoResource("no such page")
+        return NOT_FOUND
 
 
 class LimitedFactory(policies.WrappingFactory):
@@ -223,14 +237,16 @@ class WebService(service.MultiService):
         self.page = Static(page, TYPES[".html"], cache=b"no-store")
         static = {name: Static(asset(name), TYPES[os.path.splitext(name)[1]])
                   for name in STATIC}
+        self.downloads = (Downloads(datadir_root, self.in_pool),
+                          Downloads(datadir_root, self.in_pool, zipped=True))
         token = Static(self.guard.token.encode("ascii"), b"text/plain; charset=ascii",
                        cache=b"no-store")
         root = Root(self.page, {
             "static": Folder(static),
             "api": Api(self.tree, self.guard),
             "events": Events(self.hub),
-            "files": Downloads(datadir_root, self.in_pool),
-            "zip": Downloads(datadir_root, self.in_pool, zipped=True),
+            "files": self.downloads[0],
+            "zip": self.downloads[1],
             "token": token,
             "whoami": WhoAmI(access),
             "favicon.ico": static["favicon.svg"],
@@ -247,6 +263,14 @@ class WebService(service.MultiService):
             self.pool = ThreadPool(minthreads=0, maxthreads=WEB_THREADS, name="piccolo-web")
             self.pool.start()
         return threads.deferToThreadPool(reactor, self.pool, fn, *args, **kwargs)
+
+    def downloads_active(self):
+        """Downloads holding a slot now (files and zips)."""
+        return sum(d.active_count() for d in self.downloads)
+
+    def download_streams(self):
+        for d in self.downloads:
+            yield from d.streams
 
     @staticmethod
     def bound_failed(error):

@@ -254,7 +254,9 @@ function onSpectrum(spectrometer, channel, doc) {
   const entry = live[spectrometer];
   if (!entry || !doc || !doc.kind) return;
   const slot = entry.series[channel] || (entry.series[channel] = {});
-  slot[doc.kind === "dark" ? "dark" : "light"] = doc;
+  const kind = doc.kind === "dark" ? "dark" : "light";
+  if (slot[kind] && slot[kind].time === doc.time) return;     // seen (last_spectrum and last_dark)
+  slot[kind] = doc;
   entry.canvas.dataset.updates = String(Number(entry.canvas.dataset.updates) + 1);
   entry.canvas.dataset.last = doc.time || "";
   if (!entry.pending) {
@@ -338,7 +340,7 @@ when(/^data_dir\/current_run$/, run => {
   if (document.activeElement !== i) i.value = run;
   if (files.run === null) loadRuns(run);
 });
-when(/^spectrometer\/([^/]+)\/last_spectrum\/([^/]+)$/, (doc, s, c) => onSpectrum(s, c, doc));
+when(/^spectrometer\/([^/]+)\/last_(spectrum|dark)\/([^/]+)$/, (doc, s, which, c) => onSpectrum(s, c, doc));
 when(/^spectrometer\/([^/]+)\/(status|min_time|max_time|TECenabled|target_temperature)$/, (v, s) => showSpec(s));
 when(/^spectrometer\/([^/]+)\/(current_time|autointegration)\/([^/]+)$/, (v, s) => showSpec(s));
 when(/^sysinfo\/health$/, showHealth);
