@@ -16,7 +16,7 @@ const COLOURS = ["#1f6fb2", "#d35400", "#2e8b57", "#8e44ad", "#b8860b", "#c0392b
 const FILES_PAGE = 50;
 let spectrometers = [], channels = [], paths = new Set();
 const live = {};                  // spectrometer -> {canvas, legend, series}
-let files = {run: null, names: [], shown: 0, chosen: null};
+let files = {run: null, names: [], shown: 0, chosen: null, picked: false};
 
 // -- small helpers ----------------------------------------------------------
 
@@ -243,8 +243,8 @@ function buildLive() {
       el("figcaption", {}, el("span", {text: s}), el("span", {class: "muted small", id: `live-state-${s}`})),
       canvas,
       el("div", {class: "table-wrap"}, el("table", {class: "legend"},
-        el("thead", {}, el("tr", {}, ...["channel", "kind", "ms", "time", "peak", "saturated"]
-          .map(t => el("th", {text: t})))), legend))));
+        el("thead", {}, el("tr", {}, ...["channel", "kind", "ms", "peak", "saturated", "time"]
+          .map(t => el("th", {text: t, class: t === "time" ? "when" : null})))), legend))));
     live[s] = {canvas, legend, series: {}, pending: false};
     drawLive(s);
   }
@@ -287,9 +287,9 @@ function drawLive(spectrometer) {
         el("td", {}, swatch(colourOf(c), kind === "dark"), c),
         el("td", {text: doc.kind === "autointegration" ? "auto probe" : doc.kind}),
         el("td", {text: doc.integration_time === null ? "-" : String(doc.integration_time)}),
-        el("td", {text: clockTime(doc.time)}),
         el("td", {text: doc.peak === null ? "-" : String(doc.peak)}),
-        el("td", {class: sat ? "sat" : "", text: sat === null || sat === undefined ? "-" : (sat ? `${sat} pixels` : "0")})));
+        el("td", {class: sat ? "sat" : "", text: sat === null || sat === undefined ? "-" : (sat ? `${sat} px` : "0")}),
+        el("td", {class: "when", text: clockTime(doc.time)})));
     }
   }
   entry.legend.replaceChildren(...(rows.length ? rows :
@@ -321,6 +321,8 @@ when(/^control\/status$/, status => {
   $("b-pause").disabled = !busy;
   $("b-abort").disabled = !busy;
   $("b-pause").textContent = status === "paused" ? "Resume" : "Pause";
+  // a procedure ended: its files are listed
+  if (status === "idle" && files.run !== null && files.run === state["data_dir/current_run"]) loadFiles(files.run);
   showNow();
 });
 when(/^control\/progress$/, showNow);
@@ -338,7 +340,8 @@ for (const [key, id] of [["numSequences", "f-nsequence"], ["autointegration", "f
 when(/^data_dir\/current_run$/, run => {
   const i = $("f-run");
   if (document.activeElement !== i) i.value = run;
-  if (files.run === null) loadRuns(run);
+  // the files follow the current run, unless a run was picked by hand
+  if (files.run === null || !files.picked) loadRuns(run);
 });
 when(/^spectrometer\/([^/]+)\/last_(spectrum|dark)\/([^/]+)$/, (doc, s, which, c) => onSpectrum(s, c, doc));
 when(/^spectrometer\/([^/]+)\/(status|min_time|max_time|TECenabled|target_temperature)$/, (v, s) => showSpec(s));
@@ -550,7 +553,7 @@ async function loadRuns(select) {
 }
 
 async function loadFiles(run) {
-  files = {run, names: [], shown: 0, chosen: files.run === run ? files.chosen : null};
+  files = {run, names: [], shown: 0, chosen: files.run === run ? files.chosen : null, picked: files.picked};
   $("zip-link").href = run ? `/zip/${encodeURIComponent(run)}` : "#";
   $("file-list").replaceChildren();
   if (!run) return;
@@ -610,7 +613,7 @@ async function plotFile(run, name) {
   const bySpec = new Map();
   for (const sp of doc.Spectra || []) {
     const meta = sp.Metadata || {};
-    const key = meta.SerialNumber || "?";
+    const key = meta.SerialNumber ? `S_${meta.SerialNumber}` : "?";      // the spectrometer's name
     if (!bySpec.has(key)) bySpec.set(key, []);
     bySpec.get(key).push(sp);
   }
@@ -665,7 +668,10 @@ function wire() {
     await act("set the clock", "PUT", "sysinfo/clock", new Date().toISOString());
     checkClock();
   });
-  $("run-select").addEventListener("change", e => loadFiles(e.target.value));
+  $("run-select").addEventListener("change", e => {
+    files.picked = e.target.value !== state["data_dir/current_run"];
+    loadFiles(e.target.value);
+  });
   $("b-more").addEventListener("click", moreFiles);
   $("b-refresh").addEventListener("click", () => loadRuns());
   let resize = null;
