@@ -497,11 +497,13 @@ function showJobs(jobs) {
   const body = $("jobs").tBodies[0];
   const rows = (jobs || []).map(([id, job, start, end, interval, status]) => {
     const toggle = status === "suspended" ? "unsuspend" : "suspend";
-    return el("tr", {},
-      el("td", {text: String(id)}), el("td", {text: jobName(job)}),
-      el("td", {text: dateTime(start)}), el("td", {text: every(interval)}),
-      el("td", {text: end ? dateTime(end) : "-"}), el("td", {text: status}),
-      el("td", {},
+    const repeat = interval === null || interval === undefined ? "once" :
+      `every ${every(interval)}` + (end ? ` until ${dateTime(end)}` : "");
+    return el("tr", {class: status},
+      el("td", {text: String(id)}), el("td", {class: "wrap", text: jobName(job)}),
+      el("td", {text: dateTime(start)}), el("td", {class: "wrap", text: repeat}),
+      el("td", {text: status}),
+      el("td", {class: "actions"},
         el("button", {type: "button", class: "small-button", text: toggle === "suspend" ? "Suspend" : "Resume",
                       onclick: () => act(`${toggle} job ${id}`, "PUT", `control/scheduler/${toggle}`, id)}), " ",
         el("button", {type: "button", class: "small-button", text: "Delete",
