@@ -242,6 +242,35 @@ class WireTests(ServerTestCase):
         return as_deferred(check())
 
 
+class StatusPeaksTests(ServerTestCase):
+
+    def test_status_shows_the_latest_peaks(self):
+        async def check():
+            import io
+            import re
+            from piccolo_twisted.cli.main import run
+            out, err = io.StringIO(), io.StringIO()
+            self.assertEqual(await run(["--server", self.base, "status"], out=out, err=err), 0)
+            self.assertRegex(out.getvalue(), r"(?m)^\s+latest peak: -$")
+            await self.put("spectrometer/S_sim_FLMT01234/current_time/downwelling", 500)
+            await self.put("control/record_sequence", {"run": "peaks", "nsequence": 1, "auto": -1})
+            await self.wait_for("control/status", lambda s: s == "idle")
+            out = io.StringIO()
+            self.assertEqual(await run(["--server", self.base, "status"], out=out, err=err), 0)
+            lines = out.getvalue().splitlines()
+            flame = lines[[i for i, l in enumerate(lines) if l.startswith("S_sim_FLMT01234")][0] + 1]
+            m = re.match(r"^\s+latest peak: upwelling (\d+) \(light, 100 ms\), "
+                         r"downwelling (\d+) \(light, 500 ms, (\d+) saturated\)$", flame)
+            self.assertIsNotNone(m, flame)
+            light = self.load_run("peaks")["b000000_s000000_light.pico"]["Spectra"]
+            files = {sp["Metadata"]["Direction"]: sp["Pixels"] for sp in light
+                     if sp["Metadata"]["SerialNumber"] == "sim_FLMT01234"}
+            self.assertEqual(int(m.group(1)), max(files["upwelling"]))
+            self.assertEqual(int(m.group(2)), 65535)
+            self.assertEqual(int(m.group(3)), sum(1 for v in files["downwelling"] if v >= 65535))
+        return as_deferred(check())
+
+
 def asyncio_wait(aw, timeout):
     import asyncio
     return asyncio.wait_for(aw, timeout)
