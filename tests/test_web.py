@@ -477,11 +477,21 @@ class DownloadTests(WebTestCase):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
             try:
                 s.sendall(b"GET /zip/big HTTP/1.1\r\nHost: x\r\n\r\n")
-                await asyncio.sleep(1.5)
                 web = self.service.web
-                streams = list(web.download_streams())
+                for _ in range(1000):           # the transport's buffer fills
+                    streams = list(web.download_streams())
+                    if streams and streams[0].paused:
+                        break
+                    await asyncio.sleep(0.02)
                 self.assertEqual(len(streams), 1)
                 self.assertTrue(streams[0].paused)
+                for _ in range(1000):           # a step in flight when it paused lands
+                    if not streams[0].stepping:
+                        break
+                    await asyncio.sleep(0.02)
+                sent = streams[0].sent
+                await asyncio.sleep(0.5)
+                self.assertEqual(streams[0].sent, sent)     # and it stays paused
                 # far from the 24 MB of the run: the kernel's buffers and one step
                 self.assertLess(streams[0].sent, 12 * 1024 * 1024)
             finally:
