@@ -121,7 +121,7 @@ class Server:
             + (["--web", "0"] if "--web" not in self.args else [])
             + self.args,
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-            preexec_fn=self.cpu_quota.enter if self.cpu_quota else None)
+            preexec_fn=self._preexec)
         while time.perf_counter() - t0 < timeout:
             try:
                 code, _, _ = loadclient.fetch("::1", self.port, "/sysinfo/version", timeout=0.2)
@@ -133,6 +133,16 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError("the server exited; see " + self.log.name)
         raise RuntimeError("the server did not answer")
+
+    def cpu_seconds(self):
+        """CPU time the server process has used (user + system, all threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _preexec(self):
+        if self.cpu_quota:
+            self.cpu_quota.enter()
 
     def rss_mib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -613,6 +623,7 @@ def web_rows(runs, quick, nbrowsers=5):
         "<= 8", lambda m: m <= 8)
     nseq = 20 if not quick else 5
     after = {"off": [], "on": []}
+    cpu = {"off": [], "on": []}
     for mode in ("off", "on"):
         wport = free_tcp_port()
         server = Server(args=["--web", str(wport)] if mode == "on" else []).start()
@@ -632,12 +643,16 @@ def web_rows(runs, quick, nbrowsers=5):
                 if mode == "on":
                     with clients(url, nbrowsers) as browsers:
                         before = browsers.updates()
+                        c0 = server.cpu_seconds()
                         results.append(status_while(server, batch, duration=300.0))
+                        cpu[mode].append(server.cpu_seconds() - c0)
                         drawn = [b - a for a, b in zip(before, browsers.updates())]
                     row(f"  updates drawn per browser during the batch (run {i + 1})",
                         statistics.median(drawn), "", fmt="{:.0f}")
                 else:
+                    c0 = server.cpu_seconds()
                     results.append(status_while(server, batch, duration=300.0))
+                    cpu[mode].append(server.cpu_seconds() - c0)
             label = (f"with {nbrowsers} {kind} on the live page" if mode == "on"
                      else "web page off")
             row(f"GET /control/status at 50/s during a {nseq}-sequence batch at 200 ms, "
@@ -648,6 +663,7 @@ def web_rows(runs, quick, nbrowsers=5):
             lost = sum(r["lost"] for r in results)
             if lost:
                 row(f"  lost requests ({label})", lost, "", "0", lambda m: m == 0, fmt="{:.0f}")
+            row(f"  server CPU during the batch ({label})", cpu[mode], "s", fmt="{:.2f}")
             after[mode].append(server.rss_mib())
         finally:
             server.stop()

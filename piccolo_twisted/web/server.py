@@ -14,6 +14,7 @@ Connections are bounded per client address and in all, request bodies to
 """
 
 import hashlib
+import io
 import os
 from importlib import resources as package_files
 
@@ -64,7 +65,6 @@ class Request(server.Request):
     def gotLength(self, length):
         if length is not None and length > MAX_BODY:
             self.too_large = True
-        import io
         self.content = io.BytesIO()
         self._received = 0
 
