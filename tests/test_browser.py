@@ -290,6 +290,13 @@ class PhoneTests(BrowserCase):
                                                         "refused (400): integration time must be an "
                                                         "integer, not 'abc'")
             self.assertEqual(await self.get("spectrometer/S_sim_QEP00981/current_time/upwelling"), 250)
+            # a page older than the server (restarted: a new token) still
+            # controls: it takes the new token once and asks again
+            self.service.web.guard.token = "after-a-restart"
+            await self.type_into("t-S_sim_QEP00981-upwelling", "260")
+            await self.until("document.getElementById('answer').textContent === "
+                             "'S_sim_QEP00981 upwelling integration time: done'")
+            self.assertEqual(await self.get("spectrometer/S_sim_QEP00981/current_time/upwelling"), 260)
             # the field follows the server's value when it changes elsewhere
             await self.put("spectrometer/S_sim_QEP00981/current_time/upwelling", 321)
             await self.js("document.activeElement.blur();")
@@ -307,7 +314,9 @@ class PhoneTests(BrowserCase):
             await self.until("document.getElementById('status').textContent === 'idle'")
             self.assertEqual(await self.console_errors(
                 expected=["current_time/upwelling - Failed to load resource: the server "
-                          "responded with a status of 400"]), [])
+                          "responded with a status of 400",
+                          "current_time/upwelling - Failed to load resource: the server "
+                          "responded with a status of 403"]), [])
         return as_deferred(check())
 
 

@@ -127,6 +127,22 @@ class NotFound(resource.Resource):
 NOT_FOUND = NotFound()
 
 
+class Token(resource.Resource):
+    """``/token``: the token of this server process, for scripts and for a
+    page loaded before a restart."""
+
+    isLeaf = True
+
+    def __init__(self, guard):
+        super().__init__()
+        self.guard = guard
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=ascii")
+        request.setHeader(b"cache-control", b"no-store")
+        return self.guard.token.encode("ascii")
+
+
 class WhoAmI(resource.Resource):
     """``/whoami``: the address this client is seen from and whether it
     may control (the page says "read only" before anyone clicks)."""
@@ -239,15 +255,13 @@ class WebService(service.MultiService):
                   for name in STATIC}
         self.downloads = (Downloads(datadir_root, self.in_pool),
                           Downloads(datadir_root, self.in_pool, zipped=True))
-        token = Static(self.guard.token.encode("ascii"), b"text/plain; charset=ascii",
-                       cache=b"no-store")
         root = Root(self.page, {
             "static": Folder(static),
             "api": Api(self.tree, self.guard),
             "events": Events(self.hub),
             "files": self.downloads[0],
             "zip": self.downloads[1],
-            "token": token,
+            "token": Token(self.guard),
             "whoami": WhoAmI(access),
             "favicon.ico": static["favicon.svg"],
         })

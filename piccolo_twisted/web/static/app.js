@@ -84,7 +84,7 @@ function every(seconds) {
 
 // -- the API ------------------------------------------------------------------
 
-async function api(method, path, body) {
+async function api(method, path, body, retried) {
   const init = {method, headers: {"X-Piccolo-Token": token}, cache: "no-store"};
   if (body !== undefined) {
     init.body = JSON.stringify(body);
@@ -100,14 +100,12 @@ async function api(method, path, body) {
   const type = response.headers.get("Content-Type") || "";
   let value = null;
   if (response.ok && text && type.startsWith("application/json")) value = JSON.parse(text);
-  if (response.status === 403 && text.includes("X-Piccolo-Token") && !init.retried) {
+  if (response.status === 403 && text.includes("X-Piccolo-Token") && !retried) {
     // a restarted server has a new token: take it and ask once more
-    const fresh = await fetch("/token", {cache: "no-store"});
-    if (fresh.ok) {
+    const fresh = await fetch("/token", {cache: "no-store"}).catch(() => null);
+    if (fresh && fresh.ok) {
       token = await fresh.text();
-      init.headers["X-Piccolo-Token"] = token;
-      init.retried = true;
-      return api(method, path, body);
+      return api(method, path, body, true);
     }
   }
   return {ok: response.ok, status: response.status, text, value};
