@@ -169,6 +169,8 @@ class LivePageTests(BrowserCase):
         async def check():
             await self.open()
             await self.until("document.getElementById('status').textContent === 'idle'")
+            await self.until("document.getElementById('progress-text').textContent === "
+                             "'current run spectra'")
             self.assertTrue((await self.text("host")).startswith("Piccolo "))
             for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
                 self.assertEqual(await self.js(

@@ -338,6 +338,7 @@ for (const [key, id] of [["numSequences", "f-nsequence"], ["autointegration", "f
 when(/^data_dir\/current_run$/, run => {
   const i = $("f-run");
   if (document.activeElement !== i) i.value = run;
+  showNow();
   // the files follow the current run, unless a run was picked by hand
   if (files.run === null || !files.picked) loadRuns(run);
 });
