@@ -151,13 +151,18 @@ class SaveFailed(Exception):
 
 class _Run:
     """The index entry of one run."""
-    __slots__ = ("mtime", "listed", "keys", "version")
+    __slots__ = ("mtime", "listed", "keys", "version", "fp", "unverified")
 
-    def __init__(self, mtime, listed=None, keys=None):
+    def __init__(self, mtime, listed=None, keys=None, fp=None):
         self.mtime = mtime          # directory mtime: all_runs sorts by it
         self.listed = listed        # the mtime ``keys`` is valid for, or None
         self.keys = keys            # sorted array('q') of file keys, or None
         self.version = 0            # bumped whenever keys change
+        self.fp = fp                # fingerprint of the names ``keys`` stand for
+        # a save of ours moved ``listed``: the names are checked against
+        # ``fp`` at the next look (a change by hand in the same moment
+        # left no trace in the mtime)
+        self.unverified = False
 
 
 class _Body:
@@ -271,10 +276,11 @@ class DataDir:
 
         def built(found):
             files = 0
-            for name, (mtime, listed, keys, _) in found.items():
+            for name, (mtime, listed, keys, _, fp) in found.items():
                 entry = self._runs.get(name)
                 if entry is not None:
                     entry.mtime, entry.listed, entry.keys = mtime, listed, keys
+                    entry.fp = fp
                     files += len(keys)
             self.log.info("index of {runs} runs and {files} files built in "
                           "{t:.2f} s", runs=len(found), files=files,
@@ -386,7 +392,7 @@ class DataDir:
             self._body_bytes -= len(cached.body)
 
     def _apply_run(self, run, state, version):
-        mtime, listed, keys, root_change = state
+        mtime, listed, keys, root_change, fp = state
         if root_change is not None:
             self._root_changed(root_change)
         entry = self._runs.get(run)
@@ -398,7 +404,8 @@ class DataDir:
             entry.mtime = mtime
         if keys is not None:
             if entry.version == version:
-                entry.keys, entry.listed = keys, listed
+                entry.keys, entry.listed, entry.fp = keys, listed, fp
+                entry.unverified = False
             else:
                 # a file was saved meanwhile: keep ours, list again next time
                 entry.listed = None
@@ -406,6 +413,8 @@ class DataDir:
                     entry.keys = keys
             entry.version += 1
             self._forget_body(run)
+        elif fp is not None and entry.version == version and entry.fp == fp:
+            entry.unverified = False        # the names are as the index has them
         return entry
 
     def _check(self, run, create=False):
@@ -423,15 +432,17 @@ class DataDir:
                 # save leaves plus its file; the save checks the mtime it
                 # started from, so a hand change before it is seen next time
                 return entry
-            known = None
+            known = expect = None
             version = 0
             if entry is not None:
                 version = entry.version
                 if entry.keys is not None:
                     known = entry.listed
+                    if entry.unverified:
+                        expect = entry.fp
             try:
                 state = await self._to_thread(runindex.check_run, self.path.path,
-                                              run, known, create)
+                                              run, known, create, expect)
             except runindex.NoSuchRun:
                 self._drop(run)
                 if create:
@@ -621,7 +632,7 @@ class DataDir:
         if entry is None:
             entry = self._runs[run] = _Run(after)
             if root_change is not None:     # a new, empty run: we know it all
-                entry.keys, entry.listed = array("q"), before
+                entry.keys, entry.listed, entry.fp = array("q"), before, 0
             self._runs_changed()
         else:
             self._run_touched(run, entry.mtime, after)
@@ -632,9 +643,18 @@ class DataDir:
             new = i == len(keys) or keys[i] != k
             if new:
                 keys.insert(i, k)
-            # our change on top of a listing still valid: valid after it too;
-            # a change by someone else before ours: list again next time
-            entry.listed = after if entry.listed == before else None
+            # our change on top of a listing still valid: valid after it
+            # too, once the names are seen to be what the index expects (a
+            # change by hand during the save moved the mtime no further
+            # than ours); a change by someone else before ours: list again
+            # next time
+            if entry.listed == before and entry.fp is not None:
+                entry.listed = after
+                entry.unverified = True
+                if new:
+                    entry.fp ^= runindex.name_hash(runindex.name(k))
+            else:
+                entry.listed = None
             cached = self._bodies.get(run)
             if new and len(keys) - 1 - i <= SPLICE_DEPTH and cached is not None \
                     and cached.version == entry.version:

@@ -3,11 +3,13 @@
 Off unless a port is configured. Listens on 127.0.0.1 unless an interface
 is named. Public-key authentication only, keys from an authorized_keys
 file, login name ``admin``; password logins are not offered. The host key
-is generated on first use in the data directory with mode 0600.
+is generated on first use in the state directory (statedir.py: never under
+the data directory, which is copied off the Pi) with mode 0600.
 Imported only when the manhole is on: conch costs ~10 MiB.
 """
 
 import os
+import warnings
 
 from twisted.application import strports
 from twisted.conch import manhole, manhole_ssh
@@ -17,9 +19,15 @@ from twisted.conch.ssh import keys
 from twisted.cred import portal
 from twisted.logger import Logger
 
+from .statedir import HOST_KEY  # noqa: F401 (the key file's name)
+
+# conch checks every key against cryptography's DSA classes, and since
+# cryptography 51 touching them warns: four lines of noise, no DSA in use
+warnings.filterwarnings("ignore", message="DSA is deprecated",
+                        module=r"twisted\.conch\.ssh\.keys")
+
 log = Logger()
 LOGIN = b"admin"
-HOST_KEY = "manhole_host_key"
 
 
 class ManholeConfigError(SystemExit):
@@ -106,14 +114,18 @@ def load_authorized_keys(path):
     return found
 
 
-def host_key(directory, note=None):
-    """The server's SSH host key, generated once (0600) in ``directory``.
+def host_key(path, note=None):
+    """The server's SSH host key, generated once (0600) at ``path`` (in a
+    directory made 0700 when missing; statedir.py says where).
 
     Whatever is in the way (a directory, an unreadable or garbled file) is
-    moved aside with an error in the log, and a fresh key made: the key
-    never stops the server from starting."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, HOST_KEY)
+    moved aside with an error in the log, and a fresh key made: only a
+    place where no key can be written stops the start, with one line."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ManholeConfigError(f"twistd piccolo: cannot make the directory of the "
+                                 f"manhole host key {path}: {e.strerror or e}") from None
     if os.path.lexists(path):
         try:
             return keys.Key.fromFile(path)
@@ -127,7 +139,11 @@ def host_key(directory, note=None):
                      "a new key is made")
     from cryptography.hazmat.primitives.asymmetric import ed25519
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ManholeConfigError(f"twistd piccolo: cannot write the manhole host key "
+                                 f"{path}: {e.strerror or e}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(key.toString("openssh"))
     log.info("manhole: generated SSH host key {path}", path=path)
@@ -152,9 +168,9 @@ def make_factory(namespace, authorized, key):
 def manhole_service(piccolo):
     settings = piccolo.settings
     authorized = load_authorized_keys(settings.manhole_keys)
-    from .datadir import prepare_state
+    from .statedir import host_key_path
     note = getattr(getattr(piccolo, "datadir", None), "note_fault", None)
-    key = host_key(prepare_state(settings.datadir, note=note), note=note)
+    key = host_key(host_key_path(settings), note=note)
     factory = make_factory(piccolo.namespace(), authorized, key)
     interface = settings.manhole_interface or "127.0.0.1"
     endpoint = f"tcp:{settings.manhole_port}:interface={interface.replace(':', chr(92) + ':')}"

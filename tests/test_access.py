@@ -89,6 +89,21 @@ class PolicyTests(unittest.SynchronousTestCase):
         self.assertIsNone(client_address("piccolo.local"))
 
 
+class ReadmeTests(unittest.SynchronousTestCase):
+
+    def test_the_recommended_setting(self):
+        """The README's "Who may control" block, as written, is a server
+        config that lets the Pi and its Wi-Fi control and nobody else."""
+        from . import readme
+        block = readme.block_starting(readme.section("Who may control"), "[access]")
+        settings = load_server_config(text=block)
+        policy = ControlPolicy(settings.control_from)
+        for host in ("127.0.0.1", "192.168.4.23", "::ffff:192.168.4.1"):
+            self.assertIsNone(policy.refusal(host), host)
+        for host in ("192.168.5.1", "10.0.0.1", "::1", "127.0.0.2"):
+            self.assertIsNotNone(policy.refusal(host), host)
+
+
 def in_thread(fn, *args):
     """A blocking client call in a thread, awaitable in the test's asyncio task."""
     return threads.deferToThread(fn, *args).asFuture(asyncio.get_event_loop())

@@ -142,7 +142,7 @@ class RunZip:
         finally:
             os.close(root_fd)
         try:
-            keys, _ = runindex.scan_files(run_fd)
+            keys = runindex.scan_files(run_fd)[0]      # (keys, leftovers, ...)
         finally:
             os.close(run_fd)
         # popped from the end: the oldest first
