@@ -105,8 +105,9 @@ class ControlPolicy:
             return f"control is not allowed from {host!r}: not an IP address"
         if any(address in network for network in self.networks):
             return None
-        return (f"control is not allowed from {address} "
-                f"(see [access] control_from in the server configuration)")
+        # short: an answer to a host not yet verified is at most 3x its
+        # request (docs/API.md), and the reason should fit whole
+        return f"control is not allowed from {address} ([access] control_from)"
 
 
 #: the default policy: everyone may control

@@ -335,7 +335,7 @@ class ReadOnlyTests(BrowserCase):
             await self.until("!document.getElementById('readonly').hidden")
             notice = await self.text("readonly")
             self.assertEqual(notice, "Read only from this device: control is not allowed from ::1 "
-                                     "(see [access] control_from in the server configuration)")
+                                     "([access] control_from)")
             await self.click("b-record")
             await self.until("document.getElementById('answer').textContent.startsWith('record refused (403)')")
             self.assertIn("control is not allowed from ::1", await self.text("answer"))

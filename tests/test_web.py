@@ -257,8 +257,8 @@ class AccessTests(WebTestCase):
                 a = await self.web("PUT", "/api/control/record_sequence", {"nsequence": 1},
                                    source=source)
                 self.assertEqual((a.status, a.text),
-                                 (403, f"control is not allowed from {source} (see [access] "
-                                       f"control_from in the server configuration)"))
+                                 (403, f"control is not allowed from {source} "
+                                       f"([access] control_from)"))
                 self.assertEqual((await self.web("POST", "/api/control/abort", source=source)).status, 403)
                 me = (await self.web("GET", "/whoami", source=source)).json()
                 self.assertEqual(me, {"address": source, "control": False, "reason": a.text})
