@@ -11,7 +11,6 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from importlib import resources
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from configobj.validate import ValidateError, Validator, is_float, is_float_list
@@ -448,6 +447,27 @@ def load_instrument_config(path=None, text=None):
         source=name)
 
 
+def shipped_file(name):
+    """Path of a sample config shipped with the server (``pdata/<name>``).
+
+    An installed package has them in ``piccolo_twisted/pdata/`` (copied
+    there at build time, setup.py); a checkout, and the editable install
+    of the README's first command, in the top-level ``pdata/`` beside the
+    package. Missing is a one-line ConfigError, not a traceback."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    places = [os.path.join(package, "pdata")]
+    if os.path.isfile(os.path.join(checkout, "setup.cfg")):
+        places.append(os.path.join(checkout, "pdata"))
+    for place in places:
+        path = os.path.join(place, name)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"the shipped sample {name} is missing (looked in "
+                      f"{' and '.join(places)}): the installation is incomplete; "
+                      f"reinstall it")
+
+
 def bundled_instrument_config():
     """Path of the embedded default instrument config shipped in the package."""
-    return str(resources.files("piccolo_twisted") / "pdata" / "piccolo.config")
+    return shipped_file("piccolo.config")

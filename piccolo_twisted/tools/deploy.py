@@ -23,7 +23,6 @@ import argparse
 import os
 import sys
 from datetime import datetime, timezone
-from importlib import resources
 
 SERVER_CONFIG = "/etc/piccolo.cfg"
 INSTRUMENT_CONFIG = "/etc/piccolo/piccolo.config"
@@ -36,7 +35,9 @@ COOLED = {"QEPRO": -10.0}
 
 def sample(name):
     """The text of a file shipped in ``pdata/``."""
-    return (resources.files("piccolo_twisted") / "pdata" / name).read_text()
+    from ..config import shipped_file
+    with open(shipped_file(name), encoding="utf-8") as f:
+        return f.read()
 
 
 def server_config(emulate_text=""):
