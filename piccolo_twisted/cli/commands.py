@@ -9,7 +9,8 @@ import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
-from .client import CliError, Refused, Unreachable
+from .errors import CliError, Refused, Unreachable
+from .terminal import emit, shown
 
 STATUS_WORDS = {1: "no worker", 2: "powered off", 3: "dropped", 4: "connecting",
                 5: "disconnected", 6: "idle", 7: "recording", 8: "autointegrating"}
@@ -66,9 +67,10 @@ async def gather_status(client):
 
 
 def format_status(s, now=None):
+    """The status screen; every value from the server shown escaped."""
     width = max([12] + [len(spec["name"]) for spec in s["spectrometers"]])
-    lines = [f"{'control':<{width}} {s['control']}"]
-    where = f"run {s['run'] or '-'}"
+    lines = [f"{'control':<{width}} {shown(s['control'])}"]
+    where = f"run {shown(s['run'] or '-')}"
     if s["batch"] is not None and s["batch"] >= 0:
         where += f", batch {s['batch']}"
     if s["sequence"] is not None and s["sequence"] >= 0:
@@ -76,14 +78,16 @@ def format_status(s, now=None):
     lines.append(f"{'current':<{width}} {where}")
     for spec in s["spectrometers"]:
         words = STATUS_WORDS.get(spec["status"], f"status {spec['status']}")
-        times = ", ".join(f"{c} {t} ms" for c, t in spec["times"].items() if t is not None)
-        line = f"{spec['name']:<{width}} {words}; integration {times or '-'}"
+        times = ", ".join(f"{shown(c)} {t} ms" for c, t in spec["times"].items()
+                          if t is not None)
+        line = f"{shown(spec['name']):<{width}} {words}; integration {times or '-'}"
         if spec["tec"]:
             t = spec["temperature"]
             line += "; temperature " + (f"{t:.1f} °C" if isinstance(t, (int, float)) else "-")
         lines.append(line)
-    lines.append(f"{'shutters':<{width}} " + (", ".join(f"{c} {v}" for c, v in s["shutters"].items())
-                                    or "none"))
+    lines.append(f"{'shutters':<{width}} " + (", ".join(f"{shown(c)} {shown(v)}"
+                                                        for c, v in s["shutters"].items())
+                                              or "none"))
     active = [j for j in s["jobs"] if j[5] == "active"]
     suspended = [j for j in s["jobs"] if j[5] == "suspended"]
     summary = f"{len(active)} active, {len(suspended)} suspended"
@@ -93,7 +97,7 @@ def format_status(s, now=None):
     if s["quiet"]:
         summary += "; quiet time on"
     lines.append(f"{'scheduler':<{width}} {summary}")
-    lines.append(f"{'last fault':<{width}} {s['fault'] or 'none'}")
+    lines.append(f"{'last fault':<{width}} {shown(s['fault'] or 'none')}")
     return "\n".join(lines)
 
 
@@ -111,8 +115,8 @@ def _unchanging(s):
 
 
 async def status(client, out, watch=False, updates=None, refresh=None):
-    shown = await gather_status(client)
-    print(format_status(shown), file=out, flush=True)
+    screen = await gather_status(client)
+    emit(out, format_status(screen), flush=True)
     if not watch:
         return 0
     refresh = REFRESH if refresh is None else refresh
@@ -142,7 +146,7 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 # forget the observations (a restart)? An unreachable server
                 # ends the watch with one line instead of a stale screen.
                 now = await gather_status(client)
-                if _unchanging(now) == _unchanging(shown):
+                if _unchanging(now) == _unchanging(screen):
                     continue
                 await follow()
             else:
@@ -151,10 +155,10 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 changed.clear()
                 now = await gather_status(client)
             seen += 1
-            shown = now
+            screen = now
             stamp = datetime.now().strftime("%H:%M:%S")
             print(f"\n-- {stamp}", file=out)
-            print(format_status(shown), file=out, flush=True)
+            emit(out, format_status(screen), flush=True)
     finally:
         for t in tasks:
             t.cancel()
@@ -261,10 +265,10 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     current = await status_obs.start()
     if current != "idle":
         status_obs.cancel()
-        raise CliError(f"record: piccolo is busy ({current})")
+        raise CliError(f"record: piccolo is busy ({shown(current)})")
     # the batch's number: the run's next (what the files will be called)
     before = await _maybe(client.get(f"data_dir/runs/{args.run}/current_batch"), -1)
-    batch = before + 1 if isinstance(before, int) and before >= 0 else 0
+    batch = before + 1 if before >= 0 else 0
     interrupts = _Interrupts(interactive)
     bar = None
     asked_abort = False
@@ -320,7 +324,7 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
             bar.close()
     plural = "s" if args.nsequence != 1 else ""
     if fault:
-        raise CliError(f"record: run {args.run} batch {batch} stopped: {fault} "
+        raise CliError(f"record: run {args.run} batch {batch} stopped: {shown(fault)} "
                        f"({recorded} of {args.nsequence} sequence{plural} recorded)", 3)
     if recorded < args.nsequence:
         who = "" if asked_abort else " (by another client)"
@@ -341,8 +345,8 @@ async def _show(client, bar, status, total):
     sequence = await _maybe(client.get("control/current_sequence"), -1)
     if isinstance(sequence, int) and 0 <= sequence <= total:
         bar.n = sequence
-    shown = min(sequence + 1, total) if isinstance(sequence, int) and sequence >= 0 else "-"
-    bar.set_postfix_str(f"sequence {shown}/{total}: {status}", refresh=False)
+    at = min(sequence + 1, total) if sequence >= 0 else "-"
+    bar.set_postfix_str(f"sequence {at}/{total}: {shown(status)}", refresh=False)
     bar.refresh()
 
 
@@ -354,14 +358,14 @@ def _when(iso):
     try:
         t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except ValueError:
-        return iso
+        return shown(iso)
     return t.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
 
 def _every(seconds):
     if not seconds:
         return "once"
-    if seconds == int(seconds):
+    if seconds == math.floor(seconds):
         whole = int(seconds)
         for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
             if whole % size == 0:
@@ -391,7 +395,10 @@ def next_run(start_time, end_time, interval, now=None):
     if start >= now or not interval:
         return start.isoformat()
     slots = math.ceil((now - start).total_seconds() / interval)
-    nxt = start + timedelta(seconds=slots * interval)
+    try:
+        nxt = start + timedelta(seconds=slots * interval)
+    except OverflowError:           # past the year 9999: never again
+        return None
     end = _parse(end_time) if end_time else None
     if end is not None and nxt > end:
         return None
@@ -399,20 +406,22 @@ def next_run(start_time, end_time, interval, now=None):
 
 
 def describe_job(job):
-    what = job[0] if isinstance(job, list) and job else job
-    args = job[1] if isinstance(job, list) and len(job) > 1 else []
-    if what == "record" and isinstance(args, list) and len(args) >= 2:
-        text = f"record run {args[0]}, {args[1]} sequence{'s' if args[1] != 1 else ''}"
+    """A job (``shape.JOB``: ``[kind, args]``) in words, escaped."""
+    what = job[0]
+    args = job[1] if len(job) > 1 else []
+    if what == "record" and len(args) >= 2:
+        text = (f"record run {shown(args[0])}, {shown(args[1])} "
+                f"sequence{'s' if args[1] != 1 else ''}")
         extra = []
         for label, value in zip(("autointegration", "delay", "target"), args[2:5]):
             if value is not None:
-                shown = f"{value:g}" if isinstance(value, (int, float)) else value
-                extra.append(f"{label} {shown}{' s' if label == 'delay' else ''}"
+                value = f"{value:g}" if isinstance(value, (int, float)) else shown(value)
+                extra.append(f"{label} {value}{' s' if label == 'delay' else ''}"
                              f"{' %' if label == 'target' else ''}")
         return text + (f" ({', '.join(extra)})" if extra else "")
     if what in ("power_on", "power_off"):
         return "switch the spectrometers " + ("on" if what == "power_on" else "off")
-    return str(what)
+    return shown(what)
 
 
 async def jobs(client, out):
@@ -424,7 +433,7 @@ async def jobs(client, out):
     if not listing:
         print("no scheduled jobs", file=out)
     now = datetime.now(timezone.utc)
-    for job_id, job, start_time, end_time, interval, state in listing:
+    for job_id, job, start_time, end_time, interval, state, *_ in listing:
         nxt = next_run(start_time, end_time, interval, now)
         if nxt is None:
             when = f"no run left (since {_when(start_time)})"
@@ -435,10 +444,10 @@ async def jobs(client, out):
         line = f"#{job_id} {describe_job(job)}: {when}, {_every(interval)}"
         if end_time:
             line += f" until {_when(end_time)}"
-        print(f"{line} [{state}]", file=out)
+        emit(out, f"{line} [{shown(state)}]")
     if quiet is not None:
-        print(f"quiet time {'on' if quiet else 'off'}"
-              + (f" ({start} to {end})" if quiet else ""), file=out)
+        emit(out, f"quiet time {'on' if quiet else 'off'}"
+             + (f" ({shown(start)} to {shown(end)})" if quiet else ""))
     return 0
 
 
@@ -478,20 +487,22 @@ def format_health(h):
              f"uptime       {_duration(h.get('uptime'))}"
              + (f" (server {_duration(h['server_uptime'])})" if "server_uptime" in h else "")]
     for serial, s in sorted((h.get("spectrometers") or {}).items()):
-        line = f"{serial:<12} {str(s.get('status', '?')).lower().replace('_', ' ')}"
-        line += f", {s.get('errors', 0)} error{'s' if s.get('errors') != 1 else ''}"
+        status = shown(s.get("status") or "?").lower().replace("_", " ")
+        line = f"{shown(serial):<12} {status}"
+        errors = s.get("errors") or 0
+        line += f", {errors} error{'s' if errors != 1 else ''}"
         if s.get("last_error"):
-            line += f" (last: {s['last_error']})"
+            line += f" (last: {shown(s['last_error'])})"
         if "temperature" in s:
             t = s["temperature"]
             line += ", " + (f"{t:.1f} °C" if isinstance(t, (int, float)) else "temperature ?")
         lines.append(line)
-    lines.append(f"fault        {h.get('fault') or 'none'}")
+    lines.append(f"fault        {shown(h.get('fault') or 'none')}")
     for source, fault in sorted((h.get("faults") or {}).items()):
-        lines.append(f"{source + ' fault':<12} {fault}")
+        lines.append(f"{shown(source) + ' fault':<12} {shown(fault)}")
     return "\n".join(lines)
 
 
 async def health(client, out):
-    print(format_health(await client.get("sysinfo/health")), file=out)
+    emit(out, format_health(await client.get("sysinfo/health")))
     return 0

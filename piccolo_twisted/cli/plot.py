@@ -1,35 +1,40 @@
 """plot: counts against wavelength from .pico files (matplotlib, Agg)."""
 
-import json
+from .errors import CliError
+from .files import read_regular
+from .shape import PICO, Malformed, Mismatch, conform, parse
+from .terminal import shown
 
-from .client import CliError
+MAX_PICO = 64 << 20         # bytes: the largest file the server serves
 
 LINE = {False: "-", True: "--"}          # light solid, dark dashed
 
 
 def read_pico(path):
+    """The spectra of a .pico file, shape-checked (``shape.PICO``): a
+    regular file only, JSON within the depth limit, every value plot reads
+    of the right type; anything else is one line, exit 1."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_regular(path, MAX_PICO)
     except OSError as e:
         raise CliError(f"{path}: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CliError(f"{path}: not a .pico file (not JSON: {e})") from None
-    if isinstance(data, str):
-        # saved from PUT .../spectra as it came (e.g. coap-client -o): a JSON
-        # string holding the file's text (docs/API.md: decode twice)
-        try:
-            data = json.loads(data)
-        except ValueError as e:
-            raise CliError(f"{path}: not a .pico file (a JSON string, not a "
-                           f"file's JSON: {e})") from None
-    spectra = data.get("Spectra") if isinstance(data, dict) else None
-    if not isinstance(spectra, list) or not spectra:
-        raise CliError(f"{path}: not a .pico file (no \"Spectra\" list)")
+    try:
+        value = parse(data)
+        if isinstance(value, str):
+            # saved from PUT .../spectra as it came (e.g. coap-client -o): a
+            # JSON string holding the file's text (docs/API.md: decode twice)
+            value = parse(value)
+        spectra = conform(value, PICO)["Spectra"]
+    except Mismatch as e:
+        raise CliError(f"{path}: not a .pico file ({e.said('the file')})") from None
+    except Malformed as e:
+        raise CliError(f"{path}: not a .pico file ({e})") from None
     for s in spectra:
-        if not (isinstance(s, dict) and isinstance(s.get("Metadata"), dict)
-                and isinstance(s.get("Pixels"), list)):
-            raise CliError(f"{path}: not a .pico file (a spectrum lacks Metadata or Pixels)")
+        # labels show control characters escaped, as the terminal does
+        meta = s["Metadata"]
+        for key in ("SerialNumber", "Direction", "Run", "Type"):
+            if isinstance(meta.get(key), str):
+                meta[key] = shown(meta[key])
     return spectra
 
 
@@ -68,6 +73,9 @@ def _interactive(matplotlib):
 def plot(files, output=None, show=False, out=None):
     spectra = [(path, s) for path in files for s in read_pico(path)]
     import matplotlib
+    # labels are the files' words, never TeX: "$\\frac{$" in a serial
+    # stopped the plot with a parse error
+    matplotlib.rcParams["text.parse_math"] = False
     if not show:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
