@@ -18,7 +18,9 @@ import stat
 import time
 from array import array
 
-SPECTRUM_FILE = re.compile(r"^b(\d{6})_s(\d{6})(_light|_dark)?\.pico$")
+#: ASCII digits only and nothing after ".pico" (``$`` let a trailing
+#: newline through, ``\d`` digits of any script, which int() then read)
+SPECTRUM_FILE = re.compile(r"b([0-9]{6})_s([0-9]{6})(_light|_dark)?\.pico\Z")
 SUFFIXES = (".pico", "_dark.pico", "_light.pico")
 KIND_CODES = {None: 0, "": 0, "dark": 1, "light": 2, "_dark": 1, "_light": 2}
 SEQ = 1_000_000
