@@ -116,9 +116,10 @@ class CommandLineWireTests(ServerTestCase):
         code, out, err = await self.cli("status")
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"(?m)^control\s+idle$")
-        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+idle; integration upwelling \d+ ms, "
-                              r"downwelling \d+ ms; temperature -?\d+\.\d °C$")
-        self.assertRegex(out, r"(?m)^S_sim_FLMT01234\s+idle; integration upwelling")
+        # channels in legacy order: sorted (issue 21)
+        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+idle; integration downwelling \d+ ms, "
+                              r"upwelling \d+ ms; temperature -?\d+\.\d °C$")
+        self.assertRegex(out, r"(?m)^S_sim_FLMT01234\s+idle; integration downwelling")
         self.assertNotIn("temperature", out.split("S_sim_FLMT01234")[1].splitlines()[0])
         self.assertRegex(out, r"(?m)^shutters\s+downwelling closed, upwelling closed$")
         self.assertRegex(out, r"(?m)^scheduler\s+0 active, 0 suspended$")
