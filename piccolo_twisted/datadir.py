@@ -255,25 +255,25 @@ class DataDir:
         return threads.deferToThreadPool(reactor, self.pool, f, *args, **kwargs)
 
     def _fs(self, f, *args):
-        """``f(*args)`` in the file pool, where an OSError caused by the
-        data directory itself being gone (a pulled stick: ENOENT, or EIO
-        from a dead mount) fails as UnavailableError (5.03) with the
-        reason; other failures are left to the caller."""
+        """``f(*args)`` in the file pool; a failure caused by the data
+        directory itself being gone (a pulled stick: ENOENT, or EIO from a
+        dead mount) fails as UnavailableError (5.03) with the reason (one
+        more look, in the pool, after an OSError); other failures are left
+        to the caller."""
         root = self.path.path
 
-        def call():
-            try:
-                return f(*args)
-            except OSError:
-                problem = root_problem(root)
-                if problem is not None:
-                    raise RootMissing(problem) from None
-                raise
+        def failed(failure):
+            if failure.check(RootMissing):
+                raise UnavailableError(self.missing_message(failure.value.args[0]))
+            if not failure.check(OSError):
+                return failure
 
-        def missing(failure):
-            failure.trap(RootMissing)
-            raise UnavailableError(self.missing_message(failure.value.args[0]))
-        return self._to_thread(call).addErrback(missing)
+            def decide(problem):
+                if problem is not None:
+                    raise UnavailableError(self.missing_message(problem))
+                return failure
+            return self._to_thread(root_problem, root).addCallback(decide)
+        return self._to_thread(f, *args).addErrback(failed)
 
     def missing_message(self, problem):
         return (f"the data directory {self.path.path} {problem} (a pulled stick? "
