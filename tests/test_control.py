@@ -554,8 +554,9 @@ class HardwareBusyTests(ControlTestCase):
             self.assertEqual(self.specs[0].current_time["upwelling"].value, 400)
             self.run_until_idle()
             self.set_times(300)
+        # channels in legacy (sorted) order (issue 21)
         self.assertEqual([h for h in self.bus.optics.history if h[1]],
-                         [("upwelling", True), ("downwelling", True)] * 2)
+                         [("downwelling", True), ("upwelling", True)] * 2)
         # idle again: the same requests act
         d = shutter["upwelling/open_shutter"].put()
         self.clock.advance(0.01)
