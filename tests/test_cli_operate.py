@@ -334,3 +334,26 @@ class TimeWordsTests(unittest.SynchronousTestCase):
         for bad in ("soon", "24:00", "2030-13-01"):
             self.assertRaises(CliError, parse_when, bad, now, tz)
         self.assertRaises(CliError, parse_interval, "1w")
+
+
+class ReadmeCommandTests(unittest.SynchronousTestCase):
+
+    def test_every_piccolo3_command_in_the_readme_parses(self):
+        """Every ``piccolo3 ...`` line the README shows is a command line
+        the parser takes (what each does is tested above and in
+        test_cli.py / test_cli_distrust.py)."""
+        import os
+        import shlex
+        from piccolo_twisted.cli.main import build_parser
+        readme = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+        with open(readme) as f:
+            lines = [line.split("#", 1)[0].strip() for line in f
+                     if line.startswith("    piccolo3 ")]
+        commands = {shlex.split(line)[1] for line in lines}
+        self.assertLessEqual({"abort", "pause", "resume", "set", "clock", "schedule"}, commands)
+        parser = build_parser()
+        for line in lines:
+            try:
+                parser.parse_args(shlex.split(line)[1:])
+            except SystemExit:
+                self.fail(f"the README's {line!r} does not parse")
