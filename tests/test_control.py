@@ -588,7 +588,7 @@ class StopProcessTests(unittest.TestCase):
         server.call("PUT", "/control/record_sequence",
                     {"run": "long", "nsequence": 2, "auto": -1})
         deadline = time.monotonic() + 10
-        while server.call("GET", "/control/status") != "upwelling dark":
+        while server.call("GET", "/control/status") != "downwelling dark":
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.02)
         time.sleep(0.3)                   # inside the clean 10 s integration
