@@ -34,6 +34,12 @@ class Resource:
     #: GET acts (abort, pause, connect, power_on, ...): a duplicate of such a
     #: request must be answered from the cache, never run twice.
     get_acts: bool = False
+    #: PUT only reads (a file, a listing): a duplicate may simply be run
+    #: again, it needs no entry in the dedup cache.
+    put_reads: bool = False
+    #: Served even when every handler slot is taken (abort, pause); the
+    #: state and settings (observable resources) are served so anyway.
+    urgent: bool = False
     #: For path-parsing resources: the known sub-paths, listed in
     #: /.well-known/core (e.g. the channels of ``current_time/<channel>``).
     known: tuple = ()

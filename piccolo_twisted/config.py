@@ -34,12 +34,13 @@ mntpnt = string(default=/mnt)
 debug = boolean(default=False)
 logfile = string(default="")
 [seabreeze]
-backend = option("cseabreeze", "pyseabreeze", default=None)
+backend = backend(default=None)
 emulate = force_list(default=list())
 [manhole]
 port = integer(min=0, max=65535, default=0)
 interface = string(default=127.0.0.1)
 keys = string(default="")
+host_key = string(default="")
 """
 
 INSTRUMENT_SPEC = """
@@ -52,11 +53,13 @@ open_pin = integer(min=0, max=53, default=None)
 close_pin = integer(min=0, max=53, default=None)
 [spectrometers]
 [[__many__]]
-detectorSetTemperature = float(min=-60, max=40, default=0)
-fan = boolean(default=False)
+detectorSetTemperature = float(min=-60, max=40, default=-10.0)
+fan = boolean(default=True)
+temperature_tolerance = float(min=0, max=100, default=2.0)
+wait_for_temperature = float(min=0, max=1440, default=0)
 power_switch = integer(min=-1, max=53, default=-1)
-min_integration_time = integer(min=0, default=None)
-max_integration_time = integer(min=1, default=None)
+min_integration_time = integer(min=0, max=3600000, default=None)
+max_integration_time = integer(min=1, max=3600000, default=None)
 [[[calibration]]]
 [[[[__many__]]]]
 wavelengthCalibrationCoefficientsPiccolo = float_list(default=None)
@@ -85,6 +88,14 @@ RESERVED_PINS = {
 }
 
 
+#: the /shutter resource's own path words: a channel of that name would be
+#: hidden behind them (``GET /shutter/shutters`` lists the channels)
+RESERVED_CHANNEL_NAMES = frozenset({"shutters"})
+
+#: the seabreeze backends ``[seabreeze] backend`` may name; empty: seabreeze's choice
+BACKENDS = ("cseabreeze", "pyseabreeze")
+
+
 class NotFinite(ValidateError):
     def __init__(self, value):
         super().__init__(f'the value "{value}" is not a finite number')
@@ -105,10 +116,40 @@ def _finite_float_list(value, min=None, max=None):
     return numbers
 
 
+class UnknownBackend(ValidateError):
+    def __init__(self, value):
+        super().__init__(f'the value "{value}" is not a seabreeze backend: '
+                         f'{" or ".join(BACKENDS)}, or empty for seabreeze\'s choice')
+
+
+def _backend(value):
+    """``[seabreeze] backend``: one of BACKENDS, or empty (None): seabreeze's
+    choice, as the README documents ``backend =``."""
+    if value is None or value == "":
+        return None
+    if value not in BACKENDS:
+        raise UnknownBackend(value)
+    return value
+
+
 def _validator():
     """configobj's Validator whose floats refuse NaN and infinities
     (``fibreDiameter = nan`` passes ``min=0``: every comparison is false)."""
-    return Validator({"float": _finite_float, "float_list": _finite_float_list})
+    return Validator({"float": _finite_float, "float_list": _finite_float_list,
+                      "backend": _backend})
+
+
+def check_channel_name(name):
+    """Why ``name`` cannot be a channel (it is a path segment of
+    ``/shutter/<channel>`` and ``.../current_time/<channel>``, a word in
+    status strings and log lines), or None when it can."""
+    if not name or "/" in name or name.startswith("."):
+        return "not one path segment (empty, '/' or a leading '.')"
+    if name in RESERVED_CHANNEL_NAMES:
+        return f"a fixed word of the API (/shutter/{name})"
+    if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in name):
+        return "has control characters"
+    return None
 
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -191,6 +232,7 @@ class ServerConfig:
     manhole_port: int = 0
     manhole_interface: str = "127.0.0.1"
     manhole_keys: str = ""
+    manhole_host_key: str = ""    # empty: in the state directory (statedir.py)
     seabreeze_backend: str | None = None     # None: seabreeze's own choice
     emulate: list = field(default_factory=list)  # [(model, serial)]
     source: str = "<defaults>"
@@ -225,6 +267,7 @@ def load_server_config(path=None, text=None):
         manhole_port=cfg["manhole"]["port"],
         manhole_interface=interface,
         manhole_keys=cfg["manhole"]["keys"],
+        manhole_host_key=cfg["manhole"]["host_key"],
         seabreeze_backend=backend,
         emulate=emulate,
         source=path or "<string>" if (path or text) else "<defaults>",
@@ -265,6 +308,10 @@ class SpectrometerConfig:
     min_time: int | None
     max_time: int | None
     calibration: dict = field(default_factory=dict)  # channel -> coefficients
+    #: °C from the set point beyond which a cooled spectrum is flagged
+    temperature_tolerance: float = 2.0
+    #: minutes a batch waits for the detector to reach its set point
+    wait_for_temperature: float = 0.0
 
     @property
     def simulated(self):
@@ -316,10 +363,12 @@ def load_instrument_config(path=None, text=None):
                 f"{name}: [channels/{section}] unknown shutter: name it "
                 f"shutter_1..shutter_3 or give open_pin and close_pin")
         direction = c["direction"]
-        if direction in seen or "/" in direction or direction.startswith("."):
+        problem = ("used by another channel" if direction in seen
+                   else check_channel_name(direction))
+        if problem:
             raise ConfigError(
-                f"{name}: [channels/{section}/direction] duplicate or invalid "
-                f"direction {direction!r}")
+                f"{name}: [channels/{section}/direction] {direction!r} cannot name "
+                f"a channel: {problem}")
         seen.add(direction)
         open_pin, close_pin = DEFAULT_SHUTTER_PINS.get(section, (None, None))
         if c["reverse"]:
@@ -363,7 +412,9 @@ def load_instrument_config(path=None, text=None):
         spectrometers.append(SpectrometerConfig(
             serial=serial, set_temperature=s["detectorSetTemperature"],
             fan=s["fan"], power_switch=s["power_switch"],
-            min_time=lo, max_time=hi, calibration=calibration))
+            min_time=lo, max_time=hi, calibration=calibration,
+            temperature_tolerance=s["temperature_tolerance"],
+            wait_for_temperature=s["wait_for_temperature"]))
     return InstrumentConfig(
         channels=channels, spectrometers=spectrometers,
         clobber=cfg["output"]["clobber"], split=cfg["output"]["split"],

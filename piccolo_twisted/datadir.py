@@ -22,6 +22,7 @@ runs and files, and the listings encoded from it.
   run names, which are never hidden.
 """
 
+import errno
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
-from . import runindex
+from . import jsontext, runindex
 from .acquisition import pico
 from .api import EncodedJSON as Encoded, Resource
 from . import commands, mount as mounting
@@ -64,6 +65,7 @@ BODY_CACHE_BYTES = 8 << 20      # encoded spectra lists kept (least recently use
 SPLICE_DEPTH = 64               # a saved name this near the top is spliced in
 SMALL_LIST = 500                # names encoded on the reactor; more in the pool
 MAX_FILE = 64 << 20             # largest file served
+TEXTS_KEPT = 64                 # scanned spectrum files remembered (jsontext)
 
 
 def check_run_name(name):
@@ -192,13 +194,18 @@ class SaveFailed(Exception):
 
 class _Run:
     """The index entry of one run."""
-    __slots__ = ("mtime", "listed", "keys", "version")
+    __slots__ = ("mtime", "listed", "keys", "version", "fp", "unverified")
 
-    def __init__(self, mtime, listed=None, keys=None):
+    def __init__(self, mtime, listed=None, keys=None, fp=None):
         self.mtime = mtime          # directory mtime: all_runs sorts by it
         self.listed = listed        # the mtime ``keys`` is valid for, or None
         self.keys = keys            # sorted array('q') of file keys, or None
         self.version = 0            # bumped whenever keys change
+        self.fp = fp                # fingerprint of the names ``keys`` stand for
+        # a save of ours moved ``listed``: the names are checked against
+        # ``fp`` at the next look (a change by hand in the same moment
+        # left no trace in the mtime)
+        self.unverified = False
 
 
 class _Body:
@@ -231,6 +238,7 @@ class DataDir:
                                    name="piccolo-files")
             to_thread = self._in_pool
         self._to_thread = to_thread
+        self._texts = OrderedDict()     # (run, name) -> jsontext.JSONText
         self.current_run = Observable(DEFAULT_RUN)
         self.files_written = Observable(0)
         #: what start-up found wrong in the data directory (health's faults)
@@ -308,6 +316,7 @@ class DataDir:
         fd = runindex.open_root(root)
         try:
             root_mtime, runs = runindex.scan_root(fd)
+            runs = {name: t for name, t in runs.items() if is_run_name(name)}
             if runs:
                 self.current_run.set(max(runs, key=lambda r: (runs[r], r)))
             run = self.current_run.value
@@ -328,7 +337,6 @@ class DataDir:
         finally:
             os.close(fd)
         self._root_mtime = root_mtime
-        runs = {name: mtime for name, mtime in runs.items() if is_run_name(name)}
         self._runs = {name: _Run(mtime) for name, mtime in runs.items()}
         if self.pool is not None and not self.pool.started:
             from twisted.internet import reactor
@@ -346,10 +354,11 @@ class DataDir:
 
         def built(found):
             files = 0
-            for name, (mtime, listed, keys, _) in found.items():
+            for name, (mtime, listed, keys, _, fp) in found.items():
                 entry = self._runs.get(name)
                 if entry is not None:
                     entry.mtime, entry.listed, entry.keys = mtime, listed, keys
+                    entry.fp = fp
                     files += len(keys)
             self.log.info("index of {runs} runs and {files} files built in "
                           "{t:.2f} s", runs=len(found), files=files,
@@ -461,7 +470,7 @@ class DataDir:
             self._body_bytes -= len(cached.body)
 
     def _apply_run(self, run, state, version):
-        mtime, listed, keys, root_change = state
+        mtime, listed, keys, root_change, fp = state
         if root_change is not None:
             self._root_changed(root_change)
         entry = self._runs.get(run)
@@ -473,7 +482,8 @@ class DataDir:
             entry.mtime = mtime
         if keys is not None:
             if entry.version == version:
-                entry.keys, entry.listed = keys, listed
+                entry.keys, entry.listed, entry.fp = keys, listed, fp
+                entry.unverified = False
             else:
                 # a file was saved meanwhile: keep ours, list again next time
                 entry.listed = None
@@ -481,6 +491,8 @@ class DataDir:
                     entry.keys = keys
             entry.version += 1
             self._forget_body(run)
+        elif fp is not None and entry.version == version and entry.fp == fp:
+            entry.unverified = False        # the names are as the index has them
         return entry
 
     def _check(self, run, create=False):
@@ -498,16 +510,18 @@ class DataDir:
                 # save leaves plus its file; the save checks the mtime it
                 # started from, so a hand change before it is seen next time
                 return entry
-            known = None
+            known = expect = None
             version = 0
             if entry is not None:
                 version = entry.version
                 if entry.keys is not None:
                     known = entry.listed
+                    if entry.unverified:
+                        expect = entry.fp
             admitted = create and entry is None and await self._admit(run)
             try:
                 state = await self._fs(runindex.check_run, self.path.path,
-                                       run, known, create)
+                                       run, known, create, expect)
             except runindex.NoSuchRun:
                 self._drop(run)
                 if create:
@@ -727,7 +741,7 @@ class DataDir:
         if entry is None:
             entry = self._runs[run] = _Run(after)
             if root_change is not None:     # a new, empty run: we know it all
-                entry.keys, entry.listed = array("q"), before
+                entry.keys, entry.listed, entry.fp = array("q"), before, 0
             self._runs_changed()
         else:
             self._run_touched(run, entry.mtime, after)
@@ -738,9 +752,18 @@ class DataDir:
             new = i == len(keys) or keys[i] != k
             if new:
                 keys.insert(i, k)
-            # our change on top of a listing still valid: valid after it too;
-            # a change by someone else before ours: list again next time
-            entry.listed = after if entry.listed == before else None
+            # our change on top of a listing still valid: valid after it
+            # too, once the names are seen to be what the index expects (a
+            # change by hand during the save moved the mtime no further
+            # than ours); a change by someone else before ours: list again
+            # next time
+            if entry.listed == before and entry.fp is not None:
+                entry.listed = after
+                entry.unverified = True
+                if new:
+                    entry.fp ^= runindex.name_hash(runindex.name(k))
+            else:
+                entry.listed = None
             cached = self._bodies.get(run)
             if new and len(keys) - 1 - i <= SPLICE_DEPTH and cached is not None \
                     and cached.version == entry.version:
@@ -899,15 +922,45 @@ class DataDir:
             raise PiccoloError("not a spectrum file name from spectra_list")
         check_run_name(run)
 
-        def read():
-            data = runindex.read_file(self.path.path, run, name, MAX_FILE)
-            if data is None:
-                return None
+        root = self.path.path
+
+        def opener():
+            """A descriptor of the run's regular file ``name``, never
+            through a symlink (FileNotFoundError when it is not one)."""
+            root_fd = runindex.open_root(root)
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
+                run_fd, _ = runindex.open_run(root_fd, run)
+            finally:
+                os.close(root_fd)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC, dir_fd=run_fd)
+            finally:
+                os.close(run_fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise FileNotFoundError(name)
+            return fd
+        known = self._texts.get((run, name))
+
+        def scan():
+            # the file's text as a JSON string, read block by block by
+            # offset (jsontext): scanned once per file, not per block
+            try:
+                if known is not None:
+                    fd = opener()
+                    try:
+                        if jsontext.identity_of(fd) == known.identity:
+                            return known
+                    finally:
+                        os.close(fd)
+                return jsontext.JSONText.open(opener, self._to_thread, MAX_FILE)
+            except (FileNotFoundError, NotADirectoryError, jsontext.FileChanged):
                 return None
-            return json.dumps(text).encode("ascii")
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return None
+                raise
 
         async def answer():
             entry = await self._check(run)
@@ -916,22 +969,27 @@ class DataDir:
             if i == len(keys) or keys[i] != k:
                 raise PiccoloError(f"{name} is not in the spectra list of run {run}")
             try:
-                body = await self._fs(read)
+                body = await self._fs(scan)
             except runindex.NoSuchRun:
                 raise NotFoundError(f"no such run: {run}") from None
             except OSError as e:
                 raise PiccoloError(f"cannot read {name}: {e.strerror or e}") from None
             if body is None:
                 raise PiccoloError(f"{name} is not a spectrum file of run {run}")
-            return Encoded(body)
+            self._texts[(run, name)] = body
+            self._texts.move_to_end((run, name))
+            while len(self._texts) > TEXTS_KEPT:
+                self._texts.popitem(last=False)
+            return body
         return defer.Deferred.fromCoroutine(answer())
 
     def resources(self):
         return {
             "datadir": Resource(get=self.get_datadir),
             "mount": Resource(get=self.get_mount, put=self.set_mount),
-            "all_runs": Resource(put=self.all_runs),
+            "all_runs": Resource(put=self.all_runs, put_reads=True),
             "current_run": Resource(get=self.get_current_run, put=self.set_current_run,
                                     observe=self.current_run),
-            "runs": Resource(get=self.run_get, put=self.run_put, parse_path=True),
+            "runs": Resource(get=self.run_get, put=self.run_put, parse_path=True,
+                             put_reads=True),
         }

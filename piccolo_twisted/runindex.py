@@ -2,10 +2,21 @@
 fill it (thread side: plain functions of their arguments, no shared state).
 
 A spectrum file name ``b<batch>_s<sequence>[_dark|_light].pico`` is kept as
-one integer key, ``(batch * 10**6 + sequence) * 4 + kind``; with the kinds
-ordered as their suffixes sort (none, dark, light) the keys sort exactly
-as the names do. A run's files are one sorted ``array('q')``: 8 bytes a
-file, where a list of names would take ~80.
+one integer key, ``(batch * 10**7 + sequence) * 4 + kind``; with the kinds
+ordered as their suffixes sort (none, dark, light) the keys sort in the
+order the files were recorded (batch, then sequence, then kind). Numbers
+have six digits at least and more when they need them (batch 1,000,000 is
+``b1000000_...``; a batch of 1,000,000 sequences ends with sequence
+1,000,000, its final dark): only the names ``pico.file_name`` writes are
+spectrum files, so a name and its key map one to one (``b0000001_...`` is
+not one). A run's files are one sorted ``array('q')``: 8 bytes a file,
+where a list of names would take ~80.
+
+A listing is valid for the directory mtime it was taken at. A save of ours
+moves the mtime too, and a change by hand in the same moment is hidden by
+it: after a save the index is trusted only once a *fingerprint* of the
+directory's names (XOR of their hashes: one pass over the names, no
+parsing or sorting) matches what the index expects, at the next look.
 
 Every walk opens the run below the data directory with ``O_NOFOLLOW``: a
 symlink is never a run, a symlink inside a run is never a spectrum file.
@@ -18,12 +29,15 @@ import stat
 import time
 from array import array
 
-#: ASCII digits only and nothing after ".pico" (``$`` let a trailing
-#: newline through, ``\d`` digits of any script, which int() then read)
-SPECTRUM_FILE = re.compile(r"b([0-9]{6})_s([0-9]{6})(_light|_dark)?\.pico\Z")
+#: six ASCII digits, or more without a leading zero; batches below 10**11,
+#: sequences below SEQ (the keys fit in 63 bits); nothing after ".pico"
+#: (``$`` let a trailing newline through, ``\d`` digits of any script,
+#: which int() then read)
+SPECTRUM_FILE = re.compile(
+    r"b([0-9]{6}|[1-9][0-9]{6,10})_s([0-9]{6}|[1-9][0-9]{6})(_light|_dark)?\.pico\Z")
 SUFFIXES = (".pico", "_dark.pico", "_light.pico")
 KIND_CODES = {None: 0, "": 0, "dark": 1, "light": 2, "_dark": 1, "_light": 2}
-SEQ = 1_000_000
+SEQ = 10_000_000
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 RUN_FLAGS = DIR_FLAGS | os.O_NOFOLLOW
@@ -131,11 +145,37 @@ def open_run(root_fd, run, create=False):
     return fd, created
 
 
+def _counted(name):
+    """Whether ``name`` counts in a run's fingerprint: every visible
+    ``.pico`` name (spectrum files, and what may pass for one)."""
+    return name[0] != "." and name.endswith(".pico")
+
+
+def name_hash(name):
+    """A name's share of the fingerprint (process-wide: str hashes are
+    salted per process, and the index lives in one)."""
+    return hash(name)
+
+
+def fingerprint(fd):
+    """XOR of the hashes of the counted names in an open run directory."""
+    fp = 0
+    with os.scandir(fd) as entries:
+        for i, entry in enumerate(entries):
+            n = entry.name
+            if _counted(n):
+                fp ^= hash(n)
+            if i % CHUNK == CHUNK - 1:
+                _yield_gil()
+    return fp
+
+
 def scan_files(fd):
-    """Keys of the spectrum files in an open run directory (sorted), and
-    the names of temporary files a crash left there."""
+    """Keys of the spectrum files in an open run directory (sorted), the
+    names of temporary files a crash left there, and the fingerprint."""
     keys = []
     leftovers = []
+    fp = 0
     mine = f".{os.getpid()}.tmp"
     with os.scandir(fd) as entries:
         for i, entry in enumerate(entries):
@@ -144,13 +184,15 @@ def scan_files(fd):
                 if n.endswith(".tmp") and ".pico." in n and not n.endswith(mine):
                     leftovers.append(n)
                 continue
+            if n.endswith(".pico"):
+                fp ^= hash(n)
             k = parse(n)
             if k is not None and entry.is_file(follow_symlinks=False):
                 keys.append(k)
             if i % CHUNK == CHUNK - 1:
                 _yield_gil()
     keys.sort()
-    return array("q", keys), leftovers
+    return array("q", keys), leftovers, fp
 
 
 def remove(fd, names):
@@ -169,14 +211,24 @@ def stable_mtime(st):
     return None if time.time_ns() - mtime < racy else mtime
 
 
-def check_run(root, run, known, create=False):
+def check_run(root, run, known, create=False, expect=None):
     """Validate one run against the disk (thread side).
 
     ``known`` is the mtime the index's listing of the run is valid for
-    (None: no valid listing). Returns ``(sort_mtime, listed_mtime, keys,
-    root_change)``: ``keys`` is None when ``known`` still holds (one fstat,
-    no listing); ``root_change`` is the data directory's (mtime before,
-    mtime after) when the run was created here, else None."""
+    (None: no valid listing); ``expect``, when given, the fingerprint the
+    index expects (a save of ours moved the mtime since the last listing:
+    a change by hand in that moment left no trace in it). Returns
+    ``(sort_mtime, listed_mtime, keys, root_change, fp)``:
+
+    - ``keys`` is None when the index still holds: ``known`` is the
+      directory's mtime (one fstat) and, with ``expect``, the names match
+      it; ``fp`` is then the fingerprint verified for good (the mtime is
+      old enough that a later change would move it), or None when it must
+      be checked again next time;
+    - else ``keys`` is a fresh listing and ``fp`` its fingerprint;
+
+    ``root_change`` is the data directory's (mtime before, mtime after)
+    when the run was created here, else None."""
     root_fd = open_root(root)
     try:
         before = os.fstat(root_fd).st_mtime_ns if create else None
@@ -187,14 +239,18 @@ def check_run(root, run, known, create=False):
     try:
         st = os.fstat(fd)
         if created:                     # new and empty: nothing to list
-            return st.st_mtime_ns, st.st_mtime_ns, array("q"), root_change
+            return st.st_mtime_ns, st.st_mtime_ns, array("q"), root_change, 0
         if known is not None and st.st_mtime_ns == known:
-            return st.st_mtime_ns, known, None, root_change
-        keys, leftovers = scan_files(fd)
+            if expect is None:
+                return st.st_mtime_ns, known, None, root_change, None
+            if fingerprint(fd) == expect:
+                verified = expect if stable_mtime(st) is not None else None
+                return st.st_mtime_ns, known, None, root_change, verified
+        keys, leftovers, fp = scan_files(fd)
         if leftovers:
             remove(fd, leftovers)
             st = os.fstat(fd)
-        return st.st_mtime_ns, stable_mtime(st), keys, root_change
+        return st.st_mtime_ns, stable_mtime(st), keys, root_change, fp
     finally:
         os.close(fd)
 

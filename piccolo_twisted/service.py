@@ -49,6 +49,8 @@ class PiccoloService(service.MultiService):
         self.coap = coap_service(self.components, settings.address,
                                  settings.port, clock=clock)
         self.coap.setServiceParent(self)
+        # before the manhole looks for its key: an old one is moved, not remade
+        self._move_state_out_of_the_data()
         self._build_manhole()
 
     def _build_instrument(self, time_scale):
@@ -77,6 +79,14 @@ class PiccoloService(service.MultiService):
                              spectrometers=self.instrument.spectrometers,
                              scheduler=self.scheduler)
         self.components["sysinfo"].update(self.health.resources())
+
+    def _move_state_out_of_the_data(self):
+        """A host key an earlier version kept under the data directory goes
+        to the state directory (statedir.py), whether or not the manhole is on."""
+        from .statedir import host_key_path, inside, migrate_host_key
+        path = host_key_path(self.settings)
+        if not inside(path, self.settings.datadir):
+            migrate_host_key(self.settings.datadir, path, note=self.datadir.note_fault)
 
     def _build_manhole(self):
         self.manhole = None
@@ -124,8 +134,6 @@ class PiccoloService(service.MultiService):
 
     def startService(self):
         super().startService()
-        # before the first request can arrive: heavy imports stall nothing
-        self.control.prepare()
         # a worker running Python code (a device driver, an import) gives
         # the GIL up after 1 ms instead of 5 when the reactor asks for it
         sys.setswitchinterval(self.SWITCH_INTERVAL)
@@ -133,7 +141,13 @@ class PiccoloService(service.MultiService):
             lambda f: self.log.failure("starting the instrument failed", f))
         self.clock.callLater(0, self._freeze_heap)
         self.log.info("piccolo serving CoAP on [{address}]:{port}",
-                      address=self.settings.address, port=self.settings.port)
+                      address=self.settings.address, port=self.coap_port())
+
+    def coap_port(self):
+        """The UDP port bound: the configured one, or the one the system
+        chose for ``port = 0`` (which clients need to be told)."""
+        port = getattr(self.coap, "_port", None)
+        return port.getHost().port if port is not None else self.settings.port
 
     def _freeze_heap(self):
         """Move everything start-up created out of the collector's reach:

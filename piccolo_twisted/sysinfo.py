@@ -353,7 +353,6 @@ class Health:
         self._pending = None
         self._loop = None
         self._errors = {s.serial: 0 for s in self.spectrometers}
-        self._temperatures = {}
         self._last_batch = None
         self._batch_files = None
         for s in self.spectrometers:
@@ -428,8 +427,7 @@ class Health:
             tally.start(now)
         probe = self.to_thread(self._probe, now, day_start,
                                None if tally.ready else tally.started)
-        temps = self._read_temperatures()
-        d = defer.gatherResults([probe, temps], consumeErrors=True)
+        d = defer.gatherResults([probe], consumeErrors=True)
         d.addCallback(lambda results: self._publish(results[0], now))
 
         def done(result):
@@ -464,31 +462,11 @@ class Health:
             "uptime": self.uptime(),
         }
 
-    def _read_temperatures(self):
-        """Current temperatures of idle TEC spectrometers (one device call
-        each, behind any running call); a busy one keeps its last reading."""
-        from .instrument.spectrometer import IDLE
-        calls = []
-        for s in self.spectrometers:
-            if not s.have_tec() or s.status.value != IDLE:
-                continue
-
-            def keep(value, serial=s.serial):
-                if isinstance(value, (int, float)):
-                    self._temperatures[serial] = float(value)
-            calls.append(defer.maybeDeferred(s.current_temperature)
-                         .addCallbacks(keep, lambda f: None))
-        return defer.gatherResults(calls)
-
     def _spectrometers(self):
         from .instrument.spectrometer import CONNECTED, STATUS_NAMES
         result = {}
         for s in self.spectrometers:
             status = s.status.value
-            if status not in CONNECTED:
-                # disconnected, powered off, dropped: no reading, and the
-                # last one (maybe hours old) is not shown as the current one
-                self._temperatures.pop(s.serial, None)
             errors = getattr(s, "error_count", None)
             entry = {
                 "name": s.name,
@@ -498,7 +476,16 @@ class Health:
                 "last_error": getattr(s, "last_error", None),
             }
             if s.have_tec():
-                entry["temperature"] = self._temperatures.get(s.serial)
+                # the spectrometer's last reading (it reads its detector
+                # every few seconds, between integrations while recording):
+                # no device call here. Disconnected, powered off, dropped:
+                # none, not one from before (maybe hours old)
+                t = s.last_temperature() if status in CONNECTED else None
+                t = t or {}
+                entry["temperature"] = t.get("temperature")
+                entry["temperature_age"] = t.get("age")
+                entry["temperature_target"] = t.get("target")
+                entry["temperature_stable"] = t.get("stable")
             result[s.serial] = entry
         return result
 
@@ -532,6 +519,7 @@ class Health:
             "last_batch": _iso(last_batch),
             "fault": _value(getattr(self.control, "fault", "")) or "",
             "faults": self._faults(probe.get("datadir_problem")),
+            "last_batch_summary": _value(getattr(self.control, "last_batch", None)),
             "time": _iso(now),
         }
         self._value = value
@@ -560,13 +548,14 @@ class Health:
             return True
         for serial, entry in new["spectrometers"].items():
             before = old["spectrometers"][serial]
-            if any(before.get(k) != entry.get(k) for k in entry if k != "temperature"):
+            if any(before.get(k) != entry.get(k) for k in entry
+                   if k not in ("temperature", "temperature_age")):
                 return True
             if moved(before.get("temperature"), entry.get("temperature"), TEMPERATURE_STEP):
                 return True
         return any(old[k] != new[k] for k in
                    ("disk_total", "files_today", "clock_synchronised", "last_batch",
-                    "fault", "faults"))
+                    "fault", "faults", "last_batch_summary"))
 
     def resources(self):
         return {"health": Resource(get=self.get, observe=self.observable)}

@@ -69,6 +69,7 @@ def resolve(options):
     if settings.mount:
         notes.append(mount_data_device(settings, options.get("mount")))
     settings.datadir = os.path.abspath(settings.datadir)
+    check_host_key(settings)
     if settings.logfile:
         check_log_file(settings)
     if options.get("instrument"):
@@ -122,6 +123,19 @@ def check_emulated(settings, instrument, ipath):
             f"{ipath}: [spectrometers/{missing[0]}] is not emulated, and under "
             f"{settings.source}: [seabreeze] emulate no other device can be "
             f"seen (emulated: {', '.join(sorted(emulated))})")
+
+
+def check_host_key(settings):
+    """The manhole's host key is a secret: never under the data directory,
+    which is copied off the Pi whole (statedir.py)."""
+    from .statedir import host_key_path, inside
+    path = host_key_path(settings)
+    if settings.manhole_port and inside(path, settings.datadir):
+        where = (f"{settings.source}: [manhole/host_key]" if settings.manhole_host_key
+                 else "the manhole host key")
+        raise ConfigError(f"{where} {path} is inside the data directory "
+                          f"{settings.datadir}, which is copied off the Pi")
+    settings.manhole_host_key = path
 
 
 def check_log_file(settings):

@@ -48,6 +48,18 @@ def make_service(datadir, instrument_text=None, port=0, address="::1",
     return service
 
 
+def make_ssh_key(path):
+    """A private ed25519 key written to ``path`` (0600, as ssh keeps one)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from twisted.conch.ssh import keys
+    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(key.toString("openssh"))
+    os.chmod(path, 0o600)
+    return key
+
+
 def fake_command(argv):
     """Stands in for sudo date/mount: succeeds, or fails like sudo would."""
     return defer.succeed((b"", b"", 0))

@@ -115,7 +115,7 @@ class PicoWriteTests(unittest.SynchronousTestCase):
         from piccolo_twisted import runindex
         fd = os.open(self.dir, os.O_RDONLY)
         try:
-            keys, leftovers = runindex.scan_files(fd)
+            keys, leftovers, _ = runindex.scan_files(fd)
             self.assertEqual((list(keys), leftovers),
                              ([], [".b000001_s000000_light.pico.999.tmp"]))
             runindex.remove(fd, leftovers)

@@ -306,7 +306,7 @@ class CraftedAnswerTests(Crafted):
         for command in ("status", "jobs", "health"):
             code, out, err = await self.against(honest_routes(), command)
             self.assertEqual((code, err), (0, ""), command)
-        self.assertRegex(out, r"(?m)^sim_QEP00981\s+idle, 0 errors, -10.0 °C$")
+        self.assertRegex(out, r"(?m)^sim_QEP00981\s+idle, 0 errors, temperature -10.0 °C$")
 
     @in_loop
     async def test_seventeen_crafted_answers(self):

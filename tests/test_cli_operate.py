@@ -357,3 +357,15 @@ class ReadmeCommandTests(unittest.SynchronousTestCase):
                 parser.parse_args(shlex.split(line)[1:])
             except SystemExit:
                 self.fail(f"the README's {line!r} does not parse")
+
+    def test_global_options_after_nested_commands(self):
+        """``--server``/``--timeout`` after ``set auto -1`` or ``schedule
+        quiet`` too, as after every other command (issue 21a)."""
+        from piccolo_twisted.cli.main import build_parser
+        parser = build_parser()
+        for argv in (["set", "auto", "-1"], ["schedule", "quiet", "on"],
+                     ["schedule", "delete", "3"], ["clock", "--check"], ["pause"]):
+            args = parser.parse_args(argv + ["--server", "coap://[::1]:6000", "--timeout", "9"])
+            self.assertEqual((args.server, args.timeout), ("coap://[::1]:6000", 9.0), argv)
+            args = parser.parse_args(["--server", "coap://[::1]:7000"] + argv)
+            self.assertEqual(args.server, "coap://[::1]:7000", argv)

@@ -174,6 +174,17 @@ class IndexTests(unittest.TestCase):
         self.assertEqual(self.scans, [])
 
     def test_own_saves_update_without_listing(self):
+        # a save moves the mtime as a change by hand in the same moment
+        # would: the index checks the run's names against what it expects
+        # (one pass over the names, no parsing or sorting: issue 20), and
+        # never lists the run again
+        passes = []
+        fingerprint = runindex.fingerprint
+
+        def counting(fd):
+            passes.append(fd)
+            return fingerprint(fd)
+        self.patch(runindex, "fingerprint", counting)
         self.get("spectra_list")
         self.successResultOf(self.dd.save("big", 20, 0, "dark", []))
         self.successResultOf(self.dd.save("big", 20, 0, "light", []))
@@ -189,7 +200,7 @@ class IndexTests(unittest.TestCase):
         self.successResultOf(self.dd.save("new", 0, 0, None, []))
         self.assertEqual(self.get("spectra_list", "new"), b'["b000000_s000000.pico"]')
         self.assertIn("new", json.loads(self.successResultOf(self.dd.all_runs())))
-        self.assertEqual(self.scans, [])
+        self.assertEqual(len(self.scans), len(passes))      # no listing
 
     def bump_mtime(self, path):
         # a hand change in the same clock tick as our last look would not
@@ -366,6 +377,17 @@ class ScaleWireTests(ServerTestCase):
             return real_listdir(path)
         self.patch(os, "scandir", scandir)
         self.patch(os, "listdir", listdir)
+        # after a save of ours, the run's names are checked once against
+        # what the index expects (a change by hand during the save leaves
+        # no trace in the mtime; issue 20): a pass over the names, no
+        # listing
+        passes = []
+        fingerprint = runindex.fingerprint
+
+        def counting(fd):
+            passes.append(("scandir", fd))
+            return fingerprint(fd)
+        self.patch(runindex, "fingerprint", counting)
         names = await self.get("data_dir/runs/big/spectra_list")
         self.assertEqual(names, self.big.names)
         self.assertEqual(await self.get("data_dir/runs/big/current_batch"),
@@ -404,7 +426,8 @@ class ScaleWireTests(ServerTestCase):
         new = [f"b{self.batches:06d}_s000000_light.pico",
                f"b{self.batches:06d}_s000000_dark.pico"]
         self.assertTrue(first.startswith(json.dumps(new + self.big.names[:5], separators=(",", ":"))[:-1].encode()))
-        self.assertEqual(calls, [])
+        self.assertEqual(calls, passes)
+        self.assertLessEqual(len(passes), 2)        # the two requests after the batch
         # copied in and removed by hand (as cp and rm would): seen at once,
         # at the cost of one listing of that run
         run = self.run_dir("big")
@@ -433,14 +456,22 @@ class ScaleWireTests(ServerTestCase):
         self.assertEqual(calls, [])
 
     async def first_block(self, path):
+        """The first 1 KiB block, as a client that returns the server's
+        Echo option (RFC 9175) gets it: until then the server's answers
+        are within 3x the request (smaller blocks)."""
         import aiocoap
         from aiocoap.optiontypes import BlockOption
-        msg = aiocoap.Message(code=aiocoap.GET, uri=f"{self.base}/{path}")
-        msg.opt.block2 = BlockOption.BlockwiseTuple(0, False, 6)
-        r = await asyncio.wait_for(
-            self.ctx.request(msg, handle_blockwise=False).response, 10)
-        self.assertEqual(r.code, aiocoap.CONTENT)
-        return r.payload
+        for _ in range(2):
+            msg = aiocoap.Message(code=aiocoap.GET, uri=f"{self.base}/{path}")
+            msg.opt.block2 = BlockOption.BlockwiseTuple(0, False, 6)
+            msg.opt.echo = getattr(self, "echo", None)
+            r = await asyncio.wait_for(
+                self.ctx.request(msg, handle_blockwise=False).response, 10)
+            self.assertEqual(r.code, aiocoap.CONTENT)
+            if r.opt.echo is None:
+                return r.payload
+            self.echo = r.opt.echo
+        raise AssertionError("an Echo value returned did not verify the client")
 
 
 class BuildAndSaveTests(unittest.TestCase):
@@ -485,11 +516,11 @@ class RacyListingTests(unittest.SynchronousTestCase):
     def test_fresh_directory_listed_again(self):
         root = os.path.abspath(self.mktemp())
         FakeRun(root, "r", 1, 1)
-        mtime, listed, keys, _ = runindex.check_run(root, "r", None)
+        mtime, listed, keys, _, _ = runindex.check_run(root, "r", None)
         self.assertIsNone(listed)                   # just changed: list again
         self.assertEqual(len(keys), 2)
         os.utime(os.path.join(root, "r"), ns=(10**18 + 5, 10**18 + 5))
-        mtime, listed, keys, _ = runindex.check_run(root, "r", None)
+        mtime, listed, keys, _, _ = runindex.check_run(root, "r", None)
         self.assertEqual(listed, 10**18 + 5)
         # the same mtime: no listing at all
         self.assertEqual(runindex.check_run(root, "r", listed)[2], None)

@@ -271,6 +271,7 @@ class CrashConsistencyTests(unittest.TestCase):
                 time.sleep(rng.uniform(0.3, 2.5))
                 os.kill(server.proc.pid, signal.SIGKILL)
                 server.proc.wait()
+                server.stop()           # closes its log
                 for name in os.listdir(run):
                     path = os.path.join(run, name)
                     if name.endswith(".pico"):

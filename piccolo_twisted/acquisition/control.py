@@ -8,13 +8,15 @@ the next acquisitions run. ``pause`` takes effect at the next step;
 discarded (the spectrometer front keeps the device to itself until then),
 the shutters close and the status is idle within a shutter pulse.
 
-Nothing heavy runs on the reactor thread: numpy is imported at start
-(``prepare``), autointegration arithmetic and ``.pico`` encoding run in
-workers, and the encoder works spectrum by spectrum.
+Nothing heavy runs on the reactor thread: numpy (11 MiB, ~100 ms of
+import) is imported in a worker when the first procedure starts, not at
+start (``prepare``), autointegration arithmetic and ``.pico`` encoding run
+in workers, and the encoder works spectrum by spectrum.
 """
 
 import dataclasses
 import functools
+import time
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -26,6 +28,11 @@ from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
 from ..values import to_bool, to_float, to_int
 from . import pico
+from .summary import BatchSummary
+
+#: seconds between two looks at the detector temperatures while a batch
+#: waits for the set point (``wait_for_temperature``)
+TEMPERATURE_POLL = 5.0
 
 
 #: requests that move hardware: refused while a procedure runs (a shutter
@@ -45,11 +52,17 @@ class BatchFailed(Exception):
 class Control:
     log = Logger()
 
-    def __init__(self, instrument, datadir, clock, to_thread=threads.deferToThread):
+    def __init__(self, instrument, datadir, clock, to_thread=threads.deferToThread,
+                 wall_time=time.time):
         self.instrument = instrument
         self.datadir = datadir
         self.clock = clock
         self.to_thread = to_thread
+        self.wall_time = wall_time
+        #: what the last batch or dark sequence did (BatchSummary.as_dict()),
+        #: published at its start, after every file and at its end
+        self.last_batch = Observable(None)
+        self._summary = None
         self.scheduler = None
         # the deployed (legacy) server's defaults: one sequence, never
         # autointegrate, no delay, target 80.0 % of saturation
@@ -70,16 +83,21 @@ class Control:
         self._wait = None
         self._waiters = set()
         self._writes = defer.DeferredLock()
+        self._imported = None           # Deferred: numpy imported in a worker
         self._write_failed = None
 
     def prepare(self):
-        """Import what the first batch needs, once, at start (blocking).
-
-        numpy (with autointegration) costs ~100 ms of CPU to import, most
-        of it holding the GIL: imported lazily, on whatever thread, it
-        stalls the reactor inside the first batch. Before serving it
-        stalls nothing."""
-        from . import autointegrate  # noqa: F401 (numpy with it)
+        """Import what procedures need (numpy, with autointegration), once,
+        in a worker: not at start (it would cost every server 11 MiB of
+        RSS), and never on the reactor thread, where the ~100 ms of import,
+        most of it holding the GIL, stalled the first batch. Returns a
+        Deferred; ``_start`` calls it, and autointegration waits for it."""
+        if self._imported is None:
+            def load():
+                from . import autointegrate  # noqa: F401 (numpy with it)
+            self._imported = defer.maybeDeferred(self.to_thread, load)
+            self._imported.addErrback(lambda f: self.log.failure("importing numpy failed", f))
+        return self._imported
 
     # -- state --------------------------------------------------------------
 
@@ -98,6 +116,8 @@ class Control:
         self._abort = False
         self.paused.set(False)
         self._write_failed = None
+        self.prepare()
+        self._summary = None
         self.fault.set("")
         # busy from the first moment: a client polling status right after
         # its PUT must not read "idle" before the first step has begun
@@ -110,6 +130,11 @@ class Control:
         def finished(result):
             self._task = None
             self.paused.set(False)
+            summary, self._summary = self._summary, None
+            if summary is not None:
+                summary.fault(self.fault.value)
+                summary.finish(self.wall_time(), self._abort)
+                self.last_batch.set(summary.as_dict())
             self.current_sequence.set(-1)
             self.status.set("idle")
             for s in self.instrument.spectrometers:
@@ -195,6 +220,61 @@ class Control:
         finally:
             self._wait = None
 
+    # -- the batch summary and the detector temperature ------------------------
+
+    def _begin_summary(self, kind, run, batch):
+        summary = BatchSummary(kind, run, self.wall_time())
+        summary.batch = batch
+        self._summary = summary
+        self.last_batch.set(summary.as_dict())
+        return summary
+
+    async def _wait_for_temperature(self, devices):
+        """Before recording, wait up to each spectrometer's
+        ``wait_for_temperature`` minutes for its cooled detector to come
+        within ``temperature_tolerance`` of its set point (status "waiting
+        for temperature"); a detector still away then is recorded anyway,
+        its spectra flagged, and the summary says so."""
+        waits = {s: s.config.wait_for_temperature * 60.0 for s in devices
+                 if getattr(s.config, "wait_for_temperature", 0) > 0
+                 and s.info is not None and s.info.has_tec and s.tec_enabled.value}
+        if not waits:
+            return
+        started = self.clock.seconds()
+        previous = self.status.value
+        while True:
+            await self._checkpoint()
+            readings = await self._unless_aborted(defer.DeferredList(
+                [s.read_temperature() for s in waits], consumeErrors=True))
+            elapsed = self.clock.seconds() - started
+            away = {}
+            for s, (ok, value) in zip(list(waits), readings):
+                target = s.target_temperature.value
+                if ok and abs(value - target) <= s.temperature_tolerance:
+                    continue
+                if elapsed >= waits[s]:
+                    why = (f"{value - target:+.1f} °C from its set point {target:g} °C"
+                           if ok else f"temperature unreadable: {value.getErrorMessage()}")
+                    self.log.warn("{name}: {why} after {minutes:g} min; recording anyway",
+                                  name=s.name, why=why, minutes=waits[s] / 60.0)
+                    if self._summary is not None:
+                        self._summary.fault(f"{s.name}: {why} after waiting "
+                                            f"{waits[s] / 60.0:g} min")
+                    continue
+                away[s] = value if ok else None
+            if not away:
+                break
+            if self.status.value != "waiting for temperature":
+                self.log.info("waiting up to {minutes:g} min for the detector "
+                              "temperature", minutes=max(waits.values()) / 60.0)
+                self.status.set("waiting for temperature")
+            waits = {s: waits[s] for s in away}
+            left = min(waits.values()) - elapsed        # > 0: none has timed out
+            await self._sleep(max(0.5, min(TEMPERATURE_POLL, left)))
+        if self._summary is not None:
+            self._summary.temperature_wait = round(self.clock.seconds() - started, 1)
+        self.status.set(previous)
+
     # -- acquisition steps -------------------------------------------------
 
     def _devices(self):
@@ -222,6 +302,9 @@ class Control:
                                name=s.name, channel=channel,
                                kind="dark" if dark else "light",
                                error=value.getErrorMessage())
+                if self._summary is not None:
+                    self._summary.fault(f"{s.name}: {channel} {'dark' if dark else 'light'} "
+                                        f"failed: {value.getErrorMessage()}")
         if not good:
             raise BatchFailed(f"no spectrometer delivered a {channel} spectrum")
         return good
@@ -239,9 +322,11 @@ class Control:
             await shutters.only(None if dark else channel)
             results = await self._acquire_channel(channel, dark, devices, RECORDING)
             for s, reading in results:
-                spectra.append(pico.spectrum(
-                    s.metadata(channel, reading), reading.pixels, channel,
-                    dark, sequence, batch, run))
+                spectrum = pico.spectrum(s.metadata(channel, reading), reading.pixels,
+                                         channel, dark, sequence, batch, run)
+                spectra.append(spectrum)
+                if self._summary is not None:
+                    self._summary.spectrum(s.name, spectrum["Metadata"])
             devices = [s for s in devices if s.connected] or devices
         if not dark:
             await shutters.only(None)
@@ -249,6 +334,7 @@ class Control:
 
     async def _autointegrate(self, devices, target):
         """Find integration times for every channel and device."""
+        await self.prepare()            # (imported in a worker: a no-op here)
         from .autointegrate import AutoIntegration
         shutters = self.instrument.shutters
         for channel in self.instrument.channels:
@@ -295,9 +381,15 @@ class Control:
     def _write(self, run, batch, sequence, kind, spectra, clobber):
         """Queue a file write (storage names and writes it); any failure
         stops the batch at its next step."""
-        def written(_):
+        summary = self._summary
+
+        def written(name):
             self.files_written += 1
             self.datadir.files_written.set(self.files_written)
+            if summary is not None:
+                summary.written(name, sequence, kind)
+                if summary is self._summary:
+                    self.last_batch.set(summary.as_dict())
 
         def failed(f):
             # any exception, not only OSError, raised at once or later: the
@@ -313,6 +405,8 @@ class Control:
                 self.log.failure("{message}", f, message=message)
             if self._write_failed is None:
                 self._write_failed = message
+            if summary is not None:
+                summary.fault(message)
         # counting inside the lock: a flush sees every earlier write counted
         return self._writes.run(
             lambda: defer.maybeDeferred(self.datadir.save, run, batch, sequence, kind,
@@ -330,10 +424,12 @@ class Control:
         split = self.instrument.config.split
         clobber = self.instrument.config.clobber
         batch = await self.datadir.prepare_run(run)
+        self._begin_summary("batch", run, batch)
         self.log.info("batch {batch} of run {run}: {n} sequences, autointegration "
                       "{auto}, delay {delay} s", batch=batch, run=run, n=nsequence,
                       auto=auto, delay=delay)
         written_before = self.files_written
+        await self._wait_for_temperature(self._devices())
         if auto == 0:
             await self._autointegrate(self._devices(), target)
         dark_done = set()
@@ -378,6 +474,7 @@ class Control:
 
     async def _dark_only(self, run):
         batch = await self.datadir.prepare_run(run)
+        self._begin_summary("dark sequence", run, batch)
         self.current_sequence.set(0)
         dark = await self._record_set(True, 0, batch, run, self._devices())
         kind = "dark" if self.instrument.config.split else None
@@ -598,6 +695,8 @@ class Control:
             "status": Resource(get=lambda: self.status.value, observe=self.status),
             "current_sequence": Resource(get=lambda: self.current_sequence.value),
             "fault": Resource(get=lambda: self.fault.value, observe=self.fault),
+            "last_batch": Resource(get=lambda: self.last_batch.value,
+                                   observe=self.last_batch),
             "numSequences": setting(self.num_sequences, self.set_num_sequences),
             "autointegration": setting(self.autointegration, self.set_autointegration),
             "delay": setting(self.delay, self.set_delay),

@@ -9,15 +9,11 @@ import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
-from .errors import CliError, Refused, Unreachable
+from .errors import CliError, Refused
 from .terminal import emit, shown
 
 STATUS_WORDS = {1: "no worker", 2: "powered off", 3: "dropped", 4: "connecting",
                 5: "disconnected", 6: "idle", 7: "recording", 8: "autointegrating"}
-
-
-BUSY = (7, 8)                 # recording, autointegrating: the device is in use
-TEMPERATURE_TIMEOUT = 1.0
 
 
 async def _maybe(coro, default=None):
@@ -35,16 +31,15 @@ async def _spectrometer(client, name, channels):
     status, tec, *times = await asyncio.gather(
         client.get(f"{base}/status"), _maybe(client.get(f"{base}/haveTEC"), False),
         *(_maybe(client.get(f"{base}/current_time/{c}")) for c in channels))
-    temperature = None
-    if tec and status not in BUSY:
-        # a reading waits for the device; never let it hold the screen up
-        try:
-            temperature = await client.get(f"{base}/current_temperature",
-                                           timeout=TEMPERATURE_TIMEOUT)
-        except (Refused, Unreachable):      # busy, no cooler, or slow: "-"
-            temperature = None
+    temperature = age = None
+    if tec:
+        # the spectrometer's last reading (taken between integrations while
+        # it records): never a device call, so never held up by one
+        last = await _maybe(client.get(f"{base}/last_temperature"))
+        if isinstance(last, dict):
+            temperature, age = last.get("temperature"), last.get("age")
     return {"name": name, "status": status, "tec": tec, "temperature": temperature,
-            "times": dict(zip(channels, times))}
+            "temperature_age": age, "times": dict(zip(channels, times))}
 
 
 async def gather_status(client):
@@ -82,8 +77,8 @@ def format_status(s, now=None):
                           if t is not None)
         line = f"{shown(spec['name']):<{width}} {words}; integration {times or '-'}"
         if spec["tec"]:
-            t = spec["temperature"]
-            line += "; temperature " + (f"{t:.1f} °C" if isinstance(t, (int, float)) else "-")
+            line += "; temperature " + _temperature(spec.get("temperature"),
+                                                    spec.get("temperature_age"))
         lines.append(line)
     lines.append(f"{'shutters':<{width}} " + (", ".join(f"{shown(c)} {shown(v)}"
                                                         for c, v in s["shutters"].items())
@@ -110,8 +105,19 @@ REFRESH = 10.0     # seconds without a notification before --watch asks itself
 
 def _unchanging(s):
     """What --watch compares: the screen's state but the temperatures."""
-    return {**s, "spectrometers": [{k: v for k, v in spec.items() if k != "temperature"}
+    return {**s, "spectrometers": [{k: v for k, v in spec.items()
+                                    if k not in ("temperature", "temperature_age")}
                                    for spec in s["spectrometers"]]}
+
+
+def _temperature(t, age):
+    """"-11.9 °C (4 s ago)", or "-" before the first reading."""
+    if not isinstance(t, (int, float)):
+        return "-"
+    text = f"{t:.1f} °C"
+    if isinstance(age, (int, float)):
+        text += f" ({age:.0f} s ago)"
+    return text
 
 
 async def status(client, out, watch=False, updates=None, refresh=None):
@@ -333,7 +339,65 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     late = " (it had ended before the abort)" if asked_abort else ""
     print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} recorded{late}",
           file=out)
+    summary = await _maybe(client.get("control/last_batch"))
+    if isinstance(summary, dict) and summary.get("run") == args.run \
+            and summary.get("batch") == batch:
+        emit(out, format_summary(summary))
+        for line in summary_warnings(summary):
+            emit(err, f"warning: {line}")
     return 0
+
+
+def format_summary(s):
+    """The batch summary (GET /control/last_batch, ``shape.SUMMARY``) in a
+    few lines, every value from the server shown escaped."""
+    lines = [f"batch {s.get('batch')} of run {shown(s.get('run'))}: {s.get('sequences')} "
+             f"sequence{'s' if s.get('sequences') != 1 else ''}, "
+             f"{len(s.get('files') or [])} files, {_when(s.get('start'))} to "
+             f"{_when(s.get('end')) if s.get('end') else '(running)'}"]
+    for spec, channels in sorted((s.get("integration_times") or {}).items()):
+        times = ", ".join(f"{shown(c)} {'/'.join(f'{t:g}' for t in ts)} ms"
+                          for c, ts in channels.items())
+        lines.append(f"  {shown(spec)}: {times}")
+    lines.append(f"  saturated spectra: {s.get('saturated_spectra') or 0}; "
+                 f"temperature-unstable spectra: {s.get('temperature_unstable_spectra') or 0}")
+    if s.get("temperature_wait"):
+        lines.append(f"  waited {s['temperature_wait']:g} s for the detector temperature")
+    for fault in s.get("faults") or []:
+        lines.append(f"  fault: {shown(fault)}")
+    return "\n".join(lines)
+
+
+def _ranges(ranges):
+    """[[0, 4], [7, 7]] -> "sequences 0-4, 7"; [[3, 3]] -> "sequence 3"."""
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in ranges or ()]
+    single = len(ranges or ()) == 1 and ranges[0][0] == ranges[0][1]
+    return ("sequence " if single else "sequences ") + (", ".join(parts) or "?")
+
+
+def _span(low, high, fmt):
+    values = [v for v in (low, high) if v is not None]
+    if not values:
+        return "?"
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+
+
+def summary_warnings(s):
+    """One line per spectrometer, channel and type with saturated or
+    temperature-unstable spectra, naming the sequences."""
+    for e in s.get("saturated") or []:
+        where = " ".join(shown(e.get(k)) for k in ("spectrometer", "channel", "type"))
+        yield (f"{where}, {_ranges(e.get('sequences'))}: "
+               f"{_span(e.get('pixels_min'), e.get('pixels_max'), '{}')} pixels saturated "
+               f"(at or above {e.get('level')})")
+    for e in s.get("temperature_unstable") or []:
+        target = e.get("set_point")
+        t = _span(e.get("temperature_min"), e.get("temperature_max"), "{:.1f}")
+        where = " ".join(shown(e.get(k)) for k in ("spectrometer", "channel", "type"))
+        yield (f"{where}, {_ranges(e.get('sequences'))}: detector at {t} °C, set point "
+               f"{target if target is None else f'{target:g}'} °C "
+               f"(tolerance {e.get('tolerance')} °C): temperature not stable")
 
 
 async def _until_idle(observation):
@@ -494,9 +558,15 @@ def format_health(h):
         if s.get("last_error"):
             line += f" (last: {shown(s['last_error'])})"
         if "temperature" in s:
-            t = s["temperature"]
-            line += ", " + (f"{t:.1f} °C" if isinstance(t, (int, float)) else "temperature ?")
+            line += ", temperature " + _temperature(s["temperature"], s.get("temperature_age"))
+            if s.get("temperature_stable") is False:
+                target = s.get("temperature_target")
+                line += (f" (set point {target:g} °C: not stable)" if target is not None
+                         else " (not stable)")
         lines.append(line)
+    summary = h.get("last_batch_summary")
+    if summary is not None:
+        lines.append("last batch   " + format_summary(summary).replace("\n", "\n             "))
     lines.append(f"fault        {shown(h.get('fault') or 'none')}")
     for source, fault in sorted((h.get("faults") or {}).items()):
         lines.append(f"{shown(source) + ' fault':<12} {shown(fault)}")

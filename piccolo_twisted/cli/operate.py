@@ -33,13 +33,17 @@ USAGE = 2
 AUTO_WORDS = {-1: "never", 0: "once at the start of each batch"}
 
 
-def add_parsers(sub, parents=()):
-    """The operator's commands on ``sub`` (argparse subparsers); every
-    parser made here, nested ones too, gets ``parents``."""
-    parents = list(parents)
+def add_parsers(sub, nested=None):
+    """The operator's commands on ``sub`` (argparse subparsers);
+    ``nested(parser)`` is called for every parser made below them (the
+    settings of ``set``, the actions of ``schedule``), e.g. to give them
+    the global options."""
 
     def parser(group, name, **kw):
-        return group.add_parser(name, parents=parents, **kw)
+        p = group.add_parser(name, **kw)
+        if group is not sub and nested is not None:
+            nested(p)
+        return p
 
     parser(sub, "abort", help="stop the running batch, dark sequence or autointegration")
     parser(sub, "pause", help="pause the running batch at its next step")

@@ -208,11 +208,13 @@ class ListOf(Shape):
 
 class Row(Shape):
     """A list whose items have their own shapes; the last ``optional`` of
-    them may be missing; items past the known ones are kept unchecked."""
+    them may be missing; items past the known ones are kept unchecked
+    (``grows=False``: refused -- a pair that code unpacks)."""
 
-    def __init__(self, *shapes, optional=0):
+    def __init__(self, *shapes, optional=0, grows=True):
         self.shapes = shapes
         self.required = len(shapes) - optional
+        self.grows = grows
         self.expected = f"a row of {self.required}"
 
     def check(self, value, where):
@@ -220,6 +222,8 @@ class Row(Shape):
             self.fail(where, value)
         if len(value) < self.required:
             self.fail(where, value, f"is a row of {len(value)}, not at least {self.required}")
+        if not self.grows and len(value) > len(self.shapes):
+            self.fail(where, value, f"is a row of {len(value)}, not at most {len(self.shapes)}")
         checked = [s.check(v, f"{where}[{i}]") for i, (s, v) in enumerate(zip(self.shapes, value))]
         return checked + value[len(checked):]
 
@@ -293,6 +297,28 @@ JOB = Row(TEXT, ListOf(Scalar(), max_items=16), optional=1)
 JOB_ROW = Row(INT, JOB, Nullable(TEXT), Nullable(TEXT), Nullable(Num(0, MAX_INTERVAL)), TEXT)
 JOBS = ListOf(JOB_ROW, max_items=1000)
 
+#: a batch's summary (GET /control/last_batch, health's last_batch_summary)
+_FLAGGED = Obj({
+    "spectrometer": Nullable(TEXT), "channel": Nullable(TEXT), "type": Nullable(TEXT),
+    "sequences": Nullable(ListOf(Row(INT, INT, grows=False), max_items=100000)),
+    "spectra": Nullable(INT), "level": Nullable(NUM), "set_point": Nullable(NUM),
+    "tolerance": Nullable(NUM),
+    **{f"{m}_{end}": Nullable(NUM) for m in ("pixels", "temperature") for end in ("min", "max")}})
+SUMMARY = Obj({
+    "kind": Nullable(TEXT), "run": Nullable(TEXT), "batch": Nullable(INT),
+    "sequences": Nullable(Int(0)), "files": Nullable(ListOf(TEXT, max_items=1 << 22)),
+    "integration_times": Nullable(MapOf(TEXT, MapOf(TEXT, ListOf(NUM, max_items=1000),
+                                                    max_items=64), max_items=64)),
+    "saturated_spectra": Nullable(Int(0)), "saturated": Nullable(ListOf(_FLAGGED, 10000)),
+    "temperature_unstable_spectra": Nullable(Int(0)),
+    "temperature_unstable": Nullable(ListOf(_FLAGGED, 10000)),
+    "temperature_wait": Nullable(Num(0)), "faults": Nullable(ListOf(TEXT, max_items=1000)),
+    "aborted": Nullable(BOOL), "start": Nullable(TEXT), "end": Nullable(TEXT)})
+#: GET /spectrometer/<spec>/last_temperature
+LAST_TEMPERATURE = Nullable(Obj({
+    "temperature": Nullable(NUM), "age": Nullable(Num(0)), "target": Nullable(NUM),
+    "enabled": Nullable(BOOL), "stable": Nullable(BOOL)}))
+
 HEALTH = Obj({
     "disk_free": Nullable(Num(0)), "disk_total": Nullable(Num(0)),
     "days_left": Nullable(Num(0)), "files_today": Nullable(Int(0)),
@@ -301,9 +327,11 @@ HEALTH = Obj({
     "spectrometers": Nullable(MapOf(WORD, Obj({
         "name": Nullable(TEXT), "status": Nullable(TEXT), "status_code": Nullable(INT),
         "errors": Nullable(Int(0)), "last_error": Nullable(TEXT),
-        "temperature": Nullable(NUM)}), max_items=64)),
+        "temperature": Nullable(NUM), "temperature_age": Nullable(Num(0)),
+        "temperature_target": Nullable(NUM), "temperature_stable": Nullable(BOOL)}),
+        max_items=64)),
     "fault": Nullable(TEXT), "faults": Nullable(MapOf(WORD, TEXT, max_items=64)),
-    "time": Nullable(TEXT)})
+    "last_batch_summary": Nullable(SUMMARY), "time": Nullable(TEXT)})
 
 #: a .pico document: what ``plot`` reads of it
 _COEFFICIENTS = Nullable(ListOf(Num(-1e9, 1e9), max_items=16))
@@ -314,7 +342,10 @@ PICO = Obj({"Spectra": ListOf(Obj({
         "Batch": Nullable(INT), "SequenceNumber": Nullable(INT),
         "IntegrationTime": Nullable(Num(0, 1e9)), "SaturationLevel": Nullable(Num(-1e15, 1e15)),
         "WavelengthCalibrationCoefficients": _COEFFICIENTS,
-        "WavelengthCalibrationCoefficientsPiccolo": _COEFFICIENTS}),
+        "WavelengthCalibrationCoefficientsPiccolo": _COEFFICIENTS,
+        "DarkPixels": Nullable(ListOf(Int(0), max_items=1 << 20)),
+        "Datetime": Nullable(TEXT), "Temperature": Nullable(NUM),
+        "TemperatureSetPoint": Nullable(NUM), "TemperatureStable": Nullable(BOOL)}),
     "Pixels": ListOf(Num(-1e15, 1e15), max_items=1 << 20)}, required=("Metadata", "Pixels")),
     min_items=1, max_items=256)}, required=("Spectra",))
 
@@ -326,6 +357,7 @@ CATALOGUE = [
     ("GET", r"control/(current_sequence|numSequences|autointegration)", INT),
     ("GET", r"control/(delay|target)", NUM),
     ("GET", r"control/paused", BOOL),
+    ("GET", r"control/last_batch", Nullable(SUMMARY)),
     ("GET", r"control/(abort|pause)", IGNORED),
     ("GET", r"control/scheduler/jobs", JOBS),
     ("GET", r"control/scheduler/(quietTimeEnabled|powerOffEnabled)", BOOL),
@@ -341,6 +373,7 @@ CATALOGUE = [
     ("GET", _SPEC + r"/(haveTEC|TECenabled)", BOOL),
     ("GET", _SPEC + r"/(current_temperature|target_temperature|min_time|max_time)", NUM),
     ("GET", _SPEC + r"/current_time/[^/]+", NUM),
+    ("GET", _SPEC + r"/last_temperature", LAST_TEMPERATURE),
     ("GET", _SPEC + r"/autointegration/[^/]+", Text(8)),
     ("GET", r"shutter/[^/]+/status", Text(16)),
     ("GET", r"sysinfo/health", HEALTH),

@@ -6,13 +6,19 @@ from .protocol import ServerCoap
 from .site import Site
 
 
-def coap_service(components, address="::", port=5683, clock=None):
+def coap_service(components, address="::", port=5683, clock=None, access=None):
     """A ``UDPServer`` (binds in privilegedStartService) for the components.
 
     ``maxPacketSize`` is the largest UDP datagram: Twisted's default of 8192
     cut larger PUTs short (#13); bodies over the Block1 limit get 4.13.
+
+    ``access``: an optional policy object with ``refusal(host) ->
+    Optional[str]`` (None: allowed, else the reason). Requests that change
+    anything (PUT, POST, DELETE, and a GET of a resource whose GET acts)
+    from a refused host are answered 4.03 with the reason as plain text;
+    reads stay open.
     """
-    protocol = ServerCoap(Site(components), clock=clock)
+    protocol = ServerCoap(Site(components), clock=clock, access=access)
     service = internet.UDPServer(port, protocol, interface=address,
                                  maxPacketSize=65535)
     service.protocol = protocol

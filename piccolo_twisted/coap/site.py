@@ -98,8 +98,8 @@ def message(error):
 def encode_json(value):
     if value is None:
         return b""
-    if isinstance(value, EncodedJSON):
-        return value
+    if isinstance(value, EncodedJSON) or hasattr(value, "read"):
+        return value                # encoded already, or read by offset (jsontext)
     return EncodedJSON.encode(value)
 
 
@@ -162,6 +162,7 @@ class Site:
                 full = "/".join(p for p in (prefix, path) if p)
                 self._add(full, Leaf(spec, full))
         self._core = None
+        self._resolved = {}
         self._add(".well-known/core", WellKnownCore)
 
     def _add(self, path, leaf):
@@ -188,8 +189,26 @@ class Site:
             self._core = ",".join(links).encode("utf-8")
         return self._core
 
+    RESOLVED_MAX = 4096
+
     def resolve(self, path):
-        """Return (leaf, path args) for a path tuple, or raise NotFoundError."""
+        """Return (leaf, path args) for a path tuple, or raise NotFoundError
+        (remembered: a request asks three times, and most ask the same
+        few paths)."""
+        found = self._resolved.get(path)
+        if found is None:
+            try:
+                found = self._resolve(path)
+            except NotFoundError as e:
+                found = e
+            if len(self._resolved) >= self.RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[path] = found
+        if isinstance(found, NotFoundError):
+            raise NotFoundError(str(found))
+        return found
+
+    def _resolve(self, path):
         node = self.root
         for i, part in enumerate(path):
             child = node.children.get(part.encode("utf-8"))
@@ -203,14 +222,42 @@ class Site:
             node = child
         raise NotFoundError("no such resource: /" + "/".join(path))
 
+    def _leaf(self, path):
+        try:
+            return self.resolve(path)[0]
+        except NotFoundError:
+            return None
+
     def safe_get(self, path):
         """True when a GET of ``path`` has no effect, so a duplicate may
         simply be answered again (RFC 7252 4.5) instead of from a cache."""
-        try:
-            leaf, _ = self.resolve(path)
-        except NotFoundError:
-            return True
-        return leaf is WellKnownCore or not leaf.spec.get_acts
+        leaf = self._leaf(path)
+        return leaf is None or leaf is WellKnownCore or not leaf.spec.get_acts
+
+    def safe(self, code, path):
+        """True when the request has no effect (a GET that does not act, a
+        PUT that only reads, e.g. a file or a listing): a duplicate is
+        run again rather than kept in the dedup cache."""
+        if code == _tx.GET:
+            return self.safe_get(path)
+        if code == _tx.PUT:
+            leaf = self._leaf(path)
+            return leaf is not None and leaf is not WellKnownCore and leaf.spec.put_reads
+        return False
+
+    def acts(self, path):
+        """True when a GET of ``path`` changes something (abort, pause,
+        connect, power_on, ...)."""
+        leaf = self._leaf(path)
+        return leaf is not None and leaf is not WellKnownCore and leaf.spec.get_acts
+
+    def urgent(self, path):
+        """True for requests served even when the server is full: the
+        state and settings (observable resources: /control/status,
+        numSequences, ...) and what stops things (abort, pause)."""
+        leaf = self._leaf(path)
+        return (leaf is not None and leaf is not WellKnownCore
+                and (leaf.spec.urgent or leaf.observable))
 
     # -- the entry point used by the protocol -----------------------------
 

@@ -34,8 +34,11 @@ class Reading:
     pixels: list
     integration_time: int            # ms
     started: float                   # time.monotonic() at integration start
-    temperature: float | None = None
+    temperature: float | None = None # °C, read just after the integration
     acquisitions: int = 1            # reads it took, stale ones included
+    # the cooler's state at the acquisition (filled in by the front)
+    tec_enabled: bool = False
+    set_point: float | None = None   # °C
 
 
 def acquire_clean(device, ms, idle_ms):
