@@ -375,6 +375,8 @@ class SharedRuleTests(unittest.SynchronousTestCase):
         "b000000_s000000_light.pico", "b000000_s000000_dark.pico", "b123456_s654321.pico",
         "b000000_s000000_light.pico\n", "b٠٠٠٠٠٠_s000000.pico", "b00000_s000000.pico",
         "b000000_s000000_light.pico.tmp", "../b000000_s000000.pico", "/dev/zero",
+        "b1234567_s000000.pico", "b0123456_s000000.pico", "b123456789012_s000000.pico",
+        "b000000_s12345678.pico", "b000000_s1234567_dark.pico",
         "xb000000_s000000.pico", "b000000_s000000_other.pico", "B000000_S000000.PICO",
         "b0000000_s000000.pico", "b000000_s000000_light.pic", "",
     ]
@@ -398,7 +400,7 @@ class SharedRuleTests(unittest.SynchronousTestCase):
         for name in self.FILES:
             self.assertEqual(names.is_spectrum_file(name), runindex.parse(name) is not None,
                              repr(name))
-        self.assertEqual(sum(map(names.is_spectrum_file, self.FILES)), 3)
+        self.assertEqual(sum(map(names.is_spectrum_file, self.FILES)), 5)
 
 
 class ShapeTests(unittest.SynchronousTestCase):

@@ -7,15 +7,17 @@ agree name for name).
   hidden (a leading ``.``), no ``/``, ``\\`` or control character (C0, DEL,
   C1), at most 100 bytes of UTF-8 (``piccolo_twisted/datadir.py``,
   ``check_run_name``).
-- A spectrum file is ``b<6 digits>_s<6 digits>[_light|_dark].pico``, ASCII
-  digits, nothing before or after (``runindex.SPECTRUM_FILE``).
+- A spectrum file is ``b<batch>_s<sequence>[_light|_dark].pico``: six ASCII
+  digits each, or more without a leading zero (batches up to 11 digits,
+  sequences up to 7), nothing before or after (``runindex.SPECTRUM_FILE``).
 """
 
 import re
 
 MAX_RUN_NAME = 100              # bytes of UTF-8
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-SPECTRUM_FILE = re.compile(r"b([0-9]{6})_s([0-9]{6})(_light|_dark)?\.pico\Z")
+SPECTRUM_FILE = re.compile(
+    r"b([0-9]{6}|[1-9][0-9]{6,10})_s([0-9]{6}|[1-9][0-9]{6})(_light|_dark)?\.pico\Z")
 
 
 def run_name_problem(name):
