@@ -350,6 +350,34 @@ class CraftedAnswerTests(Crafted):
         self.assertEqual(err.count("\n"), 1, err)
 
     @in_loop
+    async def test_newer_answers_are_checked_too(self):
+        """The batch summary in health and a spectrometer's last
+        temperature (issue 20) go through the same shapes: a row of three
+        where a pair is unpacked, a text where numbers are joined."""
+        summary = {"run": "r", "batch": 0, "sequences": 1, "files": [],
+                   "integration_times": {"S_a": {"up": [100]}},
+                   "saturated": [{"spectrometer": "S_a", "channel": "up", "type": "light",
+                                  "sequences": [[0, 1]], "pixels_min": 1, "pixels_max": 2,
+                                  "level": 65535}]}
+        code, out, err = await self.against(
+            self.routes(HEALTH_PATH, {"last_batch_summary": summary}), "health")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("S_a: up 100 ms", out)
+        for bad in ({**summary, "integration_times": {"S_a": {"up": "x"}}},
+                    {**summary, "saturated": [{**summary["saturated"][0],
+                                               "sequences": [[0, 1, 2]]}]}):
+            code, out, err = await self.against(
+                self.routes(HEALTH_PATH, {"last_batch_summary": bad}), "health")
+            self.assertEqual(code, 2, err)
+            self.assertOneLine(err, "GET /sysinfo/health: malformed answer",
+                               "last_batch_summary.")
+        code, out, err = await self.against(
+            self.routes("spectrometer/S_sim_QEP00981/last_temperature",
+                        {"temperature": "hot", "age": 1}), "status")
+        self.assertEqual(code, 2, err)
+        self.assertOneLine(err, "last_temperature: malformed answer", "temperature is a string")
+
+    @in_loop
     async def test_rows_may_grow(self):
         """A newer server may add columns to a job row (its last outcome,
         say): they are kept, never a malformed answer."""
