@@ -288,7 +288,8 @@ def _server(address="127.0.0.1"):
             self.log = open(os.path.join(self.datadir, "server.log"), "ab")
             self.proc = subprocess.Popen(
                 TWISTD + ["-n", "--pidfile=", "piccolo", "--address", address,
-                          "--port", str(self.port), "--data-dir", self.datadir],
+                          "--port", str(self.port), "--web", "0",
+                          "--data-dir", self.datadir],
                 env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
             t0 = time.monotonic()
             while time.monotonic() - t0 < timeout:

@@ -41,6 +41,11 @@ port = integer(min=0, max=65535, default=0)
 interface = string(default=127.0.0.1)
 keys = string(default="")
 host_key = string(default="")
+[web]
+port = integer(min=0, max=65535, default=8080)
+address = string(default="")
+[access]
+control_from = force_list(default=list("any"))
 """
 
 INSTRUMENT_SPEC = """
@@ -235,7 +240,15 @@ class ServerConfig:
     manhole_host_key: str = ""    # empty: in the state directory (statedir.py)
     seabreeze_backend: str | None = None     # None: seabreeze's own choice
     emulate: list = field(default_factory=list)  # [(model, serial)]
+    web_port: int = 8080                     # 0: no web page
+    web_address: str = ""                    # empty: the CoAP address
+    control_from: tuple | None = None        # ip networks; None: everyone
     source: str = "<defaults>"
+
+    @property
+    def web_interface(self):
+        """Where the web page listens: ``[web] address``, else the CoAP one."""
+        return self.web_address or self.address
 
 
 def load_server_config(path=None, text=None):
@@ -250,6 +263,11 @@ def load_server_config(path=None, text=None):
     if interface:
         interface = check_address(interface, f"{name}: [manhole/interface]")
     backend, emulate = _seabreeze(name, cfg["seabreeze"])
+    web_address = cfg["web"]["address"]
+    if web_address:
+        web_address = check_address(web_address, f"{name}: [web/address]")
+    control_from = check_control_from(cfg["access"]["control_from"],
+                                      f"{name}: [access/control_from]")
     return ServerConfig(
         instrument=cfg["config"],
         instrument_named="config" not in cfg.defaults,
@@ -270,8 +288,21 @@ def load_server_config(path=None, text=None):
         manhole_host_key=cfg["manhole"]["host_key"],
         seabreeze_backend=backend,
         emulate=emulate,
+        web_port=cfg["web"]["port"],
+        web_address=web_address,
+        control_from=control_from,
         source=path or "<string>" if (path or text) else "<defaults>",
     )
+
+
+def check_control_from(entries, where):
+    """``[access] control_from``: addresses and networks (None: everyone);
+    anything else is a ConfigError naming ``where``."""
+    from .access import AccessError, parse_networks
+    try:
+        return parse_networks(entries)
+    except AccessError as e:
+        raise ConfigError(f"{where} {e}") from None
 
 
 def _seabreeze(name, section):

@@ -987,6 +987,7 @@ class DataDir:
         return {
             "datadir": Resource(get=self.get_datadir),
             "mount": Resource(get=self.get_mount, put=self.set_mount),
+            # PUTs that only read (the legacy API's): open to every client
             "all_runs": Resource(put=self.all_runs, put_reads=True),
             "current_run": Resource(get=self.get_current_run, put=self.set_current_run,
                                     observe=self.current_run),

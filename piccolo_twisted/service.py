@@ -10,6 +10,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from .access import ControlPolicy
 from .coap.server import coap_service
 from .datadir import DataDir
 from .sysinfo import Health, SysInfo
@@ -46,9 +47,12 @@ class PiccoloService(service.MultiService):
             "data_dir": self.datadir.resources(),
         }
         self._build_instrument(time_scale)
+        #: [access] control_from: who may change anything, over CoAP and the web
+        self.access = ControlPolicy(settings.control_from)
         self.coap = coap_service(self.components, settings.address,
-                                 settings.port, clock=clock)
+                                 settings.port, clock=clock, access=self.access)
         self.coap.setServiceParent(self)
+        self._build_web()
         # before the manhole looks for its key: an old one is moved, not remade
         self._move_state_out_of_the_data()
         self._build_manhole()
@@ -74,11 +78,27 @@ class PiccoloService(service.MultiService):
             "control": self.control.resources(),
             "control/scheduler": self.scheduler.resources(),
         })
+        self.components["spectrometer"].update(self.control.live.resources())
         self.scheduler.timer.setServiceParent(self)
         self.health = Health(self.datadir, self.clock, control=self.control,
                              spectrometers=self.instrument.spectrometers,
                              scheduler=self.scheduler)
         self.components["sysinfo"].update(self.health.resources())
+
+    def _build_web(self):
+        self.web = None
+        if self.settings.web_port:
+            self.add_web(self.settings.web_port)
+
+    def add_web(self, port, address=None):
+        """The web page on ``port`` (0: any free one), before the service
+        starts; ``address`` defaults to ``[web] address``, else CoAP's."""
+        from .web import web_service
+        self.web = web_service(self.components, self.datadir.path.path,
+                               address=address or self.settings.web_interface,
+                               port=port, access=self.access, clock=self.clock)
+        self.web.setServiceParent(self)
+        return self.web
 
     def _move_state_out_of_the_data(self):
         """A host key an earlier version kept under the data directory goes
@@ -104,6 +124,7 @@ class PiccoloService(service.MultiService):
             "spectrometers": self.instrument.spectrometers,
             "control": self.control, "scheduler": self.scheduler,
             "datadir": self.datadir, "coap": self.coap.protocol,
+            "web": self.web, "access": self.access,
         }
 
     def privilegedStartService(self):
@@ -127,6 +148,10 @@ class PiccoloService(service.MultiService):
             # the data directory's file pool (started with the index build)
             # would keep the process alive, serving nothing
             self.datadir.stop()
+            if self.web is not None and self.web.bound_failed(e):
+                raise SystemExit(f"piccolo: cannot listen on [{self.settings.web_interface}]:"
+                                 f"{self.settings.web_port} (web page, [web] port or "
+                                 f"--web; 0 turns it off): {e.socketError}") from None
             raise SystemExit(f"piccolo: cannot listen on [{self.settings.address}]:"
                              f"{self.settings.port}: {e.socketError}") from None
         # after the bind: a failed start must not leave its thread behind

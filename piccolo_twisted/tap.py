@@ -23,6 +23,7 @@ class Options(usage.Options):
         ["data-dir", "o", None, "data directory (default ./piccolo_data)"],
         ["manhole", None, None, "SSH manhole port (off unless given)"],
         ["manhole-keys", None, None, "authorized_keys file for the manhole"],
+        ["web", None, None, "TCP port of the web page (default 8080, 0: off)"],
     ]
     optFlags = [
         ["mount", "m", "mount the data device before use"],
@@ -64,6 +65,8 @@ def resolve(options):
         settings.debug = True
     if options.get("manhole") is not None:
         settings.manhole_port = _port(options["manhole"], "--manhole")
+    if options.get("web") is not None:
+        settings.web_port = _port(options["web"], "--web")
     if options.get("manhole-keys"):
         settings.manhole_keys = options["manhole-keys"]
     if settings.mount:

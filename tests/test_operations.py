@@ -103,7 +103,7 @@ class DaemonTests(ProcessTestCase):
         port = free_port()
         env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", PICCOLO_TIME_SCALE="0.05")
         p = subprocess.run(TWISTD + ["--pidfile", pidfile, "-l", logfile, "piccolo",
-                                     "--address", "::1", "--port", str(port),
+                                     "--address", "::1", "--port", str(port), "--web", "0",
                                      "--data-dir", os.path.join(d, "data")],
                            env=env, capture_output=True, text=True, timeout=30)
         self.assertEqual(p.returncode, 0, p.stderr)     # detached

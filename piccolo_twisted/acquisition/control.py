@@ -28,6 +28,7 @@ from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
 from ..values import to_bool, to_float, to_int
 from . import pico
+from .live import LiveSpectra
 from .summary import BatchSummary
 
 #: seconds between two looks at the detector temperatures while a batch
@@ -39,6 +40,11 @@ TEMPERATURE_POLL = 5.0
 #: opened during a dark set would record light labelled dark)
 HARDWARE_ACTIONS = frozenset(("open_shutter", "close_shutter", "connect",
                               "disconnect", "power_on", "power_off"))
+
+
+#: ``/control/progress`` while nothing runs
+IDLE_PROGRESS = {"kind": None, "run": None, "batch": None, "sequence": None,
+                 "nsequence": None}
 
 
 class Aborted(Exception):
@@ -73,6 +79,11 @@ class Control:
         self.status = Observable("idle")
         self.current_sequence = Observable(-1)
         self.fault = Observable("")
+        #: what runs now: {"kind", "run", "batch", "sequence", "nsequence"}
+        self.progress = Observable(IDLE_PROGRESS)
+        #: the latest spectrum of every spectrometer and channel
+        self.live = LiveSpectra([s.name for s in instrument.spectrometers],
+                                instrument.channels, to_thread=to_thread)
         self.files_written = 0
         self._task = None
         self._abort = False
@@ -122,6 +133,7 @@ class Control:
         # busy from the first moment: a client polling status right after
         # its PUT must not read "idle" before the first step has begun
         self.status.set("waiting")
+        self.progress.set(dict(IDLE_PROGRESS, kind=kind))
         if self.instrument.leds is not None:
             self.instrument.leds.recording(True)
         d = defer.Deferred.fromCoroutine(self._guarded(coro))
@@ -136,6 +148,7 @@ class Control:
                 summary.finish(self.wall_time(), self._abort)
                 self.last_batch.set(summary.as_dict())
             self.current_sequence.set(-1)
+            self.progress.set(IDLE_PROGRESS)
             self.status.set("idle")
             for s in self.instrument.spectrometers:
                 s.set_busy(IDLE)
@@ -327,6 +340,9 @@ class Control:
                 spectra.append(spectrum)
                 if self._summary is not None:
                     self._summary.spectrum(s.name, spectrum["Metadata"])
+                self.live.record(s.name, channel, kind, spectrum["Pixels"],
+                                 spectrum["Metadata"], run=run, batch=batch,
+                                 sequence=sequence)
             devices = [s for s in devices if s.connected] or devices
         if not dark:
             await shutters.only(None)
@@ -359,6 +375,8 @@ class Control:
                     fed = []
                     for s, (ok, value) in zip(todo, results):
                         if ok:
+                            self.live.record(s.name, channel, "autointegration",
+                                             value.pixels, s.metadata(channel, value))
                             fed.append(self.to_thread(jobs[s].feed, value.integration_time,
                                                       value.pixels))
                         else:
@@ -425,6 +443,7 @@ class Control:
         clobber = self.instrument.config.clobber
         batch = await self.datadir.prepare_run(run)
         self._begin_summary("batch", run, batch)
+        self._progress(run=run, batch=batch, nsequence=nsequence)
         self.log.info("batch {batch} of run {run}: {n} sequences, autointegration "
                       "{auto}, delay {delay} s", batch=batch, run=run, n=nsequence,
                       auto=auto, delay=delay)
@@ -442,6 +461,7 @@ class Control:
         for sequence in range(nsequence):
             await self._checkpoint()
             self.current_sequence.set(sequence)
+            self._progress(sequence=sequence)
             devices = self._devices()
             dark = None
             if auto > 0 and sequence % auto == 0:
@@ -472,9 +492,13 @@ class Control:
         self.log.info("batch {batch} of run {run} done: {n} files written",
                       batch=batch, run=run, n=self.files_written - written_before)
 
+    def _progress(self, **changes):
+        self.progress.set(dict(self.progress.value, **changes))
+
     async def _dark_only(self, run):
         batch = await self.datadir.prepare_run(run)
         self._begin_summary("dark sequence", run, batch)
+        self._progress(run=run, batch=batch, sequence=0, nsequence=1)
         self.current_sequence.set(0)
         dark = await self._record_set(True, 0, batch, run, self._devices())
         kind = "dark" if self.instrument.config.split else None
@@ -693,7 +717,9 @@ class Control:
             return Resource(get=lambda: obs.value, put=setter, observe=obs)
         return {
             "status": Resource(get=lambda: self.status.value, observe=self.status),
-            "current_sequence": Resource(get=lambda: self.current_sequence.value),
+            "current_sequence": Resource(get=lambda: self.current_sequence.value,
+                                         observe=self.current_sequence),
+            "progress": Resource(get=lambda: self.progress.value, observe=self.progress),
             "fault": Resource(get=lambda: self.fault.value, observe=self.fault),
             "last_batch": Resource(get=lambda: self.last_batch.value,
                                    observe=self.last_batch),

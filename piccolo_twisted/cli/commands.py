@@ -31,6 +31,9 @@ async def _spectrometer(client, name, channels):
     status, tec, *times = await asyncio.gather(
         client.get(f"{base}/status"), _maybe(client.get(f"{base}/haveTEC"), False),
         *(_maybe(client.get(f"{base}/current_time/{c}")) for c in channels))
+    # the latest spectrum of each channel (a server without last_spectrum: none)
+    latest = await asyncio.gather(
+        *(_maybe(client.get(f"{base}/last_spectrum/{c}")) for c in channels))
     temperature = age = None
     if tec:
         # the spectrometer's last reading (taken between integrations while
@@ -39,7 +42,32 @@ async def _spectrometer(client, name, channels):
         if isinstance(last, dict):
             temperature, age = last.get("temperature"), last.get("age")
     return {"name": name, "status": status, "tec": tec, "temperature": temperature,
-            "temperature_age": age, "times": dict(zip(channels, times))}
+            "temperature_age": age, "times": dict(zip(channels, times)),
+            "peaks": {c: _peak(doc) for c, doc in zip(channels, latest)}}
+
+
+def _peak(doc):
+    """What status shows of a channel's latest spectrum, or None."""
+    if not isinstance(doc, dict) or doc.get("peak") is None:
+        return None
+    return {k: doc.get(k) for k in ("peak", "kind", "integration_time", "saturated")}
+
+
+def format_peaks(peaks):
+    """``upwelling 56132 (light, 100 ms), downwelling 65535 (light, 100 ms,
+    1304 saturated)``, or "-" before anything was recorded."""
+    parts = []
+    for channel, p in peaks.items():
+        if p is None:
+            continue
+        t = p["integration_time"]
+        what = [shown(p["kind"] or "?")]
+        if isinstance(t, (int, float)):
+            what.append(f"{t:g} ms")
+        if p["saturated"]:
+            what.append(f"{p['saturated']} saturated")
+        parts.append(f"{shown(channel)} {p['peak']} ({', '.join(what)})")
+    return ", ".join(parts) or "-"
 
 
 async def gather_status(client):
@@ -80,6 +108,8 @@ def format_status(s, now=None):
             line += "; temperature " + _temperature(spec.get("temperature"),
                                                     spec.get("temperature_age"))
         lines.append(line)
+        if spec.get("peaks"):
+            lines.append(f"{'':<{width}}   latest peak: {format_peaks(spec['peaks'])}")
     lines.append(f"{'shutters':<{width}} " + (", ".join(f"{shown(c)} {shown(v)}"
                                                         for c, v in s["shutters"].items())
                                               or "none"))

@@ -314,6 +314,11 @@ SUMMARY = Obj({
     "temperature_unstable": Nullable(ListOf(_FLAGGED, 10000)),
     "temperature_wait": Nullable(Num(0)), "faults": Nullable(ListOf(TEXT, max_items=1000)),
     "aborted": Nullable(BOOL), "start": Nullable(TEXT), "end": Nullable(TEXT)})
+#: GET /spectrometer/<spec>/last_spectrum/<channel> (what status reads of it)
+LAST_SPECTRUM = Nullable(Obj({
+    "peak": Nullable(NUM), "kind": Nullable(Text(40)), "integration_time": Nullable(NUM),
+    "saturated": Nullable(Int(0)), "spectrometer": Nullable(TEXT),
+    "channel": Nullable(TEXT)}))
 #: GET /spectrometer/<spec>/last_temperature
 LAST_TEMPERATURE = Nullable(Obj({
     "temperature": Nullable(NUM), "age": Nullable(Num(0)), "target": Nullable(NUM),
@@ -374,6 +379,7 @@ CATALOGUE = [
     ("GET", _SPEC + r"/(current_temperature|target_temperature|min_time|max_time)", NUM),
     ("GET", _SPEC + r"/current_time/[^/]+", NUM),
     ("GET", _SPEC + r"/last_temperature", LAST_TEMPERATURE),
+    ("GET", _SPEC + r"/(last_spectrum|last_dark)/[^/]+", LAST_SPECTRUM),
     ("GET", _SPEC + r"/autointegration/[^/]+", Text(8)),
     ("GET", r"shutter/[^/]+/status", Text(16)),
     ("GET", r"sysinfo/health", HEALTH),

@@ -344,9 +344,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
     def _refused(self, req):
         """The access policy's reason to refuse a request that changes
         something, or None."""
-        if self.access is None:
-            return None
-        if req.msg.code == GET and not self.site.acts(req.path):
+        if self.access is None or not self.site.may_change(req.msg.code, req.path):
             return None
         return self.access.refusal(req.host)
 

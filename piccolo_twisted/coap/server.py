@@ -9,6 +9,10 @@ from .site import Site
 def coap_service(components, address="::", port=5683, clock=None, access=None):
     """A ``UDPServer`` (binds in privilegedStartService) for the components.
 
+    ``access`` (an ``access.ControlPolicy``, or None for everyone) is asked
+    ``refusal(host)`` for every request that may change anything; a
+    refusal is answered 4.03 Forbidden with its reason.
+
     ``maxPacketSize`` is the largest UDP datagram: Twisted's default of 8192
     cut larger PUTs short (#13); bodies over the Block1 limit get 4.13.
 

@@ -11,13 +11,12 @@ of API.md for payloads and errors.
 """
 
 import inspect
-import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..api import EncodedJSON
+from ..api import EncodedJSON, error_text, parse_arguments
 from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError, UnavailableError
 from . import _tx, _txresource
 
@@ -26,73 +25,10 @@ LINK_FORMAT = 40
 TEXT = 0
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed")
-
-
-MAX_DEPTH = 32          # nesting of arrays/objects accepted in a payload
-
-
-def _finite(text):
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
-
-
-def _depth_ok(value):
-    """True when ``value`` nests at most MAX_DEPTH levels (no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            if depth > MAX_DEPTH:
-                return False
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, depth + 1) for c in children
-                         if isinstance(c, (list, dict)))
-    return True
-
-
-def parse_arguments(payload):
-    """Turn a PUT payload into (args, kwargs) following API.md.
-
-    Whatever the parser cannot take -- bad UTF-8, bad JSON, NaN/Infinity,
-    numbers out of range, nesting deeper than the interpreter's recursion
-    limit -- is a ``PiccoloError`` (4.00), never an exception that escapes
-    the request path; nesting over ``MAX_DEPTH`` is refused too.
-    """
-    if not payload:
-        return (), {}
-    try:
-        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
-                           parse_float=_finite)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PiccoloError(f"payload is not valid JSON: {e}") from None
-    except (RecursionError, MemoryError):
-        raise PiccoloError("payload is not valid JSON: nested too deeply") from None
-    if not _depth_ok(value):
-        raise PiccoloError(f"payload nests deeper than {MAX_DEPTH} levels")
-    if (isinstance(value, list) and len(value) == 2
-            and isinstance(value[0], list) and isinstance(value[1], dict)):
-        return tuple(value[0]), value[1]
-    if isinstance(value, list):
-        return tuple(value), {}
-    if isinstance(value, dict):
-        return (), value
-    return (value,), {}
-
-
-MAX_MESSAGE = 400
-
-
 def message(error):
-    """An error's text for the wire: one readable line, never a huge echo
-    of the bad input (which would need a blockwise transfer)."""
-    text = " ".join(str(error).split())
-    if len(text) > MAX_MESSAGE:
-        text = text[:MAX_MESSAGE - 1] + "\u2026"
-    return text.encode("utf-8")
+    """An error's text for the wire (bytes): one readable line, never a
+    huge echo of the bad input (which would need a blockwise transfer)."""
+    return error_text(error).encode("utf-8")
 
 
 def encode_json(value):
@@ -258,6 +194,22 @@ class Site:
         leaf = self._leaf(path)
         return (leaf is not None and leaf is not WellKnownCore
                 and (leaf.spec.urgent or leaf.observable))
+
+    def may_change(self, code, path):
+        """Whether a request may change anything (what ``[access]
+        control_from`` guards): a PUT or POST, except the PUTs that only
+        read, and a GET that acts. Unknown paths change nothing."""
+        try:
+            leaf, _ = self.resolve(path)
+        except NotFoundError:
+            return False
+        if leaf is WellKnownCore:
+            return False
+        if code == _tx.GET:
+            return leaf.spec.changes("GET")
+        if code == _tx.PUT:
+            return leaf.spec.changes("PUT")
+        return True
 
     # -- the entry point used by the protocol -----------------------------
 
