@@ -257,3 +257,34 @@ class CopyWithoutSymlinksTests(InstallCase):
         self.assertIn(f"using the embedded default {bundled} (simulated instrument)",
                       server.log())
         self.assertEqual(server.stop(), -15)
+
+
+class RebuildTests(InstallCase):
+    """``pip install ./client`` again after an upgrade reused the previous
+    build's ``client/build/lib``: a module deleted from piccolo_twisted/cli
+    stayed installed; and ``sudo pip install .`` left a root-owned build/
+    and egg-info in the user's checkout (nits 2 and 3 of the attack on 21a)."""
+
+    def wheel(self, n):
+        import zipfile
+        dist = os.path.join(self.work, f"dist{n}")
+        p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "-w", dist, "./client"], cwd=self.repo, capture_output=True,
+                           text=True, timeout=600, env=clean_environment(self.home))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        [name] = os.listdir(dist)
+        with zipfile.ZipFile(os.path.join(dist, name)) as z:
+            return set(z.namelist())
+
+    def test_a_deleted_module_is_not_installed_again(self):
+        stale = os.path.join(self.repo, "piccolo_twisted", "cli", "stale_module.py")
+        with open(stale, "w") as f:
+            f.write("GONE = False\n")
+        self.assertIn("piccolo3_cli/stale_module.py", self.wheel(1))
+        os.unlink(stale)
+        files = self.wheel(2)
+        self.assertNotIn("piccolo3_cli/stale_module.py", files)
+        self.assertIn("piccolo3_cli/main.py", files)
+        left = [n for d in (self.repo, os.path.join(self.repo, "client"))
+                for n in os.listdir(d) if n == "build" or n.endswith(".egg-info")]
+        self.assertEqual(left, [])
