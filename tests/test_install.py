@@ -227,6 +227,26 @@ class CopyWithoutSymlinksTests(InstallCase):
         # in the user's checkout) and reused nothing from an earlier build
         self.assertEqual(sorted(n for n in os.listdir(self.repo)
                                 if n == "build" or n.endswith(".egg-info")), [])
+        # a package without them says so in one line (it was a traceback)
+        shutil.rmtree(os.path.join(site, "piccolo_twisted", "pdata"))
+        p = subprocess.run([sys.executable, "-c", script.replace(root, root + "2")],
+                           cwd=self.work, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=site))
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertEqual(p.stderr.splitlines()[-1],
+                         "piccolo_twisted.config.ConfigError: the shipped sample "
+                         "piccolo.config is missing (looked in "
+                         f"{os.path.join(site, 'piccolo_twisted', 'pdata')}): the "
+                         "installation is incomplete; reinstall it")
+        p = subprocess.run([sys.executable, "-c", "import sys\n"
+                            "from piccolo_twisted.tools.deploy import main\n"
+                            f"sys.exit(main(['--root', {root + '3'!r}, '--emulate', "
+                            "'QEPRO:QEP01234']))"],
+                           cwd=self.work, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=site))
+        self.assertEqual((p.returncode, p.stderr.count("\n")), (1, 1), p.stderr)
+        self.assertTrue(p.stderr.startswith("piccolo3-setup: the shipped sample "
+                                            "piccolo.cfg is missing"), p.stderr)
 
     def test_the_first_command_from_the_copy(self):
         """``pip install -e .`` then ``twistd -n --pidfile= piccolo``: the
