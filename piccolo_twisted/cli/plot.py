@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from .errors import CliError
 from .files import read_regular
 from .shape import PICO, Malformed, Mismatch, conform, parse
-from .terminal import shown as escaped
+from .terminal import number, shown as escaped
 
 MAX_PICO = 64 << 20         # bytes: the largest file the server serves
 LINE = {False: "-", True: "--"}          # light solid, dark dashed
@@ -48,11 +48,13 @@ def read_pico(path):
     except Malformed as e:
         raise CliError(f"{path}: not a .pico file ({e})") from None
     for s in spectra:
-        # labels show control characters escaped, as the terminal does
+        # labels show every word of the file as the terminal does: control
+        # and format characters escaped, a lone surrogate too (matplotlib
+        # stopped on one)
         meta = s["Metadata"]
-        for key in ("SerialNumber", "Direction", "Run", "Type"):
-            if isinstance(meta.get(key), str):
-                meta[key] = escaped(meta[key])
+        for key, value in meta.items():
+            if isinstance(value, str):
+                meta[key] = escaped(value)
     return spectra
 
 
@@ -71,14 +73,14 @@ def wavelengths(meta, n):
 
 def _joined(values):
     values = sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
-    return ", ".join(str(v) for v in values) if values else "?"
+    return ", ".join(number(v) for v in values) if values else "?"
 
 
 def _utc(meta):
     try:
         return datetime.strptime(meta["Datetime"], "%Y-%m-%dT%H:%M:%S.%f%z").astimezone(
             timezone.utc)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):    # 9999-12-31T...-1400
         return None
 
 
@@ -162,10 +164,10 @@ def _runs(mask):
 
 def _label(meta, several_runs):
     label = (f"{meta.get('Run', '?')} " if several_runs else "") + \
-        f"b{meta.get('Batch', '?')} s{meta.get('SequenceNumber', '?')} " \
+        f"b{number(meta.get('Batch', '?'))} s{number(meta.get('SequenceNumber', '?'))} " \
         f"{meta.get('Direction', '?')} {'dark' if _is_dark(meta) else 'light'}"
     if meta.get("IntegrationTime") is not None:
-        label += f" ({meta['IntegrationTime']:g} ms)"
+        label += f" ({number(meta['IntegrationTime'], 'g')} ms)"
     return label
 
 
@@ -175,7 +177,7 @@ def _unstable(meta):
         return None
     t, target = meta.get("Temperature"), meta.get("TemperatureSetPoint")
     if isinstance(t, (int, float)) and isinstance(target, (int, float)):
-        return f"TEMPERATURE UNSTABLE: {t:.1f} °C, set point {target:g} °C"
+        return f"TEMPERATURE UNSTABLE: {number(t, '.1f')} °C, set point {number(target, 'g')} °C"
     return "TEMPERATURE UNSTABLE"
 
 
@@ -250,7 +252,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                                f"{meta.get('Direction')} has {len(dark_counts)} pixels, "
                                f"the light one {len(y)}")
             y = y - dark_counts
-            label += f" − dark s{match['Metadata'].get('SequenceNumber')}"
+            label += f" − dark s{number(match['Metadata'].get('SequenceNumber'))}"
         ms = meta.get("IntegrationTime")
         if per_ms:
             if not ms:
@@ -274,7 +276,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                 for first, last in _runs(hit):
                     ax.axvspan(x[first], x[last], color="red", alpha=0.12, linewidth=0)
                 ax.plot([], [], "s", color="red", alpha=0.3, markersize=6,
-                        label=f"  saturated: {int(hit.sum())} pixels (shaded)")
+                        label=f"  saturated: {number(int(hit.sum()))} pixels (shaded)")
             if not dark:
                 limit = level / float(ms) if per_ms else level
                 saturation.setdefault(ax, set()).add(limit)
@@ -282,7 +284,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
     for (serial, direction), ax in ax_of.items():
         for limit in sorted(saturation.get(ax, ())):
             ax.axhline(limit, color="red", linestyle=":", linewidth=1,
-                       label=f"saturation level {limit:g}")
+                       label=f"saturation level {number(limit, 'g')}")
         ax.set_title(f"{serial} — {direction}", fontsize=10, loc="left")
         if ax in unstable:
             ax.set_title("detector temperature unstable", fontsize=9, loc="right",
