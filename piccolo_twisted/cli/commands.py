@@ -355,6 +355,18 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
         if bar is not None:
             bar.close()
     plural = "s" if args.nsequence != 1 else ""
+    late = " (it had ended before the abort)" if asked_abort else ""
+    if not fault and recorded >= args.nsequence:
+        print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} "
+              f"recorded{late}", file=out)
+    # the summary and its warnings on every ending: a batch stopped by a
+    # full disk or aborted holds saturated or unstable spectra too
+    summary = await _maybe(client.get("control/last_batch"))
+    if isinstance(summary, dict) and summary.get("run") == args.run \
+            and summary.get("batch") == batch:
+        print(format_summary(summary), file=out, flush=True)
+        for line in summary_warnings(summary):
+            print(f"warning: {line}", file=err)
     if fault:
         raise CliError(f"record: run {args.run} batch {batch} stopped: {fault} "
                        f"({recorded} of {args.nsequence} sequence{plural} recorded)", 3)
@@ -362,15 +374,6 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
         who = "" if asked_abort else " (by another client)"
         raise CliError(f"record: run {args.run} batch {batch}: {recorded} of "
                        f"{args.nsequence} sequence{plural} recorded, aborted{who}", 4)
-    late = " (it had ended before the abort)" if asked_abort else ""
-    print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} recorded{late}",
-          file=out)
-    summary = await _maybe(client.get("control/last_batch"))
-    if isinstance(summary, dict) and summary.get("run") == args.run \
-            and summary.get("batch") == batch:
-        print(format_summary(summary), file=out)
-        for line in summary_warnings(summary):
-            print(f"warning: {line}", file=err)
     return 0
 
 
@@ -379,7 +382,8 @@ def format_summary(s):
     lines = [f"batch {s.get('batch')} of run {s.get('run')}: {s.get('sequences')} "
              f"sequence{'s' if s.get('sequences') != 1 else ''}, "
              f"{len(s.get('files') or [])} files, {_when(s.get('start'))} to "
-             f"{_when(s.get('end')) if s.get('end') else '(running)'}"]
+             f"{_when(s.get('end')) if s.get('end') else '(running)'}"
+             f"{' (aborted)' if s.get('aborted') else ''}"]
     for spec, channels in sorted((s.get("integration_times") or {}).items()):
         times = ", ".join(f"{c} {'/'.join(f'{t:g}' for t in ts)} ms"
                           for c, ts in channels.items())
