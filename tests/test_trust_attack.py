@@ -270,3 +270,75 @@ class RecordEndingTests(ServerTestCase):
         self.assertTrue(summary["aborted"])
         self.assertSummaryPrinted(out, err, summary["sequences"])
         self.assertRegex(out, r"(?m)^batch 0 of run ab: .* \(aborted\)$")
+
+
+class WaitForTemperatureChangeTests(ServerTestCase):
+    """Finding 4: switching the cooler off (PUT TECenabled false) or
+    moving its set point did not end or re-judge ``wait_for_temperature``:
+    the status stayed "waiting for temperature" until the next reading (or
+    the wait's end, 10 minutes here). Either change wakes the wait at once.
+    The readings between are made rare here (TEMPERATURE_POLL 600 s) so
+    that nothing but the change can end the wait within the test; the
+    detector cools in real time (time constant 20 s: away from -10 °C for
+    most of a minute)."""
+
+    time_scale = 1.0
+    instrument_text = """
+[channels]
+  [[shutter_1]]
+    direction = upwelling
+[spectrometers]
+  [[sim_QEP00981]]
+    temperature_tolerance = 2.0
+    wait_for_temperature = 10
+"""
+
+    def setUp(self):
+        from piccolo_twisted.acquisition import control
+        self.patch(control, "TEMPERATURE_POLL", 600.0)
+        return super().setUp()
+
+    async def start_waiting(self, run):
+        await self.put("control/record_sequence", {"run": run, "nsequence": 1, "auto": -1})
+        await self.wait_for("control/status", lambda s: s == "waiting for temperature")
+
+    def spectra(self, run):
+        return [s["Metadata"] for doc in self.load_run(run).values() for s in doc["Spectra"]]
+
+    @coro
+    async def test_cooler_switched_off(self):
+        await self.start_waiting("off")
+        await self.put("spectrometer/S_sim_QEP00981/TECenabled", False)
+        await self.wait_for("control/status", lambda s: s == "idle", timeout=15)
+        summary = await self.get("control/last_batch")
+        self.assertEqual((summary["sequences"], summary["faults"]), (1, []))
+        self.assertIsNotNone(summary["temperature_wait"])
+        for meta in self.spectra("off"):
+            self.assertIs(meta["TemperatureEnabled"], False)
+            self.assertIs(meta["TemperatureStable"], True)
+
+    @coro
+    async def test_set_point_moved_to_the_detector(self):
+        await self.start_waiting("moved")
+        last = await self.get("spectrometer/S_sim_QEP00981/last_temperature")
+        target = float(round(last["temperature"]))
+        await self.put("spectrometer/S_sim_QEP00981/target_temperature", target)
+        await self.wait_for("control/status", lambda s: s == "idle", timeout=15)
+        summary = await self.get("control/last_batch")
+        self.assertEqual((summary["sequences"], summary["faults"]), (1, []))
+        for meta in self.spectra("moved"):
+            self.assertEqual(meta["TemperatureSetPoint"], target)
+            self.assertIs(meta["TemperatureStable"], True)
+
+    @coro
+    async def test_abort_during_the_wait_says_how_long(self):
+        """(A NIT of the attack: temperature_wait was null after an abort
+        during the wait.)"""
+        await self.start_waiting("aborted")
+        await asyncio.sleep(0.3)
+        await self.get("control/abort")
+        await self.wait_for("control/status", lambda s: s == "idle")
+        summary = await self.get("control/last_batch")
+        self.assertTrue(summary["aborted"])
+        self.assertGreater(summary["temperature_wait"], 0.2)
+        self.assertEqual(summary["files"], [])
