@@ -128,7 +128,8 @@ class CommandLineWireTests(ServerTestCase):
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"(?m)^control\s+idle$")
         self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+idle; integration upwelling \d+ ms, "
-                              r"downwelling \d+ ms; temperature -?\d+\.\d °C \(\d+ s ago\)$")
+                              r"downwelling \d+ ms; temperature -?\d+\.\d °C \(\d+ s ago\)"
+                              r"( \(set point -10 °C: not stable\))?$")
         self.assertRegex(out, r"(?m)^S_sim_FLMT01234\s+idle; integration upwelling")
         self.assertNotIn("temperature", out.split("S_sim_FLMT01234")[1].splitlines()[0])
         self.assertRegex(out, r"(?m)^shutters\s+downwelling closed, upwelling closed$")
@@ -204,7 +205,8 @@ class CommandLineWireTests(ServerTestCase):
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"(?m)^current\s+run busy, batch 0, sequence \d+ of 20$")
         self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+(recording|idle);.*; "
-                              r"temperature -?\d+\.\d °C \(\d+ s ago\)$")
+                              r"temperature -?\d+\.\d °C \(\d+ s ago\)"
+                              r"( \(set point -10 °C: not stable\))?$")
         await self.get("control/abort")
         # nobody listening: ICMP says so at once, or the short timeout ends it
         code, out, err = await piccolo3("--server", "coap://127.0.0.1:9", "--timeout", "1",

@@ -440,3 +440,308 @@ class HandChangeDuringSaveWireTests(ServerTestCase):
         r = await self.request("PUT", path, payload)
         self.assertTrue(r.code.is_successful(), r)
         return r.payload
+
+
+class DriftingDetector:
+    """A simulated QE Pro whose detector warms through its tolerance while
+    it integrates: 5 °C before the integration, at its -10 °C set point
+    after it (a reading taken after the integration alone calls it
+    stable)."""
+
+    def __new__(cls, optics):
+        from piccolo_twisted.instrument.simulator import SimulatedSpectrometer
+
+        class Drifting(SimulatedSpectrometer):
+            integrated = False
+
+            def read(self):
+                result = super().read()
+                self.integrated = True
+                return result
+
+            def temperature(self):
+                self._check()
+                return -10.0 if self.integrated else 5.0
+        return Drifting("sim_QEP1", optics, time_scale=0.001)
+
+
+class TemperatureBeforeAndAfterTests(unittest.SynchronousTestCase):
+    """Finding 9: "stable" was judged by the reading after the integration
+    only; a reading before it and one after decide (both within the
+    tolerance), and both are in the metadata."""
+
+    def test_detector_drifting_during_the_integration(self):
+        from twisted.internet import task
+        from piccolo_twisted.config import load_instrument_config
+        from piccolo_twisted.instrument import spectrometer as sp
+        from piccolo_twisted.instrument.simulator import Optics
+        from .test_instrument import CONFIG, sync_thread
+        cfg = load_instrument_config(text=CONFIG)
+        device = DriftingDetector(Optics())
+        spec = sp.Spectrometer(cfg.spectrometers[0], ["upwelling", "downwelling"],
+                               device, task.Clock(), to_thread=sync_thread)
+        self.successResultOf(spec.connect())
+        device.integrated = False                   # (the connect's own reading)
+        reading = self.successResultOf(spec.acquire(20))
+        meta = spec.metadata("upwelling", reading)
+        self.assertEqual((meta["TemperatureBefore"], meta["Temperature"],
+                          meta["TemperatureSetPoint"]), (5.0, -10.0, -10.0))
+        self.assertIs(meta["TemperatureStable"], False)
+        # the detector stays at its set point: both readings, stable
+        reading = self.successResultOf(spec.acquire(20))
+        meta = spec.metadata("upwelling", reading)
+        self.assertEqual((meta["TemperatureBefore"], meta["Temperature"]), (-10.0, -10.0))
+        self.assertIs(meta["TemperatureStable"], True)
+
+
+class DeviceFrontTests(unittest.SynchronousTestCase):
+    """NITs of the attack, on the spectrometer front with the simulator:
+    the idle temperature readings 10 s apart whoever took the last one
+    (after a batch the next came ~18 s after the last acquisition), and a
+    Flame (no cooler) answering TECenabled true."""
+
+    def setUp(self):
+        from twisted.internet import task
+        from piccolo_twisted.config import load_instrument_config
+        from piccolo_twisted.instrument import spectrometer as sp
+        from piccolo_twisted.instrument.simulator import Optics, SimulatedSpectrometer
+        from .test_instrument import CONFIG, sync_thread
+        self.sp = sp
+        cfg = load_instrument_config(text=CONFIG)
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+        optics = Optics()
+        self.qep = sp.Spectrometer(cfg.spectrometers[0], ["upwelling"],
+                                   SimulatedSpectrometer("sim_QEP1", optics, time_scale=0.001),
+                                   self.clock, to_thread=sync_thread)
+        self.flame = sp.Spectrometer(cfg.spectrometers[1], ["upwelling"],
+                                     SimulatedSpectrometer("sim_FLMT1", optics,
+                                                           time_scale=0.001),
+                                     self.clock, to_thread=sync_thread)
+
+    def test_idle_readings_every_interval_after_the_last(self):
+        interval = self.sp.TEMPERATURE_INTERVAL
+        times = []
+        self.qep.temperature.watch(lambda v: times.append(v["time"]))
+        self.successResultOf(self.qep.connect())
+        self.assertEqual(times, [1000.0])                 # at connect
+        self.clock.advance(3.0)
+        self.successResultOf(self.qep.acquire(20))        # a batch's last spectrum
+        self.assertEqual(times[-1], 1003.0)
+        self.clock.advance(interval - 0.5)
+        self.assertEqual(len(times), 2)                   # not yet due
+        self.clock.advance(0.5)
+        self.assertEqual(times[-1], 1003.0 + interval)    # due 10 s after the last
+        self.clock.advance(interval)
+        self.assertEqual(times[-1], 1003.0 + 2 * interval)
+        self.successResultOf(self.qep.disconnect())
+        self.clock.advance(5 * interval)
+        self.assertEqual(times[-1], 1003.0 + 2 * interval)   # none while disconnected
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_flame_without_cooler_reports_it_off(self):
+        self.assertIs(self.flame.tec_enabled.value, True)      # fan = True by default
+        self.successResultOf(self.flame.connect())
+        self.assertIs(self.flame.have_tec(), False)
+        resources = self.flame.resources()
+        self.assertIs(resources["TECenabled"].get(), False)
+        self.successResultOf(self.qep.connect())
+        self.assertIs(self.qep.resources()["TECenabled"].get(), True)
+
+
+class TemperatureWireTests(ServerTestCase):
+    """Finding 7: the deployed processing tool (TeamPiccolo/piccolo3-utils,
+    ``PiccoloProcessedData.add``, used by ``read_picco``) takes a
+    spectrum's detector temperature and set point from
+    ``TemperatureDetectorActual`` and ``TemperatureDetectorSet`` (°C) and
+    nothing else; the files carry them. With PICCOLO3_UTILS and
+    PICCOLO3_COMMON set to checkouts (and xarray installed) the real tool
+    reads the batch. And a NIT: health's set point of a disconnected
+    cooled spectrometer (it was null while last_temperature said -10)."""
+
+    @coro
+    async def test_processing_tool_keys(self):
+        for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+            for channel in ("upwelling", "downwelling"):
+                await self.put(f"spectrometer/{s}/current_time/{channel}", 20)
+        await self.put("control/record_sequence", {"run": "proc", "nsequence": 2, "auto": -1})
+        await self.wait_for("control/status", lambda s: s == "idle")
+        files = self.load_run("proc")
+        seen = []
+        for doc in files.values():
+            for s in doc["Spectra"]:
+                meta = s["Metadata"]
+                if meta["SerialNumber"] == "sim_QEP00981":
+                    # what PiccoloProcessedData.add appends
+                    self.assertIn("TemperatureDetectorActual", meta)
+                    self.assertEqual(meta["TemperatureDetectorActual"], meta["Temperature"])
+                    self.assertEqual(meta["TemperatureDetectorSet"], -10.0)
+                    self.assertIsInstance(meta["TemperatureDetectorActual"], float)
+                    seen.append(meta["Temperature"])
+                else:
+                    self.assertNotIn("TemperatureDetectorActual", meta)
+        self.assertEqual(len(seen), 2 * 2 * 2)
+        real = real_processing_tool()
+        if real is not None:
+            paths = sorted(os.path.join(self.run_dir("proc"), n) for n in files)
+            data = real.read_picco(paths, include_saturated=True)
+            ds = data["sim_QEP00981"]["upwelling"].data
+            lights = [s["Metadata"]["Temperature"] for n in sorted(files) if "light" in n
+                      for s in files[n]["Spectra"]
+                      if s["Metadata"]["SerialNumber"] == "sim_QEP00981"
+                      and s["Metadata"]["Direction"] == "upwelling"]
+            self.assertEqual([float(t) for t in ds.temperature.values], lights)
+            self.assertEqual([float(t) for t in ds.temperature_target.values],
+                             [-10.0] * len(lights))
+
+    @coro
+    async def test_set_point_of_a_disconnected_spectrometer(self):
+        await self.get("spectrometer/S_sim_QEP00981/disconnect")
+        health = await self.get("sysinfo/health")
+        entry = health["spectrometers"]["sim_QEP00981"]
+        self.assertIsNone(entry["temperature"])
+        self.assertEqual(entry["temperature_target"], -10.0)
+        last = await self.get("spectrometer/S_sim_QEP00981/last_temperature")
+        self.assertEqual((last["temperature"], last["target"]), (None, -10.0))
+
+
+def real_processing_tool():
+    """piccolo3.utils.PiccoloProcessedData from $PICCOLO3_UTILS (with
+    piccolo3.common from $PICCOLO3_COMMON), or None."""
+    utils, common = os.environ.get("PICCOLO3_UTILS"), os.environ.get("PICCOLO3_COMMON")
+    if not (utils and common):
+        return None
+    try:
+        import xarray  # noqa: F401
+        import pytz  # noqa: F401
+    except ImportError:
+        return None
+    import importlib.util
+    import types
+    from . import legacy_pico
+    spectra = legacy_pico.real_parser()
+    package = types.ModuleType("piccolo3")
+    package.__path__ = []
+    common_module = types.ModuleType("piccolo3.common")
+    common_module.PiccoloSpectrum = spectra.PiccoloSpectrum
+    common_module.PiccoloSpectraList = spectra.PiccoloSpectraList
+    sys.modules.setdefault("piccolo3", package)
+    sys.modules["piccolo3.common"] = common_module
+    source = os.path.join(utils, "piccolo3", "utils", "PiccoloProcessedData.py")
+    spec = importlib.util.spec_from_file_location("legacy_PiccoloProcessedData", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+USB = "FLMT04000"
+
+
+class CountsScaleWireTests(ServerTestCase):
+    """Finding 8: a USB2000+'s or Flame-S's pixels are raw x 65535 / its
+    EEPROM saturation level (seabreeze's scaling), but neither the level
+    nor the factor was in the metadata, and the nonlinearity coefficients
+    -- the device's polynomial in raw counts -- were given for pixels in
+    other units (2-3 % off at an EEPROM level of 40,000). Through the real
+    pyseabreeze stack on the emulated USB2000+ with that level: the file
+    says the factor and the raw level, the raw counts come back from the
+    pixels, and the coefficients in the file correct the pixels as the
+    device's own correct its raw counts."""
+
+    server_text = f"[seabreeze]\nemulate = USB2000PLUS:{USB}\n"
+    instrument_text = f"""
+[channels]
+  [[shutter_1]]
+    direction = upwelling
+  [[shutter_2]]
+    direction = downwelling
+[spectrometers]
+  [[{USB}]]
+"""
+
+    def setUp(self):
+        from piccolo_twisted.instrument.usb_emulator import ooi
+        self.patch(ooi.USB2000Plus, "default_saturation", 40000)
+        return super().setUp()
+
+    @coro
+    async def test_raw_counts_and_nonlinearity_from_the_file(self):
+        import zlib
+        from collections import deque
+        import numpy as np
+        from . import legacy_pico
+        device = self.service.instrument.emulated[USB]
+        self.assertEqual(device.saturation(), 40000)
+        device.sent = deque(maxlen=4096)
+        await self.put("control/record_sequence", {"run": "raw", "nsequence": 1, "auto": -1})
+        await self.wait_for("control/status", lambda s: s == "idle", timeout=30)
+        device_nl = [float(device.eeprom[i]) for i in range(6, 10)]
+        checked = 0
+        for name, doc in self.load_run("raw").items():
+            for s in doc["Spectra"]:
+                meta, pixels = s["Metadata"], np.asarray(s["Pixels"], dtype=float)
+                scale = meta["CountsScale"]
+                self.assertAlmostEqual(scale, 65535 / 40000, places=12)
+                self.assertEqual((meta["SaturationLevel"], meta["SaturationLevelRaw"]),
+                                 (65535, 40000))
+                # back to the raw counts the device sent, from the file alone
+                raw = np.rint(pixels / scale).astype(np.int64)
+                crc = zlib.crc32(raw.tobytes())
+                self.assertEqual([e.micros for e in device.sent if e.crc == crc],
+                                 [meta["IntegrationTime"] * 1000], name)
+                # the device's polynomial, as its EEPROM holds it
+                self.assertEqual(meta["NonlinearityCorrectionCoefficientsRaw"], device_nl)
+                # the file's coefficients on the pixels (the deployed
+                # parser's formula, with a dark) = the device's on the raw
+                # counts, in pixel units; the old coefficients were not
+                dark = pixels[meta["DarkPixels"]].mean()
+                x = pixels - dark
+                corrected = dark + x / np.polynomial.polynomial.polyval(
+                    x, meta["NonlinearityCorrectionCoefficients"])
+                raw_x = raw - dark / scale
+                want = scale * (dark / scale + raw_x / np.polynomial.polynomial.polyval(
+                    raw_x, device_nl))
+                self.assertLess(np.max(np.abs(corrected - want)), 1.0)
+                wrong = dark + x / np.polynomial.polynomial.polyval(x, device_nl)
+                if pixels.max() > 30000:
+                    self.assertGreater(np.max(np.abs(wrong - want) / want), 0.01)
+                    checked += 1
+                legacy_pico.parse_spectrum(s)           # the deployed parser reads it
+        self.assertGreater(checked, 0)
+
+
+class StatusWatchTemperatureTests(ServerTestCase):
+    """Finding 6: ``piccolo3 status --watch`` froze the temperature and
+    its age (temperatures were left out of what it follows; "(3 s ago)"
+    stayed on the screen while the detector moved). The watch follows
+    every cooled detector's readings, redraws when the temperature shown
+    (0.1 °C) or its stability changes, and says when a reading was taken
+    rather than an age the screen would soon belie. (A NIT too: status
+    said nothing of an unstable temperature; health did.)"""
+
+    @coro
+    async def test_watch_follows_the_detector(self):
+        from piccolo_twisted.cli.main import run
+        import io
+        qep = "S_sim_QEP00981"
+        out = io.StringIO()
+        watching = asyncio.ensure_future(run(["--server", self.base, "status", "--watch",
+                                              "--updates", "1"], out=out, err=out))
+        spec = self.service.instrument.spectrometers.by_name[qep]
+        for _ in range(300):                  # the first screen, then the observations
+            if "last fault" in out.getvalue() and spec.temperature._watchers:
+                break
+            await asyncio.sleep(0.01)
+        first = out.getvalue()
+        self.assertRegex(first, rf"(?m)^{qep}\s+idle;.*; temperature -?\d+\.\d °C "
+                                r"\(read \d\d:\d\d:\d\d\)")
+        # the set point far above the detector: it warms towards it; a
+        # reading now and then (as the server takes one every 10 s)
+        await self.put(f"spectrometer/{qep}/target_temperature", 35.0)
+        await asyncio.sleep(0.5)
+        reading = await self.get(f"spectrometer/{qep}/current_temperature")
+        self.assertEqual(await asyncio.wait_for(watching, 8), 0)
+        screens = out.getvalue().split("\n-- ")
+        self.assertEqual(len(screens), 2, out.getvalue())
+        self.assertIn(f"temperature {reading:.1f} °C (read ", screens[1])
+        self.assertIn("(set point 35 °C: not stable)", screens[1])

@@ -34,15 +34,16 @@ class _Flagged:
         self.low = self.high = None
         self.extra = extra
 
-    def add(self, sequence, value):
+    def add(self, sequence, *values):
         self.count += 1
         if self.ranges and sequence == self.ranges[-1][1] + 1:
             self.ranges[-1][1] = sequence
         elif not (self.ranges and self.ranges[-1][0] <= sequence <= self.ranges[-1][1]):
             self.ranges.append([sequence, sequence])
-        if value is not None:
-            self.low = value if self.low is None else min(self.low, value)
-            self.high = value if self.high is None else max(self.high, value)
+        for value in values:
+            if value is not None:
+                self.low = value if self.low is None else min(self.low, value)
+                self.high = value if self.high is None else max(self.high, value)
 
     def as_dict(self, measure):
         return dict(self.where, sequences=[list(r) for r in self.ranges], spectra=self.count,
@@ -93,7 +94,8 @@ class BatchSummary:
                 flagged = self.unstable[key] = _Flagged(
                     where, {"set_point": meta.get("TemperatureSetPoint"),
                             "tolerance": meta.get("TemperatureTolerance")})
-            flagged.add(sequence, meta.get("Temperature"))
+            # the readings before and after the integration
+            flagged.add(sequence, meta.get("TemperatureBefore"), meta.get("Temperature"))
 
     def written(self, name, sequence, kind, spectra=()):
         """The file ``name`` is durably written, holding ``spectra``

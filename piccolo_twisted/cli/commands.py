@@ -33,15 +33,18 @@ async def _spectrometer(client, name, channels):
     # the latest spectrum of each channel (a server without last_spectrum: none)
     latest = await asyncio.gather(
         *(_maybe(client.get(f"{base}/last_spectrum/{c}")) for c in channels))
-    temperature = age = None
+    temperature = age = stable = target = None
     if tec:
         # the spectrometer's last reading (taken between integrations while
         # it records): never a device call, so never held up by one
         last = await _maybe(client.get(f"{base}/last_temperature"))
         if isinstance(last, dict):
             temperature, age = last.get("temperature"), last.get("age")
+            stable, target = last.get("stable"), last.get("target")
     return {"name": name, "status": status, "tec": tec, "temperature": temperature,
-            "temperature_age": age, "times": dict(zip(channels, times)),
+            "temperature_age": age, "temperature_stable": stable,
+            "temperature_target": target, "read_at": datetime.now(),
+            "times": dict(zip(channels, times)),
             "peaks": {c: _peak(doc) for c, doc in zip(channels, latest)}}
 
 
@@ -88,7 +91,10 @@ async def gather_status(client):
             "quiet": quiet}
 
 
-def format_status(s, now=None):
+def format_status(s, now=None, watching=False):
+    """The status screen; ``watching``: a screen that stays up (--watch)
+    gives the clock time of a temperature reading, not its age, which the
+    screen would soon belie."""
     width = max([12] + [len(spec["name"]) for spec in s["spectrometers"]])
     lines = [f"{'control':<{width}} {s['control']}"]
     where = f"run {s['run'] or '-'}"
@@ -102,8 +108,14 @@ def format_status(s, now=None):
         times = ", ".join(f"{c} {t} ms" for c, t in spec["times"].items() if t is not None)
         line = f"{spec['name']:<{width}} {words}; integration {times or '-'}"
         if spec["tec"]:
-            line += "; temperature " + _temperature(spec.get("temperature"),
-                                                    spec.get("temperature_age"))
+            age = spec.get("temperature_age")
+            read = None
+            if watching and isinstance(age, (int, float)) and spec.get("read_at"):
+                read = spec["read_at"] - timedelta(seconds=age)
+            line += "; temperature " + _temperature(spec.get("temperature"), age, read)
+            target = spec.get("temperature_target")
+            if spec.get("temperature_stable") is False and isinstance(target, (int, float)):
+                line += f" (set point {target:g} °C: not stable)"
         lines.append(line)
         if spec.get("peaks"):
             lines.append(f"{'':<{width}}   latest peak: {format_peaks(spec['peaks'])}")
@@ -130,30 +142,41 @@ REFRESH = 10.0     # seconds without a notification before --watch asks itself
 
 
 def _unchanging(s):
-    """What --watch compares: the screen's state but the temperatures."""
-    return {**s, "spectrometers": [{k: v for k, v in spec.items()
-                                    if k not in ("temperature", "temperature_age")}
-                                   for spec in s["spectrometers"]]}
+    """What --watch compares: the screen's state, temperatures as shown
+    (to 0.1 °C, and whether stable), not their age."""
+    def shown(spec):
+        t = spec.get("temperature")
+        return {**{k: v for k, v in spec.items()
+                   if k not in ("temperature", "temperature_age", "read_at")},
+                "temperature": round(t, 1) if isinstance(t, (int, float)) else t}
+    return {**s, "spectrometers": [shown(spec) for spec in s["spectrometers"]]}
 
 
-def _temperature(t, age):
-    """"-11.9 °C (4 s ago)", or "-" before the first reading."""
+def _temperature(t, age, read=None):
+    """"-11.9 °C (4 s ago)", "-11.9 °C (read 12:03:04)" given the clock
+    time of the reading, or "-" before the first reading."""
     if not isinstance(t, (int, float)):
         return "-"
     text = f"{t:.1f} °C"
-    if isinstance(age, (int, float)):
+    if read is not None:
+        text += f" (read {read.strftime('%H:%M:%S')})"
+    elif isinstance(age, (int, float)):
         text += f" ({age:.0f} s ago)"
     return text
 
 
 async def status(client, out, watch=False, updates=None, refresh=None):
     shown = await gather_status(client)
-    print(format_status(shown), file=out, flush=True)
+    print(format_status(shown, watching=watch), file=out, flush=True)
     if not watch:
         return 0
     refresh = REFRESH if refresh is None else refresh
     specs = await client.get("spectrometer/spectrometers")
-    paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs)
+    # and every cooled detector's readings: a screen that stays up follows
+    # the temperature (it froze at the first screen's)
+    paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs) + tuple(
+        f"spectrometer/{spec['name']}/last_temperature" for spec in shown["spectrometers"]
+        if spec["tec"])
     changed = asyncio.Event()
     observations, tasks = [], []
 
@@ -186,11 +209,13 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 await asyncio.sleep(0.05)       # let a burst of changes settle
                 changed.clear()
                 now = await gather_status(client)
+                if _unchanging(now) == _unchanging(shown):
+                    continue                    # e.g. a reading of the same temperature
             seen += 1
             shown = now
             stamp = datetime.now().strftime("%H:%M:%S")
             print(f"\n-- {stamp}", file=out)
-            print(format_status(shown), file=out, flush=True)
+            print(format_status(shown, watching=True), file=out, flush=True)
     finally:
         for t in tasks:
             t.cancel()
