@@ -745,3 +745,51 @@ class StatusWatchTemperatureTests(ServerTestCase):
         self.assertEqual(len(screens), 2, out.getvalue())
         self.assertIn(f"temperature {reading:.1f} °C (read ", screens[1])
         self.assertIn("(set point 35 °C: not stable)", screens[1])
+
+
+from .test_trust import PlotTests as _PlotTests  # noqa: E402
+
+
+class PlotDarkFlagsTests(unittest.SynchronousTestCase):
+    """Finding 5: ``piccolo3 plot --dark`` subtracted a dark without a word
+    about its flags: an unstable (or saturated) dark of sequence 0 matched
+    to later lights went unnamed, though it is in every difference. And a
+    NIT: a Flame's pixels 0-5, before its electric dark block 6-20, were
+    drawn as a detached stub left of the spectrum."""
+
+    write, spectrum, plot = _PlotTests.write, _PlotTests.spectrum, _PlotTests.plot
+
+    def test_dark_flags_named(self):
+        import numpy as np
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        self.write(tmp, "b000002_s000000_dark.pico", [self.spectrum(
+            0, True, [5, 100, 1000, 100], TemperatureStable=False, Temperature=4.5,
+            TemperatureSetPoint=-10.0)])
+        light = self.write(tmp, "b000002_s000003_light.pico", [self.spectrum(
+            3, False, [5, 600, 900, 700], TemperatureStable=True, Temperature=-10.1,
+            TemperatureSetPoint=-10.0)])
+        code, err, figures = self.plot("plot", "--dark", light, "-o", os.path.join(tmp, "p.png"))
+        self.assertEqual(code, 0, err)
+        [ax] = figures[0].axes
+        self.assertEqual(list(ax.get_lines()[0].get_ydata()[1:]), [500.0, -100.0, 600.0])
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        self.assertIn("b2 s3 upwelling light (100 ms) − dark s0\n"
+                      "  dark s0: TEMPERATURE UNSTABLE: 4.5 °C, set point -10 °C\n"
+                      "  dark s0: 1 pixels SATURATED", legend)
+        self.assertIn("detector temperature unstable", [t.get_text() for t in ax.texts]
+                      + [ax.get_title(loc="right")])
+        self.assertTrue(np.all(np.isfinite(ax.get_lines()[0].get_ydata()[1:])))
+
+    def test_flame_pixels_before_the_dark_block_left_out(self):
+        import numpy as np
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        pixels = [300] * 6 + [100] * 15 + [500] * 9
+        light = self.write(tmp, "b000002_s000001_light.pico", [self.spectrum(
+            1, False, pixels, DarkPixels=list(range(6, 21)))])
+        code, err, figures = self.plot("plot", light, "-o", os.path.join(tmp, "p.png"))
+        self.assertEqual(code, 0, err)
+        y = figures[0].axes[0].get_lines()[0].get_ydata()
+        self.assertTrue(np.all(np.isnan(y[:21])), y[:21])
+        self.assertEqual(list(y[21:]), [500.0] * 9)

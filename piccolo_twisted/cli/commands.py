@@ -429,10 +429,10 @@ def _ranges(ranges):
     return ("sequence " if single else "sequences ") + (", ".join(parts) or "?")
 
 
-def _span(low, high, fmt):
+def _span(low, high, fmt, sep="-"):
     if low is None:
         return "?"
-    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+    return fmt.format(low) if low == high else f"{fmt.format(low)}{sep}{fmt.format(high)}"
 
 
 def summary_warnings(s):
@@ -445,7 +445,7 @@ def summary_warnings(s):
                f"(at or above {e.get('level')})")
     for e in s.get("temperature_unstable") or []:
         target = e.get("set_point")
-        t = _span(e.get("temperature_min"), e.get("temperature_max"), "{:.1f}")
+        t = _span(e.get("temperature_min"), e.get("temperature_max"), "{:.1f}", " to ")
         yield (f"{e.get('spectrometer')} {e.get('channel')} {e.get('type')}, "
                f"{_ranges(e.get('sequences'))}: detector at {t} °C, set point "
                f"{target if target is None else f'{target:g}'} °C "
