@@ -220,6 +220,7 @@ class DataDir:
         self._inflight = {}             # key -> [Deferred] sharing one trip
         self._next = {}                 # key -> (start, [Deferred]): the look after it
         self._begun = set()             # keys of looks that have begun on the disk
+        self._after_look = {}           # key -> [Deferred]: saves waiting for that look
         self._saving = {}               # run -> saves in the pool now
         self._saves_waiters = {}        # run -> [Deferred]: fired when none is
 
@@ -374,8 +375,8 @@ class DataDir:
         ``_begin``); else it waits for the next one (which begins when that
         one ends), so that its answer has seen every change made before it
         came. The requests that come meanwhile share that next look.
-        Whoever waits for the look in flight (a save: ``_settled``) goes on
-        before the next one begins."""
+        A save waiting for the look on the disk (``_settled``) goes on
+        before anyone else: the next look then waits for it."""
         d = defer.Deferred()
         if key in self._begun:
             self._next.setdefault(key, (start, []))[1].append(d)
@@ -397,6 +398,10 @@ class DataDir:
         def done(result):
             del self._inflight[key]
             self._begun.discard(key)
+            # the saves first (they register at once): a look asked for by
+            # the waiters below waits for them, never the other way round
+            for d in self._after_look.pop(key, ()):
+                d.callback(None)
             for w in waiters:
                 if isinstance(result, Failure):
                     w.errback(result)
@@ -679,16 +684,14 @@ class DataDir:
         return d
 
     async def _settled(self, run):
-        """Wait for the looks at ``run`` in flight (their outcome is theirs
-        to report)."""
+        """Wait for the looks at ``run`` that have begun on the disk (a
+        look that has not waits for us: ``_check``)."""
         for create in (False, True):
-            while ("run", run, create) in self._inflight:
+            key = ("run", run, create)
+            while key in self._begun:
                 d = defer.Deferred()
-                self._inflight[("run", run, create)].append(d)
-                try:
-                    await d
-                except Exception:
-                    pass
+                self._after_look.setdefault(key, []).append(d)
+                await d
 
     def _saved(self, run, k, before, after, root_change, version):
         if root_change is not None:

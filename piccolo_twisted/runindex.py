@@ -27,6 +27,8 @@ symlink is never a run, a symlink inside a run is never a spectrum file.
 
 import errno
 import os
+from functools import reduce
+from operator import xor
 import re
 import stat
 import time
@@ -146,12 +148,6 @@ def open_run(root_fd, run, create=False):
     return fd, created
 
 
-def _counted(name):
-    """Whether ``name`` counts in a run's fingerprint: every visible
-    ``.pico`` name (spectrum files, and what may pass for one)."""
-    return name[0] != "." and name.endswith(".pico")
-
-
 def name_hash(name):
     """A name's share of the fingerprint (process-wide: str hashes are
     salted per process, and the index lives in one)."""
@@ -159,15 +155,17 @@ def name_hash(name):
 
 
 def fingerprint(fd):
-    """XOR of the hashes of the counted names in an open run directory."""
+    """XOR of the hashes of the visible names in an open run directory (a
+    save's temporary file is hidden, and no look runs during a save):
+    the names as plain strings (``os.listdir``, which gives the GIL back
+    at every entry), hashed CHUNK at a time in C (~40 ms for 100,000 names
+    on the bench machine, half of what DirEntry objects cost)."""
+    names = os.listdir(fd)
     fp = 0
-    with os.scandir(fd) as entries:
-        for i, entry in enumerate(entries):
-            n = entry.name
-            if _counted(n):
-                fp ^= hash(n)
-            if i % CHUNK == CHUNK - 1:
-                _yield_gil()
+    for start in range(0, len(names), CHUNK):
+        fp = reduce(xor, map(hash, [n for n in names[start:start + CHUNK]
+                                    if n[0] != "."]), fp)
+        _yield_gil()
     return fp
 
 
@@ -185,8 +183,7 @@ def scan_files(fd):
                 if n.endswith(".tmp") and ".pico." in n and not n.endswith(mine):
                     leftovers.append(n)
                 continue
-            if n.endswith(".pico"):
-                fp ^= hash(n)
+            fp ^= hash(n)
             k = parse(n)
             if k is not None and entry.is_file(follow_symlinks=False):
                 keys.append(k)
