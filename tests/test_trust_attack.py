@@ -793,3 +793,27 @@ class PlotDarkFlagsTests(unittest.SynchronousTestCase):
         y = figures[0].axes[0].get_lines()[0].get_ydata()
         self.assertTrue(np.all(np.isnan(y[:21])), y[:21])
         self.assertEqual(list(y[21:]), [500.0] * 9)
+
+
+class ClosingDarkTests(ServerTestCase):
+    """A NIT of the attack: with auto 2 and nsequence 5 the closing dark is
+    ``s000005_dark``, where docs/API.md said "the last sequence's number".
+    The legacy server saved it as nsequence-1 always, writing over that
+    sequence's autointegration dark (piccolo3-server's record_sequence:
+    ``record_dark(..., sequence=nsequence-1)``, files written with
+    clobber): the number is N-1 unless that sequence has a dark already,
+    then N, and the docs say so."""
+
+    @coro
+    async def test_closing_dark_never_over_a_dark(self):
+        for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+            for channel in ("upwelling", "downwelling"):
+                await self.put(f"spectrometer/{s}/current_time/{channel}", 20)
+        for run, n, auto, last in (("a2n5", 5, 2, 5), ("a2n4", 4, 2, 3), ("m1n3", 3, -1, 2)):
+            await self.put("control/record_sequence",
+                           {"run": run, "nsequence": n, "auto": auto, "target": 50})
+            await self.wait_for("control/status", lambda s: s == "idle", timeout=40)
+            darks = sorted(n for n in os.listdir(self.run_dir(run)) if n.endswith("_dark.pico"))
+            self.assertEqual(darks[-1], f"b000000_s{last:06d}_dark.pico", (run, darks))
+            if auto == 2:
+                self.assertEqual(len(darks), len(range(0, n, 2)) + 1, darks)
