@@ -400,7 +400,7 @@ def stop_times(ms=10000):
             server.call("PUT", "/control/record_sequence",
                         {"run": f"stop{time.monotonic_ns()}", "nsequence": 2, "auto": -1})
             deadline = time.monotonic() + 30
-            while server.call("GET", "/control/status") != "upwelling dark":
+            while server.call("GET", "/control/status") != "downwelling dark":
                 if time.monotonic() > deadline:
                     raise RuntimeError("the batch did not start")
                 time.sleep(0.01)

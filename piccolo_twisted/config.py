@@ -364,7 +364,11 @@ class InstrumentConfig:
 
     @property
     def channel_names(self):
-        return [c.name for c in self.channels]
+        """The channels in legacy order: sorted by name, as the legacy
+        server listed and recorded them (its channels were its shutters'
+        sorted keys). The dashboard's columns and a set's recording order
+        follow it."""
+        return sorted(c.name for c in self.channels)
 
 
 def load_instrument_config(path=None, text=None):

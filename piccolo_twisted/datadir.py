@@ -30,6 +30,7 @@ runs and files, and the listings encoded from it.
 import errno
 import json
 import os
+import re
 import stat
 import time
 from collections import OrderedDict
@@ -46,13 +47,20 @@ from . import jsontext, runindex
 from .acquisition import pico
 from .api import EncodedJSON as Encoded, Resource
 from . import commands, mount as mounting
-from .errors import NotFoundError, PiccoloError
+from .errors import NotFoundError, PiccoloError, UnavailableError
 from .observable import Observable
 from .values import to_bool, to_int
 
 SPECTRUM_FILE = runindex.SPECTRUM_FILE
 DEFAULT_RUN = "spectra"
 MAX_RUN_NAME = 100              # bytes of UTF-8
+#: runs the data directory may hold before new ones are refused (a client
+#: creating run after run filled a disk with empty directories, a listing
+#: of megabytes and an index build of seconds at every start)
+MAX_RUNS = 10_000
+#: C0 controls, DEL and C1 controls: an ESC in a run name reached the
+#: operator's terminal, a newline forged a log line
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 STATE_DIR = ".piccolo"
 #: server files that earlier versions kept in the data directory itself
 STATE_FILES = ("scheduler.sqlite", "scheduler.sqlite-wal", "scheduler.sqlite-shm",
@@ -75,8 +83,12 @@ def check_run_name(name):
     if (not name or name in (".", "..") or name.startswith(".") or "/" in name
             or "\\" in name or "\x00" in name):
         raise PiccoloError(
-            f"invalid run name {name!r}: one path component, not empty, "
+            f"invalid run name {name[:MAX_RUN_NAME]!r}: one path component, not empty, "
             "not hidden, no '/' or '..'")
+    if _CONTROL.search(name):
+        raise PiccoloError(
+            f"invalid run name {name[:MAX_RUN_NAME]!r}: no control characters "
+            "(C0, DEL, C1)")
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
@@ -87,8 +99,37 @@ def check_run_name(name):
     return name
 
 
+def is_run_name(name):
+    """Whether ``name`` passes check_run_name: a directory named otherwise
+    (made by hand, or by an earlier version) is not a run -- not listed,
+    never the current run -- since no request could name it."""
+    try:
+        check_run_name(name)
+    except PiccoloError:
+        return False
+    return True
+
+
 def _is_truthy(value, name):
     return to_bool(value, name)
+
+
+class RootMissing(Exception):
+    """Thread side: the data directory itself is gone or unusable (a
+    pulled stick); the argument says how."""
+
+
+def root_problem(root):
+    """Thread side: None if ``root`` is a usable directory, else why not."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be used ({e.strerror or e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    return None
 
 
 def _makedir(path):
@@ -188,8 +229,9 @@ class DataDir:
 
     def __init__(self, path, device="/dev/sda1", mntpnt="/mnt",
                  run_command=None, mounts_file="/proc/mounts",
-                 to_thread=None):
+                 to_thread=None, max_runs=MAX_RUNS):
         self.path = FilePath(os.path.abspath(path))
+        self.max_runs = max_runs
         self.device = device
         self.mntpnt = mntpnt
         self.mounts_file = mounts_file
@@ -223,10 +265,42 @@ class DataDir:
         self._after_look = {}           # key -> [Deferred]: saves waiting for that look
         self._saving = {}               # run -> saves in the pool now
         self._saves_waiters = {}        # run -> [Deferred]: fired when none is
+        self._creating = set()          # new runs admitted, not yet indexed
 
     def _in_pool(self, f, *args, **kwargs):
         from twisted.internet import reactor
         return threads.deferToThreadPool(reactor, self.pool, f, *args, **kwargs)
+
+    def _fs(self, f, *args):
+        """``f(*args)`` in the file pool; a failure caused by the data
+        directory itself being gone (a pulled stick: ENOENT, or EIO from a
+        dead mount) fails as UnavailableError (5.03) with the reason (one
+        more look, in the pool, after an OSError); other failures are left
+        to the caller."""
+        root = self.path.path
+
+        def failed(failure):
+            if failure.check(RootMissing):
+                raise UnavailableError(self.missing_message(failure.value.args[0]))
+            if not failure.check(OSError):
+                return failure
+
+            def decide(problem):
+                if problem is not None:
+                    raise UnavailableError(self.missing_message(problem))
+                return failure
+            return self._to_thread(root_problem, root).addCallback(decide)
+        return self._to_thread(f, *args).addErrback(failed)
+
+    def missing_message(self, problem):
+        return (f"the data directory {self.path.path} {problem} (a pulled stick? "
+                f"plug it in and mount it: PUT /data_dir/mount true)")
+
+    def root_problem(self):
+        """Thread side (health): None, or what is wrong with the data
+        directory itself, in words."""
+        problem = root_problem(self.path.path)
+        return None if problem is None else self.missing_message(problem)
 
     @property
     def state_dir(self):
@@ -251,6 +325,7 @@ class DataDir:
         fd = runindex.open_root(root)
         try:
             root_mtime, runs = runindex.scan_root(fd)
+            runs = {name: t for name, t in runs.items() if is_run_name(name)}
             if runs:
                 self.current_run.set(max(runs, key=lambda r: (runs[r], r)))
             run = self.current_run.value
@@ -488,39 +563,71 @@ class DataDir:
 
         async def check():
             await self._until_built()
-            await self._saves_done(run)
-            self._begin(key)
-            entry = self._runs.get(run)
-            known = fp = None
-            verified = True
-            version = 0
-            if entry is not None:
-                version = entry.version
-                if entry.keys is not None:
-                    known, fp = entry.listed, entry.fp
-                    verified = not entry.unverified
+            admitted = create and run not in self._runs and await self._admit(run)
             try:
-                state = await self._to_thread(runindex.check_run, self.path.path,
-                                              run, known, create, fp, verified)
-            except runindex.NoSuchRun:
-                self._drop(run)
-                if create:
-                    raise PiccoloError(f"run {run!r} exists and is not a directory")
-                raise NotFoundError(f"no such run: {run}")
-            except OSError as e:
-                raise PiccoloError(f"cannot use run {run!r}: {e.strerror or e}")
+                await self._saves_done(run)
+                # from here to the pool in one reactor step: a save that
+                # comes now waits for this look (_settled)
+                self._begin(key)
+                entry = self._runs.get(run)
+                known = fp = None
+                verified = True
+                version = 0
+                if entry is not None:
+                    version = entry.version
+                    if entry.keys is not None:
+                        known, fp = entry.listed, entry.fp
+                        verified = not entry.unverified
+                try:
+                    state = await self._fs(runindex.check_run, self.path.path,
+                                           run, known, create, fp, verified)
+                except runindex.NoSuchRun:
+                    self._drop(run)
+                    if create:
+                        raise PiccoloError(f"run {run!r} exists and is not a directory")
+                    raise NotFoundError(f"no such run: {run}")
+                except OSError as e:
+                    raise PiccoloError(f"cannot use run {run!r}: {e.strerror or e}")
+            finally:
+                if admitted:
+                    self._creating.discard(run)
             return self._apply_run(run, state, version)
         return self._fresh(key, lambda: defer.Deferred.fromCoroutine(check()))
+
+    async def _admit(self, run):
+        """Room for ``run``, which the index does not know, to be created:
+        True once admitted (counted in ``_creating`` until the caller's
+        look at the disk is over); PiccoloError when the data directory
+        holds ``max_runs`` runs already. At the cap the data directory is
+        looked at again first (runs moved away by hand, or ``run`` made
+        by hand). Count and reservation happen in one reactor step, so
+        two requests never both take the last place."""
+        if len(self._runs) + len(self._creating) >= self.max_runs:
+            await self._check_root()
+            if run in self._runs:
+                return False
+        count = len(self._runs) + len(self._creating)
+        if count >= self.max_runs:
+            raise PiccoloError(
+                f"too many runs: the data directory holds {count}, at most "
+                f"{self.max_runs}; record into an existing run or move old runs away")
+        self._creating.add(run)
+        return True
 
     def _check_root(self):
         async def check():
             await self._until_built()
             self._begin(("root",))
             known = self._root_mtime
-            result = await self._to_thread(runindex.check_root, self.path.path, known)
+            try:
+                result = await self._fs(runindex.check_root, self.path.path, known)
+            except OSError as e:
+                raise PiccoloError(f"cannot list the data directory: "
+                                   f"{e.strerror or e}") from None
             if result is None:
                 return
             mtime, found = result
+            found = {name: t for name, t in found.items() if is_run_name(name)}
             self._root_mtime = mtime
             changed = False
             for name in list(self._runs):
@@ -641,13 +748,15 @@ class DataDir:
             version = entry.version if entry is not None else 0
             self._saving[run] = self._saving.get(run, 0) + 1
             try:
-                before, after, root_change = await self._to_thread(
+                before, after, root_change = await self._fs(
                     runindex.save, self.path.path, run, filename, encode, clobber,
                     pico.write_atomic)
             except Exception as e:
                 self._unsaving(run)
                 if isinstance(e, runindex.NoSuchRun):
                     reason = "the run is not a directory"
+                elif isinstance(e, UnavailableError):
+                    reason = str(e)
                 elif isinstance(e, OSError):
                     reason = e.strerror or str(e)
                 else:
@@ -744,12 +853,15 @@ class DataDir:
             try:
                 return os.lstat(path).st_mode
             except FileNotFoundError:
+                problem = root_problem(self.path.path)
+                if problem is not None:
+                    raise RootMissing(problem) from None
                 return None
 
         def answer(mode):
             if mode is not None and not stat.S_ISDIR(mode):
                 raise PiccoloError(f"run {run!r} exists and is not a directory")
-        return self._to_thread(look).addCallback(answer)
+        return self._fs(look).addCallback(answer)
 
     def prepare_run(self, run):
         """Create the run if needed and return its next batch number (from
@@ -925,7 +1037,7 @@ class DataDir:
             if i == len(keys) or keys[i] != k:
                 raise PiccoloError(f"{name} is not in the spectra list of run {run}")
             try:
-                body = await self._to_thread(scan)
+                body = await self._fs(scan)
             except runindex.NoSuchRun:
                 raise NotFoundError(f"no such run: {run}") from None
             except OSError as e:

@@ -34,10 +34,12 @@ import stat
 import time
 from array import array
 
-#: six digits, or more without a leading zero; batches below 10**11,
-#: sequences below SEQ (the keys fit in 63 bits)
+#: six ASCII digits, or more without a leading zero; batches below 10**11,
+#: sequences below SEQ (the keys fit in 63 bits); nothing after ".pico"
+#: (``$`` let a trailing newline through, ``\d`` digits of any script,
+#: which int() then read)
 SPECTRUM_FILE = re.compile(
-    r"^b(\d{6}|[1-9]\d{6,10})_s(\d{6}|[1-9]\d{6})(_light|_dark)?\.pico$")
+    r"b([0-9]{6}|[1-9][0-9]{6,10})_s([0-9]{6}|[1-9][0-9]{6})(_light|_dark)?\.pico\Z")
 SUFFIXES = (".pico", "_dark.pico", "_light.pico")
 KIND_CODES = {None: 0, "": 0, "dark": 1, "light": 2, "_dark": 1, "_light": 2}
 SEQ = 10_000_000

@@ -451,8 +451,10 @@ class Health:
             free, total = usage.free, usage.total
         except OSError:
             free = total = None
+        root_problem = getattr(self.datadir, "root_problem", None)
         return {
             "disk_free": free, "disk_total": total,
+            "datadir_problem": root_problem() if root_problem is not None else None,
             "day_start": day_start,
             "recent": (None if scan_before is None else
                        self.scan.recent(now - RATE_WINDOW, scan_before)),
@@ -487,12 +489,16 @@ class Health:
             result[s.serial] = entry
         return result
 
-    def _faults(self):
+    def _faults(self, datadir_problem=None):
         faults = {}
         for name in ("scheduler", "datadir"):
             fault = _value(getattr(getattr(self, name, None), "fault", None))
             if fault:
                 faults[name] = fault if isinstance(fault, str) else str(fault)
+        if datadir_problem:
+            # the data directory gone (a pulled stick) comes first
+            faults["datadir"] = "; ".join(filter(None, (datadir_problem,
+                                                        faults.get("datadir"))))
         return faults
 
     def _publish(self, probe, now):
@@ -512,7 +518,7 @@ class Health:
             "server_uptime": round(self.clock.seconds() - self.started, 1),
             "last_batch": _iso(last_batch),
             "fault": _value(getattr(self.control, "fault", "")) or "",
-            "faults": self._faults(),
+            "faults": self._faults(probe.get("datadir_problem")),
             "last_batch_summary": _value(getattr(self.control, "last_batch", None)),
             "time": _iso(now),
         }

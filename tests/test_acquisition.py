@@ -246,7 +246,8 @@ class BatchWireTests(ServerTestCase):
         import aiocoap
         cases = {
             "control/numSequences": [0, -1, "abc", 1.5, "NaN", None, [], {}],
-            "control/autointegration": [-2, "x", 0.5],
+            # below -1 clamps to -1, as legacy did (issue 21): not a bad value
+            "control/autointegration": [1000001, "x", 0.5],
             "control/delay": [-1, "Infinity", "soon", True],
             "control/target": [5, 95, "hot", "NaN"],
         }

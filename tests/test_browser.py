@@ -239,7 +239,8 @@ class LivePageTests(BrowserCase):
             await self.until("document.querySelectorAll('#file-plots canvas').length === 2")
             self.assertEqual(await self.js("return [...document.querySelectorAll('#file-plots figcaption')]"
                                            ".map(c => c.textContent);"),
-                             ["S_sim_QEP00981", "S_sim_FLMT01234"])
+                             # in the file's order: spectrometers sorted, as legacy (issue 21)
+                             ["S_sim_FLMT01234", "S_sim_QEP00981"])
             series = await self.js("return [...document.querySelectorAll('#file-plots canvas')]"
                                    ".map(c => c.dataset.series);")
             self.assertEqual(series, ["2", "2"])     # two channels per spectrometer

@@ -66,7 +66,8 @@ class CommandLineWireTests(ServerTestCase):
         # the batch summary, and a warning naming every saturated spectrum
         # (at 100 ms without autointegration the downwelling channel is)
         self.assertRegex(out, r"(?m)^batch 0 of run field: 3 sequences, 5 files, ")
-        self.assertRegex(out, r"(?m)^  S_sim_QEP00981: upwelling 100 ms, downwelling 100 ms$")
+        # channels in legacy (sorted) order (issue 21)
+        self.assertRegex(out, r"(?m)^  S_sim_QEP00981: downwelling 100 ms, upwelling 100 ms$")
         self.assertRegex(out, r"(?m)^  saturated spectra: [1-9]\d*; temperature-unstable spectra: \d+$")
         self.assertRegex(err, r"(?m)^warning: S_sim_QEP00981 downwelling light, sequences "
                               r"0-2: \d+(-\d+)? pixels saturated \(at or above 200000\)$")
@@ -127,10 +128,11 @@ class CommandLineWireTests(ServerTestCase):
         code, out, err = await self.cli("status")
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"(?m)^control\s+idle$")
-        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+idle; integration upwelling \d+ ms, "
-                              r"downwelling \d+ ms; temperature -?\d+\.\d °C \(\d+ s ago\)"
+        # channels in legacy order: sorted (issue 21)
+        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+idle; integration downwelling \d+ ms, "
+                              r"upwelling \d+ ms; temperature -?\d+\.\d °C \(\d+ s ago\)"
                               r"( \(set point -10 °C: not stable\))?$")
-        self.assertRegex(out, r"(?m)^S_sim_FLMT01234\s+idle; integration upwelling")
+        self.assertRegex(out, r"(?m)^S_sim_FLMT01234\s+idle; integration downwelling")
         self.assertNotIn("temperature", out.split("S_sim_FLMT01234")[1].splitlines()[0])
         self.assertRegex(out, r"(?m)^shutters\s+downwelling closed, upwelling closed$")
         self.assertRegex(out, r"(?m)^scheduler\s+0 active, 0 suspended$")

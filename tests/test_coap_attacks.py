@@ -209,7 +209,7 @@ class WholeServerAttacks(LoopbackServerCase):
         self.assertIsNotNone(first)
         self.assertEqual(again, first)
         # paused once (a second pause would have resumed it)
-        self.assertTrue(self.service.control._paused)
+        self.assertTrue(self.service.control.paused.value)
         r = yield as_deferred(self.aio("GET", "control/abort"))
         self.assertTrue(r.code.is_successful(), r)
 

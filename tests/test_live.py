@@ -259,15 +259,18 @@ class StatusPeaksTests(ServerTestCase):
             self.assertEqual(await run(["--server", self.base, "status"], out=out, err=err), 0)
             lines = out.getvalue().splitlines()
             flame = lines[[i for i, l in enumerate(lines) if l.startswith("S_sim_FLMT01234")][0] + 1]
-            m = re.match(r"^\s+latest peak: upwelling (\d+) \(light, 100 ms\), "
-                         r"downwelling (\d+) \(light, 500 ms, (\d+) saturated\)$", flame)
+            # channels in legacy (sorted) order (issue 21)
+            m = re.match(r"^\s+latest peak: downwelling (?P<down>\d+) \(light, 500 ms, "
+                         r"(?P<saturated>\d+) saturated\), upwelling (?P<up>\d+) "
+                         r"\(light, 100 ms\)$", flame)
             self.assertIsNotNone(m, flame)
             light = self.load_run("peaks")["b000000_s000000_light.pico"]["Spectra"]
             files = {sp["Metadata"]["Direction"]: sp["Pixels"] for sp in light
                      if sp["Metadata"]["SerialNumber"] == "sim_FLMT01234"}
-            self.assertEqual(int(m.group(1)), max(files["upwelling"]))
-            self.assertEqual(int(m.group(2)), 65535)
-            self.assertEqual(int(m.group(3)), sum(1 for v in files["downwelling"] if v >= 65535))
+            self.assertEqual(int(m.group("up")), max(files["upwelling"]))
+            self.assertEqual(int(m.group("down")), 65535)
+            self.assertEqual(int(m.group("saturated")),
+                             sum(1 for v in files["downwelling"] if v >= 65535))
         return as_deferred(check())
 
 

@@ -152,7 +152,8 @@ class BadInputMatrixTests(ServerTestCase):
             f"spectrometer/{q}/target_temperature":
                 (f"spectrometer/{q}/target_temperature", [-100, 100, "cold"]),
             "control/numSequences": ("control/numSequences", [0, -5, "x", 2.5]),
-            "control/autointegration": ("control/autointegration", [-2, "x"]),
+            # below -1 clamps to -1, as legacy did (issue 21)
+            "control/autointegration": ("control/autointegration", [1000001, "x"]),
             "control/delay": ("control/delay", [-1, "x"]),
             "control/target": ("control/target", [0, 100, "x"]),
             "control/record_sequence": ("control/status",

@@ -26,7 +26,7 @@ from ..datadir import SaveFailed, check_run_name
 from ..errors import BusyError, PiccoloError
 from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
-from ..values import to_float, to_int
+from ..values import to_bool, to_float, to_int
 from . import pico
 from .live import LiveSpectra
 from .summary import BatchSummary
@@ -87,7 +87,9 @@ class Control:
         self.files_written = 0
         self._task = None
         self._abort = False
-        self._paused = False
+        #: a pause asked for (the procedure stops at its next step, and
+        #: status reads "paused" from then)
+        self.paused = Observable(False)
         self._resume = None
         self._wait = None
         self._waiters = set()
@@ -123,7 +125,7 @@ class Control:
         if self.busy:
             raise BusyError()
         self._abort = False
-        self._paused = False
+        self.paused.set(False)
         self._write_failed = None
         self.prepare()
         self._summary = None
@@ -139,6 +141,7 @@ class Control:
 
         def finished(result):
             self._task = None
+            self.paused.set(False)
             summary, self._summary = self._summary, None
             if summary is not None:
                 summary.fault(self.fault.value)
@@ -207,7 +210,7 @@ class Control:
             raise Aborted()
         if self._write_failed is not None:
             raise BatchFailed(self._write_failed)
-        if self._paused:
+        if self.paused.value:
             previous = self.status.value
             self.status.set("paused")
             self.log.info("paused")
@@ -312,7 +315,10 @@ class Control:
     # -- acquisition steps -------------------------------------------------
 
     def _devices(self):
-        devices = self.instrument.spectrometers.connected()
+        """The connected spectrometers in legacy order: by name (the legacy
+        server iterated its sorted spectrometer names), so each channel's
+        spectra come in that order in a file."""
+        devices = sorted(self.instrument.spectrometers.connected(), key=lambda s: s.name)
         if not devices:
             raise BatchFailed("no spectrometer is connected")
         return devices
@@ -551,8 +557,14 @@ class Control:
     def set_num_sequences(self, value):
         self.num_sequences.set(to_int(value, "numSequences", lo=1, hi=1000000))
 
+    @staticmethod
+    def _check_auto(value, name):
+        # below -1 means never: clamped to -1 as the legacy server did
+        # (max(int(n), -1)), so `piccolo3-record -a -2` records
+        return max(to_int(value, name, hi=1000000), -1)
+
     def set_autointegration(self, value):
-        self.autointegration.set(to_int(value, "autointegration", lo=-1, hi=1000000))
+        self.autointegration.set(self._check_auto(value, "autointegration"))
 
     def set_delay(self, value):
         self.delay.set(to_float(value, "delay", lo=0.0, hi=7 * 24 * 3600.0))
@@ -567,7 +579,7 @@ class Control:
             run=check_run_name(run) if run is not None else self.datadir.current_run.value,
             nsequence=(to_int(nsequence, "nsequence", lo=1, hi=1000000)
                        if nsequence is not None else self.num_sequences.value),
-            auto=(to_int(auto, "auto", lo=-1, hi=1000000)
+            auto=(self._check_auto(auto, "auto")
                   if auto is not None else self.autointegration.value),
             delay=(to_float(delay, "delay", lo=0.0, hi=7 * 24 * 3600.0)
                    if delay is not None else self.delay.value),
@@ -686,14 +698,31 @@ class Control:
         self.log.info("abort requested")
 
     def pause(self):
+        """GET /control/pause, as legacy: pause, or resume when paused."""
         if not self.busy:
             raise PiccoloError("nothing to pause: piccolo system is idle")
-        if self._paused:
-            self._paused = False
-            if self._resume is not None:
-                self._resume.callback(None)
-        else:
-            self._paused = True
+        self._set_paused(not self.paused.value)
+
+    def put_paused(self, value):
+        """PUT /control/paused: pause (true) or resume (false), and say
+        whether that changed anything. Unlike the toggling GET pause, a
+        resume never pauses and a pause never resumes, whatever happened
+        since the client last looked."""
+        paused = to_bool(value, "paused")
+        if not self.busy:
+            raise PiccoloError(f"nothing to {'pause' if paused else 'resume'}: "
+                               f"piccolo system is idle")
+        return self._set_paused(paused)
+
+    def _set_paused(self, paused):
+        """The one place the pause changes: True when it did."""
+        if self.paused.value == paused:
+            return False
+        self.paused.set(paused)
+        self.log.info("pause requested" if paused else "resume requested")
+        if not paused and self._resume is not None:
+            self._resume.callback(None)
+        return True
 
     def guard_hardware(self, resources):
         """``resources`` with every hardware action answering 4.00 "busy"
@@ -735,5 +764,7 @@ class Control:
             "power_off": Resource(put=self.power_off),
             "abort": Resource(get=self.abort, get_acts=True),
             "pause": Resource(get=self.pause, get_acts=True),
+            "paused": Resource(get=lambda: self.paused.value, put=self.put_paused,
+                               observe=self.paused),
         }
 

@@ -1,6 +1,9 @@
 """A small asyncio CoAP client for the Piccolo API (aiocoap underneath).
 
 Every failure becomes a :class:`CliError` with one line a person can act on.
+Every answer is decoded with a depth limit and checked against its shape
+in ``shape.CATALOGUE`` before a command sees it (``shape.BadAnswer``,
+exit 2, when it does not fit).
 """
 
 import asyncio
@@ -10,29 +13,13 @@ import urllib.parse
 import aiocoap
 from aiocoap.optiontypes import BlockOption
 
+from .errors import CliError, NotFound, Refused, Unreachable  # noqa: F401 (re-exported)
+from .shape import answer_shape, check, loads
+
 DEFAULT_SERVER = "coap://localhost"
 TIMEOUT = 3.0           # seconds for an ordinary request
 TRANSFER_TIMEOUT = 60.0  # ... for a spectrum file (blockwise, ~100 round trips)
-
-
-class CliError(Exception):
-    """A one-line error for the person at the terminal; ``code`` is the exit status."""
-
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
-
-
-class Unreachable(CliError):
-    """No answer, or the network says nobody is there."""
-
-
-class Refused(CliError):
-    """The server answered with an error code (4.xx, 5.xx)."""
-
-
-class NotFound(Refused):
-    """4.04: no such resource (e.g. an unknown run)."""
+MAX_MESSAGE = 1000      # bytes of an error answer shown
 
 
 def split_server(url):
@@ -118,28 +105,30 @@ class Client:
             raise Unreachable(f"{self.base}: {e.strerror or e}") from None
 
     @staticmethod
-    def decode(response, what):
-        text = response.payload.decode("utf-8", "replace")
+    def decode(response, what, shape):
+        """The answer's value, checked against ``shape``; an error code is
+        Refused (NotFound for 4.04) with the server's first line."""
         if not response.code.is_successful():
+            text = response.payload[:MAX_MESSAGE].decode("utf-8", "replace")
             message = _oneline(text) or str(response.code)
             if response.code == aiocoap.NOT_FOUND:
                 raise NotFound(f"{what}: {message}")
             raise Refused(f"{what}: {message}")
-        if not response.payload:
-            return None
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise CliError(f"{what}: the server's answer is not JSON") from None
+        value = loads(response.payload, what) if response.payload else None
+        return check(value, shape, what)
 
-    async def get(self, path, timeout=None):
+    async def get(self, path, timeout=None, shape=None):
+        """GET ``path``; the answer checked against ``shape`` (default: the
+        catalogue's shape for the path)."""
         msg = self.message(aiocoap.GET, path)
-        return self.decode(await self._send(msg, timeout or self.timeout), f"GET /{path}")
+        return self.decode(await self._send(msg, timeout or self.timeout), f"GET /{path}",
+                           shape or answer_shape("GET", path))
 
-    async def put(self, path, payload=None, timeout=None, ctx=None):
+    async def put(self, path, payload=None, timeout=None, ctx=None, shape=None):
+        """PUT ``payload`` (JSON) to ``path``; the answer checked as for get."""
         msg = self.message(aiocoap.PUT, path, payload)
         return self.decode(await self._send(msg, timeout or self.timeout, ctx),
-                           f"PUT /{path}")
+                           f"PUT /{path}", shape or answer_shape("PUT", path))
 
     async def put_first_block(self, path, payload, ctx=None, timeout=None):
         """A PUT asking for its answer's first 1024-byte block only:
@@ -149,7 +138,7 @@ class Client:
         response = await self._send(msg, timeout or self.timeout, ctx,
                                     handle_blockwise=False)
         if not response.code.is_successful():
-            self.decode(response, f"PUT /{path}")
+            self.decode(response, f"PUT /{path}", None)
         block = response.opt.block2
         return (response.payload, bool(block and block.more), response.opt.etag,
                 response.opt.size2)
@@ -169,6 +158,7 @@ class Observation:
         self.client = client
         self.path = path
         self.queue = asyncio.Queue()
+        self.shape = answer_shape("GET", path)
         self.request = None
         self._pump = None
 
@@ -178,7 +168,7 @@ class Observation:
         notifications = self.request.observation.__aiter__()
         self._pump = asyncio.ensure_future(self._forward(notifications))
         response = await self.client._answer(self.request.response, self.client.timeout)
-        return self.client.decode(response, f"GET /{self.path}")
+        return self.client.decode(response, f"GET /{self.path}", self.shape)
 
     async def _forward(self, notifications):
         try:
@@ -196,7 +186,7 @@ class Observation:
         item = await asyncio.wait_for(self.queue.get(), timeout)
         if isinstance(item, Exception):
             raise Unreachable(f"observing /{self.path} ended: {_oneline(item)}")
-        return self.client.decode(item, f"GET /{self.path}")
+        return self.client.decode(item, f"GET /{self.path}", self.shape)
 
     def cancel(self):
         if self._pump is not None:
@@ -208,4 +198,4 @@ class Observation:
 
 def _oneline(thing):
     text = str(thing).strip()
-    return text.splitlines()[0] if text else type(thing).__name__
+    return text.splitlines()[0][:MAX_MESSAGE] if text else type(thing).__name__

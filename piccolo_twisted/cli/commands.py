@@ -9,7 +9,8 @@ import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
-from .client import CliError, Refused
+from .errors import CliError, Refused
+from .terminal import emit, shown
 
 STATUS_WORDS = {1: "no worker", 2: "powered off", 3: "dropped", 4: "connecting",
                 5: "disconnected", 6: "idle", 7: "recording", 8: "autointegrating"}
@@ -63,12 +64,12 @@ def format_peaks(peaks):
         if p is None:
             continue
         t = p["integration_time"]
-        what = [p["kind"] or "?"]
+        what = [shown(p["kind"] or "?")]
         if isinstance(t, (int, float)):
             what.append(f"{t:g} ms")
         if p["saturated"]:
             what.append(f"{p['saturated']} saturated")
-        parts.append(f"{channel} {p['peak']} ({', '.join(what)})")
+        parts.append(f"{shown(channel)} {p['peak']} ({', '.join(what)})")
     return ", ".join(parts) or "-"
 
 
@@ -92,12 +93,13 @@ async def gather_status(client):
 
 
 def format_status(s, now=None, watching=False):
-    """The status screen; ``watching``: a screen that stays up (--watch)
-    gives the clock time of a temperature reading, not its age, which the
-    screen would soon belie."""
+    """The status screen; every value from the server shown escaped.
+    ``watching``: a screen that stays up (--watch) gives the clock time of
+    a temperature reading, not its age, which the screen would soon
+    belie."""
     width = max([12] + [len(spec["name"]) for spec in s["spectrometers"]])
-    lines = [f"{'control':<{width}} {s['control']}"]
-    where = f"run {s['run'] or '-'}"
+    lines = [f"{'control':<{width}} {shown(s['control'])}"]
+    where = f"run {shown(s['run'] or '-')}"
     if s["batch"] is not None and s["batch"] >= 0:
         where += f", batch {s['batch']}"
     if s["sequence"] is not None and s["sequence"] >= 0:
@@ -105,8 +107,9 @@ def format_status(s, now=None, watching=False):
     lines.append(f"{'current':<{width}} {where}")
     for spec in s["spectrometers"]:
         words = STATUS_WORDS.get(spec["status"], f"status {spec['status']}")
-        times = ", ".join(f"{c} {t} ms" for c, t in spec["times"].items() if t is not None)
-        line = f"{spec['name']:<{width}} {words}; integration {times or '-'}"
+        times = ", ".join(f"{shown(c)} {t} ms" for c, t in spec["times"].items()
+                          if t is not None)
+        line = f"{shown(spec['name']):<{width}} {words}; integration {times or '-'}"
         if spec["tec"]:
             age = spec.get("temperature_age")
             read = None
@@ -119,8 +122,9 @@ def format_status(s, now=None, watching=False):
         lines.append(line)
         if spec.get("peaks"):
             lines.append(f"{'':<{width}}   latest peak: {format_peaks(spec['peaks'])}")
-    lines.append(f"{'shutters':<{width}} " + (", ".join(f"{c} {v}" for c, v in s["shutters"].items())
-                                    or "none"))
+    lines.append(f"{'shutters':<{width}} " + (", ".join(f"{shown(c)} {shown(v)}"
+                                                        for c, v in s["shutters"].items())
+                                              or "none"))
     active = [j for j in s["jobs"] if j[5] == "active"]
     suspended = [j for j in s["jobs"] if j[5] == "suspended"]
     summary = f"{len(active)} active, {len(suspended)} suspended"
@@ -130,7 +134,7 @@ def format_status(s, now=None, watching=False):
     if s["quiet"]:
         summary += "; quiet time on"
     lines.append(f"{'scheduler':<{width}} {summary}")
-    lines.append(f"{'last fault':<{width}} {s['fault'] or 'none'}")
+    lines.append(f"{'last fault':<{width}} {shown(s['fault'] or 'none')}")
     return "\n".join(lines)
 
 
@@ -144,12 +148,12 @@ REFRESH = 10.0     # seconds without a notification before --watch asks itself
 def _unchanging(s):
     """What --watch compares: the screen's state, temperatures as shown
     (to 0.1 °C, and whether stable), not their age."""
-    def shown(spec):
+    def on_screen(spec):
         t = spec.get("temperature")
         return {**{k: v for k, v in spec.items()
                    if k not in ("temperature", "temperature_age", "read_at")},
                 "temperature": round(t, 1) if isinstance(t, (int, float)) else t}
-    return {**s, "spectrometers": [shown(spec) for spec in s["spectrometers"]]}
+    return {**s, "spectrometers": [on_screen(spec) for spec in s["spectrometers"]]}
 
 
 def _temperature(t, age, read=None):
@@ -166,8 +170,8 @@ def _temperature(t, age, read=None):
 
 
 async def status(client, out, watch=False, updates=None, refresh=None):
-    shown = await gather_status(client)
-    print(format_status(shown, watching=watch), file=out, flush=True)
+    screen = await gather_status(client)
+    emit(out, format_status(screen, watching=watch), flush=True)
     if not watch:
         return 0
     refresh = REFRESH if refresh is None else refresh
@@ -175,7 +179,7 @@ async def status(client, out, watch=False, updates=None, refresh=None):
     # and every cooled detector's readings: a screen that stays up follows
     # the temperature (it froze at the first screen's)
     paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs) + tuple(
-        f"spectrometer/{spec['name']}/last_temperature" for spec in shown["spectrometers"]
+        f"spectrometer/{spec['name']}/last_temperature" for spec in screen["spectrometers"]
         if spec["tec"])
     changed = asyncio.Event()
     observations, tasks = [], []
@@ -201,7 +205,7 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 # forget the observations (a restart)? An unreachable server
                 # ends the watch with one line instead of a stale screen.
                 now = await gather_status(client)
-                if _unchanging(now) == _unchanging(shown):
+                if _unchanging(now) == _unchanging(screen):
                     continue
                 await follow()
             else:
@@ -209,13 +213,13 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 await asyncio.sleep(0.05)       # let a burst of changes settle
                 changed.clear()
                 now = await gather_status(client)
-                if _unchanging(now) == _unchanging(shown):
+                if _unchanging(now) == _unchanging(screen):
                     continue                    # e.g. a reading of the same temperature
             seen += 1
-            shown = now
+            screen = now
             stamp = datetime.now().strftime("%H:%M:%S")
             print(f"\n-- {stamp}", file=out)
-            print(format_status(shown, watching=True), file=out, flush=True)
+            emit(out, format_status(screen, watching=True), flush=True)
     finally:
         for t in tasks:
             t.cancel()
@@ -322,10 +326,10 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     current = await status_obs.start()
     if current != "idle":
         status_obs.cancel()
-        raise CliError(f"record: piccolo is busy ({current})")
+        raise CliError(f"record: piccolo is busy ({shown(current)})")
     # the batch's number: the run's next (what the files will be called)
     before = await _maybe(client.get(f"data_dir/runs/{args.run}/current_batch"), -1)
-    batch = before + 1 if isinstance(before, int) and before >= 0 else 0
+    batch = before + 1 if before >= 0 else 0
     interrupts = _Interrupts(interactive)
     bar = None
     asked_abort = False
@@ -389,11 +393,11 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     summary = await _maybe(client.get("control/last_batch"))
     if isinstance(summary, dict) and summary.get("run") == args.run \
             and summary.get("batch") == batch:
-        print(format_summary(summary), file=out, flush=True)
+        emit(out, format_summary(summary), flush=True)
         for line in summary_warnings(summary):
-            print(f"warning: {line}", file=err)
+            emit(err, f"warning: {line}")
     if fault:
-        raise CliError(f"record: run {args.run} batch {batch} stopped: {fault} "
+        raise CliError(f"record: run {args.run} batch {batch} stopped: {shown(fault)} "
                        f"({recorded} of {args.nsequence} sequence{plural} recorded)", 3)
     if recorded < args.nsequence:
         who = "" if asked_abort else " (by another client)"
@@ -403,22 +407,23 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
 
 
 def format_summary(s):
-    """The batch summary (GET /control/last_batch) in a few lines."""
-    lines = [f"batch {s.get('batch')} of run {s.get('run')}: {s.get('sequences')} "
+    """The batch summary (GET /control/last_batch, ``shape.SUMMARY``) in a
+    few lines, every value from the server shown escaped."""
+    lines = [f"batch {s.get('batch')} of run {shown(s.get('run'))}: {s.get('sequences')} "
              f"sequence{'s' if s.get('sequences') != 1 else ''}, "
              f"{len(s.get('files') or [])} files, {_when(s.get('start'))} to "
              f"{_when(s.get('end')) if s.get('end') else '(running)'}"
              f"{' (aborted)' if s.get('aborted') else ''}"]
     for spec, channels in sorted((s.get("integration_times") or {}).items()):
-        times = ", ".join(f"{c} {'/'.join(f'{t:g}' for t in ts)} ms"
+        times = ", ".join(f"{shown(c)} {'/'.join(f'{t:g}' for t in ts)} ms"
                           for c, ts in channels.items())
-        lines.append(f"  {spec}: {times}")
-    lines.append(f"  saturated spectra: {s.get('saturated_spectra', 0)}; "
-                 f"temperature-unstable spectra: {s.get('temperature_unstable_spectra', 0)}")
+        lines.append(f"  {shown(spec)}: {times}")
+    lines.append(f"  saturated spectra: {s.get('saturated_spectra') or 0}; "
+                 f"temperature-unstable spectra: {s.get('temperature_unstable_spectra') or 0}")
     if s.get("temperature_wait"):
         lines.append(f"  waited {s['temperature_wait']:g} s for the detector temperature")
     for fault in s.get("faults") or []:
-        lines.append(f"  fault: {fault}")
+        lines.append(f"  fault: {shown(fault)}")
     return "\n".join(lines)
 
 
@@ -430,8 +435,10 @@ def _ranges(ranges):
 
 
 def _span(low, high, fmt, sep="-"):
-    if low is None:
+    values = [v for v in (low, high) if v is not None]
+    if not values:
         return "?"
+    low, high = min(values), max(values)
     return fmt.format(low) if low == high else f"{fmt.format(low)}{sep}{fmt.format(high)}"
 
 
@@ -439,15 +446,15 @@ def summary_warnings(s):
     """One line per spectrometer, channel and type with saturated or
     temperature-unstable spectra, naming the sequences."""
     for e in s.get("saturated") or []:
-        yield (f"{e.get('spectrometer')} {e.get('channel')} {e.get('type')}, "
-               f"{_ranges(e.get('sequences'))}: "
+        where = " ".join(shown(e.get(k)) for k in ("spectrometer", "channel", "type"))
+        yield (f"{where}, {_ranges(e.get('sequences'))}: "
                f"{_span(e.get('pixels_min'), e.get('pixels_max'), '{}')} pixels saturated "
                f"(at or above {e.get('level')})")
     for e in s.get("temperature_unstable") or []:
         target = e.get("set_point")
         t = _span(e.get("temperature_min"), e.get("temperature_max"), "{:.1f}", " to ")
-        yield (f"{e.get('spectrometer')} {e.get('channel')} {e.get('type')}, "
-               f"{_ranges(e.get('sequences'))}: detector at {t} °C, set point "
+        where = " ".join(shown(e.get(k)) for k in ("spectrometer", "channel", "type"))
+        yield (f"{where}, {_ranges(e.get('sequences'))}: detector at {t} °C, set point "
                f"{target if target is None else f'{target:g}'} °C "
                f"(tolerance {e.get('tolerance')} °C): temperature not stable")
 
@@ -461,8 +468,8 @@ async def _show(client, bar, status, total):
     sequence = await _maybe(client.get("control/current_sequence"), -1)
     if isinstance(sequence, int) and 0 <= sequence <= total:
         bar.n = sequence
-    shown = min(sequence + 1, total) if isinstance(sequence, int) and sequence >= 0 else "-"
-    bar.set_postfix_str(f"sequence {shown}/{total}: {status}", refresh=False)
+    at = min(sequence + 1, total) if sequence >= 0 else "-"
+    bar.set_postfix_str(f"sequence {at}/{total}: {shown(status)}", refresh=False)
     bar.refresh()
 
 
@@ -474,14 +481,14 @@ def _when(iso):
     try:
         t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except ValueError:
-        return iso
+        return shown(iso)
     return t.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
 
 def _every(seconds):
     if not seconds:
         return "once"
-    if seconds == int(seconds):
+    if seconds == math.floor(seconds):
         whole = int(seconds)
         for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
             if whole % size == 0:
@@ -511,7 +518,10 @@ def next_run(start_time, end_time, interval, now=None):
     if start >= now or not interval:
         return start.isoformat()
     slots = math.ceil((now - start).total_seconds() / interval)
-    nxt = start + timedelta(seconds=slots * interval)
+    try:
+        nxt = start + timedelta(seconds=slots * interval)
+    except OverflowError:           # past the year 9999: never again
+        return None
     end = _parse(end_time) if end_time else None
     if end is not None and nxt > end:
         return None
@@ -519,20 +529,22 @@ def next_run(start_time, end_time, interval, now=None):
 
 
 def describe_job(job):
-    what = job[0] if isinstance(job, list) and job else job
-    args = job[1] if isinstance(job, list) and len(job) > 1 else []
-    if what == "record" and isinstance(args, list) and len(args) >= 2:
-        text = f"record run {args[0]}, {args[1]} sequence{'s' if args[1] != 1 else ''}"
+    """A job (``shape.JOB``: ``[kind, args]``) in words, escaped."""
+    what = job[0]
+    args = job[1] if len(job) > 1 else []
+    if what == "record" and len(args) >= 2:
+        text = (f"record run {shown(args[0])}, {shown(args[1])} "
+                f"sequence{'s' if args[1] != 1 else ''}")
         extra = []
         for label, value in zip(("autointegration", "delay", "target"), args[2:5]):
             if value is not None:
-                shown = f"{value:g}" if isinstance(value, (int, float)) else value
-                extra.append(f"{label} {shown}{' s' if label == 'delay' else ''}"
+                value = f"{value:g}" if isinstance(value, (int, float)) else shown(value)
+                extra.append(f"{label} {value}{' s' if label == 'delay' else ''}"
                              f"{' %' if label == 'target' else ''}")
         return text + (f" ({', '.join(extra)})" if extra else "")
     if what in ("power_on", "power_off"):
         return "switch the spectrometers " + ("on" if what == "power_on" else "off")
-    return str(what)
+    return shown(what)
 
 
 async def jobs(client, out):
@@ -544,7 +556,7 @@ async def jobs(client, out):
     if not listing:
         print("no scheduled jobs", file=out)
     now = datetime.now(timezone.utc)
-    for job_id, job, start_time, end_time, interval, state in listing:
+    for job_id, job, start_time, end_time, interval, state, *_ in listing:
         nxt = next_run(start_time, end_time, interval, now)
         if nxt is None:
             when = f"no run left (since {_when(start_time)})"
@@ -555,10 +567,10 @@ async def jobs(client, out):
         line = f"#{job_id} {describe_job(job)}: {when}, {_every(interval)}"
         if end_time:
             line += f" until {_when(end_time)}"
-        print(f"{line} [{state}]", file=out)
+        emit(out, f"{line} [{shown(state)}]")
     if quiet is not None:
-        print(f"quiet time {'on' if quiet else 'off'}"
-              + (f" ({start} to {end})" if quiet else ""), file=out)
+        emit(out, f"quiet time {'on' if quiet else 'off'}"
+             + (f" ({shown(start)} to {shown(end)})" if quiet else ""))
     return 0
 
 
@@ -598,24 +610,28 @@ def format_health(h):
              f"uptime       {_duration(h.get('uptime'))}"
              + (f" (server {_duration(h['server_uptime'])})" if "server_uptime" in h else "")]
     for serial, s in sorted((h.get("spectrometers") or {}).items()):
-        line = f"{serial:<12} {str(s.get('status', '?')).lower().replace('_', ' ')}"
-        line += f", {s.get('errors', 0)} error{'s' if s.get('errors') != 1 else ''}"
+        status = shown(s.get("status") or "?").lower().replace("_", " ")
+        line = f"{shown(serial):<12} {status}"
+        errors = s.get("errors") or 0
+        line += f", {errors} error{'s' if errors != 1 else ''}"
         if s.get("last_error"):
-            line += f" (last: {s['last_error']})"
+            line += f" (last: {shown(s['last_error'])})"
         if "temperature" in s:
             line += ", temperature " + _temperature(s["temperature"], s.get("temperature_age"))
             if s.get("temperature_stable") is False:
-                line += f" (set point {s.get('temperature_target'):g} °C: not stable)"
+                target = s.get("temperature_target")
+                line += (f" (set point {target:g} °C: not stable)" if target is not None
+                         else " (not stable)")
         lines.append(line)
     summary = h.get("last_batch_summary")
-    if isinstance(summary, dict):
+    if summary is not None:
         lines.append("last batch   " + format_summary(summary).replace("\n", "\n             "))
-    lines.append(f"fault        {h.get('fault') or 'none'}")
+    lines.append(f"fault        {shown(h.get('fault') or 'none')}")
     for source, fault in sorted((h.get("faults") or {}).items()):
-        lines.append(f"{source + ' fault':<12} {fault}")
+        lines.append(f"{shown(source) + ' fault':<12} {shown(fault)}")
     return "\n".join(lines)
 
 
 async def health(client, out):
-    print(format_health(await client.get("sysinfo/health")), file=out)
+    emit(out, format_health(await client.get("sysinfo/health")))
     return 0

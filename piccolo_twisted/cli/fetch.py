@@ -6,15 +6,30 @@ without downloading it: the server tags a blockwise answer with an ETag
 (CRC-32 of the JSON body) and its size (Size2); the local file's JSON body
 must match both (and the first block byte for byte). Anything else is
 downloaded again.
+
+The server is not trusted with the laptop's disk. Every run and file name
+it sends is checked (``names``: the server's own rules) before anything
+is created: one unsafe name and nothing is written (exit 2). Files go to
+``DIR/<run>/<file>`` only: a run directory that is a symlink is refused,
+a local file is opened without following symlinks and without blocking,
+and only a regular file of at most MAX_LOCAL bytes is read (a FIFO or a
+device named like a spectrum file is replaced, never read).
 """
 
 import asyncio
+import errno
 import json
 import os
+import stat
 import tempfile
 import zlib
 
 from .client import CliError, NotFound, Refused, TRANSFER_TIMEOUT
+from .files import read_regular
+from .names import run_name_problem
+from .terminal import shown
+
+MAX_LOCAL = 64 << 20            # the largest file the server serves
 
 
 def json_body(text):
@@ -52,12 +67,34 @@ def write_atomically(path, data):
 
 
 def _local_body(path):
+    """The local copy's JSON body, or None (then it is downloaded again):
+    a symlink, a FIFO, a device or anything but a regular file of at most
+    MAX_LOCAL bytes is never read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return json_body(data.decode("utf-8"))
+        return json_body(read_regular(path, MAX_LOCAL, follow=False).decode("utf-8"))
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def run_directory(directory, run):
+    """``DIR/<run>``, created if missing; CliError if it exists as anything
+    but a real directory (a symlink would lead out of DIR)."""
+    target = os.path.join(directory, run)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        os.mkdir(target)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise CliError(f"fetch: cannot create {target}: {e.strerror}") from None
+    try:
+        st = os.lstat(target)
+    except OSError as e:
+        raise CliError(f"fetch: cannot use {target}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CliError(f"fetch: {target} exists and is not a directory "
+                       f"(a symlink is not followed)")
+    return target
 
 
 async def same_as_server(client, ctx, run, name, path):
@@ -73,14 +110,22 @@ async def same_as_server(client, ctx, run, name, path):
             and etag == zlib.crc32(local).to_bytes(4, "big"))
 
 
+def _lexists(path):
+    try:
+        os.lstat(path)
+    except OSError as e:
+        return e.errno != errno.ENOENT
+    return True
+
+
 async def fetch_file(client, ctx, run, name, path):
-    """Download one file unless it is here already; True if downloaded."""
-    if os.path.exists(path) and await same_as_server(client, ctx, run, name, path):
+    """Download one file unless it is here already; True if downloaded.
+    ``name`` is a checked spectrum file name, ``path`` is in DIR/<run>."""
+    if _lexists(path) and await same_as_server(client, ctx, run, name, path):
         return False
+    # the catalogue's shape: a string (the file's text)
     text = await client.put(f"data_dir/runs/{run}/spectra", name,
                             timeout=TRANSFER_TIMEOUT, ctx=ctx)
-    if not isinstance(text, str):
-        raise CliError(f"{run}/{name}: the server's answer is not a file's text")
     await asyncio.to_thread(write_atomically, path, text.encode("utf-8"))
     return True
 
@@ -88,20 +133,25 @@ async def fetch_file(client, ctx, run, name, path):
 async def fetch(client, run, directory, jobs, err):
     from tqdm import tqdm
     if run is None:
+        # each a checked run name (shape.RUN_NAME), or BadAnswer: exit 2
         runs = await client.put("data_dir/all_runs", {"alpha": True})
     else:
+        problem = run_name_problem(run)
+        if problem:
+            raise CliError(f"fetch: {shown(repr(run))} is not a run name ({problem})")
         runs = [run]
-    work = []
-    for r in runs:
+    # every name first, checked (shape: run names, spectrum file names);
+    # only then is anything created on this computer
+    plan = []
+    for r in dict.fromkeys(runs):
         try:
             names = await client.get(f"data_dir/runs/{r}/spectra_list")
         except NotFound:
-            raise CliError(f"fetch: unknown run {r!r}") from None
-        target = os.path.join(directory, r)
-        try:
-            os.makedirs(target, exist_ok=True)
-        except OSError as e:
-            raise CliError(f"fetch: cannot create {target}: {e.strerror}") from None
+            raise CliError(f"fetch: unknown run {shown(repr(r))}") from None
+        plan.append((r, list(dict.fromkeys(names))))
+    work = []
+    for r, names in plan:
+        target = run_directory(directory, r)
         work.extend((r, n, os.path.join(target, n)) for n in names)
     queue = asyncio.Queue()
     for item in work:
@@ -127,8 +177,8 @@ async def fetch(client, run, directory, jobs, err):
             except Refused as e:
                 # the server will not give this one file (e.g. it cannot read
                 # it): say so and go on with the others
-                failed.append(f"{r}/{name}: {e}")
-                bar.write(f"piccolo3: fetch: {r}/{name}: {e}", file=err)
+                failed.append(f"{r}/{name}: {shown(e)}")
+                bar.write(f"piccolo3: fetch: {shown(r)}/{name}: {shown(e)}", file=err)
                 bar.update(1)
                 continue
             counts["downloaded" if fetched else "present"] += 1
@@ -141,7 +191,7 @@ async def fetch(client, run, directory, jobs, err):
         for w in workers:
             w.cancel()
         bar.close()
-    print(f"{len(work)} files in {len(runs)} run{'s' if len(runs) != 1 else ''}: "
+    print(f"{len(work)} files in {len(plan)} run{'s' if len(plan) != 1 else ''}: "
           f"{counts['downloaded']} downloaded, {counts['present']} already here",
           file=err)
     if failed:

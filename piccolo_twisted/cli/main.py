@@ -5,8 +5,11 @@ import asyncio
 import os
 import sys
 
+from .errors import CliError
+from .terminal import emit, shown
+
 try:
-    from .client import DEFAULT_SERVER, TIMEOUT, CliError
+    from .client import DEFAULT_SERVER, TIMEOUT
 except ImportError as e:            # the server's own install, without the [cli] extra
     MISSING = e.name or str(e)
     DEFAULT_SERVER, TIMEOUT = "coap://localhost", 3.0
@@ -32,8 +35,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="piccolo3",
         description="Operate a Piccolo spectrometer over CoAP.",
-        epilog="Exit status: 0 done, 1 error, 2 usage, 3 the batch stopped on "
-               "a fault, 4 the batch was aborted.")
+        epilog="Exit status: 0 done, 1 error, 2 usage or a malformed answer from "
+               "the server, 3 the batch stopped on a fault, 4 the batch was aborted.")
     _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -67,6 +70,9 @@ def build_parser():
 
     sub.add_parser("jobs", help="the schedule in words")
     sub.add_parser("health", help="disk, devices, clock, faults")
+    from . import operate
+    # the commands of set and schedule take them after their own words too
+    operate.add_parsers(sub, nested=lambda p: _global_options(p, argparse.SUPPRESS))
     for command in sub.choices.values():
         # after the command too (``piccolo3 status --server URL``); absent
         # there, the value given before it (or the default) stays
@@ -117,8 +123,12 @@ async def run(argv, out=None, err=None, interactive=False):
                 return await commands.jobs(client, out)
             if args.command == "health":
                 return await commands.health(client, out)
+            from . import operate
+            if args.command in operate.COMMANDS:
+                return await operate.run(client, args, out)
     except CliError as e:
-        print(f"piccolo3: {e}", file=err)
+        # one line, whatever the server put in its message
+        emit(err, f"piccolo3: {shown(e)}")
         return e.code
     except ImportError as e:          # tqdm or matplotlib missing (lazily imported)
         return _missing(e.name or str(e), err)

@@ -17,40 +17,46 @@ pixels 0-5 before its dark block 6-20) are left out.
 """
 
 import glob
-import json
 import os
 import re
 from datetime import datetime, timezone
 
-from .client import CliError
+from .errors import CliError
+from .files import read_regular
+from .shape import PICO, Malformed, Mismatch, conform, parse
+from .terminal import shown as escaped
 
+MAX_PICO = 64 << 20         # bytes: the largest file the server serves
 LINE = {False: "-", True: "--"}          # light solid, dark dashed
 _NAME = re.compile(r"^b(\d+)_s(\d+)(?:_(light|dark))?\.pico$")
 
 
 def read_pico(path):
+    """The spectra of a .pico file, shape-checked (``shape.PICO``): a
+    regular file only (never a FIFO or a device), JSON within the depth
+    limit, every value plot reads of the right type; anything else is one
+    line, exit 1, never a traceback."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_regular(path, MAX_PICO)
     except OSError as e:
         raise CliError(f"{path}: {e.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CliError(f"{path}: not a .pico file (not JSON: {e})") from None
-    if isinstance(data, str):
-        # saved from PUT .../spectra as it came (e.g. coap-client -o): a JSON
-        # string holding the file's text (docs/API.md: decode twice)
-        try:
-            data = json.loads(data)
-        except ValueError as e:
-            raise CliError(f"{path}: not a .pico file (a JSON string, not a "
-                           f"file's JSON: {e})") from None
-    spectra = data.get("Spectra") if isinstance(data, dict) else None
-    if not isinstance(spectra, list) or not spectra:
-        raise CliError(f"{path}: not a .pico file (no \"Spectra\" list)")
+    try:
+        value = parse(data)
+        if isinstance(value, str):
+            # saved from PUT .../spectra as it came (e.g. coap-client -o): a
+            # JSON string holding the file's text (docs/API.md: decode twice)
+            value = parse(value)
+        spectra = conform(value, PICO)["Spectra"]
+    except Mismatch as e:
+        raise CliError(f"{path}: not a .pico file ({e.said('the file')})") from None
+    except Malformed as e:
+        raise CliError(f"{path}: not a .pico file ({e})") from None
     for s in spectra:
-        if not (isinstance(s, dict) and isinstance(s.get("Metadata"), dict)
-                and isinstance(s.get("Pixels"), list)):
-            raise CliError(f"{path}: not a .pico file (a spectrum lacks Metadata or Pixels)")
+        # labels show control characters escaped, as the terminal does
+        meta = s["Metadata"]
+        for key in ("SerialNumber", "Direction", "Run", "Type"):
+            if isinstance(meta.get(key), str):
+                meta[key] = escaped(meta[key])
     return spectra
 
 
@@ -214,6 +220,9 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
         if not spectra:
             raise CliError("plot --dark: no light spectrum among the files")
     import matplotlib
+    # labels are the files' words, never TeX: "$\\frac{$" in a serial
+    # stopped the plot with a parse error
+    matplotlib.rcParams["text.parse_math"] = False
     if not show:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,7 +271,12 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                     f"{meta.get('Direction')} at {meta.get('IntegrationTime')} ms in run "
                     f"{meta.get('Run')} batch {meta.get('Batch')} (among the files given "
                     f"or beside them)")
-            y = y - np.asarray(match["Pixels"], dtype=float)
+            dark_counts = np.asarray(match["Pixels"], dtype=float)
+            if len(dark_counts) != len(y):
+                raise CliError(f"plot --dark: the dark spectrum of {meta.get('SerialNumber')} "
+                               f"{meta.get('Direction')} has {len(dark_counts)} pixels, "
+                               f"the light one {len(y)}")
+            y = y - dark_counts
             dark_meta = match["Metadata"]
             label += f" − dark s{dark_meta.get('SequenceNumber')}"
             # the dark's own flags: they are in the difference too
@@ -272,9 +286,8 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                 unstable.add(ax)
             dark_level = dark_meta.get("SaturationLevel")
             if isinstance(dark_level, (int, float)):
-                dark_pixels = np.asarray(match["Pixels"], dtype=float)
-                dark_hit = int(((dark_pixels >= dark_level)
-                                & _optical(dark_meta, len(dark_pixels))).sum())
+                dark_hit = int(((dark_counts >= dark_level)
+                                & _optical(dark_meta, len(dark_counts))).sum())
                 if dark_hit:
                     dark_notes.append(f"dark s{dark_meta.get('SequenceNumber')}: "
                                       f"{dark_hit} pixels SATURATED")

@@ -5,7 +5,7 @@ of API.md for payloads and errors.
   a list, an object, or one value); path arguments come first.
 - Results are JSON (content-format 50), 2.05 for GET and 2.04 for PUT.
 - ``PiccoloError`` -> 4.00 with its message (``NotFoundError`` 4.04,
-  ``MethodNotAllowedError`` 4.05); anything else -> 5.00, traceback logged,
+  ``MethodNotAllowedError`` 4.05, ``UnavailableError`` 5.03); anything else -> 5.00, traceback logged,
   never sent (#3, #4).
 - ``/.well-known/core`` is our own link-format resource (#1).
 """
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..api import EncodedJSON, error_text, parse_arguments
-from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError
+from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError, UnavailableError
 from . import _tx, _txresource
 
 JSON = 50
@@ -296,6 +296,8 @@ class Site:
             return _tx.NOT_FOUND, message(error), TEXT
         if isinstance(error, MethodNotAllowedError):
             return _tx.METHOD_NOT_ALLOWED, message(error), TEXT
+        if isinstance(error, UnavailableError):
+            return _tx.SERVICE_UNAVAILABLE, message(error), TEXT
         if isinstance(error, PiccoloError):
             return _tx.BAD_REQUEST, message(error), TEXT
         self.log.failure("unexpected error in a request handler", failure)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from ..api import EncodedJSON, error_text, parse_arguments
-from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError
+from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError, UnavailableError
 
 MAX_BODY = 64 * 1024
 JSON_TYPE = b"application/json"
@@ -174,6 +174,8 @@ class Api(resource.Resource):
             return self._text(request, 404, error_text(error))
         if isinstance(error, MethodNotAllowedError):
             return self._text(request, 405, error_text(error))
+        if isinstance(error, UnavailableError):     # the data directory gone
+            return self._text(request, 503, error_text(error))
         if isinstance(error, PiccoloError):
             return self._text(request, 400, error_text(error))
         self.log.failure("unexpected error in a request handler (web)", failure)
