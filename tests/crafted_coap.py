@@ -139,7 +139,7 @@ class CraftedServer(asyncio.DatagramProtocol):
             delay, answer = answer.delay, answer.answer
         observed = None
         if isinstance(answer, Observed):
-            observed, answer = answer, answer.first
+            observed, answer = answer, answer.now(asyncio.get_running_loop().time())
         if isinstance(answer, Body):
             size2 = answer.size2
         status, body = self.answer(code, path, payload, answer)
@@ -156,6 +156,7 @@ class CraftedServer(asyncio.DatagramProtocol):
                        self.block(body, num, szx))
         self.send_later(delay, reply, addr)
         if register:
+            observed.registered = asyncio.get_running_loop().time() + delay
             for i, note in enumerate(observed.notes):
                 n_status, n_body = self.answer(GET, path, b"", note)
                 message = encode(NON, n_status, (mid + 1 + i) & 0xFFFF, token,
@@ -241,6 +242,14 @@ class Observed:
 
     def __init__(self, first, notes, interval=0.2):
         self.first, self.notes, self.interval = first, list(notes), interval
+        self.registered = None
+
+    def now(self, t):
+        """What a GET answers at loop time ``t``: the latest notified."""
+        if self.registered is None:
+            return self.first
+        sent = int((t - self.registered) / self.interval)
+        return self.notes[min(sent, len(self.notes)) - 1] if sent >= 1 else self.first
 
 
 class Body:

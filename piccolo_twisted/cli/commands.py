@@ -34,15 +34,18 @@ async def _spectrometer(client, name, channels):
     # the latest spectrum of each channel (a server without last_spectrum: none)
     latest = await asyncio.gather(
         *(_maybe(client.get(f"{base}/last_spectrum/{c}")) for c in channels))
-    temperature = age = None
+    temperature = age = stable = target = None
     if tec:
         # the spectrometer's last reading (taken between integrations while
         # it records): never a device call, so never held up by one
         last = await _maybe(client.get(f"{base}/last_temperature"))
         if isinstance(last, dict):
             temperature, age = last.get("temperature"), last.get("age")
+            stable, target = last.get("stable"), last.get("target")
     return {"name": name, "status": status, "tec": tec, "temperature": temperature,
-            "temperature_age": age, "times": dict(zip(channels, times)),
+            "temperature_age": age, "temperature_stable": stable,
+            "temperature_target": target, "read_at": datetime.now(),
+            "times": dict(zip(channels, times)),
             "peaks": {c: _peak(doc) for c, doc in zip(channels, latest)}}
 
 
@@ -89,8 +92,11 @@ async def gather_status(client):
             "quiet": quiet}
 
 
-def format_status(s, now=None):
-    """The status screen; every value from the server shown escaped."""
+def format_status(s, now=None, watching=False):
+    """The status screen; every value from the server shown escaped.
+    ``watching``: a screen that stays up (--watch) gives the clock time of
+    a temperature reading, not its age, which the screen would soon
+    belie."""
     width = max([12] + [len(shown(spec["name"])) for spec in s["spectrometers"]])
     lines = [f"{'control':<{width}} {shown(s['control'])}"]
     where = f"run {shown(s['run'] or '-')}"
@@ -105,8 +111,17 @@ def format_status(s, now=None):
                           if t is not None)
         line = f"{shown(spec['name']):<{width}} {words}; integration {times or '-'}"
         if spec["tec"]:
-            line += "; temperature " + _temperature(spec.get("temperature"),
-                                                    spec.get("temperature_age"))
+            age = spec.get("temperature_age")
+            read = None
+            if watching and isinstance(age, (int, float)) and spec.get("read_at"):
+                try:
+                    read = spec["read_at"] - timedelta(seconds=age)
+                except (OverflowError, ValueError):      # an age of 1e308 s
+                    read = None
+            line += "; temperature " + _temperature(spec.get("temperature"), age, read)
+            target = spec.get("temperature_target")
+            if spec.get("temperature_stable") is False and isinstance(target, (int, float)):
+                line += f" (set point {number(target, 'g')} °C: not stable)"
         lines.append(line)
         if spec.get("peaks"):
             lines.append(f"{'':<{width}}   latest peak: {format_peaks(spec['peaks'])}")
@@ -134,30 +149,41 @@ REFRESH = 10.0     # seconds without a notification before --watch asks itself
 
 
 def _unchanging(s):
-    """What --watch compares: the screen's state but the temperatures."""
-    return {**s, "spectrometers": [{k: v for k, v in spec.items()
-                                    if k not in ("temperature", "temperature_age")}
-                                   for spec in s["spectrometers"]]}
+    """What --watch compares: the screen's state, temperatures as shown
+    (to 0.1 °C, and whether stable), not their age."""
+    def on_screen(spec):
+        t = spec.get("temperature")
+        return {**{k: v for k, v in spec.items()
+                   if k not in ("temperature", "temperature_age", "read_at")},
+                "temperature": round(t, 1) if isinstance(t, (int, float)) else t}
+    return {**s, "spectrometers": [on_screen(spec) for spec in s["spectrometers"]]}
 
 
-def _temperature(t, age):
-    """"-11.9 °C (4 s ago)", or "-" before the first reading."""
+def _temperature(t, age, read=None):
+    """"-11.9 °C (4 s ago)", "-11.9 °C (read 12:03:04)" given the clock
+    time of the reading, or "-" before the first reading."""
     if not isinstance(t, (int, float)):
         return "-"
     text = f"{number(t, '.1f')} °C"
-    if isinstance(age, (int, float)):
+    if read is not None:
+        text += f" (read {read.strftime('%H:%M:%S')})"
+    elif isinstance(age, (int, float)):
         text += f" ({number(age, '.0f')} s ago)"
     return text
 
 
 async def status(client, out, watch=False, updates=None, refresh=None):
     screen = await gather_status(client)
-    emit(out, format_status(screen), flush=True)
+    emit(out, format_status(screen, watching=watch), flush=True)
     if not watch:
         return 0
     refresh = REFRESH if refresh is None else refresh
     specs = await client.get("spectrometer/spectrometers")
-    paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs)
+    # and every cooled detector's readings: a screen that stays up follows
+    # the temperature (it froze at the first screen's)
+    paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs) + tuple(
+        f"spectrometer/{spec['name']}/last_temperature" for spec in screen["spectrometers"]
+        if spec["tec"])
     changed = asyncio.Event()
     observations, tasks = [], []
     # the first malformed update: it ends the watch with its line (exit 2),
@@ -170,9 +196,14 @@ async def status(client, out, watch=False, updates=None, refresh=None):
         for t in tasks:
             t.cancel()
         observations[:] = [client.observe(p) for p in paths]
+        started = []
         for obs in observations:
-            await obs.start()
-        tasks[:] = [asyncio.ensure_future(_pump(obs, changed, failed)) for obs in observations]
+            try:
+                await obs.start()
+            except Refused:
+                continue            # a resource this server lacks (an older one)
+            started.append(obs)
+        tasks[:] = [asyncio.ensure_future(_pump(obs, changed, failed)) for obs in started]
 
     async def news():
         waiting = asyncio.ensure_future(changed.wait())
@@ -205,11 +236,13 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 await asyncio.sleep(0.05)       # let a burst of changes settle
                 changed.clear()
                 now = await gather_status(client)
+                if _unchanging(now) == _unchanging(screen):
+                    continue                    # e.g. a reading of the same temperature
             seen += 1
             screen = now
             stamp = datetime.now().strftime("%H:%M:%S")
             emit(out, f"\n-- {stamp}")
-            emit(out, format_status(screen), flush=True)
+            emit(out, format_status(screen, watching=True), flush=True)
     finally:
         for t in tasks:
             t.cancel()
@@ -387,6 +420,18 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
                 if recorded is not None else
                 f"how many of {args.nsequence} sequence{plural} were recorded is "
                 f"unknown: {unknown}")
+    late = " (it had ended before the abort)" if asked_abort else ""
+    if not fault and recorded is not None and recorded >= args.nsequence:
+        emit(out, f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} "
+                  f"recorded{late}")
+    # the summary and its warnings on every ending: a batch stopped by a
+    # full disk or aborted holds saturated or unstable spectra too
+    summary = await _maybe(client.get("control/last_batch"))
+    if isinstance(summary, dict) and summary.get("run") == args.run \
+            and summary.get("batch") == batch:
+        emit(out, format_summary(summary), flush=True)
+        for line in summary_warnings(summary):
+            emit(err, f"warning: {line}")
     if fault:
         raise CliError(f"record: run {args.run} batch {batch} stopped: {shown(fault)} "
                        f"({how_many})", 3)
@@ -395,15 +440,6 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     if recorded < args.nsequence:
         who = "" if asked_abort else " (by another client)"
         raise CliError(f"record: run {args.run} batch {batch}: {how_many}, aborted{who}", 4)
-    late = " (it had ended before the abort)" if asked_abort else ""
-    emit(out, f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} "
-              f"recorded{late}")
-    summary = await _maybe(client.get("control/last_batch"))
-    if isinstance(summary, dict) and summary.get("run") == args.run \
-            and summary.get("batch") == batch:
-        emit(out, format_summary(summary))
-        for line in summary_warnings(summary):
-            emit(err, f"warning: {line}")
     return 0
 
 
@@ -433,7 +469,8 @@ def format_summary(s):
              f"{number(s.get('sequences'))} "
              f"sequence{'s' if s.get('sequences') != 1 else ''}, "
              f"{len(s.get('files') or [])} files, {_when(s.get('start'))} to "
-             f"{_when(s.get('end')) if s.get('end') else '(running)'}"]
+             f"{_when(s.get('end')) if s.get('end') else '(running)'}"
+             f"{' (aborted)' if s.get('aborted') else ''}"]
     for spec, channels in sorted((s.get("integration_times") or {}).items()):
         times = ", ".join(f"{shown(c)} {'/'.join(number(t, 'g') for t in ts)} ms"
                           for c, ts in channels.items())
@@ -456,12 +493,13 @@ def _ranges(ranges):
     return ("sequence " if single else "sequences ") + (", ".join(parts) or "?")
 
 
-def _span(low, high, spec=""):
+def _span(low, high, spec="", sep="-"):
     values = [v for v in (low, high) if v is not None]
     if not values:
         return "?"
     low, high = min(values), max(values)
-    return number(low, spec) if low == high else f"{number(low, spec)}-{number(high, spec)}"
+    return (number(low, spec) if low == high
+            else f"{number(low, spec)}{sep}{number(high, spec)}")
 
 
 def summary_warnings(s):
@@ -474,7 +512,7 @@ def summary_warnings(s):
                f"(at or above {number(e.get('level'))})")
     for e in s.get("temperature_unstable") or []:
         target = e.get("set_point")
-        t = _span(e.get("temperature_min"), e.get("temperature_max"), ".1f")
+        t = _span(e.get("temperature_min"), e.get("temperature_max"), ".1f", " to ")
         where = " ".join(shown(e.get(k)) for k in ("spectrometer", "channel", "type"))
         yield (f"{where}, {_ranges(e.get('sequences'))}: detector at {t} °C, set point "
                f"{number(target, 'g')} °C "

@@ -9,7 +9,11 @@ recorded with its cooled detector away from the set point named so in the
 legend; axes in nm and counts (or counts/ms). ``--dark`` subtracts the
 matching dark spectrum (same run, batch, spectrometer, channel and
 integration time; the dark of the latest sequence up to the light's, else
-the next one), found among the files given or beside them on disk.
+the next one), found among the files given or beside them on disk; what
+is wrong with that dark (temperature unstable, saturated pixels) is named
+beside the light it was subtracted from. Only the optical pixels are
+drawn: the electric dark pixels and whatever lies beyond them (a Flame's
+pixels 0-5 before its dark block 6-20) are left out.
 """
 
 import glob
@@ -171,6 +175,28 @@ def _label(meta, several_runs):
     return label
 
 
+def _optical(meta, n):
+    """The mask of the optical pixels: between the two blocks of dark
+    pixels (as the deployed parser takes them), or, where the dark pixels
+    are one block, on its longer side (a Flame's dark pixels 6-20 leave
+    0-5 and 21-2047: the spectrum is 21-2047)."""
+    import numpy as np
+    dark = sorted({i for i in meta.get("DarkPixels") or ()
+                   if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n})
+    mask = np.ones(n, dtype=bool)
+    if not dark:
+        return mask
+    for a, b in zip(dark, dark[1:]):
+        if b - a > 1:
+            mask[:a + 1] = mask[b:] = False
+            return mask
+    if n - dark[-1] - 1 >= dark[0]:
+        mask[:dark[-1] + 1] = False
+    else:
+        mask[dark[0]:] = False
+    return mask
+
+
 def _unstable(meta):
     """How a spectrum recorded away from its set point is named, or None."""
     if meta.get("TemperatureStable") is not False:
@@ -238,6 +264,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
         x, xlabel = wavelengths(meta, len(raw))
         y = raw.copy()
         label = _label(meta, several_runs)
+        dark_notes = []
         if darks is not None:
             match = darks.matching(meta)
             if match is None:
@@ -252,7 +279,21 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                                f"{meta.get('Direction')} has {len(dark_counts)} pixels, "
                                f"the light one {len(y)}")
             y = y - dark_counts
-            label += f" − dark s{number(match['Metadata'].get('SequenceNumber'))}"
+            dark_meta = match["Metadata"]
+            label += f" − dark s{number(dark_meta.get('SequenceNumber'))}"
+            # the dark's own flags: they are in the difference too
+            dark_warning = _unstable(dark_meta)
+            if dark_warning:
+                dark_notes.append(f"dark s{number(dark_meta.get('SequenceNumber'))}: "
+                                  f"{dark_warning}")
+                unstable.add(ax)
+            dark_level = dark_meta.get("SaturationLevel")
+            if isinstance(dark_level, (int, float)):
+                dark_hit = int(((dark_counts >= dark_level)
+                                & _optical(dark_meta, len(dark_counts))).sum())
+                if dark_hit:
+                    dark_notes.append(f"dark s{number(dark_meta.get('SequenceNumber'))}: "
+                                      f"{number(dark_hit)} pixels SATURATED")
         ms = meta.get("IntegrationTime")
         if per_ms:
             if not ms:
@@ -262,16 +303,18 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
         if warning:
             label += f"\n  {warning}"
             unstable.add(ax)
+        for note in dark_notes:             # the subtracted dark's own flags
+            label += f"\n  {note}"
         c = colour[(meta.get("Run"), meta.get("Batch"), meta.get("SequenceNumber"), path)]
-        # the electric dark pixels are no part of the spectrum
+        # the electric dark pixels (and what lies beyond them) are no part
+        # of the spectrum
+        optical = _optical(meta, len(y))
         shown = y.copy()
-        dark_pixels = [i for i in meta.get("DarkPixels") or ()
-                       if isinstance(i, int) and 0 <= i < len(y)]
-        shown[dark_pixels] = np.nan
+        shown[~optical] = np.nan
         ax.plot(x, shown, LINE[_is_dark(meta)], color=c, linewidth=0.8, label=label)
         level = meta.get("SaturationLevel")
         if isinstance(level, (int, float)):
-            hit = raw >= level
+            hit = (raw >= level) & optical
             if hit.any():
                 for first, last in _runs(hit):
                     ax.axvspan(x[first], x[last], color="red", alpha=0.12, linewidth=0)
