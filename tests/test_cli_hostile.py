@@ -895,3 +895,29 @@ class JobStateTests(Crafted):
             self.assertRegex(out, rf"^job #7 is {state} already: job #7: switch the "
                                   rf"spectrometers on: next .* \[{state}\]\n$")
             self.assertEqual([p for c, p, _ in server.requests if c == 3], [])
+
+
+class PaceTests(Crafted):
+
+    @in_loop
+    async def test_many_small_answers_over_a_slow_link_are_not_too_slow(self):
+        """The pace counts a small answer as a block's worth: checking 80
+        files already here at 60 ms a round trip (a link to a field) is
+        not a slow server, and reading the local copies is no waiting."""
+        names = [f"b000000_s{i:06d}.pico" for i in range(80)]
+        text = "{}"                             # small files: an answer of 4 bytes
+        routes = {"data_dir/runs/field/spectra_list": names,
+                  "data_dir/runs/field/spectra": Slow(text, 0.06)}
+        target = os.path.join(self.parent, "DIR")
+        os.makedirs(os.path.join(target, "field"))
+        for name in names:
+            with open(os.path.join(target, "field", name), "w") as f:
+                f.write(text)
+        server, url, close = await serve(routes)
+        try:
+            code, out, err = await piccolo3("--server", url, "--timeout", "2",
+                                            "fetch", "field", target, "-j", "1")
+        finally:
+            close()
+        self.assertEqual(code, 0, err)
+        self.assertIn("80 files in 1 run: 0 downloaded, 80 already here", err)

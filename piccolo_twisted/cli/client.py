@@ -41,29 +41,47 @@ class _Changed(Exception):
 
 
 class Pace:
-    """How long an answer (or a series of them: a fetch worker's) may take:
-    ``timeout`` seconds, plus one for every ``rate`` bytes received. A
-    server that answers, but a block now and then, ends with a line saying
-    so, not a transfer of hours; an honest answer of a megabyte has minutes
-    on a link of 4 kB/s."""
+    """How long an answer (or a series of them: a fetch worker's) may keep
+    us waiting: ``timeout`` seconds, plus one for every ``rate`` bytes
+    received. Only the time spent waiting for the server counts (not our
+    own reading and writing of files). A server that answers, but a block
+    now and then, ends with a line saying so, not a transfer of hours; an
+    honest answer of a megabyte has minutes on a link of 4 kB/s."""
 
     def __init__(self, timeout, rate=MIN_RATE, clock=time.monotonic):
         self.timeout, self.rate, self.clock = timeout, rate, clock
-        self.start = clock()
+        self.waited = 0.0
         self.received = 0
+        self.credit = 0
+        self.answers = 0
 
     def left(self):
-        """Seconds left for what has been received so far."""
-        return self.start + self.timeout + self.received / self.rate - self.clock()
+        """Seconds of waiting left for what has been received so far."""
+        return self.timeout + self.credit / self.rate - self.waited
 
-    def add(self, n):
+    def add(self, response):
+        """A response received: its bytes, and as many as a full block
+        (the block size it says, 1024 without one) for the time it took:
+        a small answer over a link of 250 ms is not slow, 16-byte blocks
+        now and then are."""
+        n = len(response.payload)
+        block = response.opt.block2
         self.received += n
+        self.credit += max(n, block.size if block is not None else 1024)
+        self.answers += 1
+
+    async def wait(self, awaitable, timeout):
+        started = self.clock()
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        finally:
+            self.waited += self.clock() - started
 
     def too_slow(self, base):
-        spent = self.clock() - self.start
         return TooSlow(f"{base}: the server answers too slowly ({size_words(self.received)} "
-                       f"in {number(spent, '.0f')} s, under {size_words(self.rate)}/s after "
-                       f"the first {number(self.timeout, 'g')} s): stopped")
+                       f"in {number(self.waited, '.0f')} s of waiting, under "
+                       f"{size_words(self.rate)}/s after the first "
+                       f"{number(self.timeout, 'g')} s): stopped")
 
 
 def split_server(url):
@@ -126,10 +144,12 @@ class Client:
             if isinstance(path, str) else tuple(path)
         return msg
 
-    async def _answer(self, response, timeout):
+    async def _answer(self, response, timeout, pace=None):
         """Await a request's response; a missing or failed answer is
         Unreachable, named by the server's address."""
         try:
+            if pace is not None:
+                return await pace.wait(response, timeout)
             return await asyncio.wait_for(response, timeout)
         except asyncio.TimeoutError:
             raise Unreachable(f"{self.base}: no answer within {number(timeout, 'g')} s "
@@ -154,10 +174,10 @@ class Client:
         if left <= 0:
             raise pace.too_slow(self.base)
         request = ctx.request(msg, handle_blockwise=False).response
-        if pace.received == 0:                  # is anybody there at all?
-            return await self._answer(request, patience)
+        if pace.answers == 0:                   # is anybody there at all?
+            return await self._answer(request, patience, pace)
         try:
-            return await self._answer(request, min(patience, left))
+            return await self._answer(request, min(patience, left), pace)
         except Unreachable as e:
             if pace.left() <= 0:
                 raise pace.too_slow(self.base) from None
@@ -195,7 +215,7 @@ class Client:
             return await self.exchange(template, what, limit, pace, ctx)
 
     async def _assemble(self, ctx, template, first, pace, what, limit):
-        pace.add(len(first.payload))
+        pace.add(first)
         if not first.code.is_successful():
             return first, first.payload[:MAX_MESSAGE]       # an error: its first line
         size2 = first.opt.size2
@@ -221,7 +241,7 @@ class Client:
                 block2=BlockOption.BlockwiseTuple(len(body) // block.size, False,
                                                   block.size_exponent))
             response = await self._block(ctx, follow, pace, what, len(body))
-            pace.add(len(response.payload))
+            pace.add(response)
             if not response.code.is_successful():
                 return response, response.payload[:MAX_MESSAGE]
             if response.opt.etag != first.opt.etag:
@@ -265,8 +285,9 @@ class Client:
         msg = self.message(aiocoap.PUT, path, payload)
         msg.opt.block2 = BlockOption.BlockwiseTuple(0, False, 6)
         what = f"PUT /{path}"
-        response = await self._block(ctx or self.ctx, msg, pace or Pace(self.timeout),
-                                     what, 0)
+        pace = pace or Pace(self.timeout)
+        response = await self._block(ctx or self.ctx, msg, pace, what, 0)
+        pace.add(response)
         if not response.code.is_successful():
             self.decode(response, response.payload, what, None)
         block = response.opt.block2
