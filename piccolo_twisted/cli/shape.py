@@ -20,7 +20,6 @@ unknown keys of an object.
 """
 
 import json
-import math
 import re
 import sys
 
