@@ -922,3 +922,22 @@ class PaceTests(Crafted):
             close()
         self.assertEqual(code, 0, err)
         self.assertIn("80 files in 1 run: 0 downloaded, 80 already here", err)
+
+    @in_loop
+    async def test_a_flood_of_notifications_is_not_kept(self):
+        """A server may send notifications faster than they are read: the
+        unread ones kept are bounded (the newest kept), not memory."""
+        from piccolo_twisted.cli.client import MAX_QUEUED, Client
+        notes = [f"s{i}" for i in range(3 * MAX_QUEUED)]
+        server, url, close = await serve({"control/status": Observed("idle", notes, 0.001)})
+        try:
+            async with Client(url, 2) as client:
+                observation = client.observe("control/status")
+                self.assertEqual(await observation.start(), "idle")
+                await asyncio.sleep(3 * MAX_QUEUED * 0.001 + 1.5)   # all of them sent
+                self.assertLessEqual(observation.queue.qsize(), MAX_QUEUED)
+                values = [await observation.next(1) for _ in range(MAX_QUEUED)]
+                self.assertEqual(values[-1], notes[-1])
+                observation.cancel()
+        finally:
+            close()

@@ -26,6 +26,7 @@ BLOCK_TIMEOUT = 10.0    # ... at least, for a later block (a lost datagram is se
 MIN_RATE = 4096         # bytes/s an answer keeps up after its first TIMEOUT seconds
 RESTARTS = 2            # times an answer that changed during its transfer is asked again
 MAX_MESSAGE = 1000      # bytes of an error answer shown
+MAX_QUEUED = 256        # notifications kept unread (a server may flood them)
 
 
 def size_words(n):
@@ -328,7 +329,10 @@ class Observation:
     async def _forward(self, notifications):
         try:
             while True:
-                self.queue.put_nowait(await notifications.__anext__())
+                note = await notifications.__anext__()
+                if self.queue.qsize() >= MAX_QUEUED:
+                    self.queue.get_nowait()     # a flood: the oldest goes
+                self.queue.put_nowait(note)
         except StopAsyncIteration:
             self.queue.put_nowait(CliError("the server ended the observation"))
         except asyncio.CancelledError:
