@@ -666,6 +666,20 @@ class QuietWindowTests(Crafted):
             self.assertTrue(state["quietTimeEnabled"])
 
     @in_loop
+    async def test_an_instrument_clock_at_the_end_of_time_is_no_traceback(self):
+        """The window arithmetic with the server's clock in 9999 (or a
+        power delay of 1e308 s from a hostile server): the quiet time is
+        switched off around the writes, never an OverflowError."""
+        for old, now in (({**self.OLD, "powerDelay": 1.7e308}, self.NOW),
+                         (self.OLD, datetime(9999, 12, 31, 23, 59, 30, tzinfo=timezone.utc))):
+            server = QuietServer(old, now)
+            code, out, err = await self.quiet(server, "--start", "09:00+0000",
+                                              "--end", "09:30+0000")
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual([s["quietTimeEnabled"] for s in server.history],
+                             [False, False, False, True])
+
+    @in_loop
     async def test_without_the_instruments_time_the_window_is_off_around_the_writes(self):
         server = QuietServer(self.OLD, None)            # no /sysinfo/clock
         code, out, err = await self.quiet(server, "--start", "09:00+0000", "--end", "09:30+0000")

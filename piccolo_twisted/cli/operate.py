@@ -515,9 +515,12 @@ def effect(state, now):
     delay = state["powerDelay"]
     if start is None or end is None or not isinstance(delay, (int, float)):
         return None
-    w_start, w_end = _window(now, start, end)
+    try:
+        w_start, w_end = _window(now, start, end)
+        gap = timedelta(seconds=delay)
+    except (OverflowError, ValueError):         # a clock in 9999, a delay of 1e308 s
+        return None
     quiet = w_start <= now < w_end
-    gap = timedelta(seconds=delay)
     off = bool(state["powerOffEnabled"] and quiet and w_end - w_start > 2 * gap
                and w_start + gap <= now < w_end - gap)
     return (quiet, off)
@@ -532,8 +535,12 @@ def safe_order(old, new, changing, now):
         for resource in order:
             state = {**state, resource: new[resource]}
             states.append(state)
-        if all(_steady(old, states, new, now + timedelta(seconds=ahead))
-               for ahead in LOOKAHEAD):
+        try:
+            steady = all(_steady(old, states, new, now + timedelta(seconds=ahead))
+                         for ahead in LOOKAHEAD)
+        except (OverflowError, ValueError):     # an instrument clock in 9999
+            return None
+        if steady:
             return list(order)
     return None
 
