@@ -382,6 +382,19 @@ class PlotTests(Crafted):
             self.assertEqual((code, err), (0, ""), name)
             self.assertGreater(os.path.getsize(png), 1000, name)
 
+    def test_counts_per_ms_of_the_smallest_time(self):
+        """An IntegrationTime of 5e-324 ms with --per-ms: infinite counts
+        plotted without a word from numpy on the terminal."""
+        import warnings
+        path = os.path.join(self.parent, "tiny.pico")
+        with open(path, "w") as f:
+            f.write(json.dumps(_doc(_meta(IntegrationTime=5e-324))))
+        png = os.path.join(self.parent, "tiny.png")
+        from piccolo_twisted.cli.plot import plot
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            self.assertEqual(plot([path], png, per_ms=True), 0)
+
 
 # -- 5, 18: local names ---------------------------------------------------------------
 

@@ -298,7 +298,8 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
         if per_ms:
             if not ms:
                 raise CliError(f"{path}: --per-ms needs the IntegrationTime of every spectrum")
-            y = y / float(ms)
+            with np.errstate(over="ignore"):    # an IntegrationTime of 5e-324: inf
+                y = y / float(ms)
         warning = _unstable(meta)
         if warning:
             label += f"\n  {warning}"
