@@ -33,6 +33,7 @@ import os
 import re
 import stat
 import time
+import unicodedata
 from collections import OrderedDict
 from array import array
 from bisect import bisect_left
@@ -96,6 +97,66 @@ def check_run_name(name):
     if size > MAX_RUN_NAME:
         raise PiccoloError(f"run name too long: {size} bytes of UTF-8, "
                            f"at most {MAX_RUN_NAME}")
+    return name
+
+
+#: not in a file name on Windows (':' not on macOS either; the data
+#: directory is often a FAT stick, and runs are copied to laptops)
+_WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+#: Windows device names: reserved with any extension, in any case
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"])
+#: what the deployed client's URIs cannot carry in a path segment
+_URI_RESERVED = frozenset("#%?")
+#: Unicode categories no new run name holds: controls, format characters
+#: (bidi overrides, zero-width spaces, the BOM), surrogates, line and
+#: paragraph separators
+_INVISIBLE = frozenset(["Cc", "Cf", "Cs", "Zl", "Zp"])
+
+
+def new_run_name_problem(name):
+    """None when the server may create a run named ``name``, else why not.
+
+    Beyond ``check_run_name`` (which names an existing run, perhaps made by
+    an earlier version or by hand), a new run's name is the same on every
+    file system it may be copied to and reachable from every client: none
+    of ``< > : " / \\ | ? *`` (``C:x`` is a drive-relative path on Windows),
+    no ``#`` or ``%`` (the deployed client builds URIs of run names as they
+    are), nothing invisible (a control, format, line or paragraph separator
+    character: a bidi override shows a name in another order, a zero-width
+    space makes two names look alike), not ending in ``.`` or a space, not a
+    Windows device name (``CON``, ``nul.txt``). The command line checks the
+    names it writes locally by the same rules (``cli/names.py``)."""
+    try:
+        check_run_name(name)
+    except PiccoloError as e:
+        return str(e)
+    for char in name:
+        if char in _WINDOWS_FORBIDDEN:
+            return f"holds {char!r} (not in a name on Windows)"
+        if unicodedata.category(char) in _INVISIBLE:
+            return "holds a control, format or line separator character"
+        if char in _URI_RESERVED:
+            return f"holds {char!r} (not in a URI's path as it is)"
+    if name[-1] in ". ":
+        return "ends in '.' or a space (Windows drops them)"
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        return "a device name on Windows"
+    return None
+
+
+def _folded(name):
+    """``name`` as a case- and normalisation-insensitive file system
+    compares it (``Run`` and ``run`` are one folder there)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def check_new_run_name(name):
+    """``name`` if a run may be created with it, else PiccoloError (4.00)."""
+    problem = new_run_name_problem(name)
+    if problem:
+        raise PiccoloError(f"invalid name for a new run {name[:MAX_RUN_NAME]!r}: {problem}")
     return name
 
 
@@ -266,6 +327,7 @@ class DataDir:
         self._saving = {}               # run -> saves in the pool now
         self._saves_waiters = {}        # run -> [Deferred]: fired when none is
         self._creating = set()          # new runs admitted, not yet indexed
+        self._folded_cache = (-1, {})   # (_lists_gen, _folded_runs())
 
     def _in_pool(self, f, *args, **kwargs):
         from twisted.internet import reactor
@@ -602,10 +664,15 @@ class DataDir:
         looked at again first (runs moved away by hand, or ``run`` made
         by hand). Count and reservation happen in one reactor step, so
         two requests never both take the last place."""
-        if len(self._runs) + len(self._creating) >= self.max_runs:
+        problem = new_run_name_problem(run)
+        if problem or len(self._runs) + len(self._creating) >= self.max_runs:
+            # made by hand (or copied in) since the index last looked?
             await self._check_root()
             if run in self._runs:
                 return False
+        if problem:
+            check_new_run_name(run)
+        self._check_twin(run)
         count = len(self._runs) + len(self._creating)
         if count >= self.max_runs:
             raise PiccoloError(
@@ -613,6 +680,25 @@ class DataDir:
                 f"{self.max_runs}; record into an existing run or move old runs away")
         self._creating.add(run)
         return True
+
+    def _check_twin(self, run):
+        """PiccoloError if a known run differs from ``run`` only in case or
+        Unicode normal form (one folder on Windows, macOS, a FAT stick)."""
+        key = _folded(run)
+        twin = self._folded_runs().get(key) or next(
+            (r for r in self._creating if _folded(r) == key), None)
+        if twin is not None and twin != run:
+            raise PiccoloError(
+                f"invalid name for a new run {run!r}: the run {twin!r} exists, and names "
+                f"differing only in case are one folder on Windows, macOS and a FAT stick")
+
+    def _folded_runs(self):
+        """{folded name: run} of the runs known (rebuilt after a change)."""
+        gen, folded = self._folded_cache
+        if gen != self._lists_gen:
+            folded = {_folded(r): r for r in self._runs}
+            self._folded_cache = (self._lists_gen, folded)
+        return folded
 
     def _check_root(self):
         async def check():
@@ -859,7 +945,10 @@ class DataDir:
                 return None
 
         def answer(mode):
-            if mode is not None and not stat.S_ISDIR(mode):
+            if mode is None:
+                check_new_run_name(run)         # created when the job runs
+                self._check_twin(run)
+            elif not stat.S_ISDIR(mode):
                 raise PiccoloError(f"run {run!r} exists and is not a directory")
         return self._fs(look).addCallback(answer)
 

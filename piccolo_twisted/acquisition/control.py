@@ -636,13 +636,17 @@ class Control:
         return self._run_ready(run, lambda: self.record_dark(run))
 
     def _run_ready(self, run, start):
-        """``start()`` once ``run`` is a directory in the data directory
-        (created if missing): a name that exists there as a file or a
-        symlink is 4.00 now, as current_run answers it, rather than made
-        the current run and a batch failing on it."""
-        if run is None or self.busy:
-            return start()              # the current run, or 4.00 busy
-        check_run_name(run)
+        """``start()`` once ``run`` (or the current run) is a directory in
+        the data directory (created if missing): a name that exists there
+        as a file or a symlink is 4.00 now, as current_run answers it, and a
+        missing data directory (a pulled stick) 5.03 with the reason, rather
+        than a 2.04 and a batch stopping on a fault."""
+        if self.busy:
+            return start()              # 4.00 busy
+        if run is not None:
+            check_run_name(run)
+        else:
+            run = self.datadir.current_run.value
         return self.datadir.prepare_run(run).addCallback(lambda _: start())
 
     def record_dark(self, run=None):

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from .errors import CliError
 from .files import read_regular
 from .shape import PICO, Malformed, Mismatch, conform, parse
-from .terminal import shown as escaped
+from .terminal import number, shown as escaped
 
 MAX_PICO = 64 << 20         # bytes: the largest file the server serves
 LINE = {False: "-", True: "--"}          # light solid, dark dashed
@@ -52,11 +52,13 @@ def read_pico(path):
     except Malformed as e:
         raise CliError(f"{path}: not a .pico file ({e})") from None
     for s in spectra:
-        # labels show control characters escaped, as the terminal does
+        # labels show every word of the file as the terminal does: control
+        # and format characters escaped, a lone surrogate too (matplotlib
+        # stopped on one)
         meta = s["Metadata"]
-        for key in ("SerialNumber", "Direction", "Run", "Type"):
-            if isinstance(meta.get(key), str):
-                meta[key] = escaped(meta[key])
+        for key, value in meta.items():
+            if isinstance(value, str):
+                meta[key] = escaped(value)
     return spectra
 
 
@@ -75,14 +77,14 @@ def wavelengths(meta, n):
 
 def _joined(values):
     values = sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
-    return ", ".join(str(v) for v in values) if values else "?"
+    return ", ".join(number(v) for v in values) if values else "?"
 
 
 def _utc(meta):
     try:
         return datetime.strptime(meta["Datetime"], "%Y-%m-%dT%H:%M:%S.%f%z").astimezone(
             timezone.utc)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):    # 9999-12-31T...-1400
         return None
 
 
@@ -166,10 +168,10 @@ def _runs(mask):
 
 def _label(meta, several_runs):
     label = (f"{meta.get('Run', '?')} " if several_runs else "") + \
-        f"b{meta.get('Batch', '?')} s{meta.get('SequenceNumber', '?')} " \
+        f"b{number(meta.get('Batch', '?'))} s{number(meta.get('SequenceNumber', '?'))} " \
         f"{meta.get('Direction', '?')} {'dark' if _is_dark(meta) else 'light'}"
     if meta.get("IntegrationTime") is not None:
-        label += f" ({meta['IntegrationTime']:g} ms)"
+        label += f" ({number(meta['IntegrationTime'], 'g')} ms)"
     return label
 
 
@@ -201,7 +203,7 @@ def _unstable(meta):
         return None
     t, target = meta.get("Temperature"), meta.get("TemperatureSetPoint")
     if isinstance(t, (int, float)) and isinstance(target, (int, float)):
-        return f"TEMPERATURE UNSTABLE: {t:.1f} °C, set point {target:g} °C"
+        return f"TEMPERATURE UNSTABLE: {number(t, '.1f')} °C, set point {number(target, 'g')} °C"
     return "TEMPERATURE UNSTABLE"
 
 
@@ -278,24 +280,26 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                                f"the light one {len(y)}")
             y = y - dark_counts
             dark_meta = match["Metadata"]
-            label += f" − dark s{dark_meta.get('SequenceNumber')}"
+            label += f" − dark s{number(dark_meta.get('SequenceNumber'))}"
             # the dark's own flags: they are in the difference too
             dark_warning = _unstable(dark_meta)
             if dark_warning:
-                dark_notes.append(f"dark s{dark_meta.get('SequenceNumber')}: {dark_warning}")
+                dark_notes.append(f"dark s{number(dark_meta.get('SequenceNumber'))}: "
+                                  f"{dark_warning}")
                 unstable.add(ax)
             dark_level = dark_meta.get("SaturationLevel")
             if isinstance(dark_level, (int, float)):
                 dark_hit = int(((dark_counts >= dark_level)
                                 & _optical(dark_meta, len(dark_counts))).sum())
                 if dark_hit:
-                    dark_notes.append(f"dark s{dark_meta.get('SequenceNumber')}: "
-                                      f"{dark_hit} pixels SATURATED")
+                    dark_notes.append(f"dark s{number(dark_meta.get('SequenceNumber'))}: "
+                                      f"{number(dark_hit)} pixels SATURATED")
         ms = meta.get("IntegrationTime")
         if per_ms:
             if not ms:
                 raise CliError(f"{path}: --per-ms needs the IntegrationTime of every spectrum")
-            y = y / float(ms)
+            with np.errstate(over="ignore"):    # an IntegrationTime of 5e-324: inf
+                y = y / float(ms)
         warning = _unstable(meta)
         if warning:
             label += f"\n  {warning}"
@@ -316,7 +320,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                 for first, last in _runs(hit):
                     ax.axvspan(x[first], x[last], color="red", alpha=0.12, linewidth=0)
                 ax.plot([], [], "s", color="red", alpha=0.3, markersize=6,
-                        label=f"  saturated: {int(hit.sum())} pixels (shaded)")
+                        label=f"  saturated: {number(int(hit.sum()))} pixels (shaded)")
             if not dark:
                 limit = level / float(ms) if per_ms else level
                 saturation.setdefault(ax, set()).add(limit)
@@ -324,7 +328,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
     for (serial, direction), ax in ax_of.items():
         for limit in sorted(saturation.get(ax, ())):
             ax.axhline(limit, color="red", linestyle=":", linewidth=1,
-                       label=f"saturation level {limit:g}")
+                       label=f"saturation level {number(limit, 'g')}")
         ax.set_title(f"{serial} — {direction}", fontsize=10, loc="left")
         if ax in unstable:
             ax.set_title("detector temperature unstable", fontsize=9, loc="right",
