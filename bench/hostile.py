@@ -58,11 +58,12 @@ def udp(src, dst):
 
 
 def request(mid, path, code=GET, token=b"", payload=b"", mtype=CON, block2=None,
-            observe=None):
-    """One request datagram; ``block2`` is ``(num, szx)``."""
+            observe=None, echo=None):
+    """One request datagram; ``block2`` is ``(num, szx)``; ``echo`` an Echo
+    value to return (RFC 9175)."""
     return loadclient.encode_request(mid, path, code=code, token=token,
                                      payload=payload, observe=observe,
-                                     block2=block2, mtype=mtype)
+                                     block2=block2, mtype=mtype, echo=echo)
 
 
 parse = loadclient.parse  # (mtype, code, mid, token, block2, payload)
@@ -77,7 +78,7 @@ def option_flood_datagram(mid, size=65000):
 class Transfer:
     __slots__ = ("sock", "path", "code", "payload", "num", "body", "mid", "data",
                  "sent_at", "tries", "result", "resume_at", "every_block", "acked",
-                 "con_mid", "wait")
+                 "con_mid", "wait", "echo", "szx")
 
     def __init__(self, sock, path, code, payload, every_block):
         self.sock = sock
@@ -96,16 +97,21 @@ class Transfer:
         self.acked = False          # an empty ACK came: the answer follows
         self.con_mid = None         # mid of the last separate response
         self.wait = ACK_TIMEOUT     # seconds until the next retransmission
+        self.echo = None            # the server's Echo value, returned (RFC 9175)
+        self.szx = 6
 
 
 def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
-              every_block=True, pause=0.0, timeout=60.0, szx=6):
+              every_block=True, pause=0.0, timeout=60.0, szx=6, echo=True):
     """``n`` blockwise downloads of one resource from ``n`` ports, all in
     progress at once (round robin, ``window`` requests in flight), as CON
     requests retransmitted as RFC 7252 4.8 has a client do it (after 2-3 s,
     doubling, 4 retransmissions). ``every_block``: the payload
     goes with every block request, or only with the first (as aiocoap and
     libcoap's coap-client send it). ``pause``: seconds between one transfer's blocks.
+    The server's block size is followed (smaller blocks within 3x the
+    request until the address is verified); ``echo``: return its Echo
+    option as RFC 9175 has a client do (libcoap does; aiocoap does not).
     Returns the list of results: the body (bytes) or an error string."""
     transfers = [Transfer(udp(src, dst), path, code, payload, every_block)
                  for _ in range(n)]
@@ -118,9 +124,11 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
 
     def send(t):
         t.mid = (t.mid + 1) & 0xFFFF
-        body = t.payload if (t.num == 0 or t.every_block) else b""
+        body = t.payload if (not t.body or t.every_block) else b""
+        t.szx = loadclient.next_szx(len(t.body), szx)
+        t.num = len(t.body) // (16 << t.szx)
         t.data = request(t.mid, t.path, code=t.code, token=b"\x7a", payload=body,
-                         block2=(t.num, szx) if t.num else None)
+                         block2=(t.num, t.szx) if t.body else None, echo=t.echo)
         t.sock.send(t.data)
         t.sent_at = time.monotonic()
         t.tries = 0
@@ -167,9 +175,12 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                     t.result = (f"{rcode >> 5}.{rcode & 31:02d} {chunk[:80]!r} at block {t.num}"
                                 f" (type {mtype}, mid {mid}, request mid {t.mid})")
                     continue
-                if t.num and (block2 is None or block2[0] != t.num):
+                if t.body and (block2 is None
+                               or block2[0] * (16 << block2[2]) != len(t.body)):
                     t.result = f"block {block2} answered for block {t.num}"
                     continue
+                if echo:
+                    t.echo = loadclient.echo_of(data) or t.echo
                 t.body += chunk
                 if block2 is None or not block2[1]:
                     t.result = t.body
@@ -277,7 +288,8 @@ def _server(address="127.0.0.1"):
             self.log = open(os.path.join(self.datadir, "server.log"), "ab")
             self.proc = subprocess.Popen(
                 TWISTD + ["-n", "--pidfile=", "piccolo", "--address", address,
-                          "--port", str(self.port), "--data-dir", self.datadir],
+                          "--port", str(self.port), "--web", "0",
+                          "--data-dir", self.datadir],
                 env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
             t0 = time.monotonic()
             while time.monotonic() - t0 < timeout:

@@ -14,6 +14,50 @@ import struct
 import time
 
 MAX_SECONDS = 600.0
+ECHO = 252
+
+
+def next_szx(offset, want=6):
+    """The largest block size exponent <= ``want`` whose blocks align with
+    ``offset`` (after a server answered with smaller blocks, RFC 7959 2.4)."""
+    szx = want
+    while szx and offset % (16 << szx):
+        szx -= 1
+    return szx
+
+
+def echo_of(data):
+    """The Echo option (RFC 9175) of an answer, or None: a client that
+    returns it in its next requests proves its address, and the server's
+    answers are no longer held to 3x the request."""
+    return option(data, ECHO)
+
+
+def option(data, wanted):
+    """The first value of option ``wanted`` in a datagram, or None."""
+    tkl = data[0] & 15
+    pos, number = 4 + tkl, 0
+    while pos < len(data):
+        b = data[pos]
+        pos += 1
+        if b == 0xFF:
+            return None
+        d, l = b >> 4, b & 15
+        if d == 13:
+            d, pos = data[pos] + 13, pos + 1
+        elif d == 14:
+            d, pos = struct.unpack_from("!H", data, pos)[0] + 269, pos + 2
+        if l == 13:
+            l, pos = data[pos] + 13, pos + 1
+        elif l == 14:
+            l, pos = struct.unpack_from("!H", data, pos)[0] + 269, pos + 2
+        number += d
+        if number == wanted:
+            return data[pos:pos + l]
+        if number > wanted:
+            return None
+        pos += l
+    return None
 
 
 def _check_loopback(host):
@@ -22,7 +66,7 @@ def _check_loopback(host):
 
 
 def encode_request(mid, path, code=1, token=b"", payload=b"", observe=None,
-                   block2=None, mtype=0):
+                   block2=None, mtype=0, echo=None):
     header = struct.pack("!BBH", 0x40 | (mtype << 4) | len(token), code, mid) + token
     opts = []
     if observe is not None:
@@ -33,6 +77,8 @@ def encode_request(mid, path, code=1, token=b"", payload=b"", observe=None,
         num, szx = block2
         v = (num << 4) | szx
         opts.append((23, v.to_bytes(max(1, (v.bit_length() + 7) // 8), "big") if v else b""))
+    if echo is not None:
+        opts.append((ECHO, echo))           # RFC 9175: repeat the server's Echo
     out = bytearray(header)
     last = 0
     for number, value in opts:
@@ -198,29 +244,34 @@ def open_loop(host, port, path, rate=50.0, duration=10.0, timeout=2.0, stop=None
 
 
 def fetch(host, port, path, method=1, payload=b"", timeout=5.0):
-    """One request, following Block2; returns (code, body, blocks)."""
+    """One request, following Block2 (and the server's block size, and
+    returning its Echo option); returns (code, body, blocks)."""
     sock = _socket(host, port)
     sock.setblocking(True)
     sock.settimeout(timeout)
     body = b""
-    num = 0
+    blocks = 0
+    echo = None
     mid = int.from_bytes(os.urandom(2), "big")
     try:
         while True:
             mid = (mid + 1) & 0xFFFF
+            szx = next_szx(len(body))
             sock.send(encode_request(mid, path, code=method, token=b"\x42",
-                                     payload=payload if num == 0 else b"",
-                                     block2=(num, 6) if num else None))
+                                     payload=payload if not body else b"",
+                                     block2=(len(body) // (16 << szx), szx) if body else None,
+                                     echo=echo))
             while True:
                 data = sock.recv(65536)
                 if struct.unpack_from("!H", data, 2)[0] == mid:
                     break
             _, code, _, _, block2, chunk = parse(data)
+            echo = echo_of(data) or echo
+            blocks += 1
             more = bool(block2 and block2[1])
             body += chunk
             if not more:
-                return code, body, num + 1
-            num += 1
+                return code, body, blocks
     finally:
         sock.close()
 

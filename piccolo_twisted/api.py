@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .errors import PiccoloError
+
 
 class EncodedJSON(bytes):
     """A GET result already encoded as JSON: the CoAP layer sends these
@@ -34,6 +36,93 @@ class Resource:
     #: GET acts (abort, pause, connect, power_on, ...): a duplicate of such a
     #: request must be answered from the cache, never run twice.
     get_acts: bool = False
+    #: PUT only reads (a file, a listing: the legacy API's reads with
+    #: arguments): a duplicate may simply be run again, it needs no entry in
+    #: the dedup cache, and it is open to every client like a GET, whatever
+    #: ``[access] control_from`` says.
+    put_reads: bool = False
+    #: Served even when every handler slot is taken (abort, pause); the
+    #: state and settings (observable resources) are served so anyway.
+    urgent: bool = False
     #: For path-parsing resources: the known sub-paths, listed in
     #: /.well-known/core (e.g. the channels of ``current_time/<channel>``).
     known: tuple = ()
+
+    def changes(self, method):
+        """Whether a request with ``method`` ("GET" or "PUT") may change
+        anything: what the access policy guards."""
+        if method == "GET":
+            return self.get_acts
+        return not (method == "PUT" and self.put_reads)
+
+
+# -- payloads -> call arguments (every face of the API: CoAP and the web) --
+
+MAX_DEPTH = 32          # nesting of arrays/objects accepted in a payload
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _depth_ok(value):
+    """True when ``value`` nests at most MAX_DEPTH levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > MAX_DEPTH:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((c, depth + 1) for c in children
+                         if isinstance(c, (list, dict)))
+    return True
+
+
+def parse_arguments(payload):
+    """Turn a PUT payload (bytes) into (args, kwargs) following API.md:
+    ``[[args], {kwargs}]``, a list, an object, or one value.
+
+    Whatever the parser cannot take -- bad UTF-8, bad JSON, NaN/Infinity,
+    numbers out of range, nesting deeper than the interpreter's recursion
+    limit -- is a ``PiccoloError`` (4.00), never an exception that escapes
+    the request path; nesting over ``MAX_DEPTH`` is refused too.
+    """
+    if not payload:
+        return (), {}
+    try:
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
+                           parse_float=_finite)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PiccoloError(f"payload is not valid JSON: {e}") from None
+    except (RecursionError, MemoryError):
+        raise PiccoloError("payload is not valid JSON: nested too deeply") from None
+    if not _depth_ok(value):
+        raise PiccoloError(f"payload nests deeper than {MAX_DEPTH} levels")
+    if (isinstance(value, list) and len(value) == 2
+            and isinstance(value[0], list) and isinstance(value[1], dict)):
+        return tuple(value[0]), value[1]
+    if isinstance(value, list):
+        return tuple(value), {}
+    if isinstance(value, dict):
+        return (), value
+    return (value,), {}
+
+
+MAX_MESSAGE = 400
+
+
+def error_text(error):
+    """An error's text for the wire: one readable line, never a huge echo
+    of the bad input."""
+    text = " ".join(str(error).split())
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE - 1] + "\u2026"
+    return text

@@ -11,7 +11,6 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from importlib import resources
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from configobj.validate import ValidateError, Validator, is_float, is_float_list
@@ -34,12 +33,18 @@ mntpnt = string(default=/mnt)
 debug = boolean(default=False)
 logfile = string(default="")
 [seabreeze]
-backend = option("cseabreeze", "pyseabreeze", default=None)
+backend = backend(default=None)
 emulate = force_list(default=list())
 [manhole]
 port = integer(min=0, max=65535, default=0)
 interface = string(default=127.0.0.1)
 keys = string(default="")
+host_key = string(default="")
+[web]
+port = integer(min=0, max=65535, default=8080)
+address = string(default="")
+[access]
+control_from = force_list(default=list("any"))
 [scheduler]
 catch_up = integer(min=0, max=86400, default=600)
 """
@@ -54,11 +59,13 @@ open_pin = integer(min=0, max=53, default=None)
 close_pin = integer(min=0, max=53, default=None)
 [spectrometers]
 [[__many__]]
-detectorSetTemperature = float(min=-60, max=40, default=0)
-fan = boolean(default=False)
+detectorSetTemperature = float(min=-60, max=40, default=-10.0)
+fan = boolean(default=True)
+temperature_tolerance = float(min=0, max=100, default=2.0)
+wait_for_temperature = float(min=0, max=1440, default=0)
 power_switch = integer(min=-1, max=53, default=-1)
-min_integration_time = integer(min=0, default=None)
-max_integration_time = integer(min=1, default=None)
+min_integration_time = integer(min=0, max=3600000, default=None)
+max_integration_time = integer(min=1, max=3600000, default=None)
 [[[calibration]]]
 [[[[__many__]]]]
 wavelengthCalibrationCoefficientsPiccolo = float_list(default=None)
@@ -87,6 +94,14 @@ RESERVED_PINS = {
 }
 
 
+#: the /shutter resource's own path words: a channel of that name would be
+#: hidden behind them (``GET /shutter/shutters`` lists the channels)
+RESERVED_CHANNEL_NAMES = frozenset({"shutters"})
+
+#: the seabreeze backends ``[seabreeze] backend`` may name; empty: seabreeze's choice
+BACKENDS = ("cseabreeze", "pyseabreeze")
+
+
 class NotFinite(ValidateError):
     def __init__(self, value):
         super().__init__(f'the value "{value}" is not a finite number')
@@ -107,10 +122,82 @@ def _finite_float_list(value, min=None, max=None):
     return numbers
 
 
+class UnknownBackend(ValidateError):
+    def __init__(self, value):
+        super().__init__(f'the value "{value}" is not a seabreeze backend: '
+                         f'{" or ".join(BACKENDS)}, or empty for seabreeze\'s choice')
+
+
+def _backend(value):
+    """``[seabreeze] backend``: one of BACKENDS, or empty (None): seabreeze's
+    choice, as the README documents ``backend =``."""
+    if value is None or value == "":
+        return None
+    if value not in BACKENDS:
+        raise UnknownBackend(value)
+    return value
+
+
 def _validator():
     """configobj's Validator whose floats refuse NaN and infinities
     (``fibreDiameter = nan`` passes ``min=0``: every comparison is false)."""
-    return Validator({"float": _finite_float, "float_list": _finite_float_list})
+    return Validator({"float": _finite_float, "float_list": _finite_float_list,
+                      "backend": _backend})
+
+
+def check_channel_name(name):
+    """Why ``name`` cannot be a channel (it is a path segment of
+    ``/shutter/<channel>`` and ``.../current_time/<channel>``, a word in
+    status strings and log lines), or None when it can."""
+    if not name or "/" in name or name.startswith("."):
+        return "not one path segment (empty, '/' or a leading '.')"
+    if name in RESERVED_CHANNEL_NAMES:
+        return f"a fixed word of the API (/shutter/{name})"
+    if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in name):
+        return "has control characters"
+    if not _CHANNEL_NAME.fullmatch(name):
+        # /.well-known/core, status strings ("upwelling dark"), file
+        # metadata, command lines: a plain word is safe in all of them
+        return ("not a plain word: ASCII letters, digits, '_', '-' and '.', at most "
+                "64, starting with a letter, digit or '_'")
+    return None
+
+
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+_SERIAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+
+
+def check_serial(serial):
+    """Why ``serial`` cannot name a spectrometer, or None. It is a section
+    of piccolo.config (which ``piccolo3-setup`` writes: ``#`` would start a
+    comment there), the path word ``S_<serial>`` and file metadata: Ocean
+    Optics serials are plain words (``QEP01234``, ``USB2+F01234``)."""
+    if not _SERIAL.fullmatch(serial):
+        return ("not a plain word: ASCII letters, digits, '_', '+', '-' and '.', "
+                "at most 64, starting with a letter, digit or '_'")
+    return None
+
+
+#: a calibration polynomial gives pixel i (0 .. CALIBRATION_PIXELS - 1, more
+#: than any Ocean Optics detector has) a wavelength within CALIBRATION_NM
+CALIBRATION_PIXELS = 8192
+CALIBRATION_NM = 1e6
+CALIBRATION_TERMS = 8
+
+
+def check_calibration(coefficients):
+    """Why ``coefficients`` (c0 + c1 i + c2 i² + ..., i the pixel, nm) are
+    no wavelength calibration, or None. ``1e308, ...`` was taken and
+    overflowed wherever wavelengths were computed."""
+    if not 1 <= len(coefficients) <= CALIBRATION_TERMS:
+        return f"needs 1 to {CALIBRATION_TERMS} coefficients, not {len(coefficients)}"
+    bound = sum(abs(c) * float(CALIBRATION_PIXELS - 1) ** n
+                for n, c in enumerate(coefficients))
+    if not bound <= CALIBRATION_NM:
+        return (f"gives wavelengths beyond {CALIBRATION_NM:,.0f} nm within "
+                f"{CALIBRATION_PIXELS} pixels: not a calibration in nm")
+    return None
 
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -193,10 +280,19 @@ class ServerConfig:
     manhole_port: int = 0
     manhole_interface: str = "127.0.0.1"
     manhole_keys: str = ""
+    manhole_host_key: str = ""    # empty: in the state directory (statedir.py)
     seabreeze_backend: str | None = None     # None: seabreeze's own choice
     emulate: list = field(default_factory=list)  # [(model, serial)]
-    catch_up: int = 600          # seconds a missed slot may still run
+    web_port: int = 8080                     # 0: no web page
+    web_address: str = ""                    # empty: the CoAP address
+    control_from: tuple | None = None        # ip networks; None: everyone
+    catch_up: int = 600                      # seconds a missed slot may still run
     source: str = "<defaults>"
+
+    @property
+    def web_interface(self):
+        """Where the web page listens: ``[web] address``, else the CoAP one."""
+        return self.web_address or self.address
 
 
 def load_server_config(path=None, text=None):
@@ -211,6 +307,20 @@ def load_server_config(path=None, text=None):
     if interface:
         interface = check_address(interface, f"{name}: [manhole/interface]")
     backend, emulate = _seabreeze(name, cfg["seabreeze"])
+    web_address = cfg["web"]["address"]
+    if web_address:
+        web_address = check_address(web_address, f"{name}: [web/address]")
+    control_from = check_control_from(cfg["access"]["control_from"],
+                                      f"{name}: [access/control_from]")
+    # an empty path is no default: "" is the current directory, which
+    # under systemd is / (every directory of the system a "run")
+    for section, key, what in (("datadir", "datadir", "the data directory"),
+                               (None, "config", "the instrument config")):
+        value = cfg[section][key] if section else cfg[key]
+        if not value.strip():
+            where = f"{section}/{key}" if section else key
+            raise ConfigError(f"{name}: [{where}] is empty: name {what} "
+                              f"(or leave the key out for the default)")
     return ServerConfig(
         instrument=cfg["config"],
         instrument_named="config" not in cfg.defaults,
@@ -228,11 +338,25 @@ def load_server_config(path=None, text=None):
         manhole_port=cfg["manhole"]["port"],
         manhole_interface=interface,
         manhole_keys=cfg["manhole"]["keys"],
+        manhole_host_key=cfg["manhole"]["host_key"],
         seabreeze_backend=backend,
         emulate=emulate,
+        web_port=cfg["web"]["port"],
+        web_address=web_address,
+        control_from=control_from,
         catch_up=cfg["scheduler"]["catch_up"],
         source=path or "<string>" if (path or text) else "<defaults>",
     )
+
+
+def check_control_from(entries, where):
+    """``[access] control_from``: addresses and networks (None: everyone);
+    anything else is a ConfigError naming ``where``."""
+    from .access import AccessError, parse_networks
+    try:
+        return parse_networks(entries)
+    except AccessError as e:
+        raise ConfigError(f"{where} {e}") from None
 
 
 def _seabreeze(name, section):
@@ -269,6 +393,10 @@ class SpectrometerConfig:
     min_time: int | None
     max_time: int | None
     calibration: dict = field(default_factory=dict)  # channel -> coefficients
+    #: °C from the set point beyond which a cooled spectrum is flagged
+    temperature_tolerance: float = 2.0
+    #: minutes a batch waits for the detector to reach its set point
+    wait_for_temperature: float = 0.0
 
     @property
     def simulated(self):
@@ -290,7 +418,11 @@ class InstrumentConfig:
 
     @property
     def channel_names(self):
-        return [c.name for c in self.channels]
+        """The channels in legacy order: sorted by name, as the legacy
+        server listed and recorded them (its channels were its shutters'
+        sorted keys). The dashboard's columns and a set's recording order
+        follow it."""
+        return sorted(c.name for c in self.channels)
 
 
 def load_instrument_config(path=None, text=None):
@@ -316,10 +448,12 @@ def load_instrument_config(path=None, text=None):
                 f"{name}: [channels/{section}] unknown shutter: name it "
                 f"shutter_1..shutter_3 or give open_pin and close_pin")
         direction = c["direction"]
-        if direction in seen or "/" in direction or direction.startswith("."):
+        problem = ("used by another channel" if direction in seen
+                   else check_channel_name(direction))
+        if problem:
             raise ConfigError(
-                f"{name}: [channels/{section}/direction] duplicate or invalid "
-                f"direction {direction!r}")
+                f"{name}: [channels/{section}/direction] {direction!r} cannot name "
+                f"a channel: {problem}")
         seen.add(direction)
         open_pin, close_pin = DEFAULT_SHUTTER_PINS.get(section, (None, None))
         if c["reverse"]:
@@ -342,17 +476,23 @@ def load_instrument_config(path=None, text=None):
     spectrometers = []
     for serial in cfg["spectrometers"]:
         s = cfg["spectrometers"][serial]
-        if "/" in serial or serial.startswith("."):
-            raise ConfigError(f"{name}: [spectrometers/{serial}] invalid serial")
+        problem = check_serial(serial)
+        if problem:
+            raise ConfigError(f"{name}: [spectrometers/{serial}] invalid serial: {problem}")
         calibration = {}
         for channel, cal in s["calibration"].items():
             if channel not in seen:
                 raise ConfigError(
                     f"{name}: [spectrometers/{serial}/calibration/{channel}] "
                     f"unknown channel")
-            if cal["wavelengthCalibrationCoefficientsPiccolo"] is not None:
-                calibration[channel] = list(
-                    cal["wavelengthCalibrationCoefficientsPiccolo"])
+            coefficients = cal["wavelengthCalibrationCoefficientsPiccolo"]
+            if coefficients is not None:
+                problem = check_calibration(coefficients)
+                if problem:
+                    raise ConfigError(
+                        f"{name}: [spectrometers/{serial}/calibration/{channel}/"
+                        f"wavelengthCalibrationCoefficientsPiccolo] {problem}")
+                calibration[channel] = list(coefficients)
         if s["power_switch"] >= 0:
             use_pin(s["power_switch"], f"spectrometers/{serial}/power_switch")
         lo, hi = s["min_integration_time"], s["max_integration_time"]
@@ -363,13 +503,36 @@ def load_instrument_config(path=None, text=None):
         spectrometers.append(SpectrometerConfig(
             serial=serial, set_temperature=s["detectorSetTemperature"],
             fan=s["fan"], power_switch=s["power_switch"],
-            min_time=lo, max_time=hi, calibration=calibration))
+            min_time=lo, max_time=hi, calibration=calibration,
+            temperature_tolerance=s["temperature_tolerance"],
+            wait_for_temperature=s["wait_for_temperature"]))
     return InstrumentConfig(
         channels=channels, spectrometers=spectrometers,
         clobber=cfg["output"]["clobber"], split=cfg["output"]["split"],
         source=name)
 
 
+def shipped_file(name):
+    """Path of a sample config shipped with the server (``pdata/<name>``).
+
+    An installed package has them in ``piccolo_twisted/pdata/`` (copied
+    there at build time, setup.py); a checkout, and the editable install
+    of the README's first command, in the top-level ``pdata/`` beside the
+    package. Missing is a one-line ConfigError, not a traceback."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    places = [os.path.join(package, "pdata")]
+    if os.path.isfile(os.path.join(checkout, "setup.cfg")):
+        places.append(os.path.join(checkout, "pdata"))
+    for place in places:
+        path = os.path.join(place, name)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"the shipped sample {name} is missing (looked in "
+                      f"{' and '.join(places)}): the installation is incomplete; "
+                      f"reinstall it")
+
+
 def bundled_instrument_config():
     """Path of the embedded default instrument config shipped in the package."""
-    return str(resources.files("piccolo_twisted") / "pdata" / "piccolo.config")
+    return shipped_file("piccolo.config")

@@ -8,9 +8,14 @@ runs and files, and the listings encoded from it.
   stick can stall; it must not starve device calls or the reactor's pool).
 - The index (``runindex``) is built once in that pool at start; requests
   that need it wait for it. It is updated by every file written and run
-  created here, and re-validated with one ``fstat`` of the directory per
-  request: a changed mtime (a file copied in or removed by hand) lists
-  that directory again.
+  created here, and re-validated against the disk at every request: one
+  ``fstat`` of the directory while its mtime vouches for the index; where
+  it cannot (a save of ours moved it) one pass over the names, compared
+  with what the index expects; a change by hand (a file copied in or
+  removed) lists that directory again. A look at a run and a save into it
+  never overlap (each waits for the other in flight), so a look sees
+  acknowledged saves and hand changes only; and a request never takes an
+  answer from a look that had begun before it came.
 - The JSON bodies of ``spectra_list`` and ``all_runs`` are encoded once
   per change (large ones in the pool) and kept until the run or the set of
   runs changes; blockwise follow-ups get the same bytes.
@@ -22,10 +27,13 @@ runs and files, and the listings encoded from it.
   run names, which are never hidden.
 """
 
+import errno
 import json
 import os
+import re
 import stat
 import time
+import unicodedata
 from collections import OrderedDict
 from array import array
 from bisect import bisect_left
@@ -36,17 +44,24 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 
-from . import runindex
+from . import jsontext, runindex
 from .acquisition import pico
 from .api import EncodedJSON as Encoded, Resource
 from . import commands, mount as mounting
-from .errors import NotFoundError, PiccoloError
+from .errors import NotFoundError, PiccoloError, UnavailableError
 from .observable import Observable
 from .values import to_bool, to_int
 
 SPECTRUM_FILE = runindex.SPECTRUM_FILE
 DEFAULT_RUN = "spectra"
 MAX_RUN_NAME = 100              # bytes of UTF-8
+#: runs the data directory may hold before new ones are refused (a client
+#: creating run after run filled a disk with empty directories, a listing
+#: of megabytes and an index build of seconds at every start)
+MAX_RUNS = 10_000
+#: C0 controls, DEL and C1 controls: an ESC in a run name reached the
+#: operator's terminal, a newline forged a log line
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 STATE_DIR = ".piccolo"
 #: server files that earlier versions kept in the data directory itself
 STATE_FILES = ("scheduler.sqlite", "scheduler.sqlite-wal", "scheduler.sqlite-shm",
@@ -56,6 +71,7 @@ BODY_CACHE_BYTES = 8 << 20      # encoded spectra lists kept (least recently use
 SPLICE_DEPTH = 64               # a saved name this near the top is spliced in
 SMALL_LIST = 500                # names encoded on the reactor; more in the pool
 MAX_FILE = 64 << 20             # largest file served
+TEXTS_KEPT = 64                 # scanned spectrum files remembered (jsontext)
 
 
 def check_run_name(name):
@@ -68,8 +84,12 @@ def check_run_name(name):
     if (not name or name in (".", "..") or name.startswith(".") or "/" in name
             or "\\" in name or "\x00" in name):
         raise PiccoloError(
-            f"invalid run name {name!r}: one path component, not empty, "
+            f"invalid run name {name[:MAX_RUN_NAME]!r}: one path component, not empty, "
             "not hidden, no '/' or '..'")
+    if _CONTROL.search(name):
+        raise PiccoloError(
+            f"invalid run name {name[:MAX_RUN_NAME]!r}: no control characters "
+            "(C0, DEL, C1)")
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
@@ -80,8 +100,97 @@ def check_run_name(name):
     return name
 
 
+#: not in a file name on Windows (':' not on macOS either; the data
+#: directory is often a FAT stick, and runs are copied to laptops)
+_WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+#: Windows device names: reserved with any extension, in any case
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"])
+#: what the deployed client's URIs cannot carry in a path segment
+_URI_RESERVED = frozenset("#%?")
+#: Unicode categories no new run name holds: controls, format characters
+#: (bidi overrides, zero-width spaces, the BOM), surrogates, line and
+#: paragraph separators
+_INVISIBLE = frozenset(["Cc", "Cf", "Cs", "Zl", "Zp"])
+
+
+def new_run_name_problem(name):
+    """None when the server may create a run named ``name``, else why not.
+
+    Beyond ``check_run_name`` (which names an existing run, perhaps made by
+    an earlier version or by hand), a new run's name is the same on every
+    file system it may be copied to and reachable from every client: none
+    of ``< > : " / \\ | ? *`` (``C:x`` is a drive-relative path on Windows),
+    no ``#`` or ``%`` (the deployed client builds URIs of run names as they
+    are), nothing invisible (a control, format, line or paragraph separator
+    character: a bidi override shows a name in another order, a zero-width
+    space makes two names look alike), not ending in ``.`` or a space, not a
+    Windows device name (``CON``, ``nul.txt``). The command line checks the
+    names it writes locally by the same rules (``cli/names.py``)."""
+    try:
+        check_run_name(name)
+    except PiccoloError as e:
+        return str(e)
+    for char in name:
+        if char in _WINDOWS_FORBIDDEN:
+            return f"holds {char!r} (not in a name on Windows)"
+        if unicodedata.category(char) in _INVISIBLE:
+            return "holds a control, format or line separator character"
+        if char in _URI_RESERVED:
+            return f"holds {char!r} (not in a URI's path as it is)"
+    if name[-1] in ". ":
+        return "ends in '.' or a space (Windows drops them)"
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        return "a device name on Windows"
+    return None
+
+
+def _folded(name):
+    """``name`` as a case- and normalisation-insensitive file system
+    compares it (``Run`` and ``run`` are one folder there)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def check_new_run_name(name):
+    """``name`` if a run may be created with it, else PiccoloError (4.00)."""
+    problem = new_run_name_problem(name)
+    if problem:
+        raise PiccoloError(f"invalid name for a new run {name[:MAX_RUN_NAME]!r}: {problem}")
+    return name
+
+
+def is_run_name(name):
+    """Whether ``name`` passes check_run_name: a directory named otherwise
+    (made by hand, or by an earlier version) is not a run -- not listed,
+    never the current run -- since no request could name it."""
+    try:
+        check_run_name(name)
+    except PiccoloError:
+        return False
+    return True
+
+
 def _is_truthy(value, name):
     return to_bool(value, name)
+
+
+class RootMissing(Exception):
+    """Thread side: the data directory itself is gone or unusable (a
+    pulled stick); the argument says how."""
+
+
+def root_problem(root):
+    """Thread side: None if ``root`` is a usable directory, else why not."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be used ({e.strerror or e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    return None
 
 
 def _makedir(path):
@@ -151,13 +260,18 @@ class SaveFailed(Exception):
 
 class _Run:
     """The index entry of one run."""
-    __slots__ = ("mtime", "listed", "keys", "version")
+    __slots__ = ("mtime", "listed", "keys", "version", "fp", "unverified")
 
-    def __init__(self, mtime, listed=None, keys=None):
+    def __init__(self, mtime, listed=None, keys=None, fp=None):
         self.mtime = mtime          # directory mtime: all_runs sorts by it
         self.listed = listed        # the mtime ``keys`` is valid for, or None
         self.keys = keys            # sorted array('q') of file keys, or None
         self.version = 0            # bumped whenever keys change
+        self.fp = fp                # fingerprint of the names ``keys`` stand for
+        # a save of ours moved ``listed``: the names are checked against
+        # ``fp`` at the next look (a change by hand in the same moment
+        # left no trace in the mtime)
+        self.unverified = False
 
 
 class _Body:
@@ -176,8 +290,9 @@ class DataDir:
 
     def __init__(self, path, device="/dev/sda1", mntpnt="/mnt",
                  run_command=None, mounts_file="/proc/mounts",
-                 to_thread=None, write_file=None):
+                 to_thread=None, max_runs=MAX_RUNS, write_file=None):
         self.path = FilePath(os.path.abspath(path))
+        self.max_runs = max_runs
         #: writes one spectrum file atomically (thread side); None:
         #: ``pico.write_atomic`` (the season simulator injects faults here)
         self.write_file = write_file
@@ -195,6 +310,7 @@ class DataDir:
                                    name="piccolo-files")
             to_thread = self._in_pool
         self._to_thread = to_thread
+        self._texts = OrderedDict()     # (run, name) -> jsontext.JSONText
         self.current_run = Observable(DEFAULT_RUN)
         self.files_written = Observable(0)
         #: what start-up found wrong in the data directory (health's faults)
@@ -211,11 +327,48 @@ class DataDir:
         self._bodies = OrderedDict()    # run -> _Body (spectra_list)
         self._body_bytes = 0
         self._inflight = {}             # key -> [Deferred] sharing one trip
+        self._next = {}                 # key -> (start, [Deferred]): the look after it
+        self._begun = set()             # keys of looks that have begun on the disk
+        self._after_look = {}           # key -> [Deferred]: saves waiting for that look
         self._saving = {}               # run -> saves in the pool now
+        self._saves_waiters = {}        # run -> [Deferred]: fired when none is
+        self._creating = set()          # new runs admitted, not yet indexed
+        self._folded_cache = (-1, {})   # (_lists_gen, _folded_runs())
 
     def _in_pool(self, f, *args, **kwargs):
         from twisted.internet import reactor
         return threads.deferToThreadPool(reactor, self.pool, f, *args, **kwargs)
+
+    def _fs(self, f, *args):
+        """``f(*args)`` in the file pool; a failure caused by the data
+        directory itself being gone (a pulled stick: ENOENT, or EIO from a
+        dead mount) fails as UnavailableError (5.03) with the reason (one
+        more look, in the pool, after an OSError); other failures are left
+        to the caller."""
+        root = self.path.path
+
+        def failed(failure):
+            if failure.check(RootMissing):
+                raise UnavailableError(self.missing_message(failure.value.args[0]))
+            if not failure.check(OSError):
+                return failure
+
+            def decide(problem):
+                if problem is not None:
+                    raise UnavailableError(self.missing_message(problem))
+                return failure
+            return self._to_thread(root_problem, root).addCallback(decide)
+        return self._to_thread(f, *args).addErrback(failed)
+
+    def missing_message(self, problem):
+        return (f"the data directory {self.path.path} {problem} (a pulled stick? "
+                f"plug it in and mount it: PUT /data_dir/mount true)")
+
+    def root_problem(self):
+        """Thread side (health): None, or what is wrong with the data
+        directory itself, in words."""
+        problem = root_problem(self.path.path)
+        return None if problem is None else self.missing_message(problem)
 
     @property
     def state_dir(self):
@@ -240,6 +393,7 @@ class DataDir:
         fd = runindex.open_root(root)
         try:
             root_mtime, runs = runindex.scan_root(fd)
+            runs = {name: t for name, t in runs.items() if is_run_name(name)}
             if runs:
                 self.current_run.set(max(runs, key=lambda r: (runs[r], r)))
             run = self.current_run.value
@@ -277,10 +431,11 @@ class DataDir:
 
         def built(found):
             files = 0
-            for name, (mtime, listed, keys, _) in found.items():
+            for name, (mtime, listed, keys, _, fp) in found.items():
                 entry = self._runs.get(name)
                 if entry is not None:
                     entry.mtime, entry.listed, entry.keys = mtime, listed, keys
+                    entry.fp = fp
                     files += len(keys)
             self.log.info("index of {runs} runs and {files} files built in "
                           "{t:.2f} s", runs=len(found), files=files,
@@ -357,6 +512,52 @@ class DataDir:
         defer.maybeDeferred(start).addBoth(done)
         return d
 
+    def _fresh(self, key, start):
+        """Like ``_shared``, for a look at the disk: a request shares a
+        look in flight only while it has not begun on the disk (see
+        ``_begin``); else it waits for the next one (which begins when that
+        one ends), so that its answer has seen every change made before it
+        came. The requests that come meanwhile share that next look.
+        A save waiting for the look on the disk (``_settled``) goes on
+        before anyone else: the next look then waits for it."""
+        d = defer.Deferred()
+        if key in self._begun:
+            self._next.setdefault(key, (start, []))[1].append(d)
+        elif key in self._inflight:
+            self._inflight[key].append(d)
+        else:
+            self._look(key, start, [d])
+        return d
+
+    def _begin(self, key):
+        """The look ``key`` begins on the disk now: later requests wait for
+        the next one."""
+        if key in self._inflight:
+            self._begun.add(key)
+
+    def _look(self, key, start, waiters):
+        self._inflight[key] = waiters
+
+        def done(result):
+            del self._inflight[key]
+            self._begun.discard(key)
+            # the saves first (they register at once): a look asked for by
+            # the waiters below waits for them, never the other way round
+            for d in self._after_look.pop(key, ()):
+                d.callback(None)
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+            queued = self._next.pop(key, None)
+            if queued is not None:
+                if key in self._inflight:   # begun just now, after they came
+                    self._inflight[key].extend(queued[1])
+                else:
+                    self._look(key, *queued)
+        defer.maybeDeferred(start).addBoth(done)
+
     def _runs_changed(self):
         self._lists.clear()
         self._lists_gen += 1
@@ -392,7 +593,9 @@ class DataDir:
             self._body_bytes -= len(cached.body)
 
     def _apply_run(self, run, state, version):
-        mtime, listed, keys, root_change = state
+        """Take in what a look at the run found (``runindex.check_run``);
+        ``version`` is the entry's when the look began."""
+        mtime, listed, keys, root_change, fp = state
         if root_change is not None:
             self._root_changed(root_change)
         entry = self._runs.get(run)
@@ -403,60 +606,120 @@ class DataDir:
             self._run_touched(run, entry.mtime, mtime)
             entry.mtime = mtime
         if keys is not None:
-            if entry.version == version:
-                entry.keys, entry.listed = keys, listed
-            else:
-                # a file was saved meanwhile: keep ours, list again next time
-                entry.listed = None
-                if entry.keys is None:
-                    entry.keys = keys
+            # the disk as it is (no save of ours can complete during a
+            # look; another look may have, with a listing no fresher)
+            entry.keys, entry.listed, entry.fp = keys, listed, fp
+            entry.unverified = False
             entry.version += 1
             self._forget_body(run)
+        elif fp is not None and entry.version == version and entry.fp == fp:
+            # the names are as the index has them, for good at ``listed``
+            entry.listed = listed
+            entry.unverified = False
         return entry
 
     def _check(self, run, create=False):
-        """The run's index entry, validated against the disk: one fstat in
-        the pool, a listing only when the directory changed.
-        NotFoundError when the run is not a real directory."""
+        """The run's index entry, validated against the disk in the pool:
+        one fstat while the mtime vouches for the index, a pass over the
+        names where it cannot (after a save of ours), a listing only when
+        the names changed. A look waits for the saves into the run in
+        flight (they wait for the looks in flight: ``_settled``), so what
+        it sees is acknowledged saves and changes by hand, nothing half
+        done -- a change by hand made during a save is seen, not taken for
+        the save's. NotFoundError when the run is not a real directory."""
+        key = ("run", run, create)
+
         async def check():
             await self._until_built()
-            entry = self._runs.get(run)
-            if (not create and self._saving.get(run) and entry is not None
-                    and entry.keys is not None):
-                # a save of ours is moving the directory's mtime right now:
-                # a look at it would list it again (a big run: hundreds of
-                # ms, on every request of a batch). The index is what the
-                # save leaves plus its file; the save checks the mtime it
-                # started from, so a hand change before it is seen next time
-                return entry
-            known = None
-            version = 0
-            if entry is not None:
-                version = entry.version
-                if entry.keys is not None:
-                    known = entry.listed
+            admitted = create and run not in self._runs and await self._admit(run)
             try:
-                state = await self._to_thread(runindex.check_run, self.path.path,
-                                              run, known, create)
-            except runindex.NoSuchRun:
-                self._drop(run)
-                if create:
-                    raise PiccoloError(f"run {run!r} exists and is not a directory")
-                raise NotFoundError(f"no such run: {run}")
-            except OSError as e:
-                raise PiccoloError(f"cannot use run {run!r}: {e.strerror or e}")
+                await self._saves_done(run)
+                # from here to the pool in one reactor step: a save that
+                # comes now waits for this look (_settled)
+                self._begin(key)
+                entry = self._runs.get(run)
+                known = fp = None
+                verified = True
+                version = 0
+                if entry is not None:
+                    version = entry.version
+                    if entry.keys is not None:
+                        known, fp = entry.listed, entry.fp
+                        verified = not entry.unverified
+                try:
+                    state = await self._fs(runindex.check_run, self.path.path,
+                                           run, known, create, fp, verified)
+                except runindex.NoSuchRun:
+                    self._drop(run)
+                    if create:
+                        raise PiccoloError(f"run {run!r} exists and is not a directory")
+                    raise NotFoundError(f"no such run: {run}")
+                except OSError as e:
+                    raise PiccoloError(f"cannot use run {run!r}: {e.strerror or e}")
+            finally:
+                if admitted:
+                    self._creating.discard(run)
             return self._apply_run(run, state, version)
-        return self._shared(("run", run, create),
-                            lambda: defer.Deferred.fromCoroutine(check()))
+        return self._fresh(key, lambda: defer.Deferred.fromCoroutine(check()))
+
+    async def _admit(self, run):
+        """Room for ``run``, which the index does not know, to be created:
+        True once admitted (counted in ``_creating`` until the caller's
+        look at the disk is over); PiccoloError when the data directory
+        holds ``max_runs`` runs already. At the cap the data directory is
+        looked at again first (runs moved away by hand, or ``run`` made
+        by hand). Count and reservation happen in one reactor step, so
+        two requests never both take the last place."""
+        problem = new_run_name_problem(run)
+        if problem or len(self._runs) + len(self._creating) >= self.max_runs:
+            # made by hand (or copied in) since the index last looked?
+            await self._check_root()
+            if run in self._runs:
+                return False
+        if problem:
+            check_new_run_name(run)
+        self._check_twin(run)
+        count = len(self._runs) + len(self._creating)
+        if count >= self.max_runs:
+            raise PiccoloError(
+                f"too many runs: the data directory holds {count}, at most "
+                f"{self.max_runs}; record into an existing run or move old runs away")
+        self._creating.add(run)
+        return True
+
+    def _check_twin(self, run):
+        """PiccoloError if a known run differs from ``run`` only in case or
+        Unicode normal form (one folder on Windows, macOS, a FAT stick)."""
+        key = _folded(run)
+        twin = self._folded_runs().get(key) or next(
+            (r for r in self._creating if _folded(r) == key), None)
+        if twin is not None and twin != run:
+            raise PiccoloError(
+                f"invalid name for a new run {run!r}: the run {twin!r} exists, and names "
+                f"differing only in case are one folder on Windows, macOS and a FAT stick")
+
+    def _folded_runs(self):
+        """{folded name: run} of the runs known (rebuilt after a change)."""
+        gen, folded = self._folded_cache
+        if gen != self._lists_gen:
+            folded = {_folded(r): r for r in self._runs}
+            self._folded_cache = (self._lists_gen, folded)
+        return folded
 
     def _check_root(self):
         async def check():
             await self._until_built()
+            self._begin(("root",))
             known = self._root_mtime
-            result = await self._to_thread(runindex.check_root, self.path.path, known)
+            try:
+                result = await self._fs(runindex.check_root, self.path.path, known)
+            except OSError as e:
+                raise PiccoloError(f"cannot list the data directory: "
+                                   f"{e.strerror or e}") from None
             if result is None:
                 return
             mtime, found = result
+            found = {name: t for name, t in found.items() if is_run_name(name)}
             self._root_mtime = mtime
             changed = False
             for name in list(self._runs):
@@ -473,7 +736,7 @@ class DataDir:
                     entry.mtime = run_mtime
             if changed:
                 self._runs_changed()
-        return self._shared(("root",), lambda: defer.Deferred.fromCoroutine(check()))
+        return self._fresh(("root",), lambda: defer.Deferred.fromCoroutine(check()))
 
     async def _spectra_body(self, run, entry):
         """The JSON body of the run's spectra_list: from the cache, or the
@@ -572,19 +835,22 @@ class DataDir:
         async def go():
             await self._until_built()
             # a look at the run in the pool now would see our write half
-            # done and list the run again: let it finish first
+            # done and list the run again: let it finish first (and the
+            # looks asked for from now on wait for us: _check)
             await self._settled(run)
             entry = self._runs.get(run)
             version = entry.version if entry is not None else 0
             self._saving[run] = self._saving.get(run, 0) + 1
             try:
-                before, after, root_change = await self._to_thread(
+                before, after, root_change = await self._fs(
                     runindex.save, self.path.path, run, filename, encode, clobber,
                     self.write_file or pico.write_atomic)
             except Exception as e:
                 self._unsaving(run)
                 if isinstance(e, runindex.NoSuchRun):
                     reason = "the run is not a directory"
+                elif isinstance(e, UnavailableError):
+                    reason = str(e)
                 elif isinstance(e, OSError):
                     reason = e.strerror or str(e)
                 else:
@@ -607,20 +873,28 @@ class DataDir:
         left = self._saving[run] - 1
         if left:
             self._saving[run] = left
-        else:
-            del self._saving[run]
+            return
+        del self._saving[run]
+        for d in self._saves_waiters.pop(run, ()):
+            d.callback(None)
+
+    def _saves_done(self, run):
+        """Fires when no save into ``run`` is in flight."""
+        if not self._saving.get(run):
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._saves_waiters.setdefault(run, []).append(d)
+        return d
 
     async def _settled(self, run):
-        """Wait for the looks at ``run`` in flight (their outcome is theirs
-        to report)."""
+        """Wait for the looks at ``run`` that have begun on the disk (a
+        look that has not waits for us: ``_check``)."""
         for create in (False, True):
-            while ("run", run, create) in self._inflight:
+            key = ("run", run, create)
+            while key in self._begun:
                 d = defer.Deferred()
-                self._inflight[("run", run, create)].append(d)
-                try:
-                    await d
-                except Exception:
-                    pass
+                self._after_look.setdefault(key, []).append(d)
+                await d
 
     def _saved(self, run, k, before, after, root_change, version):
         if root_change is not None:
@@ -629,7 +903,7 @@ class DataDir:
         if entry is None:
             entry = self._runs[run] = _Run(after)
             if root_change is not None:     # a new, empty run: we know it all
-                entry.keys, entry.listed = array("q"), before
+                entry.keys, entry.listed, entry.fp = array("q"), before, 0
             self._runs_changed()
         else:
             self._run_touched(run, entry.mtime, after)
@@ -640,9 +914,18 @@ class DataDir:
             new = i == len(keys) or keys[i] != k
             if new:
                 keys.insert(i, k)
-            # our change on top of a listing still valid: valid after it too;
-            # a change by someone else before ours: list again next time
-            entry.listed = after if entry.listed == before else None
+                if entry.fp is not None:    # the names the keys stand for
+                    entry.fp ^= runindex.name_hash(runindex.name(k))
+            # our change on top of a listing still valid: valid after it
+            # too, once the names are seen to be what the index expects (a
+            # change by hand during the save moved the mtime no further
+            # than ours); a change by someone else before ours: the next
+            # look compares the names (and lists the run on a mismatch)
+            if entry.listed == before and entry.fp is not None:
+                entry.listed = after
+                entry.unverified = True
+            else:
+                entry.listed = None
             cached = self._bodies.get(run)
             if new and len(keys) - 1 - i <= SPLICE_DEPTH and cached is not None \
                     and cached.version == entry.version:
@@ -664,12 +947,18 @@ class DataDir:
             try:
                 return os.lstat(path).st_mode
             except FileNotFoundError:
+                problem = root_problem(self.path.path)
+                if problem is not None:
+                    raise RootMissing(problem) from None
                 return None
 
         def answer(mode):
-            if mode is not None and not stat.S_ISDIR(mode):
+            if mode is None:
+                check_new_run_name(run)         # created when the job runs
+                self._check_twin(run)
+            elif not stat.S_ISDIR(mode):
                 raise PiccoloError(f"run {run!r} exists and is not a directory")
-        return self._to_thread(look).addCallback(answer)
+        return self._fs(look).addCallback(answer)
 
     def prepare_run(self, run):
         """Create the run if needed and return its next batch number (from
@@ -798,15 +1087,45 @@ class DataDir:
             raise PiccoloError("not a spectrum file name from spectra_list")
         check_run_name(run)
 
-        def read():
-            data = runindex.read_file(self.path.path, run, name, MAX_FILE)
-            if data is None:
-                return None
+        root = self.path.path
+
+        def opener():
+            """A descriptor of the run's regular file ``name``, never
+            through a symlink (FileNotFoundError when it is not one)."""
+            root_fd = runindex.open_root(root)
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
+                run_fd, _ = runindex.open_run(root_fd, run)
+            finally:
+                os.close(root_fd)
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC, dir_fd=run_fd)
+            finally:
+                os.close(run_fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise FileNotFoundError(name)
+            return fd
+        known = self._texts.get((run, name))
+
+        def scan():
+            # the file's text as a JSON string, read block by block by
+            # offset (jsontext): scanned once per file, not per block
+            try:
+                if known is not None:
+                    fd = opener()
+                    try:
+                        if jsontext.identity_of(fd) == known.identity:
+                            return known
+                    finally:
+                        os.close(fd)
+                return jsontext.JSONText.open(opener, self._to_thread, MAX_FILE)
+            except (FileNotFoundError, NotADirectoryError, jsontext.FileChanged):
                 return None
-            return json.dumps(text).encode("ascii")
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return None
+                raise
 
         async def answer():
             entry = await self._check(run)
@@ -815,22 +1134,28 @@ class DataDir:
             if i == len(keys) or keys[i] != k:
                 raise PiccoloError(f"{name} is not in the spectra list of run {run}")
             try:
-                body = await self._to_thread(read)
+                body = await self._fs(scan)
             except runindex.NoSuchRun:
                 raise NotFoundError(f"no such run: {run}") from None
             except OSError as e:
                 raise PiccoloError(f"cannot read {name}: {e.strerror or e}") from None
             if body is None:
                 raise PiccoloError(f"{name} is not a spectrum file of run {run}")
-            return Encoded(body)
+            self._texts[(run, name)] = body
+            self._texts.move_to_end((run, name))
+            while len(self._texts) > TEXTS_KEPT:
+                self._texts.popitem(last=False)
+            return body
         return defer.Deferred.fromCoroutine(answer())
 
     def resources(self):
         return {
             "datadir": Resource(get=self.get_datadir),
             "mount": Resource(get=self.get_mount, put=self.set_mount),
-            "all_runs": Resource(put=self.all_runs),
+            # PUTs that only read (the legacy API's): open to every client
+            "all_runs": Resource(put=self.all_runs, put_reads=True),
             "current_run": Resource(get=self.get_current_run, put=self.set_current_run,
                                     observe=self.current_run),
-            "runs": Resource(get=self.run_get, put=self.run_put, parse_path=True),
+            "runs": Resource(get=self.run_get, put=self.run_put, parse_path=True,
+                             put_reads=True),
         }

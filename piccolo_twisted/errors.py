@@ -16,3 +16,8 @@ class NotFoundError(PiccoloError):
 
 class MethodNotAllowedError(PiccoloError):
     """The path exists but not for this method: answered 4.05."""
+
+
+class UnavailableError(PiccoloError):
+    """What the request needs is missing for now (the data directory on a
+    pulled stick): answered 5.03 with the reason."""

@@ -3,11 +3,19 @@
 Off unless a port is configured. Listens on 127.0.0.1 unless an interface
 is named. Public-key authentication only, keys from an authorized_keys
 file, login name ``admin``; password logins are not offered. The host key
-is generated on first use in the data directory with mode 0600.
+is generated on first use in the state directory (statedir.py: never under
+the data directory, which is copied off the Pi) with mode 0600.
 Imported only when the manhole is on: conch costs ~10 MiB.
+
+Idle connections cannot exhaust the server's descriptors: a connection
+that has not logged in within LOGIN_TIMEOUT seconds is closed (conch's own
+login timeout is 10 h, and it has none before the key exchange), and at
+most MAX_PENDING connections (MAX_PENDING_PER_HOST per host address) may
+be in that state at once; more are closed as they arrive.
 """
 
 import os
+import warnings
 
 from twisted.application import strports
 from twisted.conch import manhole, manhole_ssh
@@ -16,10 +24,20 @@ from twisted.conch.insults import insults
 from twisted.conch.ssh import keys
 from twisted.cred import portal
 from twisted.logger import Logger
+from twisted.protocols import policies
+
+from .statedir import HOST_KEY  # noqa: F401 (the key file's name)
+
+# conch checks every key against cryptography's DSA classes, and since
+# cryptography 51 touching them warns: four lines of noise, no DSA in use
+warnings.filterwarnings("ignore", message="DSA is deprecated",
+                        module=r"twisted\.conch\.ssh\.keys")
 
 log = Logger()
 LOGIN = b"admin"
-HOST_KEY = "manhole_host_key"
+LOGIN_TIMEOUT = 30.0           # seconds to log in, from the TCP connection
+MAX_PENDING = 32               # connections not (yet) logged in, all hosts
+MAX_PENDING_PER_HOST = 4       # ... from one host address
 
 
 class ManholeConfigError(SystemExit):
@@ -63,8 +81,9 @@ def load_authorized_keys(path):
     usable key at all is a one-line configuration error.
     """
     if not path:
-        raise ManholeConfigError("twistd piccolo: the manhole needs --manhole-keys "
-                                 "FILE (an authorized_keys file)")
+        raise ManholeConfigError("twistd piccolo: the manhole needs an authorized_keys "
+                                 "file: [manhole] keys = FILE in the server config, "
+                                 "or --manhole-keys FILE")
     found = []
     try:
         with open(path, "rb") as f:
@@ -106,14 +125,18 @@ def load_authorized_keys(path):
     return found
 
 
-def host_key(directory, note=None):
-    """The server's SSH host key, generated once (0600) in ``directory``.
+def host_key(path, note=None):
+    """The server's SSH host key, generated once (0600) at ``path`` (in a
+    directory made 0700 when missing; statedir.py says where).
 
     Whatever is in the way (a directory, an unreadable or garbled file) is
-    moved aside with an error in the log, and a fresh key made: the key
-    never stops the server from starting."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, HOST_KEY)
+    moved aside with an error in the log, and a fresh key made: only a
+    place where no key can be written stops the start, with one line."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ManholeConfigError(f"twistd piccolo: cannot make the directory of the "
+                                 f"manhole host key {path}: {e.strerror or e}") from None
     if os.path.lexists(path):
         try:
             return keys.Key.fromFile(path)
@@ -127,11 +150,22 @@ def host_key(directory, note=None):
                      "a new key is made")
     from cryptography.hazmat.primitives.asymmetric import ed25519
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ManholeConfigError(f"twistd piccolo: cannot write the manhole host key "
+                                 f"{path}: {e.strerror or e}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(key.toString("openssh"))
     log.info("manhole: generated SSH host key {path}", path=path)
     return key
+
+
+from twisted.conch.ssh import userauth  # noqa: E402
+
+
+class _UserAuth(userauth.SSHUserAuthServer):
+    loginTimeout = LOGIN_TIMEOUT     # conch's default is 10 h
 
 
 def make_portal(namespace, authorized):
@@ -144,20 +178,94 @@ def make_portal(namespace, authorized):
 
 def make_factory(namespace, authorized, key):
     factory = manhole_ssh.ConchFactory(make_portal(namespace, authorized))
+    factory.services = dict(factory.services)
+    factory.services[b"ssh-userauth"] = _UserAuth
     factory.publicKeys = {key.sshType(): key.public()}
     factory.privateKeys = {key.sshType(): key}
     return factory
 
 
+class _LoginGuard(policies.ProtocolWrapper):
+    """Closes the connection unless it has logged in within LOGIN_TIMEOUT."""
+
+    timer = None
+
+    def connectionMade(self):
+        self.timer = self.factory.clock.callLater(LOGIN_TIMEOUT, self.expire)
+        super().connectionMade()
+
+    def logged_in(self):
+        wrapped = self.wrappedProtocol
+        return (getattr(wrapped, "avatar", None) is not None
+                or type(getattr(wrapped, "service", None)).__name__ == "SSHConnection")
+
+    def expire(self):
+        self.timer = None
+        self.factory.settled(self)
+        if not self.logged_in():
+            log.info("manhole: {peer} did not log in within {t:.0f} s; closed",
+                     peer=self.getPeer(), t=LOGIN_TIMEOUT)
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
+
+    def connectionLost(self, reason):
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.factory.settled(self)
+        super().connectionLost(reason)
+
+
+class LoginGuardFactory(policies.WrappingFactory):
+    """Wraps the SSH factory: a login timeout, and a cap on connections
+    that have not logged in yet, per host address and in all."""
+
+    protocol = _LoginGuard
+
+    def __init__(self, wrapped, clock=None, cap=MAX_PENDING, per_host=MAX_PENDING_PER_HOST):
+        super().__init__(wrapped)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.cap = cap
+        self.per_host = per_host
+        self.pending = {}           # guard -> host, connections in their login time
+        self.per_host_count = {}
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", None)
+        if (len(self.pending) >= self.cap
+                or self.per_host_count.get(host, 0) >= self.per_host):
+            log.info("manhole: connection from {host} refused: {n} not logged in yet",
+                     host=host, n=self.per_host_count.get(host, 0))
+            return None
+        guard = super().buildProtocol(addr)
+        self.pending[guard] = host
+        self.per_host_count[host] = self.per_host_count.get(host, 0) + 1
+        return guard
+
+    def settled(self, guard):
+        """``guard``'s login time is over (logged in, closed or expired)."""
+        if guard not in self.pending:
+            return
+        host = self.pending.pop(guard)
+        left = self.per_host_count.get(host, 1) - 1
+        if left > 0:
+            self.per_host_count[host] = left
+        else:
+            self.per_host_count.pop(host, None)
+
+
 def manhole_service(piccolo):
     settings = piccolo.settings
     authorized = load_authorized_keys(settings.manhole_keys)
-    from .datadir import prepare_state
+    from .statedir import host_key_path
     note = getattr(getattr(piccolo, "datadir", None), "note_fault", None)
-    key = host_key(prepare_state(settings.datadir, note=note), note=note)
+    key = host_key(host_key_path(settings), note=note)
     factory = make_factory(piccolo.namespace(), authorized, key)
     interface = settings.manhole_interface or "127.0.0.1"
     endpoint = f"tcp:{settings.manhole_port}:interface={interface.replace(':', chr(92) + ':')}"
+    shown = f"[{interface}]" if ":" in interface else interface     # IPv6 as in URLs
     log.info("manhole: SSH on {interface}:{port}, user admin, keys from {keys}",
-             interface=interface, port=settings.manhole_port, keys=settings.manhole_keys)
-    return strports.service(endpoint, factory)
+             interface=shown, port=settings.manhole_port, keys=settings.manhole_keys)
+    return strports.service(endpoint, LoginGuardFactory(factory))

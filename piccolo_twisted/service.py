@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from .access import ControlPolicy
 from .coap.server import coap_service
 from .datadir import DataDir
 from .sysinfo import Health, SysInfo
@@ -66,12 +67,18 @@ class PiccoloService(service.MultiService):
             "data_dir": self.datadir.resources(),
         }
         self._build_instrument(time_scale, bus, gpio)
+        #: [access] control_from: who may change anything, over CoAP and the web
+        self.access = ControlPolicy(settings.control_from)
         self.coap = None
         self.manhole = None
+        self.web = None
         if serve:
             self.coap = coap_service(self.components, settings.address,
-                                     settings.port, clock=clock)
+                                     settings.port, clock=clock, access=self.access)
             self.coap.setServiceParent(self)
+            self._build_web()
+            # before the manhole looks for its key: an old one is moved, not remade
+            self._move_state_out_of_the_data()
             self._build_manhole()
 
     def _build_instrument(self, time_scale, bus, gpio):
@@ -86,7 +93,7 @@ class PiccoloService(service.MultiService):
             seabreeze_backend=self.settings.seabreeze_backend)
         control_options = {"to_thread": workers.compute} if workers.compute else {}
         self.control = Control(self.instrument, self.datadir, self.clock,
-                               **control_options)
+                               wall_time=self.wall, **control_options)
         # the server's own files live out of the runs' reach
         db_options = {"connect": workers.connect} if workers.connect else {}
         self.scheduler = Scheduler(self.control,
@@ -101,6 +108,7 @@ class PiccoloService(service.MultiService):
             "control": self.control.resources(),
             "control/scheduler": self.scheduler.resources(),
         })
+        self.components["spectrometer"].update(self.control.live.resources())
         self.scheduler.setServiceParent(self)
         self.sysinfo.clock_set.append(self.scheduler.wall_changed)
         self.health = Health(self.datadir, self.clock, control=self.control,
@@ -108,6 +116,29 @@ class PiccoloService(service.MultiService):
                              scheduler=self.scheduler, to_thread=workers.compute,
                              wall_time=self.wall)
         self.components["sysinfo"].update(self.health.resources())
+
+    def _build_web(self):
+        self.web = None
+        if self.settings.web_port:
+            self.add_web(self.settings.web_port)
+
+    def add_web(self, port, address=None):
+        """The web page on ``port`` (0: any free one), before the service
+        starts; ``address`` defaults to ``[web] address``, else CoAP's."""
+        from .web import web_service
+        self.web = web_service(self.components, self.datadir.path.path,
+                               address=address or self.settings.web_interface,
+                               port=port, access=self.access, clock=self.clock)
+        self.web.setServiceParent(self)
+        return self.web
+
+    def _move_state_out_of_the_data(self):
+        """A host key an earlier version kept under the data directory goes
+        to the state directory (statedir.py), whether or not the manhole is on."""
+        from .statedir import host_key_path, inside, migrate_host_key
+        path = host_key_path(self.settings)
+        if not inside(path, self.settings.datadir):
+            migrate_host_key(self.settings.datadir, path, note=self.datadir.note_fault)
 
     def _build_manhole(self):
         if self.settings.manhole_port:
@@ -125,6 +156,7 @@ class PiccoloService(service.MultiService):
             "control": self.control, "scheduler": self.scheduler,
             "datadir": self.datadir,
             "coap": self.coap.protocol if self.coap is not None else None,
+            "web": self.web, "access": self.access,
         }
 
     def privilegedStartService(self):
@@ -148,6 +180,10 @@ class PiccoloService(service.MultiService):
             # the data directory's file pool (started with the index build)
             # would keep the process alive, serving nothing
             self.datadir.stop()
+            if self.web is not None and self.web.bound_failed(e):
+                raise SystemExit(f"piccolo: cannot listen on [{self.settings.web_interface}]:"
+                                 f"{self.settings.web_port} (web page, [web] port or "
+                                 f"--web; 0 turns it off): {e.socketError}") from None
             raise SystemExit(f"piccolo: cannot listen on [{self.settings.address}]:"
                              f"{self.settings.port}: {e.socketError}") from None
         # after the bind: a failed start must not leave its thread behind
@@ -161,8 +197,6 @@ class PiccoloService(service.MultiService):
         # yet connected.
         startup = self.instrument.lease.try_take("start-up")
         super().startService()
-        # before the first request can arrive: heavy imports stall nothing
-        self.control.prepare()
         # a worker running Python code (a device driver, an import) gives
         # the GIL up after 1 ms instead of 5 when the reactor asks for it
         sys.setswitchinterval(self.SWITCH_INTERVAL)
@@ -175,7 +209,13 @@ class PiccoloService(service.MultiService):
         if self.serve:
             self.clock.callLater(0, self._freeze_heap)
             self.log.info("piccolo serving CoAP on [{address}]:{port}",
-                          address=self.settings.address, port=self.settings.port)
+                          address=self.settings.address, port=self.coap_port())
+
+    def coap_port(self):
+        """The UDP port bound: the configured one, or the one the system
+        chose for ``port = 0`` (which clients need to be told)."""
+        port = getattr(self.coap, "_port", None)
+        return port.getHost().port if port is not None else self.settings.port
 
     def _freeze_heap(self):
         """Move everything start-up created out of the collector's reach:

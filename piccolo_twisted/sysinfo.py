@@ -383,7 +383,6 @@ class Health:
         self._pending = None
         self._loop = None
         self._errors = {s.serial: 0 for s in self.spectrometers}
-        self._temperatures = {}
         self._last_batch = None
         self._batch_files = None
         for s in self.spectrometers:
@@ -460,8 +459,7 @@ class Health:
         if scan:
             tally.start()
         probe = self.to_thread(self._probe, now, scan)
-        temps = self._read_temperatures()
-        d = defer.gatherResults([probe, temps], consumeErrors=True)
+        d = defer.gatherResults([probe], consumeErrors=True)
         # the figures are as of when the value is made, files saved while
         # it was being made included
         d.addCallback(lambda results: self._publish(results[0], self.wall_time()))
@@ -493,38 +491,20 @@ class Health:
             free, total = usage.free, usage.total
         except OSError:
             free = total = None
+        root_problem = getattr(self.datadir, "root_problem", None)
         return {
             "disk_free": free, "disk_total": total,
+            "datadir_problem": root_problem() if root_problem is not None else None,
             "recent": self.scan.recent(now - RATE_WINDOW) if scan else None,
             "clock_synchronised": clock_synchronised(self.clock_state()),
             "uptime": self.uptime(),
         }
 
-    def _read_temperatures(self):
-        """Current temperatures of idle TEC spectrometers (one device call
-        each, behind any running call); a busy one keeps its last reading."""
-        from .instrument.spectrometer import IDLE
-        calls = []
-        for s in self.spectrometers:
-            if not s.have_tec() or s.status.value != IDLE:
-                continue
-
-            def keep(value, serial=s.serial):
-                if isinstance(value, (int, float)):
-                    self._temperatures[serial] = float(value)
-            calls.append(defer.maybeDeferred(s.current_temperature)
-                         .addCallbacks(keep, lambda f: None))
-        return defer.gatherResults(calls)
-
     def _spectrometers(self):
-        from .instrument.spectrometer import CONNECTED, STATUS_NAMES
+        from .instrument.spectrometer import STATUS_NAMES
         result = {}
         for s in self.spectrometers:
             status = s.status.value
-            if status not in CONNECTED:
-                # disconnected, powered off, dropped: no reading, and the
-                # last one (maybe hours old) is not shown as the current one
-                self._temperatures.pop(s.serial, None)
             errors = getattr(s, "error_count", None)
             entry = {
                 "name": s.name,
@@ -534,7 +514,16 @@ class Health:
                 "last_error": getattr(s, "last_error", None),
             }
             if s.have_tec():
-                entry["temperature"] = self._temperatures.get(s.serial)
+                # the spectrometer's last reading (it reads its detector
+                # every few seconds, between integrations while recording):
+                # no device call here. Disconnected, powered off, dropped:
+                # no temperature, not one from before (maybe hours old);
+                # the set point stays what it is
+                t = s.last_temperature() or {}
+                entry["temperature"] = t.get("temperature")
+                entry["temperature_age"] = t.get("age")
+                entry["temperature_target"] = t.get("target")
+                entry["temperature_stable"] = t.get("stable")
             result[s.serial] = entry
         return result
 
@@ -545,12 +534,16 @@ class Health:
         missed, failed = problems(now) if problems is not None else (0, 0)
         return {"slots_missed_24h": missed, "slots_failed_24h": failed}
 
-    def _faults(self):
+    def _faults(self, datadir_problem=None):
         faults = {}
         for name in ("scheduler", "datadir"):
             fault = _value(getattr(getattr(self, name, None), "fault", None))
             if fault:
                 faults[name] = fault if isinstance(fault, str) else str(fault)
+        if datadir_problem:
+            # the data directory gone (a pulled stick) comes first
+            faults["datadir"] = "; ".join(filter(None, (datadir_problem,
+                                                        faults.get("datadir"))))
         return faults
 
     def _publish(self, probe, now):
@@ -572,7 +565,8 @@ class Health:
             "server_uptime": round(self.clock.seconds() - self.started, 1),
             "last_batch": _iso(last_batch),
             "fault": _value(getattr(self.control, "fault", "")) or "",
-            "faults": self._faults(),
+            "faults": self._faults(probe.get("datadir_problem")),
+            "last_batch_summary": _value(getattr(self.control, "last_batch", None)),
             **self._slots(now),
             "time": _iso(now),
         }
@@ -602,13 +596,15 @@ class Health:
             return True
         for serial, entry in new["spectrometers"].items():
             before = old["spectrometers"][serial]
-            if any(before.get(k) != entry.get(k) for k in entry if k != "temperature"):
+            if any(before.get(k) != entry.get(k) for k in entry
+                   if k not in ("temperature", "temperature_age")):
                 return True
             if moved(before.get("temperature"), entry.get("temperature"), TEMPERATURE_STEP):
                 return True
         return any(old[k] != new[k] for k in
                    ("disk_total", "files_today", "clock_synchronised", "last_batch",
-                    "fault", "faults", "slots_missed_24h", "slots_failed_24h"))
+                    "fault", "faults", "last_batch_summary", "slots_missed_24h",
+                    "slots_failed_24h"))
 
     def resources(self):
         return {"health": Resource(get=self.get, observe=self.observable)}

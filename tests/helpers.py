@@ -30,12 +30,15 @@ def as_deferred(coro):
 
 
 def make_service(datadir, instrument_text=None, port=0, address="::1",
-                 time_scale=TIME_SCALE, clock=None, server_text=None):
+                 time_scale=TIME_SCALE, clock=None, server_text=None, web_port=0):
     from piccolo_twisted.service import PiccoloService
     settings = load_server_config(text=server_text) if server_text else load_server_config()
     settings.address = address
     settings.port = port
     settings.datadir = datadir
+    # the web page only where a test asks for it (an ephemeral port then:
+    # web_port=None); never the default 8080 that parallel tests share
+    settings.web_port = web_port
     if instrument_text is None:
         instrument = load_instrument_config(bundled_instrument_config())
     else:
@@ -46,6 +49,18 @@ def make_service(datadir, instrument_text=None, port=0, address="::1",
     service.sysinfo._run = fake_command
     service.datadir._run = fake_command
     return service
+
+
+def make_ssh_key(path):
+    """A private ed25519 key written to ``path`` (0600, as ssh keeps one)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from twisted.conch.ssh import keys
+    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(key.toString("openssh"))
+    os.chmod(path, 0o600)
+    return key
 
 
 def fake_command(argv):
@@ -60,6 +75,8 @@ class ServerTestCase(unittest.TestCase):
     instrument_text = None
     server_text = None
     time_scale = TIME_SCALE
+    address = "::1"             # CoAP
+    web_address = None          # the web page's address: None, no web page
     timeout = 60
 
     def setUp(self):
@@ -74,11 +91,20 @@ class ServerTestCase(unittest.TestCase):
         self.populate(self.datadir)
         self.service = make_service(self.datadir, self.instrument_text,
                                     time_scale=self.time_scale,
-                                    server_text=self.server_text)
+                                    server_text=self.server_text,
+                                    address=self.address)
+        if self.web_address is not None:
+            # the web page on an ephemeral port
+            self.service.add_web(0, address=self.web_address)
         self.service.privilegedStartService()
         self.service.startService()
         self.port = self.service.coap._port.getHost().port
-        self.base = f"coap://[::1]:{self.port}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        self.base = f"coap://{host}:{self.port}"
+        if self.service.web is not None:
+            wport = self.service.web.listening_port
+            whost = f"[{self.web_address}]" if ":" in self.web_address else self.web_address
+            self.http = f"http://{whost}:{wport}"
         return as_deferred(self._client()).addCallback(lambda _: self.wait_connected())
 
     async def _client(self):

@@ -115,7 +115,7 @@ class PicoWriteTests(unittest.SynchronousTestCase):
         from piccolo_twisted import runindex
         fd = os.open(self.dir, os.O_RDONLY)
         try:
-            keys, leftovers = runindex.scan_files(fd)
+            keys, leftovers, _ = runindex.scan_files(fd)
             self.assertEqual((list(keys), leftovers),
                              ([], [".b000001_s000000_light.pico.999.tmp"]))
             runindex.remove(fd, leftovers)
@@ -246,7 +246,8 @@ class BatchWireTests(ServerTestCase):
         import aiocoap
         cases = {
             "control/numSequences": [0, -1, "abc", 1.5, "NaN", None, [], {}],
-            "control/autointegration": [-2, "x", 0.5],
+            # below -1 clamps to -1, as legacy did (issue 21): not a bad value
+            "control/autointegration": [1000001, "x", 0.5],
             "control/delay": [-1, "Infinity", "soon", True],
             "control/target": [5, 95, "hot", "NaN"],
         }

@@ -63,6 +63,16 @@ class CommandLineWireTests(ServerTestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(await self.get("control/status"), "idle")
         self.assertIn("run field batch 0: 3 sequences recorded", out)
+        # the batch summary, and a warning naming every saturated spectrum
+        # (at 100 ms without autointegration the downwelling channel is)
+        self.assertRegex(out, r"(?m)^batch 0 of run field: 3 sequences, 5 files, ")
+        # channels in legacy (sorted) order (issue 21)
+        self.assertRegex(out, r"(?m)^  S_sim_QEP00981: downwelling 100 ms, upwelling 100 ms$")
+        self.assertRegex(out, r"(?m)^  saturated spectra: [1-9]\d*; temperature-unstable spectra: \d+$")
+        self.assertRegex(err, r"(?m)^warning: S_sim_QEP00981 downwelling light, sequences "
+                              r"0-2: \d+(-\d+)? pixels saturated \(at or above 200000\)$")
+        self.assertRegex(err, r"(?m)^warning: S_sim_FLMT01234 downwelling light, sequences "
+                              r"0-2: \d+(-\d+)? pixels saturated \(at or above 65535\)$")
         # progress: the bar went through the sequences and the steps
         self.assertIn("sequence 1/3", err)
         self.assertIn("sequence 3/3", err)
@@ -108,7 +118,9 @@ class CommandLineWireTests(ServerTestCase):
             "plot", os.path.join(local, "b000000_s000000_light.pico"),
             os.path.join(local, "b000000_s000000_dark.pico"), "-o", png)
         self.assertEqual(code, 0, err)
-        self.assertEqual(png_size(png), (900, 720))       # 9 x (2 x 3.2 + 0.8) in at 100 dpi
+        # one panel per spectrometer and channel, the legend beside the data:
+        # 11 x (4 x 2.9 + 0.9) in at 100 dpi
+        self.assertEqual(png_size(png), (1100, 1250))
         self.assertGreater(os.path.getsize(png), 30000)   # drawn lines, not an empty frame
 
     @coro
@@ -116,9 +128,11 @@ class CommandLineWireTests(ServerTestCase):
         code, out, err = await self.cli("status")
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"(?m)^control\s+idle$")
-        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+idle; integration upwelling \d+ ms, "
-                              r"downwelling \d+ ms; temperature -?\d+\.\d °C$")
-        self.assertRegex(out, r"(?m)^S_sim_FLMT01234\s+idle; integration upwelling")
+        # channels in legacy order: sorted (issue 21)
+        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+idle; integration downwelling \d+ ms, "
+                              r"upwelling \d+ ms; temperature -?\d+\.\d °C \(\d+ s ago\)"
+                              r"( \(set point -10 °C: not stable\))?$")
+        self.assertRegex(out, r"(?m)^S_sim_FLMT01234\s+idle; integration downwelling")
         self.assertNotIn("temperature", out.split("S_sim_FLMT01234")[1].splitlines()[0])
         self.assertRegex(out, r"(?m)^shutters\s+downwelling closed, upwelling closed$")
         self.assertRegex(out, r"(?m)^scheduler\s+0 active, 0 suspended$")
@@ -141,7 +155,8 @@ class CommandLineWireTests(ServerTestCase):
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"(?m)^disk\s+[\d.]+ [kMGT]?B free of [\d.]+ [kMGT]?B")
         self.assertRegex(out, r"(?m)^clock\s+(synchronised|NOT synchronised|unknown)$")
-        self.assertRegex(out, r"(?m)^sim_QEP00981\s+idle, 0 errors, -?\d+\.\d °C$")
+        self.assertRegex(out, r"(?m)^sim_QEP00981\s+idle, 0 errors, temperature -?\d+\.\d °C "
+                              r"\(\d+ s ago\)( \(set point -10 °C: not stable\))?$")
         self.assertRegex(out, r"(?m)^sim_FLMT01234\s+idle, 0 errors$")
 
     @coro
@@ -184,12 +199,16 @@ class CommandLineWireTests(ServerTestCase):
         code, out, err = await self.cli("record", "--run", "x", "-n", "1")
         self.assertEqual(code, 1)
         self.assertOneLineError(err, "busy")
-        # the screen during a batch: no temperature read waits for a busy device
+        # the screen during a batch: no temperature read waits for a busy
+        # device, and the last reading is shown with its age (issue 20:
+        # it was "-" all through a batch)
         await self.wait_for("control/current_sequence", lambda s: s >= 1)  # files written
         code, out, err = await self.cli("status")
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"(?m)^current\s+run busy, batch 0, sequence \d+ of 20$")
-        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+(recording|idle);.*; temperature (-|-?\d+\.\d °C)$")
+        self.assertRegex(out, r"(?m)^S_sim_QEP00981\s+(recording|idle);.*; "
+                              r"temperature -?\d+\.\d °C \(\d+ s ago\)"
+                              r"( \(set point -10 °C: not stable\))?$")
         await self.get("control/abort")
         # nobody listening: ICMP says so at once, or the short timeout ends it
         code, out, err = await piccolo3("--server", "coap://127.0.0.1:9", "--timeout", "1",
@@ -270,7 +289,7 @@ class CommandLineReviewTests(ServerTestCase):
         png = self.mktemp() + ".png"
         code, out, err = await self.cli("plot", saved, "-o", png)
         self.assertEqual(code, 0, err)
-        self.assertEqual(png_size(png), (900, 720))
+        self.assertEqual(png_size(png), (1100, 1250))     # as the file itself plots
 
         # a file the server will not give (not UTF-8) does not stop the rest
         with open(os.path.join(self.run_dir("other"), "b000099_s000000_light.pico"),
@@ -580,7 +599,10 @@ class CommandLineLocalTests(unittest.SynchronousTestCase):
                               text=True, timeout=60)
         self.assertEqual(proc.returncode, 1, proc.stderr)
         self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
-        self.assertIn("pip install 'piccolo-twisted[cli]'", proc.stderr)
+        # as the README says (the package is not on PyPI), with this pip
+        pip = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "pip")
+        self.assertIn(f"in a copy of piccolo-twisted, {pip} install '.[cli]'", proc.stderr)
+        self.assertNotIn("piccolo-twisted[cli]", proc.stderr)
 
     def test_usage(self):
         code, out, err = self.run_cli("fetch", "somedir")

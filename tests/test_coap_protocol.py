@@ -27,6 +27,12 @@ class FakeTransport:
         self.sent.append((data, addr))
 
 
+def verify(proto, host):
+    """``host`` returns an Echo value the server gave it (RFC 9175): from
+    then on its answers are not held to 3x its requests."""
+    assert proto.verifier.check(host, proto.verifier.echo_for(host))
+
+
 def request(code=_tx.GET, path="a", mtype=_tx.CON, mid=1, token=b"\x01\x02",
             payload=b"", **opts):
     m = _tx.Message(mtype=mtype, mid=mid, code=code, token=token, payload=payload)
@@ -60,6 +66,10 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.proto.transport = self.transport
         self.proto.startProtocol()
         self.addCleanup(self.proto.stopProtocol)
+        # the txThings work-arounds, seen by a client whose address is
+        # verified (the 3x limit has its own tests)
+        verify(self.proto, PEER[0])
+        verify(self.proto, "::2")
 
     def get_a(self):
         self.calls.append("get")
@@ -178,18 +188,27 @@ class ProtocolTests(unittest.SynchronousTestCase):
         self.assertLessEqual(len(self.clock.getDelayedCalls()), 1)
 
     def test_dedup_bounded_and_swept(self):
-        cache = DedupCache(self.clock, lifetime=10, max_entries=100)
-        for i in range(1000):
-            cache.add(i, b"r")
-        self.assertLessEqual(len(cache), 200)
-        self.assertEqual(cache.get(999), b"r")
-        cache.add("old", b"x")
-        self.clock.advance(11)
-        cache.sweep()
-        self.assertEqual(cache.get("old"), b"x")      # previous generation
-        self.clock.advance(11)
-        cache.sweep()
-        self.assertIs(cache.get("old"), DedupCache.MISSING)
+        # bounded per host and in all; an entry is never evicted early (a
+        # retransmission must find it), a request without room is refused
+        cache = DedupCache(self.clock, cap=100, share=60, urgent=0)
+
+        def key(host, i):
+            return (i, (host, 40000))
+        first = [cache.admit(key("::1", i), 10) for i in range(1000)]
+        self.assertEqual(sum(s is not None for s in first), 60)
+        second = [cache.admit(key("::2", i), 10) for i in range(100)]
+        self.assertEqual(sum(s is not None for s in second), 40)
+        self.assertEqual(len(cache), 100)
+        cache.answer(first[0], b"r")
+        self.assertEqual(cache.get(key("::1", 0)).answer, b"r")
+        self.assertIsNotNone(cache.get(key("::2", 39)))
+        self.clock.advance(9)
+        cache.expire()
+        self.assertEqual(cache.get(key("::1", 0)).answer, b"r")
+        self.clock.advance(2)
+        cache.expire()
+        self.assertIsNone(cache.get(key("::1", 0)))
+        self.assertEqual((len(cache), cache.size()), (0, 0))
 
     # -- malformed input (12) ------------------------------------------------
 

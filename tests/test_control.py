@@ -554,8 +554,9 @@ class HardwareBusyTests(ControlTestCase):
             self.assertEqual(self.specs[0].current_time["upwelling"].value, 400)
             self.run_until_idle()
             self.set_times(300)
+        # channels in legacy (sorted) order (issue 21)
         self.assertEqual([h for h in self.bus.optics.history if h[1]],
-                         [("upwelling", True), ("downwelling", True)] * 2)
+                         [("downwelling", True), ("upwelling", True)] * 2)
         # idle again: the same requests act
         d = shutter["upwelling/open_shutter"].put()
         self.clock.advance(0.01)
@@ -587,7 +588,7 @@ class StopProcessTests(unittest.TestCase):
         server.call("PUT", "/control/record_sequence",
                     {"run": "long", "nsequence": 2, "auto": -1})
         deadline = time.monotonic() + 10
-        while server.call("GET", "/control/status") != "upwelling dark":
+        while server.call("GET", "/control/status") != "downwelling dark":
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.02)
         time.sleep(0.3)                   # inside the clean 10 s integration

@@ -65,8 +65,14 @@ class EmulatedServerTests(ServerTestCase):
                 model, pixels, dark = expect[meta["SerialNumber"]]
                 self.assertEqual((meta["Model"], len(s["Pixels"]), meta["DarkPixels"]),
                                  (model, pixels, dark))
-                # the exposure these counts came from, by content
-                crc = zlib.crc32(np.asarray(s["Pixels"], dtype=np.int64).tobytes())
+                # the exposure these counts came from, by content: a
+                # USB2000+'s counts are seabreeze's, raw x 65535 / its EEPROM
+                # saturation level, rounded (one to one: the factor is > 1)
+                counts = np.asarray(s["Pixels"], dtype=np.int64)
+                device = emulated[meta["SerialNumber"]]
+                if meta["Model"] == "USB2000PLUS":
+                    counts = np.rint(counts * device.saturation() / 65535.0).astype(np.int64)
+                crc = zlib.crc32(counts.tobytes())
                 micros = [e.micros for e in emulated[meta["SerialNumber"]].sent
                           if e.crc == crc]
                 self.assertEqual(micros, [meta["IntegrationTime"] * 1000], name)

@@ -32,7 +32,7 @@ class ForegroundExitTests(unittest.TestCase):
         script = ('"$@" >server.log 2>&1 & echo $! >server.pid; wait $!; '
                   'echo "status $?"')
         argv = ["bash", "-c", script, "_"] + TWISTD + [
-            "-n", "--pidfile=", "piccolo", "--address", "::1", "--port", str(port),
+            "-n", "--pidfile=", "piccolo", "--address", "::1", "--port", str(port), "--web", "0",
             "--data-dir", os.path.join(d, "data")]
         env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", PICCOLO_TIME_SCALE="0.05")
         shell = subprocess.Popen(argv, cwd=d, env=env, stdout=subprocess.PIPE, text=True)
@@ -92,7 +92,7 @@ class PortTakenTests(unittest.TestCase):
         env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
         proc = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", "piccolo", "--address", "::1", "--port",
-                      str(port), "--data-dir", os.path.join(d, "data")],
+                      str(port), "--web", "0", "--data-dir", os.path.join(d, "data")],
             cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             out, _ = proc.communicate(timeout=20)

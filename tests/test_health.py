@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from piccolo_twisted import sysinfo
-from piccolo_twisted.instrument.spectrometer import DROPPED, IDLE, RECORDING
+from piccolo_twisted.instrument.spectrometer import CONNECTED, DROPPED, IDLE, RECORDING
 from piccolo_twisted.observable import Observable
 from piccolo_twisted.sysinfo import STA_UNSYNC, TIME_ERROR, Health
 
@@ -46,6 +46,16 @@ class FakeSpectrometer:
     def current_temperature(self):
         self.reads += 1
         return defer.succeed(self.temperature)
+
+    def last_temperature(self):
+        """As the spectrometer keeps it: its own last reading, no device
+        call; none while not connected (the set point stays)."""
+        if self.status.value not in CONNECTED:
+            return {"temperature": None, "age": None, "target": -10.0,
+                    "enabled": True, "tolerance": 2.0, "stable": None}
+        return {"temperature": self.temperature, "age": 3.0, "target": -10.0,
+                "enabled": True, "tolerance": 2.0,
+                "stable": abs(self.temperature - -10.0) <= 2.0}
 
 
 class FakeControl:
@@ -110,7 +120,9 @@ class HealthTests(unittest.SynchronousTestCase):
         self.assertEqual(h["fault"], "")
         self.assertEqual(h["spectrometers"], {
             "QEP00981": {"name": "S_QEP00981", "status": "IDLE", "status_code": IDLE,
-                         "errors": 0, "last_error": None, "temperature": -9.96},
+                         "errors": 0, "last_error": None, "temperature": -9.96,
+                         "temperature_age": 3.0, "temperature_target": -10.0,
+                         "temperature_stable": True},
             "FLMT01234": {"name": "S_FLMT01234", "status": "IDLE", "status_code": IDLE,
                           "errors": 0, "last_error": None}})
 
@@ -241,16 +253,19 @@ class HealthTests(unittest.SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.usage_calls, calls)
 
-    def test_busy_spectrometer_keeps_its_last_temperature(self):
+    def test_busy_spectrometer_shows_its_last_reading(self):
+        """Health never waits for a device: it shows the reading the
+        spectrometer took last (between integrations while recording)."""
         health = self.health(max_age=1.0)
         self.value(health)
-        self.assertEqual(self.qep.reads, 1)
         self.qep.status.set(RECORDING)
         self.qep.temperature = 25.0
         self.clock.advance(2)
         h = self.value(health)
-        self.assertEqual(self.qep.reads, 1)           # no device call during a recording
-        self.assertEqual(h["spectrometers"]["QEP00981"]["temperature"], -9.96)
+        self.assertEqual(self.qep.reads, 0)           # never a device call
+        entry = h["spectrometers"]["QEP00981"]
+        self.assertEqual((entry["temperature"], entry["temperature_age"],
+                          entry["temperature_stable"]), (25.0, 3.0, False))
 
     def test_no_temperature_while_not_connected(self):
         """A disconnected, powered-off or dropped spectrometer has no current

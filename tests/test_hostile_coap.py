@@ -24,7 +24,7 @@ from piccolo_twisted.coap.site import Site
 from piccolo_twisted.observable import Observable
 
 from .helpers import as_deferred, asyncio_reactor, make_service
-from .test_coap_protocol import FakeTransport, request
+from .test_coap_protocol import FakeTransport, request, verify
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(HERE, "bench"))
@@ -77,8 +77,8 @@ class LayerTests(unittest.SynchronousTestCase):
             again = self.send(request(_tx.PUT, path="a", mid=7, payload=payload))
             self.assertEqual([r.code for r in first], [_tx.BAD_REQUEST], payload[:10])
             self.assertEqual([r.encode() for r in again], [r.encode() for r in first])
-            self.proto.dedup.rotate()
-            self.proto.dedup.rotate()
+            self.clock.advance(protocol.EXCHANGE_LIFETIME + 1)    # mid 7 may be reused
+            self.proto.dedup.expire()
         self.assertEqual(self.value.value, 1)
 
     def test_exception_in_request_path_is_500_and_logged(self):
@@ -235,6 +235,8 @@ class LayerTests(unittest.SynchronousTestCase):
         pulled by one client left the next one's transfer uncached for 60 s,
         and it broke with a new ETag at every batch; attack on issue 13)."""
         self.proto.block2.max_bytes = 8000
+        verify(self.proto, "127.0.0.2")         # (the 3x limit has its own tests)
+        verify(self.proto, "127.0.0.3")
 
         def pull(peer, first_mid, change=None):
             body, etags, n = b"", set(), 0
@@ -287,11 +289,33 @@ class LayerTests(unittest.SynchronousTestCase):
             n += 1
         self.assertEqual(json.loads(body), self.big)
 
-    def test_confirmable_and_verified_hosts_unaffected(self):
-        [r] = self.send(request(path="big", mid=1), ("127.0.0.5", 40000))
+    def test_confirmable_limited_until_echo_returned(self):
+        """A CON request proves nothing about its source address (a blind
+        spoofer sends one as easily as a NON): until the host returns an
+        Echo value it was given, a CON answer is held to 3x the request
+        too (main answered a CON GET of a >1 KiB resource 33x larger and
+        took the CON as verification)."""
+        spoofed = ("127.0.0.5", 40000)
+        data = request(path="big", mid=1, token=b"")
+        [r] = self.send(data, spoofed)
+        self.assertLessEqual(len(r.encode()), 3 * len(data))
+        # nor do the host's later NON requests get more
+        data = request(path="big", mid=2, mtype=_tx.NON, token=b"")
+        [r] = self.send(data, ("127.0.0.5", 40001))
+        self.assertLessEqual(len(r.encode()), 3 * len(data))
+        # a client that returns the Echo value it was offered is verified:
+        # 1024-byte blocks, CON and NON
+        data = request(path="big", mid=3, token=b"12345678", block2=(0, False, 6))
+        [r] = self.send(data, spoofed)
+        self.assertLessEqual(len(r.encode()), 3 * len(data))
+        echo = r.opt.echo
+        self.assertIsNotNone(echo)
+        m = _tx.Message(mtype=_tx.CON, mid=4, code=_tx.GET, token=b"t")
+        m.opt.uri_path = [b"big"]
+        m.opt.addOption(_tx.OpaqueOption(protocol.ECHO, echo))
+        [r] = self.send(m.encode(), spoofed)
         self.assertEqual((r.opt.block2, len(r.payload)), ((0, True, 6), 1024))
-        # that host has done a CON exchange: its NON requests are not limited
-        [r] = self.send(request(path="big", mid=2, mtype=_tx.NON), ("127.0.0.5", 40001))
+        [r] = self.send(request(path="big", mid=5, mtype=_tx.NON), ("127.0.0.5", 40001))
         self.assertEqual(r.opt.block2, (0, True, 6))
 
     def test_echo_verifies_a_non_client(self):
@@ -529,11 +553,42 @@ class HostileWireTests(LoopbackServerCase):
             figures[label] = ratio
             self.assertGreater(resp, 0, label)
             self.assertLessEqual(ratio, 3.0, (label, req, resp))
-        # a confirmable client is unaffected: 1024-byte blocks
-        answer = yield self.in_thread(hostile.exchange, self.dst,
-                                      hostile.request(3, SPECTRA, code=hostile.PUT,
-                                                      payload=self.name),
-                                      src="127.0.0.78")
+        r = yield as_deferred(self.aiocoap_put(SPECTRA, self.name))
+        self.assertEqual(r.payload, self.wire_pico)
+
+    @defer.inlineCallbacks
+    def test_a_confirmable_request_verifies_nothing(self):
+        """Attack on issue 19: any CON request marked its source address
+        verified, and the 3x limit applied to NON only. A spoofer sent one
+        CON and was then unlimited: a CON GET of a >1 KiB resource came
+        back 33x larger. Now every answer to an address that has not
+        returned an Echo value is within 3x its request, CON or NON, before
+        and after CONs from that address; the deployed client (aiocoap,
+        which ignores Echo) still gets every byte, through small blocks."""
+        spoofed = "127.0.0.78"
+        datagrams = [
+            ("CON GET .well-known/core", hostile.request(1, ".well-known/core")),
+            ("CON PUT spectra", hostile.request(2, SPECTRA, code=hostile.PUT,
+                                                payload=self.name)),
+            ("NON GET .well-known/core", hostile.request(3, ".well-known/core",
+                                                         mtype=hostile.NON)),
+            ("CON GET spectra_list", hostile.request(
+                4, "data_dir/runs/field/spectra_list", token=b"t")),
+        ]
+        for label, data in datagrams * 2:
+            req, resp, ratio = yield self.in_thread(hostile.amplification, self.dst,
+                                                    data, spoofed)
+            self.assertGreater(resp, 0, label)
+            self.assertLessEqual(ratio, 3.0, (label, req, resp))
+        # a client that returns the Echo value offered is verified:
+        # 1024-byte blocks from then on
+        first = yield self.in_thread(hostile.exchange, self.dst, hostile.request(
+            5, SPECTRA, code=hostile.PUT, payload=self.name, token=b"e"), src="127.0.0.79")
+        echo = hostile.loadclient.echo_of(first)
+        self.assertIsNotNone(echo)
+        answer = yield self.in_thread(hostile.exchange, self.dst, hostile.request(
+            6, SPECTRA, code=hostile.PUT, payload=self.name, token=b"e", echo=echo),
+            src="127.0.0.79")
         self.assertEqual(hostile.parse(answer)[4], (0, True, 6))
         r = yield as_deferred(self.aiocoap_put(SPECTRA, self.name))
         self.assertEqual(r.payload, self.wire_pico)

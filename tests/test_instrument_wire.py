@@ -47,7 +47,8 @@ class SpectrometerWireTests(ServerTestCase):
     @coro
     async def test_lists_and_status(self):
         self.assertEqual(await self.get("spectrometer/spectrometers"), sorted([QEP, FLAME]))
-        self.assertEqual(await self.get("spectrometer/channels"), ["upwelling", "downwelling"])
+        # legacy order: sorted (issue 21)
+        self.assertEqual(await self.get("spectrometer/channels"), ["downwelling", "upwelling"])
         self.assertEqual(await self.get(f"spectrometer/{QEP}/status"), sp.IDLE)
         self.assertIs(await self.get(f"spectrometer/{QEP}/haveTEC"), True)
         self.assertIs(await self.get(f"spectrometer/{FLAME}/haveTEC"), False)

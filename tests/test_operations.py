@@ -103,7 +103,7 @@ class DaemonTests(ProcessTestCase):
         port = free_port()
         env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", PICCOLO_TIME_SCALE="0.05")
         p = subprocess.run(TWISTD + ["--pidfile", pidfile, "-l", logfile, "piccolo",
-                                     "--address", "::1", "--port", str(port),
+                                     "--address", "::1", "--port", str(port), "--web", "0",
                                      "--data-dir", os.path.join(d, "data")],
                            env=env, capture_output=True, text=True, timeout=30)
         self.assertEqual(p.returncode, 0, p.stderr)     # detached
@@ -223,13 +223,17 @@ class ManholeTests(unittest.TestCase):
             def namespace(self):
                 return {}
         fake = Fake()
-        fake.settings.datadir = self.dir
+        fake.settings.datadir = os.path.join(self.dir, "data")
         fake.settings.manhole_port = 0
         fake.settings.manhole_keys = self.keyfile
+        state = os.path.join(self.dir, "state")
+        fake.settings.manhole_host_key = os.path.join(state, manhole.HOST_KEY)
         service = manhole.manhole_service(fake)
         service.startService()
-        mode = os.stat(os.path.join(self.dir, ".piccolo", manhole.HOST_KEY)).st_mode & 0o777
+        mode = os.stat(fake.settings.manhole_host_key).st_mode & 0o777
         self.assertEqual(mode, 0o600)
+        self.assertEqual(os.stat(state).st_mode & 0o777, 0o700)
+        self.assertFalse(os.path.exists(fake.settings.datadir))     # nothing there
 
         def check(port):
             self.assertEqual(port.getHost().host, "127.0.0.1")
@@ -240,15 +244,15 @@ class ManholeTests(unittest.TestCase):
         """A directory or garbage where the host key goes does not stop the
         start: it is moved aside, logged, and a fresh key made (issue 15.3)."""
         from piccolo_twisted import manhole
-        state = os.path.join(self.dir, ".piccolo")
+        state = os.path.join(self.dir, "state")
         path = os.path.join(state, manhole.HOST_KEY)
         os.makedirs(os.path.join(path, "sub"))
-        key = manhole.host_key(state)
+        key = manhole.host_key(path)
         self.assertTrue(key.isPublic() is False)
-        self.assertEqual(manhole.host_key(state), key)      # kept from now on
+        self.assertEqual(manhole.host_key(path), key)      # kept from now on
         with open(path, "wb") as f:
             f.write(b"garbage\n")
-        other = manhole.host_key(state)
+        other = manhole.host_key(path)
         self.assertNotEqual(other, key)
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         aside = sorted(n for n in os.listdir(state) if n != manhole.HOST_KEY)
@@ -272,7 +276,8 @@ class ManholeTests(unittest.TestCase):
         fake.settings.datadir = self.dir
         fake.settings.manhole_port = 0
         fake.settings.manhole_keys = self.keyfile
-        os.makedirs(os.path.join(self.dir, ".piccolo", manhole.HOST_KEY))
+        fake.settings.manhole_host_key = os.path.join(self.dir, "state", manhole.HOST_KEY)
+        os.makedirs(fake.settings.manhole_host_key)
         manhole.manhole_service(fake)
         self.assertIn("manhole host key", fake.datadir.fault.value)
         self.assertIn("moved aside", fake.datadir.fault.value)

@@ -152,7 +152,8 @@ class BadInputMatrixTests(ServerTestCase):
             f"spectrometer/{q}/target_temperature":
                 (f"spectrometer/{q}/target_temperature", [-100, 100, "cold"]),
             "control/numSequences": ("control/numSequences", [0, -5, "x", 2.5]),
-            "control/autointegration": ("control/autointegration", [-2, "x"]),
+            # below -1 clamps to -1, as legacy did (issue 21)
+            "control/autointegration": ("control/autointegration", [1000001, "x"]),
             "control/delay": ("control/delay", [-1, "x"]),
             "control/target": ("control/target", [0, 100, "x"]),
             "control/record_sequence": ("control/status",
@@ -272,6 +273,7 @@ class CrashConsistencyTests(unittest.TestCase):
                 time.sleep(rng.uniform(0.3, 2.5))
                 os.kill(server.proc.pid, signal.SIGKILL)
                 server.proc.wait()
+                server.stop()           # closes its log
                 for name in os.listdir(run):
                     path = os.path.join(run, name)
                     if name.endswith(".pico"):

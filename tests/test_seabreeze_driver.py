@@ -273,6 +273,24 @@ class LabellingTests(EmulatedCase):
                          "a spectrum labelled 400 ms integrated at "
                          f"{u.sent[-1].micros} us")
 
+    def test_usb2000plus_late_answers_lose_no_integration(self):
+        """Answers reach the host late (1.2 x the idle integration after
+        the device sent them: a loaded Pi): judged by when the answer came,
+        every clean spectrum could have been the idle one and was taken
+        again, two more integrations each time (issue 20: 425 ms of
+        overhead at 200 ms). When the request reached the device proves it
+        was in time: no integration is thrown away, every label right."""
+        scale = 0.2
+        u = self.plug("USB2000PLUS", "LATE", time_scale=scale)
+        dev, info = self.open(u)
+        idle = max(info.min_time, 25)
+        u.answer_delay = 1.2 * idle / 1000.0 * scale
+        for _ in range(4):
+            reading = acquire_clean(dev, 1000, info.min_time)
+            self.assertEqual((reading.integration_time, u.sent[-1].micros), (1000, 1000000))
+            self.assertGreaterEqual(u.sent[-1].start, reading.started - 1e-6)
+            self.assertEqual(reading.acquisitions, 2, "an integration was thrown away")
+
     def test_naive_two_reads_mislabel_a_qepro(self):
         """Why the QE Pro needs its own procedure: set the long time, read,
         set the idle time, read again -- the reads come out of the
@@ -386,3 +404,58 @@ class FaultTests(EmulatedCase):
         u.stall_next_read = True
         e = self.assertRaises(DeviceError, dev.read)
         self.assertIn("timed out", str(e))
+
+
+class CountsTests(EmulatedCase):
+    """Counts as the device gives them (issue 20). A USB2000+ or Flame-S
+    saturates at the level in its EEPROM slot 17 (62,000 raw counts here);
+    seabreeze scales every pixel by 65535 / that level, so that saturation
+    reads 65,535, the ``max_intensity`` it reports. The driver records what
+    seabreeze reports, rounded (truncating made 65,534.999... of a
+    saturated pixel 65,534, below the saturation level), and the
+    saturation level in the same units. The emulator's own record of the
+    raw counts it sent is the ground truth."""
+
+    def check(self, model, prefix):
+        import numpy as np
+        u = self.plug(model, prefix)
+        self.assertEqual(u.saturation(), 62000)        # read from the EEPROM slot
+        dev, info = self.open(u)
+        self.optics.set_lit("downwelling", True)        # bright: saturates at 200 ms
+        reading = acquire_clean(dev, 200, info.min_time)
+        self.optics.set_lit("downwelling", False)
+        raw = np.asarray(u.last_counts, dtype=float)
+        self.assertEqual(u.sent[-1].micros, 200000)
+        self.assertEqual(raw.max(), 62000)              # the detector saturated
+        want = np.rint(raw * 65535.0 / 62000.0).astype(np.int64)
+        pixels = np.asarray(reading.pixels)
+        self.assertEqual(pixels.dtype.kind, "i")
+        self.assertEqual(pixels.tolist(), want.tolist())
+        # pixels and SaturationLevel agree: every saturated pixel reads the
+        # level, and the count of those at or above it is the device's
+        self.assertEqual(info.saturation, 65535)
+        self.assertEqual(int(pixels.max()), info.saturation)
+        from piccolo_twisted.instrument.spectrometer import saturated_pixels
+        self.assertEqual(saturated_pixels(reading.pixels, info.saturation),
+                         int((raw >= 62000).sum()))
+        self.assertGreater(int((raw >= 62000).sum()), 0)
+        self.assertLess(int((raw >= 62000).sum()), len(raw))
+
+    def test_usb2000plus(self):
+        self.check("USB2000PLUS", "CNT")
+
+    def test_flame_s(self):
+        self.check("FLAMES", "CNTF")
+
+    def test_qepro_raw_counts(self):
+        """A QE Pro's buffered spectra are raw 32-bit counts; its saturation
+        level is the 18-bit ADC's full scale, which the counts reach."""
+        import numpy as np
+        q = self.plug("QEPRO", "CNTQ")
+        dev, info = self.open(q)
+        self.optics.set_lit("downwelling", True)
+        reading = acquire_clean(dev, 400, info.min_time)
+        self.optics.set_lit("downwelling", False)
+        self.assertEqual(reading.pixels, np.asarray(q.last_counts).tolist())
+        self.assertEqual(info.saturation, 2 ** 18 - 1)
+        self.assertEqual(max(reading.pixels), info.saturation)

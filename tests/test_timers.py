@@ -257,7 +257,7 @@ class ServerClockJumpTests(unittest.TestCase):
         self.addCleanup(self.output.close)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "piccolo", "--address", "::1", "--port", str(self.port),
+             "-n", "--pidfile=", "piccolo", "--address", "::1", "--port", str(self.port), "--web", "0",
              "--data-dir", self.datadir],
             cwd=self.dir, env=env, stdout=self.output, stderr=subprocess.STDOUT)
         self.addCleanup(self.stop)

@@ -8,13 +8,15 @@ the next acquisitions run. ``pause`` takes effect at the next step;
 discarded (the spectrometer front keeps the device to itself until then),
 the shutters close and the status is idle within a shutter pulse.
 
-Nothing heavy runs on the reactor thread: numpy is imported at start
-(``prepare``), autointegration arithmetic and ``.pico`` encoding run in
-workers, and the encoder works spectrum by spectrum.
+Nothing heavy runs on the reactor thread: numpy (11 MiB, ~100 ms of
+import) is imported in a worker when the first procedure starts, not at
+start (``prepare``), autointegration arithmetic and ``.pico`` encoding run
+in workers, and the encoder works spectrum by spectrum.
 """
 
 import dataclasses
 import functools
+import time
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -24,14 +26,25 @@ from ..datadir import SaveFailed, check_run_name
 from ..errors import BusyError, PiccoloError
 from ..instrument.spectrometer import AUTOINTEGRATING, IDLE, RECORDING
 from ..observable import Observable
-from ..values import to_float, to_int
+from ..values import to_bool, to_float, to_int
 from . import pico
+from .live import LiveSpectra
+from .summary import BatchSummary
+
+#: seconds between two looks at the detector temperatures while a batch
+#: waits for the set point (``wait_for_temperature``)
+TEMPERATURE_POLL = 5.0
 
 
 #: requests that move hardware: refused while a procedure runs (a shutter
 #: opened during a dark set would record light labelled dark)
 HARDWARE_ACTIONS = frozenset(("open_shutter", "close_shutter", "connect",
                               "disconnect", "power_on", "power_off"))
+
+
+#: ``/control/progress`` while nothing runs
+IDLE_PROGRESS = {"kind": None, "run": None, "batch": None, "sequence": None,
+                 "nsequence": None}
 
 
 class Aborted(Exception):
@@ -56,11 +69,17 @@ class Outcome:
 class Control:
     log = Logger()
 
-    def __init__(self, instrument, datadir, clock, to_thread=threads.deferToThread):
+    def __init__(self, instrument, datadir, clock, to_thread=threads.deferToThread,
+                 wall_time=time.time):
         self.instrument = instrument
         self.datadir = datadir
         self.clock = clock
         self.to_thread = to_thread
+        self.wall_time = wall_time
+        #: what the last batch or dark sequence did (BatchSummary.as_dict()),
+        #: published at its start, after every file and at its end
+        self.last_batch = Observable(None)
+        self._summary = None
         self.scheduler = None
         # the deployed (legacy) server's defaults: one sequence, never
         # autointegrate, no delay, target 80.0 % of saturation
@@ -71,27 +90,39 @@ class Control:
         self.status = Observable("idle")
         self.current_sequence = Observable(-1)
         self.fault = Observable("")
+        #: what runs now: {"kind", "run", "batch", "sequence", "nsequence"}
+        self.progress = Observable(IDLE_PROGRESS)
+        #: the latest spectrum of every spectrometer and channel
+        self.live = LiveSpectra([s.name for s in instrument.spectrometers],
+                                instrument.channels, to_thread=to_thread)
         self.files_written = 0
         self._task = None
         self._abort = False
-        self._paused = False
+        #: a pause asked for (the procedure stops at its next step, and
+        #: status reads "paused" from then)
+        self.paused = Observable(False)
         self._resume = None
         self._wait = None
         self._waiters = set()
         self._writes = defer.DeferredLock()
+        self._imported = None           # Deferred: numpy imported in a worker
         self._write_failed = None
         self._lease = None
         #: the Outcome of the running (or last) procedure
         self.outcome = None
 
     def prepare(self):
-        """Import what the first batch needs, once, at start (blocking).
-
-        numpy (with autointegration) costs ~100 ms of CPU to import, most
-        of it holding the GIL: imported lazily, on whatever thread, it
-        stalls the reactor inside the first batch. Before serving it
-        stalls nothing."""
-        from . import autointegrate  # noqa: F401 (numpy with it)
+        """Import what procedures need (numpy, with autointegration), once,
+        in a worker: not at start (it would cost every server 11 MiB of
+        RSS), and never on the reactor thread, where the ~100 ms of import,
+        most of it holding the GIL, stalled the first batch. Returns a
+        Deferred; ``_start`` calls it, and autointegration waits for it."""
+        if self._imported is None:
+            def load():
+                from . import autointegrate  # noqa: F401 (numpy with it)
+            self._imported = defer.maybeDeferred(self.to_thread, load)
+            self._imported.addErrback(lambda f: self.log.failure("importing numpy failed", f))
+        return self._imported
 
     # -- state --------------------------------------------------------------
 
@@ -117,12 +148,15 @@ class Control:
         self.outcome = Outcome(kind, run)
         outcome = self.outcome
         self._abort = False
-        self._paused = False
+        self.paused.set(False)
         self._write_failed = None
+        self.prepare()
+        self._summary = None
         self.fault.set("")
         # busy from the first moment: a client polling status right after
         # its PUT must not read "idle" before the first step has begun
         self.status.set("waiting")
+        self.progress.set(dict(IDLE_PROGRESS, kind=kind))
         if self.instrument.leds is not None:
             self.instrument.leds.recording(True)
         d = defer.Deferred.fromCoroutine(self._guarded(coro))
@@ -130,7 +164,14 @@ class Control:
 
         def finished(result):
             self._task = None
+            self.paused.set(False)
+            summary, self._summary = self._summary, None
+            if summary is not None:
+                summary.fault(self.fault.value)
+                summary.finish(self.wall_time(), self._abort)
+                self.last_batch.set(summary.as_dict())
             self.current_sequence.set(-1)
+            self.progress.set(IDLE_PROGRESS)
             self.status.set("idle")
             for s in self.instrument.spectrometers:
                 s.set_busy(IDLE)
@@ -200,7 +241,7 @@ class Control:
             raise Aborted()
         if self._write_failed is not None:
             raise BatchFailed(self._write_failed)
-        if self._paused:
+        if self.paused.value:
             previous = self.status.value
             self.status.set("paused")
             self.log.info("paused")
@@ -212,21 +253,103 @@ class Control:
             self.status.set(previous)
             self.log.info("resumed")
 
-    async def _sleep(self, seconds):
+    async def _sleep(self, seconds, wake_on=()):
+        """Sleep ``seconds`` (on the injected clock), or until one of the
+        observables ``wake_on`` changes, or an abort."""
         if seconds <= 0:
             return
         d = defer.Deferred()
         call = self.clock.callLater(seconds, d.callback, None)
+
+        def woken(_value):
+            if not d.called:
+                call.cancel()
+                d.callback(None)
+        for obs in wake_on:
+            obs.watch(woken)
         self._wait = (d, call)
         try:
             await d
         finally:
             self._wait = None
+            for obs in wake_on:
+                obs.unwatch(woken)
+
+    # -- the batch summary and the detector temperature ------------------------
+
+    def _begin_summary(self, kind, run, batch):
+        summary = BatchSummary(kind, run, self.wall_time())
+        summary.batch = batch
+        self._summary = summary
+        self.last_batch.set(summary.as_dict())
+        return summary
+
+    async def _wait_for_temperature(self, devices):
+        """Before recording, wait up to each spectrometer's
+        ``wait_for_temperature`` minutes (from the batch's start) for its
+        cooled detector to come within ``temperature_tolerance`` of its set
+        point (status "waiting for temperature"); a detector still away then
+        is recorded anyway, its spectra flagged, and the summary says so.
+
+        Every look takes the cooler as it is now: switching it off ends the
+        wait for that detector (no cooling asked: nothing to wait for), a
+        new set point is judged at once. Either change wakes the wait
+        immediately rather than at its next reading."""
+        limits = {s: s.config.wait_for_temperature * 60.0 for s in devices
+                  if getattr(s.config, "wait_for_temperature", 0) > 0
+                  and s.info is not None and s.info.has_tec}
+        if not limits:
+            return
+        started = self.clock.seconds()
+        previous = self.status.value
+        waited = False
+        try:
+            while True:
+                await self._checkpoint()
+                cooled = [s for s in limits if s.tec_enabled.value and s.connected]
+                readings = await self._unless_aborted(defer.DeferredList(
+                    [s.read_temperature() for s in cooled], consumeErrors=True))
+                elapsed = self.clock.seconds() - started
+                away = []
+                for s, (ok, value) in zip(cooled, readings):
+                    target = s.target_temperature.value     # as it is now
+                    if not s.tec_enabled.value or (
+                            ok and abs(value - target) <= s.temperature_tolerance):
+                        continue
+                    if elapsed >= limits[s]:
+                        why = (f"{value - target:+.1f} °C from its set point {target:g} °C"
+                               if ok else f"temperature unreadable: {value.getErrorMessage()}")
+                        self.log.warn("{name}: {why} after {minutes:g} min; recording anyway",
+                                      name=s.name, why=why, minutes=limits[s] / 60.0)
+                        if self._summary is not None:
+                            self._summary.fault(f"{s.name}: {why} after waiting "
+                                                f"{limits[s] / 60.0:g} min")
+                        continue
+                    away.append(s)
+                if not away:
+                    break
+                if self.status.value != "waiting for temperature":
+                    self.log.info("waiting up to {minutes:g} min for the detector "
+                                  "temperature", minutes=max(limits.values()) / 60.0)
+                    self.status.set("waiting for temperature")
+                    waited = True
+                limits = {s: limits[s] for s in away}
+                left = min(limits.values()) - elapsed       # > 0: none has timed out
+                changes = [obs for s in away for obs in (s.tec_enabled, s.target_temperature)]
+                await self._sleep(max(0.5, min(TEMPERATURE_POLL, left)), wake_on=changes)
+        finally:
+            # an abort during the wait still says how long it waited
+            if waited and self._summary is not None:
+                self._summary.temperature_wait = round(self.clock.seconds() - started, 1)
+        self.status.set(previous)
 
     # -- acquisition steps -------------------------------------------------
 
     def _devices(self):
-        devices = self.instrument.spectrometers.connected()
+        """The connected spectrometers in legacy order: by name (the legacy
+        server iterated its sorted spectrometer names), so each channel's
+        spectra come in that order in a file."""
+        devices = sorted(self.instrument.spectrometers.connected(), key=lambda s: s.name)
         if not devices:
             raise BatchFailed("no spectrometer is connected")
         return devices
@@ -247,12 +370,16 @@ class Control:
                                name=s.name, channel=channel,
                                kind="dark" if dark else "light",
                                error=value.getErrorMessage())
+                if self._summary is not None:
+                    self._summary.fault(f"{s.name}: {channel} {'dark' if dark else 'light'} "
+                                        f"failed: {value.getErrorMessage()}")
         if not good:
             raise BatchFailed(f"no spectrometer delivered a {channel} spectrum")
         return good
 
     async def _record_set(self, dark, sequence, batch, run, devices):
-        """One dark or light set: every channel on every device."""
+        """One dark or light set: every channel on every device, as
+        [(spectrometer name, pico spectrum)]."""
         spectra = []
         shutters = self.instrument.shutters
         kind = "dark" if dark else "light"
@@ -264,9 +391,13 @@ class Control:
             await shutters.only(None if dark else channel)
             results = await self._acquire_channel(channel, dark, devices, RECORDING)
             for s, reading in results:
-                spectra.append(pico.spectrum(
-                    s.metadata(channel, reading), reading.pixels, channel,
-                    dark, sequence, batch, run))
+                spectrum = pico.spectrum(s.metadata(channel, reading), reading.pixels,
+                                         channel, dark, sequence, batch, run)
+                # the summary counts it once its file is written (_write)
+                spectra.append((s.name, spectrum))
+                self.live.record(s.name, channel, kind, spectrum["Pixels"],
+                                 spectrum["Metadata"], run=run, batch=batch,
+                                 sequence=sequence)
             devices = [s for s in devices if s.connected] or devices
         if not dark:
             await shutters.only(None)
@@ -274,6 +405,7 @@ class Control:
 
     async def _autointegrate(self, devices, target):
         """Find integration times for every channel and device."""
+        await self.prepare()            # (imported in a worker: a no-op here)
         from .autointegrate import AutoIntegration
         shutters = self.instrument.shutters
         for channel in self.instrument.channels:
@@ -298,6 +430,8 @@ class Control:
                     fed = []
                     for s, (ok, value) in zip(todo, results):
                         if ok:
+                            self.live.record(s.name, channel, "autointegration",
+                                             value.pixels, s.metadata(channel, value))
                             fed.append(self.to_thread(jobs[s].feed, value.integration_time,
                                                       value.pixels))
                         else:
@@ -317,12 +451,23 @@ class Control:
                               "after {n} acquisitions", name=s.name, channel=channel,
                               state=job.state, t=job.result, n=job.steps)
 
-    def _write(self, run, batch, sequence, kind, spectra, clobber):
-        """Queue a file write (storage names and writes it); any failure
-        stops the batch at its next step."""
-        def written(_):
+    def _write(self, run, batch, sequence, kind, recorded, clobber):
+        """Queue a file write of ``recorded`` ([(spectrometer, spectrum)]:
+        storage names and writes it); any failure stops the batch at its
+        next step. The summary takes the file's spectra in when the write
+        has completed (the file is durable), never at acquisition: it
+        describes what is on disk, whatever failed or was aborted after."""
+        summary = self._summary
+        spectra = [spectrum for _, spectrum in recorded]
+
+        def written(name):
             self.files_written += 1
             self.datadir.files_written.set(self.files_written)
+            if summary is not None:
+                summary.written(name, sequence, kind,
+                                [(spec, spectrum["Metadata"]) for spec, spectrum in recorded])
+                if summary is self._summary:
+                    self.last_batch.set(summary.as_dict())
 
         def failed(f):
             # any exception, not only OSError, raised at once or later: the
@@ -338,6 +483,8 @@ class Control:
                 self.log.failure("{message}", f, message=message)
             if self._write_failed is None:
                 self._write_failed = message
+            if summary is not None:
+                summary.fault(message)
         # counting inside the lock: a flush sees every earlier write counted
         return self._writes.run(
             lambda: defer.maybeDeferred(self.datadir.save, run, batch, sequence, kind,
@@ -356,10 +503,13 @@ class Control:
         clobber = self.instrument.config.clobber
         batch = await self.datadir.prepare_run(run)
         self.outcome.batch = batch
+        self._begin_summary("batch", run, batch)
+        self._progress(run=run, batch=batch, nsequence=nsequence)
         self.log.info("batch {batch} of run {run}: {n} sequences, autointegration "
                       "{auto}, delay {delay} s", batch=batch, run=run, n=nsequence,
                       auto=auto, delay=delay)
         written_before = self.files_written
+        await self._wait_for_temperature(self._devices())
         if auto == 0:
             await self._autointegrate(self._devices(), target)
         dark_done = set()
@@ -372,6 +522,7 @@ class Control:
         for sequence in range(nsequence):
             await self._checkpoint()
             self.current_sequence.set(sequence)
+            self._progress(sequence=sequence)
             devices = self._devices()
             dark = None
             if auto > 0 and sequence % auto == 0:
@@ -402,9 +553,14 @@ class Control:
         self.log.info("batch {batch} of run {run} done: {n} files written",
                       batch=batch, run=run, n=self.files_written - written_before)
 
+    def _progress(self, **changes):
+        self.progress.set(dict(self.progress.value, **changes))
+
     async def _dark_only(self, run):
         batch = await self.datadir.prepare_run(run)
         self.outcome.batch = batch
+        self._begin_summary("dark sequence", run, batch)
+        self._progress(run=run, batch=batch, sequence=0, nsequence=1)
         self.current_sequence.set(0)
         dark = await self._record_set(True, 0, batch, run, self._devices())
         kind = "dark" if self.instrument.config.split else None
@@ -434,8 +590,14 @@ class Control:
     def set_num_sequences(self, value):
         self.num_sequences.set(to_int(value, "numSequences", lo=1, hi=1000000))
 
+    @staticmethod
+    def _check_auto(value, name):
+        # below -1 means never: clamped to -1 as the legacy server did
+        # (max(int(n), -1)), so `piccolo3-record -a -2` records
+        return max(to_int(value, name, hi=1000000), -1)
+
     def set_autointegration(self, value):
-        self.autointegration.set(to_int(value, "autointegration", lo=-1, hi=1000000))
+        self.autointegration.set(self._check_auto(value, "autointegration"))
 
     def set_delay(self, value):
         self.delay.set(to_float(value, "delay", lo=0.0, hi=7 * 24 * 3600.0))
@@ -450,7 +612,7 @@ class Control:
             run=check_run_name(run) if run is not None else self.datadir.current_run.value,
             nsequence=(to_int(nsequence, "nsequence", lo=1, hi=1000000)
                        if nsequence is not None else self.num_sequences.value),
-            auto=(to_int(auto, "auto", lo=-1, hi=1000000)
+            auto=(self._check_auto(auto, "auto")
                   if auto is not None else self.autointegration.value),
             delay=(to_float(delay, "delay", lo=0.0, hi=7 * 24 * 3600.0)
                    if delay is not None else self.delay.value),
@@ -517,13 +679,17 @@ class Control:
         return self._run_ready(run, lambda: self.record_dark(run))
 
     def _run_ready(self, run, start):
-        """``start()`` once ``run`` is a directory in the data directory
-        (created if missing): a name that exists there as a file or a
-        symlink is 4.00 now, as current_run answers it, rather than made
-        the current run and a batch failing on it."""
-        if run is None or self.busy:
-            return start()              # the current run, or 4.00 busy
-        check_run_name(run)
+        """``start()`` once ``run`` (or the current run) is a directory in
+        the data directory (created if missing): a name that exists there
+        as a file or a symlink is 4.00 now, as current_run answers it, and a
+        missing data directory (a pulled stick) 5.03 with the reason, rather
+        than a 2.04 and a batch stopping on a fault."""
+        if self.busy:
+            return start()              # 4.00 busy
+        if run is not None:
+            check_run_name(run)
+        else:
+            run = self.datadir.current_run.value
         return self.datadir.prepare_run(run).addCallback(lambda _: start())
 
     def record_dark(self, run=None):
@@ -578,20 +744,38 @@ class Control:
             d, call = self._wait
             if call.active():
                 call.cancel()
-            d.callback(None)
+            if not d.called:
+                d.callback(None)
         if self._resume is not None:
             self._resume.callback(None)
         self.log.info("abort requested")
 
     def pause(self):
+        """GET /control/pause, as legacy: pause, or resume when paused."""
         if not self.busy:
             raise PiccoloError("nothing to pause: piccolo system is idle")
-        if self._paused:
-            self._paused = False
-            if self._resume is not None:
-                self._resume.callback(None)
-        else:
-            self._paused = True
+        self._set_paused(not self.paused.value)
+
+    def put_paused(self, value):
+        """PUT /control/paused: pause (true) or resume (false), and say
+        whether that changed anything. Unlike the toggling GET pause, a
+        resume never pauses and a pause never resumes, whatever happened
+        since the client last looked."""
+        paused = to_bool(value, "paused")
+        if not self.busy:
+            raise PiccoloError(f"nothing to {'pause' if paused else 'resume'}: "
+                               f"piccolo system is idle")
+        return self._set_paused(paused)
+
+    def _set_paused(self, paused):
+        """The one place the pause changes: True when it did."""
+        if self.paused.value == paused:
+            return False
+        self.paused.set(paused)
+        self.log.info("pause requested" if paused else "resume requested")
+        if not paused and self._resume is not None:
+            self._resume.callback(None)
+        return True
 
     def guard_hardware(self, resources):
         """``resources`` with every hardware action holding the instrument's
@@ -616,8 +800,12 @@ class Control:
             return Resource(get=lambda: obs.value, put=setter, observe=obs)
         return {
             "status": Resource(get=lambda: self.status.value, observe=self.status),
-            "current_sequence": Resource(get=lambda: self.current_sequence.value),
+            "current_sequence": Resource(get=lambda: self.current_sequence.value,
+                                         observe=self.current_sequence),
+            "progress": Resource(get=lambda: self.progress.value, observe=self.progress),
             "fault": Resource(get=lambda: self.fault.value, observe=self.fault),
+            "last_batch": Resource(get=lambda: self.last_batch.value,
+                                   observe=self.last_batch),
             "numSequences": setting(self.num_sequences, self.set_num_sequences),
             "autointegration": setting(self.autointegration, self.set_autointegration),
             "delay": setting(self.delay, self.set_delay),
@@ -629,5 +817,7 @@ class Control:
             "power_off": Resource(put=self.power_off),
             "abort": Resource(get=self.abort, get_acts=True),
             "pause": Resource(get=self.pause, get_acts=True),
+            "paused": Resource(get=lambda: self.paused.value, put=self.put_paused,
+                               observe=self.paused),
         }
 

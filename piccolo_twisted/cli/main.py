@@ -5,8 +5,11 @@ import asyncio
 import os
 import sys
 
+from .errors import CliError
+from .terminal import emit, shown
+
 try:
-    from .client import DEFAULT_SERVER, TIMEOUT, CliError
+    from .client import DEFAULT_SERVER, TIMEOUT
 except ImportError as e:            # the server's own install, without the [cli] extra
     MISSING = e.name or str(e)
     DEFAULT_SERVER, TIMEOUT = "coap://localhost", 3.0
@@ -32,12 +35,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="piccolo3",
         description="Operate a Piccolo spectrometer over CoAP.",
-        epilog="Exit status: 0 done, 1 error, 2 usage, 3 the batch stopped on "
-               "a fault, 4 the batch was aborted.")
-    parser.add_argument("--server", default=os.environ.get("PICCOLO_SERVER", DEFAULT_SERVER),
-                        help="coap://host[:port] (default $PICCOLO_SERVER or %(default)s)")
-    parser.add_argument("--timeout", type=_seconds, default=TIMEOUT,
-                        help="seconds to wait for an answer (default %(default)s)")
+        epilog="Exit status: 0 done, 1 error, 2 usage or a malformed answer from "
+               "the server, 3 the batch stopped on a fault, 4 the batch was aborted.")
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("status", help="one screen: control, spectrometers, shutters, jobs")
@@ -59,13 +59,35 @@ def build_parser():
 
     p = sub.add_parser("plot", help="plot .pico files (counts against wavelength)")
     p.add_argument("files", nargs="+", metavar="FILE.pico")
+    p.add_argument("--dark", action="store_true",
+                   help="subtract the matching dark spectrum (same batch, spectrometer, "
+                        "channel and integration time; from the files given or beside them)")
+    p.add_argument("--per-ms", action="store_true",
+                   help="counts per millisecond of integration (spectra of different times)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("-o", "--output", metavar="OUT.png")
     out.add_argument("--show", action="store_true", help="open a window")
 
     sub.add_parser("jobs", help="the schedule in words")
     sub.add_parser("health", help="disk, devices, clock, faults")
+    from . import operate
+    # the commands of set and schedule take them after their own words too
+    operate.add_parsers(sub, nested=lambda p: _global_options(p, argparse.SUPPRESS))
+    for command in sub.choices.values():
+        # after the command too (``piccolo3 status --server URL``); absent
+        # there, the value given before it (or the default) stays
+        _global_options(command, argparse.SUPPRESS)
     return parser
+
+
+def _global_options(parser, default=None):
+    """``--server`` and ``--timeout``, accepted before and after the command."""
+    server = os.environ.get("PICCOLO_SERVER", DEFAULT_SERVER)
+    parser.add_argument("--server", default=server if default is None else default,
+                        help=f"coap://host[:port] (default $PICCOLO_SERVER or {server})")
+    parser.add_argument("--timeout", type=_seconds,
+                        default=TIMEOUT if default is None else default,
+                        help=f"seconds to wait for an answer (default {TIMEOUT})")
 
 
 async def run(argv, out=None, err=None, interactive=False):
@@ -83,7 +105,8 @@ async def run(argv, out=None, err=None, interactive=False):
     try:
         if args.command == "plot":
             from .plot import plot
-            return plot(args.files, args.output, args.show, out)
+            return plot(args.files, args.output, args.show, out, dark=args.dark,
+                        per_ms=args.per_ms)
         if args.command == "fetch" and (args.all == bool(args.run)):
             raise CliError("fetch: give RUN DIR, or --all DIR", USAGE)
         from .client import Client
@@ -100,8 +123,12 @@ async def run(argv, out=None, err=None, interactive=False):
                 return await commands.jobs(client, out)
             if args.command == "health":
                 return await commands.health(client, out)
+            from . import operate
+            if args.command in operate.COMMANDS:
+                return await operate.run(client, args, out)
     except CliError as e:
-        print(f"piccolo3: {e}", file=err)
+        # one line, whatever the server put in its message
+        emit(err, f"piccolo3: {shown(e)}")
         return e.code
     except ImportError as e:          # tqdm or matplotlib missing (lazily imported)
         return _missing(e.name or str(e), err)
@@ -109,8 +136,18 @@ async def run(argv, out=None, err=None, interactive=False):
 
 
 def _missing(name, err):
+    """One line saying how to install what is missing, as the README does
+    (the packages are not on PyPI: they install from a copy of the
+    repository, with this installation's own pip)."""
+    pip = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "pip")
+    if __package__.startswith("piccolo_twisted"):
+        # the server's install, without the [cli] extra
+        sudo = "" if os.access(sys.prefix, os.W_OK) else "sudo "
+        how = f"in a copy of piccolo-twisted, {sudo}{pip} install '.[cli]'"
+    else:
+        how = f"in a copy of piccolo-twisted, {pip} install ./client"
     print(f"piccolo3: needs the command line's libraries ({name} is missing): "
-          f"pip install 'piccolo-twisted[cli]'", file=err)
+          f"{how}", file=err)
     return ERROR
 
 

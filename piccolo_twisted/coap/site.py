@@ -5,20 +5,19 @@ of API.md for payloads and errors.
   a list, an object, or one value); path arguments come first.
 - Results are JSON (content-format 50), 2.05 for GET and 2.04 for PUT.
 - ``PiccoloError`` -> 4.00 with its message (``NotFoundError`` 4.04,
-  ``MethodNotAllowedError`` 4.05); anything else -> 5.00, traceback logged,
+  ``MethodNotAllowedError`` 4.05, ``UnavailableError`` 5.03); anything else -> 5.00, traceback logged,
   never sent (#3, #4).
 - ``/.well-known/core`` is our own link-format resource (#1).
 """
 
 import inspect
-import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..api import EncodedJSON
-from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError
+from ..api import EncodedJSON, error_text, parse_arguments
+from ..errors import MethodNotAllowedError, NotFoundError, PiccoloError, UnavailableError
 from . import _tx, _txresource
 
 JSON = 50
@@ -26,80 +25,17 @@ LINK_FORMAT = 40
 TEXT = 0
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed")
-
-
-MAX_DEPTH = 32          # nesting of arrays/objects accepted in a payload
-
-
-def _finite(text):
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
-
-
-def _depth_ok(value):
-    """True when ``value`` nests at most MAX_DEPTH levels (no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            if depth > MAX_DEPTH:
-                return False
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((c, depth + 1) for c in children
-                         if isinstance(c, (list, dict)))
-    return True
-
-
-def parse_arguments(payload):
-    """Turn a PUT payload into (args, kwargs) following API.md.
-
-    Whatever the parser cannot take -- bad UTF-8, bad JSON, NaN/Infinity,
-    numbers out of range, nesting deeper than the interpreter's recursion
-    limit -- is a ``PiccoloError`` (4.00), never an exception that escapes
-    the request path; nesting over ``MAX_DEPTH`` is refused too.
-    """
-    if not payload:
-        return (), {}
-    try:
-        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant,
-                           parse_float=_finite)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PiccoloError(f"payload is not valid JSON: {e}") from None
-    except (RecursionError, MemoryError):
-        raise PiccoloError("payload is not valid JSON: nested too deeply") from None
-    if not _depth_ok(value):
-        raise PiccoloError(f"payload nests deeper than {MAX_DEPTH} levels")
-    if (isinstance(value, list) and len(value) == 2
-            and isinstance(value[0], list) and isinstance(value[1], dict)):
-        return tuple(value[0]), value[1]
-    if isinstance(value, list):
-        return tuple(value), {}
-    if isinstance(value, dict):
-        return (), value
-    return (value,), {}
-
-
-MAX_MESSAGE = 400
-
-
 def message(error):
-    """An error's text for the wire: one readable line, never a huge echo
-    of the bad input (which would need a blockwise transfer)."""
-    text = " ".join(str(error).split())
-    if len(text) > MAX_MESSAGE:
-        text = text[:MAX_MESSAGE - 1] + "\u2026"
-    return text.encode("utf-8")
+    """An error's text for the wire (bytes): one readable line, never a
+    huge echo of the bad input (which would need a blockwise transfer)."""
+    return error_text(error).encode("utf-8")
 
 
 def encode_json(value):
     if value is None:
         return b""
-    if isinstance(value, EncodedJSON):
-        return value
+    if isinstance(value, EncodedJSON) or hasattr(value, "read"):
+        return value                # encoded already, or read by offset (jsontext)
     return EncodedJSON.encode(value)
 
 
@@ -162,6 +98,7 @@ class Site:
                 full = "/".join(p for p in (prefix, path) if p)
                 self._add(full, Leaf(spec, full))
         self._core = None
+        self._resolved = {}
         self._add(".well-known/core", WellKnownCore)
 
     def _add(self, path, leaf):
@@ -188,8 +125,26 @@ class Site:
             self._core = ",".join(links).encode("utf-8")
         return self._core
 
+    RESOLVED_MAX = 4096
+
     def resolve(self, path):
-        """Return (leaf, path args) for a path tuple, or raise NotFoundError."""
+        """Return (leaf, path args) for a path tuple, or raise NotFoundError
+        (remembered: a request asks three times, and most ask the same
+        few paths)."""
+        found = self._resolved.get(path)
+        if found is None:
+            try:
+                found = self._resolve(path)
+            except NotFoundError as e:
+                found = e
+            if len(self._resolved) >= self.RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[path] = found
+        if isinstance(found, NotFoundError):
+            raise NotFoundError(str(found))
+        return found
+
+    def _resolve(self, path):
         node = self.root
         for i, part in enumerate(path):
             child = node.children.get(part.encode("utf-8"))
@@ -203,14 +158,58 @@ class Site:
             node = child
         raise NotFoundError("no such resource: /" + "/".join(path))
 
+    def _leaf(self, path):
+        try:
+            return self.resolve(path)[0]
+        except NotFoundError:
+            return None
+
     def safe_get(self, path):
         """True when a GET of ``path`` has no effect, so a duplicate may
         simply be answered again (RFC 7252 4.5) instead of from a cache."""
+        leaf = self._leaf(path)
+        return leaf is None or leaf is WellKnownCore or not leaf.spec.get_acts
+
+    def safe(self, code, path):
+        """True when the request has no effect (a GET that does not act, a
+        PUT that only reads, e.g. a file or a listing): a duplicate is
+        run again rather than kept in the dedup cache."""
+        if code == _tx.GET:
+            return self.safe_get(path)
+        if code == _tx.PUT:
+            leaf = self._leaf(path)
+            return leaf is not None and leaf is not WellKnownCore and leaf.spec.put_reads
+        return False
+
+    def acts(self, path):
+        """True when a GET of ``path`` changes something (abort, pause,
+        connect, power_on, ...)."""
+        leaf = self._leaf(path)
+        return leaf is not None and leaf is not WellKnownCore and leaf.spec.get_acts
+
+    def urgent(self, path):
+        """True for requests served even when the server is full: the
+        state and settings (observable resources: /control/status,
+        numSequences, ...) and what stops things (abort, pause)."""
+        leaf = self._leaf(path)
+        return (leaf is not None and leaf is not WellKnownCore
+                and (leaf.spec.urgent or leaf.observable))
+
+    def may_change(self, code, path):
+        """Whether a request may change anything (what ``[access]
+        control_from`` guards): a PUT or POST, except the PUTs that only
+        read, and a GET that acts. Unknown paths change nothing."""
         try:
             leaf, _ = self.resolve(path)
         except NotFoundError:
-            return True
-        return leaf is WellKnownCore or not leaf.spec.get_acts
+            return False
+        if leaf is WellKnownCore:
+            return False
+        if code == _tx.GET:
+            return leaf.spec.changes("GET")
+        if code == _tx.PUT:
+            return leaf.spec.changes("PUT")
+        return True
 
     # -- the entry point used by the protocol -----------------------------
 
@@ -297,6 +296,8 @@ class Site:
             return _tx.NOT_FOUND, message(error), TEXT
         if isinstance(error, MethodNotAllowedError):
             return _tx.METHOD_NOT_ALLOWED, message(error), TEXT
+        if isinstance(error, UnavailableError):
+            return _tx.SERVICE_UNAVAILABLE, message(error), TEXT
         if isinstance(error, PiccoloError):
             return _tx.BAD_REQUEST, message(error), TEXT
         self.log.failure("unexpected error in a request handler", failure)

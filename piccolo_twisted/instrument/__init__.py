@@ -104,8 +104,13 @@ def build_instrument(config, clock, gpio=None, bus=None, time_scale=1.0,
                                                    time_scale=time_scale)
     devices = []
     for sc in config.spectrometers:
+        # the light of each channel reaches the detector at the wavelengths
+        # its calibration says (simulated and emulated devices)
+        if sc.serial in emulated:
+            emulated[sc.serial].detector.sim.calibrations = dict(sc.calibration)
         if sc.simulated:
             device = bus.device(sc.serial)
+            device.calibrations = dict(sc.calibration)
         else:
             from .seabreeze_driver import SeabreezeDevice
             device = SeabreezeDevice(

@@ -22,13 +22,21 @@ A spectrum is labelled with the integration time it was integrated at:
 - a device with a data-buffer feature but no metadata (cseabreeze's QE Pro)
   has its buffer cleared, then follows the two-read procedure below;
 - a device without a buffer (USB2000+, Flame-S: a new integration time
-  applies from the next integration) reads twice: the first read is the
-  integration in progress at the request (stale), the second began after it.
-  The idle time is set between the two reads; if the host took longer
-  than half the clean integration to ask for it (a stall), or the clean
-  answer came so late after the stale request that it may be the idle
-  integration (a stall the host could not see), the spectrum is taken
-  again at the requested time throughout.
+  applies from the next integration; a spectrum request is answered with
+  the integration in progress when it arrives) reads twice: the first read
+  is the integration in progress at the request (stale), the second began
+  after it. The idle time is set between the two reads, so the clean
+  request must reach the device before the clean integration ends. The
+  device's own facts prove it did: the stale integration was still running
+  when the stale request was sent (at S), so the clean one ends after
+  S + ms by the device's clock; a clean request whose USB write completed
+  (the device has it) before S + ms was in time, whatever the host did
+  before or after. Under pyseabreeze the driver sees when each write
+  completes (it wraps the transport's ``write``); otherwise (cseabreeze) it
+  judges by when the answer came: an answer sooner than ms + idle after
+  the stale request cannot be the idle integration. When in doubt (a host
+  stall of most of an integration) the spectrum is taken again at the
+  requested time throughout.
 """
 
 import struct
@@ -45,6 +53,9 @@ OBP_GET_BUFFERED_SPECTRUM_META = 0x00100928
 _OBP_HEADER = struct.Struct("<HHHHLL6sBB16sL")
 _OBP_FOOTER = struct.Struct("<16sL")
 _OBP_REQUEST_ACK, _OBP_NACK, _OBP_HW_EXCEPTION = 0x04, 0x08, 0x10
+
+#: OOI "request spectrum": answered with the integration in progress
+OOI_REQUEST_SPECTRUM = 0x09
 
 #: models whose pyseabreeze spectrum read returns the OBP metadata block
 _METADATA_MODELS = {"QEPRO"}
@@ -73,6 +84,24 @@ def obp_command(msg_type):
     return header + _OBP_FOOTER.pack(bytes(16), 0xC2C3C4C5)
 
 
+class _WriteClock:
+    """Wraps a pyseabreeze transport's ``write``: when did the last write
+    of each command byte complete (the device has received it)?"""
+
+    def __init__(self, write):
+        self.write = write
+        self.completed = {}
+
+    def __call__(self, data, *args, **kwargs):
+        result = self.write(data, *args, **kwargs)
+        if data:
+            self.completed[bytes(data[:1])] = time.monotonic()
+        return result
+
+    def when(self, command):
+        return self.completed.get(bytes([command]))
+
+
 class SeabreezeDevice:
     """An Ocean Optics spectrometer opened by serial number."""
 
@@ -84,6 +113,7 @@ class SeabreezeDevice:
         self._tec = None
         self._buffer = None          # "metadata", "clear" or None
         self._running_micros = None  # what the device was last told
+        self._writes = None          # _WriteClock of an OOI device under pyseabreeze
 
     def _call(self, fn, *args):
         """Every failure inside seabreeze (SeaBreezeError, USBError, a
@@ -160,13 +190,45 @@ class SeabreezeDevice:
         elif getattr(spec.f, "data_buffer", None) is not None:
             self._buffer = "clear"
         self._running_micros = None
+        self._writes = self._write_clock(spec) if self._buffer is None else None
         return DeviceInfo(serial=self.serial, model=spec.model,
-                          pixels=len(wl), saturation=int(spec.max_intensity),
+                          pixels=len(wl), saturation=int(round(spec.max_intensity)),
                           min_time=max(1, -(-int(lo) // 1000)),
                           max_time=_longest_ms(hi),
                           wavelength_coefficients=coefficients,
                           dark_pixels=dark, nonlinearity=nonlinearity,
-                          has_tec=self._tec is not None)
+                          has_tec=self._tec is not None,
+                          counts_scale=self._counts_scale(spec))
+
+    @staticmethod
+    def _counts_scale(spec):
+        """What ``intensities()`` reports per raw count: pyseabreeze scales
+        a USB2000+'s or Flame-S's counts by 65535 / the saturation level in
+        its EEPROM (slot 17) and keeps the factor on its spectrometer
+        feature (1.0 on the others); cseabreeze does the same inside
+        libseabreeze without telling: None (unknown)."""
+        scale = getattr(spec.f.spectrometer, "_normalization_value", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+            return float(scale)
+        return None
+
+    @staticmethod
+    def _write_clock(spec):
+        """Time the writes of an OOI device's transport (pyseabreeze)."""
+        try:
+            from seabreeze.pyseabreeze.protocol import OOIProtocol
+        except ImportError:
+            return None
+        protocol = getattr(spec.f.spectrometer, "protocol", None)
+        transport = getattr(protocol, "transport", None)
+        if not isinstance(protocol, OOIProtocol) or not callable(getattr(transport, "write", None)):
+            return None
+        write = transport.write
+        if isinstance(write, _WriteClock):
+            return write
+        clock = _WriteClock(write)
+        transport.write = clock
+        return clock
 
     @staticmethod
     def _obp(spec):
@@ -197,8 +259,14 @@ class SeabreezeDevice:
         self._running_micros = micros
 
     def read(self):
+        """One spectrum as seabreeze reports it, rounded to whole counts
+        (never truncated): a USB2000+ or Flame-S reports raw counts scaled
+        by 65535 / the saturation level in its EEPROM (pyseabreeze and
+        cseabreeze alike), so that saturation is 65,535 on every device;
+        a truncated 65,534.99 would hide a saturated pixel."""
+        import numpy as np
         counts = self._call(lambda: self.spec.intensities())
-        return counts.astype("int64").tolist(), None, None
+        return np.rint(counts).astype(np.int64).tolist(), None, None
 
     def acquire(self, ms, idle_ms):
         """One spectrum at ``ms`` that began after this call (a Reading)."""
@@ -224,19 +292,21 @@ class SeabreezeDevice:
         seconds = self.time_scale / 1000.0
         stale_asked = time.monotonic()
         self.read()
-        returned = time.monotonic()
         self.set_integration_time(idle_ms)
-        asked = time.monotonic()
-        if asked - returned < ms * seconds * 0.5:
-            pixels, _, _ = self.read()
-            # The stale integration ended (T) after the stale request was
-            # sent; the clean one ends at T + ms, the idle one after it at
-            # T + ms + idle. An answer sooner than ms + idle after the stale
-            # request cannot be the idle integration, whatever the host did
-            # between the reads (a stall after the check above is not seen
-            # by it); later, it may be: take it again.
-            if time.monotonic() - stale_asked < CLOCK_MARGIN * (ms + idle_ms) * seconds:
+        pixels, _, _ = self.read()
+        answered = time.monotonic()
+        writes = self._writes
+        requested = writes.when(OOI_REQUEST_SPECTRUM) if writes is not None else None
+        if requested is not None:
+            # the clean request reached the device before stale_asked + ms,
+            # when the clean integration was still running (it began after
+            # stale_asked): the answer is the clean integration
+            if requested - stale_asked < CLOCK_MARGIN * ms * seconds:
                 return Reading(pixels, ms, not_before, acquisitions=2)
+        elif answered - stale_asked < CLOCK_MARGIN * (ms + idle_ms) * seconds:
+            # no write times: an answer sooner than ms + idle after the
+            # stale request cannot be the idle integration
+            return Reading(pixels, ms, not_before, acquisitions=2)
         # the host was too slow to be sure: integrate at ``ms`` throughout,
         # take the next complete one, and only then go back to idling
         self.set_integration_time(ms)

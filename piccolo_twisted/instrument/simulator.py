@@ -137,7 +137,13 @@ class SimulatedSpectrometer:
         self.time_scale = time_scale
         self._rng_seed = seed if seed is not None else sum(map(ord, serial))
         self._shape = None
+        self._shapes = {}
         self._rng = None
+        #: channel -> wavelength calibration (ascending coefficients) of the
+        #: light entering by that channel (the instrument config's
+        #: ``wavelengthCalibrationCoefficientsPiccolo``); others follow the
+        #: device's own calibration
+        self.calibrations = {}
         self.is_open = False
         # fault injection (set from any thread)
         self.plugged = True
@@ -195,22 +201,42 @@ class SimulatedSpectrometer:
         if self._shape is not None:
             return
         import numpy as np
-        s = self.spec
-        idx = np.arange(s["pixels"], dtype=float)
-        c = s["coefficients"]
-        wl = c[0] + c[1] * idx + c[2] * idx ** 2 + c[3] * idx ** 3
-        # black body at 5778 K, times a detector response, times lines
+        self._peak = float(self._sky(self.spec["coefficients"]).max())
+        self._shape = self._render(self.spec["coefficients"])
+        self._rng = np.random.default_rng(self._rng_seed)
+
+    def _sky(self, coefficients):
+        """The light at the wavelength ``coefficients`` give each pixel:
+        black body at 5778 K, times a detector response, times lines."""
+        import numpy as np
+        idx = np.arange(self.spec["pixels"], dtype=float)
+        wl = np.polynomial.polynomial.polyval(idx, [float(c) for c in coefficients])
         h, k, cc = 6.626e-34, 1.381e-23, 2.998e8
-        lam = wl * 1e-9
+        lam = np.clip(wl, 50.0, None) * 1e-9
         planck = 1.0 / (lam ** 5 * (np.exp(h * cc / (lam * k * 5778.0)) - 1.0))
-        response = np.exp(-0.5 * ((wl - 620.0) / 230.0) ** 2)
-        shape = planck * response
+        shape = planck * np.exp(-0.5 * ((wl - 620.0) / 230.0) ** 2)
         for centre, depth, width in _LINES:
             shape *= 1.0 - depth * np.exp(-0.5 * ((wl - centre) / width) ** 2)
-        shape /= shape.max()
-        shape[s["dark"]] = 0.0
-        self._shape = shape
-        self._rng = np.random.default_rng(self._rng_seed)
+        return shape
+
+    def _render(self, coefficients):
+        """The spectrum's shape when pixel ``i`` receives the wavelength
+        ``coefficients`` give it: a line lands at the pixel whose
+        calibrated wavelength is the line's, in every channel. Scaled as
+        the device's own range is, dark pixels dark."""
+        shape = self._sky(coefficients) / self._peak
+        shape[self.spec["dark"]] = 0.0
+        return shape
+
+    def _shape_for(self, channel):
+        coefficients = self.calibrations.get(channel)
+        if coefficients is None:
+            return self._shape
+        key = tuple(coefficients)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = self._render(coefficients)
+        return shape
 
     def wavelengths(self):
         import numpy as np
@@ -272,14 +298,14 @@ class SimulatedSpectrometer:
         import numpy as np
         self._prepare()
         s = self.spec
-        light = 0.0
+        # counts per ms at full light: saturates at ~120 ms for brightness 1
+        rate = s["saturation"] / 120.0
+        signal = np.zeros(s["pixels"])
         for channel in self.optics.channels():
             fraction = self.optics.light_fraction(channel, t0, t1)
             if fraction:
-                light += fraction * self.optics.brightness(channel)
-        # counts per ms at full light: saturates at ~120 ms for brightness 1
-        rate = s["saturation"] / 120.0
-        signal = self._shape * (rate * light * ms)
+                light = fraction * self.optics.brightness(channel)
+                signal += self._shape_for(channel) * (rate * light * ms)
         dark = s["offset"] + 0.02 * ms
         noise = self._rng.normal(0.0, 1.0, s["pixels"]) * np.sqrt(signal + 25.0)
         counts = np.clip(np.rint(signal + dark + noise), 0, s["saturation"])

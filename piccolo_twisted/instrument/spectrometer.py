@@ -26,6 +26,37 @@ CONNECTED = (IDLE, RECORDING, AUTOINTEGRATING)
 RECONNECT_INTERVAL = 5.0
 POWER_SETTLE = 2.0        # seconds between switching power on and connecting
 DEFAULT_TIME = 100        # ms, the integration time before autointegration
+#: seconds between two readings of a cooled detector's temperature (taken
+#: on the device's thread, between integrations while a batch runs): the
+#: next is due this long after the last, whoever took it
+TEMPERATURE_INTERVAL = 10.0
+
+
+def temperature_stable(enabled, temperature, set_point, tolerance):
+    """A spectrum is trusted unless its cooler was on and the detector was
+    more than ``tolerance`` °C from the set point (or could not be read)."""
+    if not enabled:
+        return True
+    if temperature is None or set_point is None:
+        return False
+    return abs(temperature - set_point) <= tolerance
+
+
+def nonlinearity_in_pixel_units(coefficients, scale):
+    """The device's nonlinearity polynomial (ascending, in raw counts) in
+    the units of the pixels (raw x ``scale``): p(x / scale) has the
+    coefficients c_i / scale**i. The deployed parser evaluates the
+    polynomial at the pixels less the dark (piccolo3-common's
+    ``corrected_pixels``): in pixel units it corrects by the device's own
+    factor. Unknown scale: the coefficients as the device gives them."""
+    if not scale or scale == 1.0:
+        return list(coefficients)
+    return [c / scale ** i for i, c in enumerate(coefficients)]
+
+
+def saturated_pixels(pixels, level):
+    """How many pixels are at or above ``level`` (the same units)."""
+    return sum(1 for p in pixels if p >= level)
 
 
 class DeviceUnavailable(PiccoloError):
@@ -81,6 +112,12 @@ class Spectrometer:
         self.auto_state = {c: Observable("n") for c in self.channels}
         self.tec_enabled = Observable(bool(config.fan))
         self.target_temperature = Observable(float(config.set_temperature))
+        self.temperature_tolerance = float(getattr(config, "temperature_tolerance", 2.0))
+        #: the last detector temperature read: {"temperature": °C, "time":
+        #: clock seconds, ...} (see ``last_temperature``), None until read
+        self.temperature = Observable(None)
+        self._temperature_on = False
+        self._temperature_call = None
         self.power_pin = None
         if gpio is not None and config.power_switch >= 0:
             self.power_pin = gpio.output(config.power_switch, initial=True)
@@ -157,7 +194,11 @@ class Spectrometer:
             self.info = info
             self._apply_limits(info)
             self.last_error = None
+            if not info.has_tec:
+                # no cooler, none on (the legacy server answered false too)
+                self.tec_enabled.set(False)
             self.status.set(IDLE)
+            self._start_temperature_loop()
             self.log.info("{name}: connected ({model}, {pixels} pixels){again}",
                           name=self.name, model=info.model, pixels=info.pixels,
                           again=" again" if was_dropped else "")
@@ -180,10 +221,22 @@ class Spectrometer:
         hi = info.max_time if self.config.max_time is None else min(info.max_time, self.config.max_time)
         if lo > hi:
             lo, hi = info.min_time, info.max_time
+        self._warn_limits(info, lo, hi)
         self._device_limits = (info.min_time, info.max_time)
         self.min_time.set(lo)
         self.max_time.set(hi)
         self._clamp_times()
+
+    def _warn_limits(self, info, lo, hi):
+        """The config's integration-time limits outside the device's range
+        are replaced by what the device can do: said in the log, not silently."""
+        for key, configured, used in (("min_integration_time", self.config.min_time, lo),
+                                      ("max_integration_time", self.config.max_time, hi)):
+            if configured is not None and configured != used:
+                self.log.warn("{name}: {key} = {configured} ms is outside the device's "
+                              "range {dmin}..{dmax} ms: using {used} ms", name=self.name,
+                              key=key, configured=configured, dmin=info.min_time,
+                              dmax=info.max_time, used=used)
 
     def _clamp_times(self):
         for obs in self.current_time.values():
@@ -209,6 +262,8 @@ class Spectrometer:
         if self.status.value in (POWERED_OFF, DISCONNECTED):
             return defer.succeed("ok")
 
+        self._stop_temperature_loop()
+
         def closed(_):
             if self.status.value != POWERED_OFF:
                 self.status.set(DISCONNECTED)
@@ -220,6 +275,7 @@ class Spectrometer:
         """A device call failed: close it, report DROPPED, keep retrying."""
         if self.status.value == DROPPED:
             return
+        self._stop_temperature_loop()
         self.last_error = str(error)
         self.status.set(DROPPED)
         self.log.error("{name}: device dropped: {error}; reconnecting every "
@@ -313,36 +369,153 @@ class Spectrometer:
             return defer.fail(DeviceUnavailable(f"{self.name} is not connected"))
         idle = self._idle_time()
         has_tec = self.info.has_tec
+        # the cooler as it is while this spectrum integrates
+        enabled = bool(has_tec and self.tec_enabled.value)
+        set_point = self.target_temperature.value if has_tec else None
 
         def work():
+            # read just before and just after the integration, in the same
+            # device call: nothing else runs on the device in between, and
+            # a detector drifting through its tolerance meanwhile is seen
+            before = self.device.temperature() if has_tec else None
             reading = acquire_clean(self.device, ms, idle)
             if has_tec:
+                reading.temperature_before = before
                 reading.temperature = self.device.temperature()
             return reading
 
+        def read(reading):
+            reading.tec_enabled = enabled
+            reading.set_point = set_point
+            if reading.temperature is not None:
+                self._keep_temperature(reading.temperature)
+            return reading
+
         self._reads += 1
-        return self._device(work).addBoth(self._read_done)
+        return self._device(work).addBoth(self._read_done).addCallback(read)
 
     def metadata(self, channel, reading):
-        """The device part of a spectrum's metadata."""
+        """The device part of a spectrum's metadata: the facts of the
+        device, and what a reader needs to trust the spectrum -- how many
+        pixels reached the saturation level, and whether a cooled detector
+        was at its set point."""
         info = self.info
+        scale = info.counts_scale
         meta = {
             "SerialNumber": self.serial,
             "IntegrationTime": float(reading.integration_time),
             "IntegrationTimeUnits": "milliseconds",
             "SaturationLevel": info.saturation,
+            "SaturatedPixels": saturated_pixels(reading.pixels, info.saturation),
+            # pixels = raw ADC counts x CountsScale (null: not known)
+            "CountsScale": scale,
+            "SaturationLevelRaw": round(info.saturation / scale) if scale else None,
             "WavelengthCalibrationCoefficients": list(info.wavelength_coefficients),
-            "NonlinearityCorrectionCoefficients": list(info.nonlinearity),
+            "NonlinearityCorrectionCoefficients": nonlinearity_in_pixel_units(
+                info.nonlinearity, scale),
+            "NonlinearityCorrectionCoefficientsRaw": list(info.nonlinearity),
             "DarkPixels": list(info.dark_pixels),
-            "TemperatureEnabled": bool(info.has_tec and self.tec_enabled.value),
+            "TemperatureEnabled": bool(reading.tec_enabled),
             "Temperature": reading.temperature,
+            "TemperatureBefore": reading.temperature_before,
+            "TemperatureSetPoint": reading.set_point,
+            "TemperatureTolerance": self.temperature_tolerance if info.has_tec else None,
+            # both readings, before and after the integration, decide
+            "TemperatureStable": all(temperature_stable(
+                reading.tec_enabled, t, reading.set_point, self.temperature_tolerance)
+                for t in (reading.temperature_before, reading.temperature)),
             "TemperatureUnits": "degC",
             "Model": info.model,
         }
+        if info.has_tec:
+            # the keys the deployed processing tool reads (piccolo3-utils'
+            # PiccoloProcessedData.add: its temperature and target, °C)
+            meta["TemperatureDetectorActual"] = reading.temperature
+            meta["TemperatureDetectorSet"] = reading.set_point
         calibration = self.config.calibration.get(channel)
         if calibration is not None:
             meta["WavelengthCalibrationCoefficientsPiccolo"] = list(calibration)
         return meta
+
+    # -- detector temperature -----------------------------------------------
+
+    def _keep_temperature(self, value):
+        """Reactor side: a reading just taken (a poll or an acquisition);
+        the next poll is due TEMPERATURE_INTERVAL after it."""
+        self.temperature.set({"temperature": float(value), "time": self.clock.seconds()})
+        self._schedule_poll()
+
+    def _start_temperature_loop(self):
+        if self._temperature_on or not self.info.has_tec:
+            return
+        self._temperature_on = True
+        self._poll_temperature()
+
+    def _stop_temperature_loop(self):
+        self._temperature_on = False
+        call, self._temperature_call = self._temperature_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _schedule_poll(self, failed=False):
+        """The next reading, TEMPERATURE_INTERVAL after the last one (an
+        acquisition's reading counts: during a batch the polls mostly wait),
+        or after a failed one."""
+        if not self._temperature_on:
+            return
+        if self._temperature_call is not None and self._temperature_call.active():
+            self._temperature_call.cancel()
+        last = self.temperature.value
+        now = self.clock.seconds()
+        due = (last["time"] if last and not failed else now) + TEMPERATURE_INTERVAL
+        self._temperature_call = self.clock.callLater(max(0.0, due - now),
+                                                      self._poll_temperature)
+
+    def _poll_temperature(self):
+        """One reading on the device's thread, queued behind whatever the
+        device is doing (during a batch: between two integrations)."""
+        self._temperature_call = None
+        if not self._temperature_on or not self.connected:
+            return
+
+        def failed(f):
+            # a DeviceError dropped the device (the loop stopped with it);
+            # anything else: try again at the next interval
+            if self._temperature_on and self._temperature_call is None:
+                self._schedule_poll(failed=True)
+        self.read_temperature().addErrback(failed)
+
+    def read_temperature(self):
+        """A fresh reading (Deferred °C), kept as the last one."""
+        def keep(value):
+            self._keep_temperature(value)
+            return value
+        return self._device(self.device.temperature).addCallback(keep)
+
+    def last_temperature(self):
+        """The last reading, its age and what it means, for health, status
+        and ``last_temperature``: never a device call, so never waits
+        behind an integration. None where there is no cooler."""
+        if self.info is None or not self.info.has_tec:
+            return None
+        last = self.temperature.value if self.connected else None
+        value = last["temperature"] if last else None
+        enabled = bool(self.tec_enabled.value)
+        target = self.target_temperature.value
+        return {
+            "temperature": value,
+            "age": round(self.clock.seconds() - last["time"], 1) if last else None,
+            "target": target,
+            "enabled": enabled,
+            "tolerance": self.temperature_tolerance,
+            "stable": (temperature_stable(enabled, value, target, self.temperature_tolerance)
+                       if last else None),
+        }
+
+    def get_last_temperature(self):
+        if self.info is not None and not self.info.has_tec:
+            raise PiccoloError(f"{self.name} has no thermo-electric cooler")
+        return self.last_temperature()
 
     # -- settings (/spectrometer/<spec>/...) --------------------------------
 
@@ -394,7 +567,11 @@ class Spectrometer:
             raise PiccoloError(f"{self.name} is not connected")
         if not self.info.has_tec:
             raise PiccoloError(f"{self.name} has no thermo-electric cooler")
-        return self._setting_call(self.device.temperature)
+
+        def keep(value):
+            self._keep_temperature(value)
+            return value
+        return self._setting_call(self.device.temperature).addCallback(keep)
 
     def _apply_tec(self):
         if not self.connected or not self.info.has_tec:
@@ -442,6 +619,8 @@ class Spectrometer:
                                         known=tuple(self.channels)),
             "haveTEC": Resource(get=self.have_tec),
             "current_temperature": Resource(get=self.current_temperature),
+            "last_temperature": Resource(get=self.get_last_temperature,
+                                         observe=self.temperature),
             "TECenabled": Resource(get=lambda: self.tec_enabled.value,
                                    put=self.set_tec_enabled, observe=self.tec_enabled),
             "target_temperature": Resource(get=lambda: self.target_temperature.value,
@@ -488,15 +667,22 @@ class Spectrometers:
         return self._all("power_off")
 
     def power_on_all(self):
-        """Power devices on 10 s apart (inrush current), then connect."""
+        """Power devices on 10 s apart (inrush current), then connect.
+        Devices already on are not waited for: only those switched on now
+        are spaced, so a power_on with everything on answers at once."""
         from twisted.internet import task
         ds = []
-        for i, s in enumerate(self):
-            if i == 0:
+        switched = 0
+        for s in self:
+            if s.status.value != POWERED_OFF:
+                ds.append(s.power_on())         # on already: connects if need be
+            elif switched == 0:
                 ds.append(s.power_on())
+                switched = 1
             else:
-                ds.append(task.deferLater(self.clock, self.POWER_STAGGER * i,
+                ds.append(task.deferLater(self.clock, self.POWER_STAGGER * switched,
                                           s.power_on).addCallback(lambda d: d))
+                switched += 1
         return defer.gatherResults(ds).addCallback(
             lambda rs: "|".join(r for r in rs if r != "ok") or "ok")
 

@@ -22,21 +22,9 @@ def main(argv=None):
             print(f"piccolo3-list-spec: {e}", file=sys.stderr)
             return 2
         emulate, backend = settings.emulate, settings.seabreeze_backend
-    try:
-        from ..instrument import select_backend
-        emulator = select_backend(backend, emulate)
-        if emulator is not None:
-            from ..instrument.simulator import Optics
-            optics = Optics()
-            for model, serial in emulate:
-                emulator.add_device(model, serial, optics)
-        from ..instrument.seabreeze_driver import list_devices
-        devices = list_devices()
-    except ImportError as e:
-        print(f"seabreeze is not available ({e}); no spectrometers can be listed")
-        return 0
-    except Exception as e:     # no USB backend, no libusb, permissions
-        print(f"cannot list spectrometers: {e}")
+    devices, problem = find_spectrometers(backend, emulate)
+    if problem:
+        print(problem)
         return 0
     if not devices:
         print("no spectrometers attached")
@@ -44,6 +32,26 @@ def main(argv=None):
     for model, serial in devices:
         print(f"{model}\t{serial}")
     return 0
+
+
+def find_spectrometers(backend=None, emulate=()):
+    """((model, serial), ...) of the attached spectrometers, and None; or
+    (), and a line saying why none could be listed. ``emulate``: the
+    (model, serial) pairs of ``[seabreeze] emulate``."""
+    try:
+        from ..instrument import select_backend
+        emulator = select_backend(backend, list(emulate))
+        if emulator is not None:
+            from ..instrument.simulator import Optics
+            optics = Optics()
+            for model, serial in emulate:
+                emulator.add_device(model, serial, optics)
+        from ..instrument.seabreeze_driver import list_devices
+        return list(list_devices()), None
+    except ImportError as e:
+        return (), f"seabreeze is not available ({e}); no spectrometers can be listed"
+    except Exception as e:     # no USB backend, no libusb, permissions
+        return (), f"cannot list spectrometers: {e}"
 
 
 if __name__ == "__main__":

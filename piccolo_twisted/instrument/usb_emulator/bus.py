@@ -101,8 +101,12 @@ class EmulatedDevice:
         # fault switches (set from any thread)
         self.fail_in_reads = None     # the n-th IN transfer from now fails
         self.stall_next_read = False  # the next IN transfer is never answered
+        #: seconds every IN transfer takes to reach the host after the
+        #: device has its data (a loaded host, a hub): the host learns late
+        self.answer_delay = 0.0
         self.transfers = 0            # bulk transfers seen (for tests)
         self.sent = deque(maxlen=64)  # exposures transmitted (ground truth)
+        self.last_counts = None       # raw counts of the last one transmitted
 
     @property
     def fail_next_read(self):
@@ -251,6 +255,8 @@ class EmulatedDevice:
                     self.fail_in_reads = None
                     self._reset_io()
                     raise io_error()
+        if self.answer_delay:
+            time.sleep(self.answer_delay)
         buff[:len(out)] = type(buff)(buff.typecode, out)
         return len(out)
 

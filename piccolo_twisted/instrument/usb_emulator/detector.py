@@ -94,12 +94,15 @@ class Detector:
             self.start = time.monotonic()
             self.current = self.next
 
-    def counts(self, exposure):
-        """The pixel counts of one exposure (numpy int64 array)."""
+    def counts(self, exposure, saturation=None):
+        """The pixel counts of one exposure (numpy int64 array), clipped
+        where the detector saturates (``saturation``, raw counts) if given."""
         import numpy as np
         pixels = self.sim._spectrum(exposure.start, exposure.end,
                                     exposure.micros / 1000.0)
         counts = np.asarray(pixels, dtype=np.int64)
+        if saturation is not None:
+            counts = np.minimum(counts, saturation)
         exposure.crc = zlib.crc32(counts.tobytes())
         return counts
 

@@ -304,6 +304,7 @@ class QEPro(EmulatedDevice):
     def encode(self, exposure):
         import numpy as np
         counts = self.detector.counts(exposure)
+        self.last_counts = counts
         self.sent.append(exposure)
         meta = struct.pack("<LQLHB13s", exposure.number & 0xFFFFFFFF,
                            self.detector.ticks(exposure.start), exposure.micros,

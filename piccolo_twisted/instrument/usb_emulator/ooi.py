@@ -14,7 +14,10 @@ come on EP1 IN; spectra on EP2 IN (high speed). Commands modelled:
 - 0x05 query information: EEPROM slot n -> 17 bytes: 0x05, n, 15 bytes of
   ASCII, zero-terminated (slot 0 serial, 1-4 wavelength coefficients,
   6-13 nonlinearity coefficients, 14 nonlinearity order, 17 with the
-  saturation level in data bytes 4-5)
+  saturation level in data bytes 4-5, binary, LSB first). The detector
+  saturates at that level (62,000 counts by default; 0 means not set: the
+  ADC's full scale, 65,535); seabreeze reads it and scales every pixel by
+  65535 / level, so that saturation reads 65,535 whatever the device
 - 0x06 write information: slot n <- 15 bytes
 - 0x09 request spectrum: the integration in progress when the request
   arrives is transmitted when it completes: 2048 pixels as 16-bit LSB-first
@@ -47,6 +50,9 @@ class USB2000Plus(EmulatedDevice):
     min_micros = 1000
     max_micros = 655350000
     default_micros = 100000
+    #: where the detector saturates, in raw counts (EEPROM slot 17)
+    default_saturation = 62000
+    FULL_SCALE = 0xFFFF            # the 16-bit ADC
     FREE_RUNNING = (0, 1)
     LENGTHS = {0x01: 1, 0x02: 5, 0x03: 3, 0x05: 2, 0x06: 17, 0x09: 1,
                0x0A: 3, 0x6A: 4, 0x6B: 2, 0xFE: 1}
@@ -56,7 +62,6 @@ class USB2000Plus(EmulatedDevice):
         self.detector = Detector(serial, optics, self.sim_model, time_scale,
                                  self.default_micros)
         spec = self.detector.sim.spec
-        self.saturation = spec["saturation"]
         self.eeprom = {0: serial}
         for i, c in enumerate(spec["coefficients"]):
             self.eeprom[1 + i] = f"{c:.7g}"
@@ -64,7 +69,7 @@ class USB2000Plus(EmulatedDevice):
         for i, c in enumerate(nl):
             self.eeprom[6 + i] = f"{c:.6g}"
         self.eeprom[14] = "3"             # order of the nonlinearity polynomial
-        self.eeprom[17] = struct.pack("<HHH", 0, 0, self.saturation)  # raw slot
+        self.eeprom[17] = struct.pack("<HHH", 0, 0, self.default_saturation)  # binary slot
         self.registers = {}
         self.power_up()
 
@@ -132,9 +137,18 @@ class USB2000Plus(EmulatedDevice):
 
     def cmd_06(self, data):                # write information
         slot = data[1]
-        if slot != 0:                      # the serial number is protected
+        if slot == 17:                     # binary
+            self.eeprom[slot] = bytes(data[2:17])
+        elif slot != 0:                    # the serial number is protected
             self.eeprom[slot] = bytes(data[2:17]).split(b"\0", 1)[0].decode(
                 "ascii", "replace")
+
+    def saturation(self):
+        """The raw level the detector saturates at, from its EEPROM."""
+        raw = self.eeprom.get(17, b"")
+        raw = raw if isinstance(raw, bytes) else raw.encode("ascii")
+        level = struct.unpack_from("<H", raw + bytes(6), 4)[0]
+        return level or self.FULL_SCALE
 
     def cmd_fe(self, data):                # query status
         status = struct.pack("<HIBBBBBBBBBB", self.pixels, self.detector.next,
@@ -148,7 +162,8 @@ class USB2000Plus(EmulatedDevice):
         exposure = self.detector.in_progress(time.monotonic())
 
         def transmit():
-            counts = self.detector.counts(exposure)
+            counts = self.detector.counts(exposure, saturation=self.saturation())
+            self.last_counts = counts
             self.detector.finish(exposure)
             self.sent.append(exposure)
             return self.encode(counts)

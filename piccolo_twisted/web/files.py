@@ -1,0 +1,445 @@
+"""Downloads: one spectrum file, or a whole run as a zip, streamed.
+
+Nothing here blocks the reactor or holds a whole run in memory: every
+file-system call and every piece of compression runs in the web's own
+small thread pool (never the instrument's devices' threads or the data
+directory's pool), one short step at a time, and the bytes of a step go
+to the client before the next step is asked for. A client that reads
+slowly pauses the stream (the transport pauses its producer); a thread is
+never kept waiting for a client.
+
+A run's zip is written as it goes (``zipfile`` on a stream it cannot seek:
+sizes follow each entry in a data descriptor; ZIP64 where sizes or offsets
+need it), its entries ``<run>/<file>`` in the order they were recorded.
+"""
+
+import os
+import stat
+import time
+import zipfile
+from urllib.parse import quote, unquote_to_bytes
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web import resource, server
+from zope.interface import implementer
+
+from .. import runindex
+from ..datadir import check_run_name
+from ..errors import PiccoloError
+
+CHUNK = 64 * 1024           # bytes read from a file per step
+ZIP_STEP = 256 * 1024       # file bytes compressed per zip step
+MAX_DOWNLOADS = 4
+MAX_DOWNLOADS_PER_HOST = 2
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)   # the earliest date a zip can hold
+
+
+# -- thread side ----------------------------------------------------------
+
+def open_spectrum(root, run, name):
+    """(fd, size, mtime) of a spectrum file of the run: a regular file,
+    reached without following a symlink; None when there is no such file."""
+    if runindex.parse(name) is None:
+        return None
+    try:
+        root_fd = runindex.open_root(root)
+    except OSError:
+        return None
+    try:
+        try:
+            run_fd, _ = runindex.open_run(root_fd, run)
+        except (runindex.NoSuchRun, OSError):
+            return None
+    finally:
+        os.close(root_fd)
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=run_fd)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd, st.st_size, st.st_mtime
+    finally:
+        os.close(run_fd)
+
+
+class _Sink:
+    """Where zipfile writes: bytes collected until the step hands them
+    on; it can tell its position but not seek (so zipfile streams)."""
+
+    def __init__(self):
+        self.parts = []
+        self.offset = 0
+
+    def write(self, data):
+        data = bytes(data)
+        self.parts.append(data)
+        self.offset += len(data)
+        return len(data)
+
+    def tell(self):
+        return self.offset
+
+    def flush(self):
+        pass
+
+    def take(self):
+        data = b"".join(self.parts)
+        self.parts = []
+        return data
+
+
+class RunZip:
+    """A run as a zip, made step by step (each ``step()`` in a worker,
+    never two at once): returns the next bytes, b"" for none yet, or None
+    at the end."""
+
+    def __init__(self, root, run, now=time.time):
+        self.root = root
+        self.run = run
+        self.now = now
+        self.sink = _Sink()
+        self.zip = None
+        self.names = None
+        self.current = None     # (fd, writer)
+        self.done = False
+
+    def step(self):
+        if self.done:
+            return None
+        if self.names is None:
+            self._list()
+            return self.sink.take()
+        budget = ZIP_STEP
+        while budget > 0:
+            if self.current is None:
+                if not self.names:
+                    self.zip.close()
+                    self.done = True
+                    return self.sink.take()
+                self._open(self.names.pop())
+                continue
+            fd, writer = self.current
+            data = os.read(fd, min(budget, 1 << 20))
+            if not data:
+                writer.close()
+                os.close(fd)
+                self.current = None
+                continue
+            writer.write(data)
+            budget -= len(data)
+        return self.sink.take()
+
+    def _list(self):
+        root_fd = runindex.open_root(self.root)
+        try:
+            run_fd, _ = runindex.open_run(root_fd, self.run)
+        finally:
+            os.close(root_fd)
+        try:
+            keys = runindex.scan_files(run_fd)[0]      # (keys, leftovers, ...)
+        finally:
+            os.close(run_fd)
+        # popped from the end: the oldest first
+        self.names = [runindex.name(k) for k in reversed(keys)]
+        self.zip = zipfile.ZipFile(self.sink, "w", compression=zipfile.ZIP_DEFLATED,
+                                   allowZip64=True)
+
+    def _open(self, name):
+        opened = open_spectrum(self.root, self.run, name)
+        if opened is None:
+            return          # removed since the listing: left out
+        fd, size, mtime = opened
+        when = time.gmtime(mtime)[:6]
+        info = zipfile.ZipInfo(f"{self.run}/{name}", date_time=max(when, ZIP_EPOCH))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = 0o644 << 16
+        try:
+            writer = self.zip.open(info, "w", force_zip64=size > (1 << 30))
+        except BaseException:
+            os.close(fd)
+            raise
+        self.current = (fd, writer)
+
+    def close(self):
+        """Thread side: release what an unfinished zip holds."""
+        if self.current is not None:
+            try:
+                os.close(self.current[0])
+            except OSError:
+                pass
+            self.current = None
+        self.done = True
+
+
+class FileChunks:
+    """An open file read step by step (thread side)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def step(self):
+        if self.fd is None:
+            return None
+        data = os.read(self.fd, CHUNK)
+        if not data:
+            self.close()
+            return None
+        return data
+
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+# -- reactor side -------------------------------------------------------------
+
+@implementer(IPushProducer)
+class PooledStream:
+    """Writes what ``source.step()`` (run in the pool) returns to the
+    request until it returns None; paused while the transport is full."""
+
+    log = Logger()
+
+    def __init__(self, request, source, in_pool, done=None):
+        self.request = request
+        self.source = source
+        self.in_pool = in_pool
+        self.done = done
+        self.paused = False
+        self.stepping = False
+        self.finished = False
+        self.sent = 0
+
+    def start(self):
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addBoth(lambda _: self.stopProducing())
+        self._next()
+
+    def _next(self):
+        if self.stepping or self.paused or self.finished:
+            return
+        self.stepping = True
+        self.in_pool(self.source.step).addCallbacks(self._got, self._failed)
+
+    def _got(self, data):
+        self.stepping = False
+        if self.finished:
+            self.in_pool(self.source.close)
+            return
+        if data is None:
+            self._end()
+            return
+        if data:
+            self.sent += len(data)
+            self.request.write(data)
+        self._next()
+
+    def _failed(self, failure):
+        self.stepping = False
+        self.log.failure("a download failed", failure)
+        # the response has begun: all a client can be told is a cut stream
+        self._end(abort=True)
+
+    def _end(self, abort=False):
+        if self.finished:
+            return
+        self.finished = True
+        self.in_pool(self.source.close)
+        if self.done is not None:
+            self.done()
+        try:
+            self.request.unregisterProducer()
+        except Exception:
+            pass
+        if abort:
+            transport = getattr(self.request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        elif not self.request.finished:
+            self.request.finish()
+
+    # IPushProducer
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._next()
+
+    def stopProducing(self):
+        if not self.finished:
+            self.finished = True
+            if self.done is not None:
+                self.done()
+            if not self.stepping:
+                self.in_pool(self.source.close)
+
+
+class Downloads(resource.Resource):
+    """``/files/<run>/<file>`` (``?download=1``: as an attachment) and
+    ``/zip/<run>``."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, root, in_pool, zipped=False):
+        super().__init__()
+        self.root = root
+        self.in_pool = in_pool
+        self.zipped = zipped
+        self.active = {}        # host -> downloads streaming now
+        self.streams = set()    # the PooledStreams sending now
+
+    def _answer(self, request, code, text):
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        body = text.encode("utf-8")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
+
+    def _slot(self, host):
+        if sum(self.active.values()) >= MAX_DOWNLOADS:
+            return f"too many downloads at once ({MAX_DOWNLOADS}); try again shortly"
+        if self.active.get(host, 0) >= MAX_DOWNLOADS_PER_HOST:
+            return (f"too many downloads at once from {host} "
+                    f"({MAX_DOWNLOADS_PER_HOST}); try again shortly")
+        self.active[host] = self.active.get(host, 0) + 1
+        return None
+
+    def _release(self, host):
+        left = self.active.get(host, 0) - 1
+        if left > 0:
+            self.active[host] = left
+        else:
+            self.active.pop(host, None)
+
+    def render_GET(self, request):
+        from .guard import client_host
+        try:
+            parts = [unquote_to_bytes(p).decode("utf-8") for p in request.postpath if p]
+        except UnicodeDecodeError:
+            return self._answer(request, 404, "no such file")
+        if len(parts) != (1 if self.zipped else 2):
+            return self._answer(request, 404, "use /files/<run>/<file> or /zip/<run>")
+        run = parts[0]
+        if self.zipped and run.endswith(".zip"):
+            run = run[:-4]
+        try:
+            check_run_name(run)
+        except PiccoloError as e:
+            return self._answer(request, 404, str(e))
+        host = client_host(request)
+        refusal = self._slot(host)
+        if refusal is not None:
+            request.setHeader(b"retry-after", b"5")
+            return self._answer(request, 503, refusal)
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                self._release(host)
+        if self.zipped:
+            self._zip(request, run, release)
+        else:
+            self._file(request, run, parts[1], release)
+        return server.NOT_DONE_YET
+
+    def _zip(self, request, run, release):
+        source = RunZip(self.root, run)
+
+        def listed(first):
+            if request.finished or getattr(request, "_gone", False):
+                release()
+                self.in_pool(source.close)
+                return
+            request.setHeader(b"content-type", b"application/zip")
+            request.setHeader(b"content-disposition", _attachment(f"{run}.zip"))
+            request.setHeader(b"cache-control", b"no-store")
+            if request.method == b"HEAD":
+                release()
+                self.in_pool(source.close)
+                request.finish()
+                return
+            if first:
+                request.write(first)
+            self._stream(request, source, release)
+
+        def failed(f):
+            release()
+            if f.check(runindex.NoSuchRun):
+                body = self._answer(request, 404, f"no such run: {run}")
+            else:
+                self.log.failure("listing run {run} for a zip failed", f, run=run)
+                body = self._answer(request, 500, "cannot read the run (see the server log)")
+            if not request.finished:
+                request.write(body)
+                request.finish()
+        request.notifyFinish().addErrback(lambda _: setattr(request, "_gone", True))
+        self.in_pool(source.step).addCallbacks(listed, failed).addErrback(
+            lambda f: self.log.failure("a zip download failed", f))
+
+    def _file(self, request, run, name, release):
+        def opened(result):
+            if result is None:
+                release()
+                body = self._answer(request, 404, f"no spectrum file {name} in run {run}")
+                if not request.finished:
+                    request.write(body)
+                    request.finish()
+                return
+            fd, size, mtime = result
+            source = FileChunks(fd)
+            if request.finished or getattr(request, "_gone", False):
+                release()
+                self.in_pool(source.close)
+                return
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"%d" % size)
+            request.setHeader(b"cache-control", b"private, max-age=3600")
+            if request.args.get(b"download"):
+                request.setHeader(b"content-disposition", _attachment(name))
+            if request.method == b"HEAD":
+                release()
+                self.in_pool(source.close)
+                request.finish()
+                return
+            self._stream(request, source, release)
+
+        def failed(f):
+            release()
+            self.log.failure("opening {run}/{name} failed", f, run=run, name=name)
+            if not request.finished:
+                request.write(self._answer(request, 500, "cannot read the file"))
+                request.finish()
+        request.notifyFinish().addErrback(lambda _: setattr(request, "_gone", True))
+        self.in_pool(open_spectrum, self.root, run, name).addCallbacks(opened, failed)
+
+
+    def _stream(self, request, source, release):
+        def done():
+            self.streams.discard(stream)
+            release()
+        stream = PooledStream(request, source, self.in_pool, done=done)
+        self.streams.add(stream)
+        stream.start()
+
+    def active_count(self):
+        return sum(self.active.values())
+
+
+def _attachment(filename):
+    ascii_name = filename.encode("ascii", "replace").decode("ascii").replace('"', "_")
+    return (f'attachment; filename="{ascii_name}"; '
+            f"filename*=UTF-8''{quote(filename, safe='')}").encode("ascii")
+
