@@ -34,6 +34,10 @@ def parse(argv):
     p.add_argument("--verbose", action="store_true",
                    help="print the server's log and the world's events with "
                         "simulated times")
+    p.add_argument("--cooler", action="store_true",
+                   help="one spectrometer with a thermo-electric cooler (QE Pro-like): "
+                        "the server reads its temperature every 10 s, which triples "
+                        "the season's time")
     p.add_argument("--dir", default=None,
                    help="keep the data directory here (default: a temporary "
                         "directory, removed at the end)")
@@ -65,7 +69,8 @@ def main(argv=None):
     from .run import Season
     started = time.monotonic()
     season = Season(args.days, args.seed, args.faults, root=args.dir,
-                    verbose=args.verbose, out=sys.stdout, keep_going=args.keep_going)
+                    verbose=args.verbose, out=sys.stdout, keep_going=args.keep_going,
+                    tec=args.cooler)
     try:
         season.run()
     finally:

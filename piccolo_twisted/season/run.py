@@ -41,16 +41,22 @@ MINUTE = 60.0
 #: directories (the spectrum files get the simulated time)
 EPOCH = datetime(2012, 1, 1, tzinfo=timezone.utc).timestamp()
 
-INSTRUMENT = """
+def instrument_text(tec):
+    """The simulated instrument: two spectrometers behind power switches,
+    generic 1024-pixel ones; with ``tec`` the first is a QE Pro-like one
+    with a cooler, whose temperature the server reads every 10 s: 8,640
+    device calls a simulated day, which triple a season's time."""
+    first = "sim_QEP00981" if tec else "sim_GEN00017"
+    return f"""
 [channels]
   [[shutter_1]]
     direction = upwelling
   [[shutter_2]]
     direction = downwelling
 [spectrometers]
-  [[sim_QEP00981]]
+  [[{first}]]
     detectorSetTemperature = -10.0
-    fan = True
+    fan = {tec}
     power_switch = 20
     min_integration_time = 8
     max_integration_time = 2000
@@ -61,8 +67,7 @@ INSTRUMENT = """
 [output]
   split = True
 """
-POWER_PINS = {20: "sim_QEP00981", 21: "sim_GEN00042"}
-SERIALS = list(POWER_PINS.values())
+
 
 #: a slot must be decided within this much server uptime after it is due
 DECIDE_WITHIN = 3 * HOUR
@@ -98,11 +103,11 @@ class Incarnation:
                              after=lambda: 0.001)
         self.db.on_call = None
         self.compute = SimThreads(self.clock)
-        self.gpio = SimGPIO(POWER_PINS, plugged=lambda s: season.cable_in[s],
+        self.gpio = SimGPIO(season.power_pins, plugged=lambda s: season.cable_in[s],
                             failing=lambda s: season.switch_fault,
                             before_switch=season.before_switch)
         self.bus = SimulatedBus(time_scale=1.0, time_source=self.devices)
-        for serial in SERIALS:
+        for serial in season.serials:
             device = self.bus.device(serial)
             device.read_delay = season.read_delay
             self.gpio.attach(serial, device)
@@ -118,7 +123,7 @@ class Incarnation:
         self.control = self.service.control
         self.scheduler = self.service.scheduler
         self.spectrometers = {s.serial: s for s in self.service.instrument.spectrometers}
-        self.drops = {s: 0 for s in SERIALS}
+        self.drops = {s: 0 for s in season.serials}
         for s in self.spectrometers.values():
             s.status.watch(lambda status, s=s: self._status(s, status))
         self.control.status.watch(self._control_status)
@@ -159,7 +164,7 @@ class Incarnation:
 
 class Season:
     def __init__(self, days, seed, faults=tuple(FAULTS), root=None, verbose=False,
-                 out=None, keep_going=False):
+                 out=None, keep_going=False, tec=False):
         self.days = days
         self.seed = seed
         self.faults = set(faults)
@@ -179,7 +184,11 @@ class Season:
         os.makedirs(self.datadir, exist_ok=True)
         self.settings = load_server_config(text=self._server_config())
         self.settings.datadir = self.datadir
-        self.instrument = load_instrument_config(text=INSTRUMENT)
+        self.tec = tec
+        self.instrument = load_instrument_config(text=instrument_text(self.tec))
+        first = self.instrument.spectrometers[0].serial
+        self.power_pins = {20: first, 21: "sim_GEN00042"}
+        self.serials = [first, "sim_GEN00042"]
         self.ledger = Ledger(self)
         self.inc = None
         self.incarnations = 0
@@ -187,7 +196,7 @@ class Season:
         self.counts = {k: 0 for k in FAULTS}
         self.requests = {"acked": 0, "refused": 0, "unanswered": 0}
         # the world's state of the hardware
-        self.cable_in = {s: True for s in SERIALS}
+        self.cable_in = {s: True for s in self.serials}
         self.switch_fault = False
         self.read_delay = 0.0
         self.disk = Disk()
@@ -444,7 +453,7 @@ class Season:
         inc = self.inc
         # the simulated device names itself first in its errors
         serial = str(error).split(":", 1)[0]
-        if serial not in SERIALS:
+        if serial not in self.serials:
             return
         drops = dict(inc.drops)
         self.world.at(self.t + 1.0, self._check_drop, inc, serial, drops, str(error))
@@ -772,8 +781,14 @@ class Season:
         self.power_since = self.t
 
     def live_power_jobs(self):
-        live = [j for j in self.power_jobs
-                if j.state in ("active", "pending", "suspended") and j.cursor is not None]
+        live = []
+        for job in self.power_jobs:
+            if job.state in ("active", "pending", "suspended") and job.cursor is not None:
+                live.append(job)
+            else:
+                # deleted (by the operator or any client): what it last did
+                # stays the operator's wish for a while
+                self.user_power(job.kind == "power_on")
         self.power_jobs = live
         return bool(live)
 
@@ -814,7 +829,7 @@ class Season:
         bound = POWER_OFF_BOUND if wanted_off else POWER_ON_BOUND
         if self.t - self.power_since < bound:
             return
-        wrong = [s for s in SERIALS if inc.gpio.powered.get(s, True) == wanted_off]
+        wrong = [s for s in self.serials if inc.gpio.powered.get(s, True) == wanted_off]
         if wrong:
             self.violation("power-follows-window",
                            f"{', '.join(wrong)} {'on' if wanted_off else 'off'} "
@@ -878,7 +893,8 @@ class Season:
         o = self.ledger.outcomes
         lines = [
             f"season seed {self.seed}: {iso(self.start)} to {iso(min(self.t, self.end))}, "
-            f"faults {','.join(sorted(self.faults)) or 'none'}, catch-up {self.catch_up} s",
+            f"faults {','.join(sorted(self.faults)) or 'none'}, catch-up {self.catch_up} s"
+            + (", a spectrometer with a cooler" if self.tec else ""),
             f"server lives {self.incarnations}; client requests {self.requests['acked']} "
             f"acknowledged, {self.requests['refused']} refused, "
             f"{self.requests['unanswered']} unanswered (server down)",
@@ -889,8 +905,9 @@ class Season:
         ]
         if self.violations:
             lines.append(self.violations[0].describe(self.seed))
-            lines.append(f"replay: piccolo3-season --days {self.days} --seed {self.seed} "
-                         f"--faults {','.join(sorted(self.faults)) or 'none'} --verbose")
+            lines.append(f"replay: piccolo3-season --days {self.days:g} --seed {self.seed} "
+                         f"--faults {','.join(sorted(self.faults)) or 'none'}"
+                         f"{' --cooler' if self.tec else ''} --verbose")
         days = min(self.days, max(0.0, self.day))
         lines.append(f"{days:g} days, {batches} batches, {faults} faults, "
                      f"{len(self.violations)} violations")
