@@ -15,6 +15,7 @@ quiet simulated day costs only what happens in it.
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -69,6 +70,8 @@ def instrument_text(tec):
 """
 
 
+#: how a missed entry sums up the older slots of a long gap (jobs.py)
+SUMMED_UP = re.compile(r"\(with the (\d+) slots after it, to [^)]*\)$")
 #: a slot must be decided within this much server uptime after it is due
 DECIDE_WITHIN = 3 * HOUR
 #: how much later than its catch-up a batch may start: the scheduler's
@@ -383,8 +386,14 @@ class Season:
         self.pending = {}
         if getattr(inc.scheduler, "degraded", False):
             for what in self.memory_only:
-                if what.get("job") is not None:
-                    what["job"].uncertain = True
+                job = what.get("job")
+                if job is not None:
+                    # the job lived in memory only: it and what became of
+                    # its slots may be gone with the process
+                    job.uncertain = True
+                    for slot in job.slots.values():
+                        if slot.outcome is None:
+                            slot.required = False
                 key = what.get("setting")
                 if key is not None:
                     self.ledger.uncertain_settings.setdefault(key, {what["old"]}).add(
@@ -648,7 +657,7 @@ class Season:
         wall = inc.wall()
         still = []
         for slot in ledger.open_slots:
-            if slot.outcome is not None:
+            if slot.outcome is not None or not slot.required:
                 continue
             if wall is not None and wall < slot.time:
                 # the wall clock went back before it: due again when it
@@ -734,6 +743,14 @@ class Season:
             return
         slot.outcome, slot.reason, slot.run, slot.batch = outcome, reason, run, batch
         ledger.outcomes[outcome] += 1
+        gap = SUMMED_UP.search(reason or "") if outcome == "missed" else None
+        if gap is not None and job.interval:
+            # a long gap: its older slots summed up in this one entry (API.md)
+            for i in range(1, int(gap.group(1)) + 1):
+                later = ledger.slot(job, slot_time + i * job.interval)
+                if later is not None and later.outcome is None:
+                    later.outcome, later.reason = outcome, reason
+                    ledger.outcomes[outcome] += 1
         if job.kind != "record":
             return
         if outcome == "done":
@@ -779,6 +796,10 @@ class Season:
         is their wish until the window has changed once (on) or twice (off)."""
         self.user_excuse = 1 if on else 2
         self.power_since = self.t
+        inc = self.inc
+        if inc is not None and inc.started:
+            # a window change before the operator's action is not one after it
+            self.power_wanted = self.window_wants_off(inc, inc.wall())
 
     def live_power_jobs(self):
         live = []
