@@ -98,6 +98,13 @@ class Store:
         """True while everything is kept in memory only."""
         return self._db is None
 
+    @property
+    def settled(self):
+        """Is everything in memory also in the file (nothing queued, being
+        written, or kept to be written again)?"""
+        return not (self._db is None or self._writing is not None or self._queue
+                    or self._backlog or self._unwritten)
+
     # -- opening --------------------------------------------------------------
 
     def open(self):

@@ -92,6 +92,7 @@ class Ledger:
         self.mtimes = []               # every file's mtime, sorted
         self.history_seen = 0          # the highest history id read
         self.outcomes = {"done": 0, "missed": 0, "failed": 0}
+        self.decided = []              # (slot time, outcome) of every entry read
         self.open_slots = []           # required slots without an outcome yet
 
     # -- jobs ----------------------------------------------------------------

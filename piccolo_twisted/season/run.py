@@ -743,6 +743,7 @@ class Season:
             return
         slot.outcome, slot.reason, slot.run, slot.batch = outcome, reason, run, batch
         ledger.outcomes[outcome] += 1
+        ledger.decided.append((slot_time, outcome))
         gap = SUMMED_UP.search(reason or "") if outcome == "missed" else None
         if gap is not None and job.interval:
             # a long gap: its older slots summed up in this one entry (API.md)
@@ -877,6 +878,23 @@ class Season:
                                f"files_today {value['files_today']}, but {on_disk} "
                                f"spectrum files on disk are from {iso(day_start)} to "
                                f"{iso(now)}")
+                return
+            store = inc.scheduler.store
+            if not store.settled:
+                return              # the file is behind memory (a full disk)
+            for row in self.ledger.read_history(inc.scheduler.path):
+                self._history_entry(*row)
+            if self.stopped:
+                return
+            durable = {"missed": 0, "failed": 0}
+            for slot_time, outcome in self.ledger.decided:
+                if now - 86400 < slot_time <= now and outcome in durable:
+                    durable[outcome] += 1
+            shown = {"missed": value["slots_missed_24h"], "failed": value["slots_failed_24h"]}
+            if shown != durable:
+                self.violation("health-matches-disk",
+                               f"slots missed/failed in the 24 h to {iso(now)}: health says "
+                               f"{shown}, the history in the file {durable}")
         d.addCallback(compare)
         d.addErrback(lambda f: self.violation("health-matches-disk",
                                               f"/sysinfo/health failed: {f.value!r}"))
