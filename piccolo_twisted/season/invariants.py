@@ -3,8 +3,8 @@
 Each is stated from the outside: what a client was told (acknowledged
 jobs and settings, the scheduler's history), what is on disk, what the
 board's pins did, and when. The checks themselves live in
-:mod:`.ledger` (what was promised and what happened) and :mod:`.run`
-(the moments they are checked)."""
+:mod:`.ledger` (what was promised and what happened) and :mod:`.checks`
+(how and when they are checked)."""
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
