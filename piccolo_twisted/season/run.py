@@ -16,7 +16,9 @@ quiet simulated day costs only what happens in it.
 import math
 import os
 import shutil
+import sys
 import tempfile
+import types
 from datetime import datetime, timezone
 
 from twisted.internet import defer, task
@@ -262,9 +264,22 @@ class Season(Checks):
     def wall(self):
         return self.inc.wall() if self.inc is not None else None
 
+    def _unraisable(self, info):
+        """A crash leaves the dead server's coroutines to the garbage
+        collector, which closes them: their ``finally`` blocks then run on
+        a dead reactor (closed pins, a clock nobody advances), and what
+        they raise is nobody's. Anything else goes to Python's hook."""
+        if isinstance(info.object, types.CoroutineType):
+            self.dead_coroutines += 1
+            return
+        self._previous_unraisable(info)
+
     def run(self):
         self._observer = self._log_observer
         globalLogPublisher.addObserver(self._observer)
+        self.dead_coroutines = 0
+        self._previous_unraisable = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         try:
             self._schedule_world()
             self.boot()
@@ -284,6 +299,7 @@ class Season(Checks):
             self.final_checks()
         finally:
             globalLogPublisher.removeObserver(self._observer)
+            sys.unraisablehook = self._previous_unraisable
         return self
 
     def _advance(self, t):
