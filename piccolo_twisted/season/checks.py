@@ -87,10 +87,13 @@ class Checks:
             self.violation("files-intact", f"{run}/{name} is not a complete .pico file")
         self.ledger.add_file(run, name, st)
 
-    def scan_disk(self):
+    def scan_disk(self, everything=False):
         """Files on disk the ledger has not seen (written just before a
-        crash, their saving never reported)."""
-        for run in os.listdir(self.datadir):
+        crash, their saving never reported): in the runs batches were
+        started in since the last look (``everything``: in every run)."""
+        runs = os.listdir(self.datadir) if everything else sorted(self.touched_runs)
+        self.touched_runs = set()
+        for run in runs:
             d = os.path.join(self.datadir, run)
             if run.startswith(".") or not os.path.isdir(d):
                 continue
@@ -281,6 +284,7 @@ class Checks:
         if outcome == "done":
             names = ledger.batches.get(run, {}).get(batch)
             if not names:
+                self.touched_runs.add(run)
                 self.scan_disk()
                 names = ledger.batches.get(run, {}).get(batch)
             if not names:
@@ -433,7 +437,7 @@ class Checks:
             self.check_slots()
         if self.stopped:
             return
-        self.scan_disk()
+        self.scan_disk(everything=True)
         for (run, name), (ino, size, _) in self.ledger.files.items():
             try:
                 st = os.stat(os.path.join(self.datadir, run, name))

@@ -205,6 +205,7 @@ class Season(Checks):
         self.pending = {}              # request number -> what it changes
         self.memory_only = []          # acknowledged while the scheduler had no file
         self.power_jobs = []           # the power jobs that may still be live
+        self.touched_runs = set()      # runs batches started in since the last scan
         self._request = 0
         self.batch_starts = {}         # run -> [(true, wall)]
         self.power_since = self.start  # the window's wanted state held since
@@ -450,6 +451,7 @@ class Season(Checks):
         if status != "idle" and not getattr(inc, "_busy", False):
             inc._busy = True
             run = inc.service.datadir.current_run.value
+            self.touched_runs.add(run)
             outcome = getattr(inc.control, "outcome", None)
             if outcome is None or outcome.kind == "batch":
                 # (an autointegration alone is no batch of the current run)
