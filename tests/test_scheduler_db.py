@@ -438,3 +438,99 @@ class BoundsTests(Base):
             s.tick()
         per_tick = (time.perf_counter() - t0) / 1000
         self.assertLess(per_tick, 50e-6)          # nothing due: no scan of the jobs
+
+
+class PulledAndPluggedBackTests(Base):
+    """The outside attack's finding 8: the data directory (a USB stick)
+    pulled and plugged back in made the scheduled jobs duplicate ("job 1
+    renumbered 2"): the file came back with the jobs memory had kept, and
+    the merge took them for new ones. A job keeps its number and exists
+    once; a slot run while the file was away is in the history once."""
+
+    def running(self):
+        s = self.make()
+        s.startService()
+        self.addCleanup(lambda: s.running and s.stopService())
+        return s
+
+    def pull(self):
+        os.rename(self.dir, self.dir + ".pulled")
+
+    def plug(self):
+        """Mounted again over the mount point (where the server may have
+        started a fresh database meanwhile: the mount hides it)."""
+        if os.path.exists(self.dir):
+            os.rename(self.dir, self.dir + ".hidden")
+        os.rename(self.dir + ".pulled", self.dir)
+
+    def test_the_same_file_back_keeps_every_job_once(self):
+        s = self.running()
+        res = s.resources()
+        first = self.successResultOf(s.add("record", JOB, at(600), 3600))
+        second = self.successResultOf(s.add("record", dict(JOB, run="s"), at(7200)))
+        self.assertEqual((first, second), (1, 2))
+        listing = s.listing()
+        self.pull()
+        self.failureResultOf(res["powerDelay"].put(12), PiccoloError)   # finds it gone
+        self.assertTrue(s.degraded)
+        self.clock.advance(600)                     # job 1's slot runs meanwhile
+        self.assertEqual(len(self.control.runs), 1)
+        self.plug()
+        # found at the next write (meanwhile the server had started a
+        # fresh file at the mount point, now hidden under the mount)
+        f = self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
+        self.assertIn("removed or replaced", str(f.value))
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertFalse(s.degraded)
+        self.assertEqual([j[0] for j in s.listing()], [1, 2])
+        self.assertEqual(s.listing()[1], listing[1])
+        jobs, _, state = self.reopen()
+        self.assertEqual(sorted(jobs), [1, 2])
+        self.assertEqual([j.listing() for j in jobs.values()], s.listing())
+        # the slot run while the file was away: in the history once
+        self.assertEqual([(o.job, o.outcome) for o in state["history"]], [(1, "done")])
+        self.assertEqual(state["running"], [])
+        self.assertEqual([(o.job, o.outcome) for o in s.history], [(1, "done")])
+        # and the next job gets a number of its own
+        self.assertEqual(self.successResultOf(s.add("record", JOB, at(9000))), 3)
+        self.assertEqual(sorted(self.reopen()[0]), [1, 2, 3])
+
+    def test_a_job_deleted_while_the_file_was_away_stays_deleted(self):
+        s = self.running()
+        res = s.resources()
+        self.successResultOf(s.add("record", JOB, at(600), 3600))
+        self.successResultOf(s.add("record", dict(JOB, run="s"), at(7200)))
+        self.pull()
+        self.failureResultOf(res["powerDelay"].put(12), PiccoloError)
+        self.successResultOf(s.delete(1))            # kept in memory
+        self.successResultOf(s.add("record", dict(JOB, run="t"), at(8000)))
+        self.clock.advance(s.store.RETRY_MAX)       # a fresh file at the mount point
+        self.plug()
+        self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertFalse(s.degraded)
+        self.assertEqual([j[0] for j in s.listing()], [2, 3])
+        self.assertEqual(sorted(self.reopen()[0]), [2, 3])
+
+    def test_another_file_keeps_the_jobs_clients_were_told(self):
+        """A different stick with jobs of its own: the running server's jobs
+        keep their numbers; the file's own jobs are kept beside them, a
+        clashing number given to the file's job, once."""
+        s = self.running()
+        res = s.resources()
+        self.successResultOf(s.add("record", JOB, at(600), 3600))
+        self.pull()
+        self.failureResultOf(res["powerDelay"].put(12), PiccoloError)
+        os.makedirs(self.dir)
+        other = sch.Scheduler(FakeControl(), self.path, task.Clock(), run_db=sync_db,
+                              wall=lambda: T0.timestamp())
+        other.open()
+        self.successResultOf(other.add("record", dict(JOB, run="other"), at(900), 3600))
+        self.successResultOf(other.close())
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertFalse(s.degraded)
+        listing = s.listing()
+        self.assertEqual([(j[0], j[1][1][0]) for j in listing], [(1, "r"), (2, "other")])
+        self.assertEqual(sorted(self.reopen()[0]), [1, 2])
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertEqual(len(s.listing()), 2)

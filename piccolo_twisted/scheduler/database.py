@@ -91,6 +91,16 @@ class Job:
     def run(self):
         return self.args.get("run") if isinstance(self.args, dict) else None
 
+    @property
+    def identity(self):
+        """What makes this job this job, wherever it is stored: its number
+        and what it was created with (none of which ever changes). A file
+        that comes back (a data directory pulled and plugged in again)
+        holds the same jobs by this, where another file's job with the
+        same number is another job."""
+        return (self.id, self.kind, json.dumps(self.args, sort_keys=True),
+                self.start_time, self.end_time, self.interval)
+
     def listing(self):
         if self.kind == "record":
             a = self.args

@@ -139,7 +139,7 @@ class Jobs:
     def _advance(self, job, nxt):
         """Memory: ``job`` moves on to ``nxt`` (None: it is over)."""
         if nxt is None:
-            if self.store.jobs.pop(job.id, None) is not None:
+            if self.store.let_go(job.id) is not None:
                 self.log.info("job {id} done", id=job.id)
         else:
             job.next_time = nxt

@@ -338,7 +338,7 @@ class Scheduler(service.Service):
             for outcome in outcomes:
                 self.store.remember(outcome)
                 self.store.written(outcome)
-            if self.store.jobs.pop(job.id, None) is not None:
+            if self.store.let_go(job.id) is not None:
                 self._jobs_modified()
                 self.log.info("job {id} deleted", id=job.id)
         return self.store.write(statements + [("DELETE FROM jobs WHERE id = ?", (job.id,))],

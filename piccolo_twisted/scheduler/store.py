@@ -76,7 +76,7 @@ class Store:
         self._backlog_call = None
         self._writing = None
         self._dirty_settings = set()
-        self._from_disk = set()             # jobs read from a file we could not open
+        self._gone = {}                     # identities of jobs let go (deleted, done)
         self._unwritten = []                # outcomes not in the file yet
         self._moved_aside = None
         self._retry_call = None
@@ -122,7 +122,6 @@ class Store:
             stored = read_database(self.path, self._connect)
             if stored is not None:
                 self._adopt((None,) + stored)
-                self._from_disk = set(self.jobs)
             self._go_degraded(e)
             return
         self._adopt(loaded)
@@ -217,42 +216,65 @@ class Store:
 
     def _merge(self, loaded):
         """The database opened after a time in memory: keep both, what was
-        done in memory winning, and write the result."""
+        done in memory winning, and write the result.
+
+        Jobs are matched by ``Job.identity``, not by number: the file may be
+        the one memory came from (a data directory pulled and plugged back
+        in), a fresh one, or another one. A job memory has keeps its number
+        (clients were told it); a job of the file that memory has let go
+        (deleted, done) goes; any other job of the file is another job and
+        is kept, with a new number if memory's jobs use its own. Nothing is
+        there twice: outcomes and interrupted batches the file already has,
+        or memory knows better, are not added again."""
         db, jobs, settings, state = loaded
-        mine = sorted(self.jobs.values(), key=lambda j: j.id)
-        next_id = max(int(state.get("next_id", 1)), max(jobs, default=0) + 1)
-        merged = dict(jobs)
+        mine = {job.identity: job for job in self.jobs.values()}
+        next_id = max(int(state.get("next_id", 1)), max(jobs, default=0) + 1,
+                      self.next_id, max(self.jobs, default=0) + 1)
+        merged = {job.id: job for job in mine.values()}
         statements = []
-        for gone in self._from_disk - set(self.jobs):       # deleted meanwhile
-            if merged.pop(gone, None) is not None:
-                statements.append(("DELETE FROM jobs WHERE id = ?", (gone,)))
-        for job in mine:
-            if job.id in self._from_disk:
-                pass                                        # the same job, ours newer
-            elif job.id in merged or job.id < next_id:
-                old = job.id
+        theirs = {}                                         # file's id -> id now
+        for job in sorted(jobs.values(), key=lambda j: j.id):
+            if job.identity in mine:
+                theirs[job.id] = mine[job.identity].id
+                continue
+            statements.append(("DELETE FROM jobs WHERE id = ?", (job.id,)))
+            if job.identity in self._gone:                  # let go meanwhile
+                continue
+            old = job.id
+            if old in merged:
                 job.id, next_id = next_id, next_id + 1
-                self.log.info("job {old} renumbered {new}", old=old, new=job.id)
+                self.log.info("job {old} of the database renumbered {new}: this "
+                              "server's job {old} is another one", old=old, new=job.id)
+            theirs[old] = job.id
             merged[job.id] = job
-            next_id = max(next_id, job.id + 1)
+        for job in merged.values():
             statements.append((INSERT_JOB, job.row()))
         for key, value in settings.items():
             if key in self.settings and key not in self._dirty_settings:
                 self.settings[key].set(value)
         for key in self._dirty_settings:
             statements.append((SET_SETTING, (key, json.dumps(self.settings[key].value))))
-        # batches a process died in that only the file knew of
+        # batches a process died in that only the file knew of: those of
+        # its own jobs (memory knows better about the jobs it has or let go)
+        foreign = {old: new for old, new in theirs.items()
+                   if merged[new].identity not in mine}
         known = set(self.running) | {(j, s) for j, s, _, _ in self.interrupted}
-        self.interrupted.extend(r for r in state.get("running", [])
-                                if (r[0], r[1]) not in known)
+        self.interrupted.extend((foreign[j], s, k, r) for j, s, k, r in state.get("running", [])
+                                if j in foreign and (foreign[j], s) not in known)
         statements.append(("DELETE FROM running", ()))
         statements.extend((INSERT_RUNNING, row) for row in self.running.values())
+        # the file's history of a renumbered job follows it (highest first,
+        # so that no number is taken twice on the way)
+        for old, new in sorted(foreign.items(), reverse=True):
+            if old != new:
+                statements.append(("UPDATE history SET job = ? WHERE job = ?", (new, old)))
+        stored = {o.row() for o in state.get("history", [])}
         for outcome in self._unwritten:
-            statements.append((INSERT_HISTORY, outcome.row()))
+            if outcome.row() not in stored:
+                statements.append((INSERT_HISTORY, outcome.row()))
         statements.append((TRIM_HISTORY, ()))
         self._unwritten = []
         self._dirty_settings.clear()
-        self._from_disk = set()
         self.switched_off = self.switched_off or bool(state.get("switched_off", False))
         self.next_id = max(self.next_id, next_id)
         statements.append((SET_STATE, ("next_id", json.dumps(self.next_id))))
@@ -268,6 +290,19 @@ class Store:
         self.progress(statements)
         if self.on_reload is not None:
             self.on_reload()
+
+    #: how many let-go jobs are remembered (for a file that comes back)
+    GONE_KEPT = 10000
+
+    def let_go(self, job_id):
+        """Memory: the job is over (deleted, done); returns it or None. A
+        file that comes back with it does not bring it back."""
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            self._gone[job.identity] = None
+            while len(self._gone) > self.GONE_KEPT:
+                del self._gone[next(iter(self._gone))]
+        return job
 
     # -- writing -----------------------------------------------------------------
 
