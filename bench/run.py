@@ -660,7 +660,8 @@ class EventClients:
             from urllib.parse import urlsplit
             where = urlsplit(self.url)
             sock = socket.create_connection((where.hostname, where.port))
-            sock.sendall(b"GET /events HTTP/1.1\r\nHost: bench\r\n\r\n")
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: %s\r\n\r\n"
+                         % where.netloc.encode("ascii"))
             self.socks.append(sock)
 
             def read(i=i, sock=sock):

@@ -245,6 +245,69 @@ class CrossSiteTests(WebTestCase):
         return as_deferred(check())
 
 
+class HostTests(WebTestCase):
+    """DNS rebinding: a page of another name, re-pointed at the
+    instrument's address, sends that name as Host. The page on 127.0.0.1;
+    the recommended control_from (the victim's browser is inside it)."""
+
+    address = web_address = "127.0.0.1"
+    server_text = ("[web]\nhosts = piccolo.example.org, 10.9.8.7\n"
+                   "[access]\ncontrol_from = 127.0.0.0/8, 192.168.4.0/24\n")
+
+    def test_other_names_are_refused_everything(self):
+        async def check():
+            port = self.service.web.listening_port
+            token = self.service.web.guard.token
+            await self.put("control/record_sequence", {"run": "rebind", "nsequence": 400,
+                                                       "delay": 0.2, "auto": -1})
+            await self.wait_for("control/status", lambda s: s != "idle")
+            for name in ("evil.example", f"evil.example:{port}", "EVIL.example.:80",
+                         f"127.0.0.1.evil.example:{port}", f"localhost.evil.example:{port}",
+                         f"10.1.2.3:{port}", f"[::1]:{port}", "piccolo.example.org.evil",
+                         "evil.example:1:2", "[::1"):
+                for source in ("127.0.0.1", "127.0.0.7"):
+                    headers = {"Host": name}
+                    for path in ("/", "/token", "/api/control/status", "/events", "/whoami",
+                                 "/static/app.js", "/files/rebind/b000000_s000000_dark.pico",
+                                 "/zip/rebind"):
+                        a = await self.web("GET", path, headers=headers, source=source)
+                        self.assertEqual(a.status, 421, (name, path))
+                        self.assertNotIn(token.encode(), a.body)
+                    # the attacker has the token (leaked somehow) and sends
+                    # the Origin its page has: still refused
+                    for method, path in (("POST", "/api/control/abort"),
+                                         ("PUT", "/api/control/numSequences")):
+                        a = await self.web(method, path, 7, source=source, headers={
+                            "Host": name, "Origin": f"http://{name}",
+                            "X-Piccolo-Token": token})
+                        self.assertEqual(a.status, 421, (name, path))
+            a = await self.web("GET", "/token", headers={"Host": f"evil.example:{port}"})
+            self.assertIn("DNS rebinding", a.text)
+            self.assertIn("[web] hosts", a.text)
+            self.assertNotEqual(await self.get("control/status"), "idle")
+            self.assertNotEqual(await self.get("control/numSequences"), 7)
+            # this server's own names: the address reached, localhost, the
+            # machine's host name, and the names configured
+            hostname = socket.gethostname().lower()
+            for name in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST.",
+                         f"{hostname}:{port}", f"{hostname.split('.')[0]}.local:{port}",
+                         f"piccolo.example.org:{port}", "10.9.8.7:8080"):
+                a = await self.web("GET", "/token", headers={"Host": name})
+                self.assertEqual((a.status, a.text), (200, token), name)
+            # Origin must be this server over http: https is another origin
+            for origin in (f"https://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}",
+                           f"http://localhost:{port}", f"http://user@127.0.0.1:{port}"):
+                a = await self.web("PUT", "/api/control/numSequences", 7,
+                                   headers={"Origin": origin, "Host": f"127.0.0.1:{port}"})
+                self.assertEqual(a.status, 403, origin)
+                self.assertIn("cross-site", a.text)
+            a = await self.web("POST", "/api/control/abort",
+                               headers={"Origin": f"http://127.0.0.1:{port}"})
+            self.assertEqual(a.status, 204, a.text)
+            await self.wait_for("control/status", lambda s: s == "idle")
+        return as_deferred(check())
+
+
 class AccessTests(WebTestCase):
     """The page on 127.0.0.1; control only from 127.0.0.1."""
 
@@ -354,7 +417,7 @@ class EventTests(WebTestCase):
             try:
                 for i in range(ev.MAX_STREAMS_PER_HOST):
                     s = socket.create_connection(("::1", self.service.web.listening_port))
-                    s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+                    s.sendall(b"GET /events HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                     socks.append(s)
                 for _ in range(200):
                     if len(self.service.web.hub.streams) == ev.MAX_STREAMS_PER_HOST:
@@ -476,7 +539,7 @@ class DownloadTests(WebTestCase):
             s = socket.create_connection(("::1", self.service.web.listening_port))
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
             try:
-                s.sendall(b"GET /zip/big HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.sendall(b"GET /zip/big HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                 web = self.service.web
                 for _ in range(1000):           # the transport's buffer fills
                     streams = list(web.download_streams())
@@ -526,3 +589,29 @@ class PortTests(unittest.TestCase):
         self.assertEqual(len(str(e).splitlines()), 1)
         port = getattr(service.coap, "_port", None)
         return port.stopListening() if port is not None else None
+
+
+class HostConfigTests(unittest.SynchronousTestCase):
+
+    def test_web_hosts(self):
+        from piccolo_twisted.config import ConfigError, load_server_config
+        s = load_server_config(text="[web]\nhosts = piccolo.example.org, 192.168.4.1, [fd00::1]\n")
+        self.assertEqual(s.web_hosts, ("piccolo.example.org", "192.168.4.1", "[fd00::1]"))
+        self.assertEqual(load_server_config().web_hosts, ())
+        e = self.assertRaises(ConfigError, load_server_config,
+                              text="[web]\nhosts = piccolo.example.org, evil/x\n")
+        self.assertEqual(str(e), "<string>: [web/hosts] 'evil/x' is not a host name or an "
+                                 "address (e.g. piccolo.example.org, 192.168.4.1)")
+
+    def test_split_host_and_origin(self):
+        from piccolo_twisted.web.guard import same_origin, split_host
+        self.assertEqual(split_host("[::1]:8080"), ("::1", 8080))
+        self.assertEqual(split_host("[fe80::1%25eth0]"), ("fe80::1", None))
+        self.assertEqual(split_host("Piccolo.Local.:80"), ("piccolo.local", 80))
+        for bad in ("", "[::1", "a:b", "a:1:2", "[::1]x", "a:123456"):
+            self.assertIsNone(split_host(bad), bad)
+        self.assertTrue(same_origin("http://127.0.0.1:8080", "127.0.0.1:8080"))
+        self.assertTrue(same_origin("http://piccolo.local", "piccolo.local:80"))
+        for origin in ("https://127.0.0.1:8080", "http://127.0.0.1", "null",
+                       "http://127.0.0.1:8080/x", "http://a@127.0.0.1:8080"):
+            self.assertFalse(same_origin(origin, "127.0.0.1:8080"), origin)

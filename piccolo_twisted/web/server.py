@@ -29,7 +29,7 @@ from twisted.web import http, resource, server
 from .bridge import MAX_BODY, Api, Tree
 from .events import Events, Hub
 from .files import Downloads
-from .guard import Guard
+from .guard import Guard, Hosts
 
 STATIC = ("app.js", "app.css", "favicon.svg")
 TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8",
@@ -78,6 +78,20 @@ class Request(server.Request):
     def process(self):
         for name, value in SECURITY_HEADERS:
             self.setHeader(name, value)
+        site = self.channel.site
+        refusal = site.hosts.refusal(self) if site.hosts is not None else None
+        if refusal is not None:
+            # not this server's name (DNS rebinding): nothing is served
+            self.site = site
+            self.setResponseCode(421, b"Misdirected Request")
+            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self.setHeader(b"cache-control", b"no-store")
+            body = refusal.encode("utf-8")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            if self.method != b"HEAD":
+                self.write(body)
+            self.finish()
+            return
         super().process()
 
 
@@ -85,6 +99,7 @@ class Site(server.Site):
     requestFactory = Request
     displayTracebacks = False
     noisy = False
+    hosts = None        # guard.Hosts: the names this server answers to
 
     def log(self, request):
         """No access log line per request (the page makes many)."""
@@ -236,7 +251,7 @@ class WebService(service.MultiService):
     log = Logger()
 
     def __init__(self, components, datadir_root, address="::", port=8080,
-                 access=None, clock=None, title="Piccolo"):
+                 access=None, clock=None, title="Piccolo", hosts=()):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -266,6 +281,7 @@ class WebService(service.MultiService):
             "favicon.ico": static["favicon.svg"],
         })
         self.site = Site(root, timeout=60)
+        self.site.hosts = Hosts(hosts)
         self.factory = LimitedFactory(self.site)
         self.server = _Server(port, self.factory, interface=address)
         self.server.setServiceParent(self)
