@@ -49,7 +49,7 @@ def in_thread(fn, *args, **kwargs):
     return threads.deferToThread(fn, *args, **kwargs).asFuture(asyncio.get_event_loop())
 
 
-def start_browser(size, profile):
+def start_browser(size, profile, flags=()):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common import selenium_manager
@@ -59,7 +59,7 @@ def start_browser(size, profile):
     selenium_manager.SeleniumManager.binary_paths = no_downloads
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS:
+    for flag in FLAGS + tuple(flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     if size == PHONE:
@@ -79,6 +79,7 @@ class BrowserCase(WebTestCase):
 
     timeout = 120
     size = LAPTOP
+    browser_flags = ()
 
     def setUp(self):
         why = missing()
@@ -92,7 +93,8 @@ class BrowserCase(WebTestCase):
         self.addCleanup(shutil.rmtree, profile, True)
 
         async def browser():
-            self.driver = await in_thread(start_browser, self.size, profile)
+            self.driver = await in_thread(start_browser, self.size, profile,
+                                          self.browser_flags)
         return d.addCallback(lambda _: as_deferred(browser()))
 
     def tearDown(self):
@@ -104,8 +106,8 @@ class BrowserCase(WebTestCase):
 
     # -- the page as a person sees it ----------------------------------------
 
-    async def open(self, path="/"):
-        await in_thread(self.driver.get, self.http + path)
+    async def open(self, path="/", base=None):
+        await in_thread(self.driver.get, (base or self.http) + path)
         await self.until("document.readyState === 'complete' && "
                          "document.getElementById('link').textContent === 'live' && "
                          "document.querySelectorAll('#plots canvas').length > 0")
@@ -347,4 +349,56 @@ class ReadOnlyTests(BrowserCase):
                              ".dataset.updates) >= 1")
             await self.js("document.getElementById('control').scrollIntoView();")
             await self.shot("08-read-only")
+        return as_deferred(check())
+
+
+class RebindingTests(BrowserCase):
+    """DNS rebinding as a browser lives it: chromium resolves evil.example
+    (the attacker's name) and piccolo.test (a name in [web] hosts) to the
+    instrument's address, 127.0.0.1."""
+
+    address = web_address = "127.0.0.1"
+    server_text = "[web]\nhosts = piccolo.test\n"
+    browser_flags = ("--host-resolver-rules=MAP evil.example 127.0.0.1, "
+                     "MAP piccolo.test 127.0.0.1",)
+
+    def test_a_rebound_page_gets_nothing(self):
+        async def check():
+            port = self.service.web.listening_port
+            token = self.service.web.guard.token
+            await self.put("control/record_sequence", {"run": "rebound", "nsequence": 400,
+                                                       "delay": 0.2, "auto": -1})
+            await self.wait_for("control/status", lambda s: s != "idle")
+            # the attacker's page, its name now pointing at the instrument
+            await in_thread(self.driver.get, f"http://evil.example:{port}/")
+            self.assertIn("DNS rebinding", await self.js("return document.body.textContent;"))
+            # its script: read the token, then abort with it (and with the
+            # real token, as if it had leaked)
+            answers = await in_thread(self.driver.execute_async_script, """
+                const done = arguments[arguments.length - 1];
+                (async () => {
+                  const t = await fetch('/token', {cache: 'no-store'});
+                  const stolen = await t.text();
+                  const out = [t.status, stolen.length];
+                  for (const tok of [stolen, arguments[0]]) {
+                    const r = await fetch('/api/control/abort',
+                                          {method: 'POST', headers: {'X-Piccolo-Token': tok}});
+                    out.push(r.status);
+                  }
+                  const s = await fetch('/api/control/status');
+                  out.push(s.status);
+                  return out;
+                })().then(done, e => done(String(e)));""", token)
+            self.assertEqual(answers[0], 421)
+            self.assertEqual(answers[2:], [421, 421, 421])
+            await asyncio.sleep(0.5)
+            self.assertNotEqual(await self.get("control/status"), "idle")
+            await self.shot("10-rebinding-refused")
+            # the instrument under a name it was given: the page works
+            await self.open(base=f"http://piccolo.test:{port}")
+            await self.until("document.getElementById('status').textContent !== 'idle'")
+            await self.click("b-abort")
+            await self.until("document.getElementById('status').textContent === 'idle'",
+                             timeout=10)
+            self.assertEqual(await self.get("control/status"), "idle")
         return as_deferred(check())
