@@ -525,6 +525,32 @@ class DownloadTests(WebTestCase):
             self.assertEqual(self.service.web.downloads_active(), 0)
         return as_deferred(check())
 
+    def test_runs_named_like_urls(self):
+        """A run named "a.zip" beside a run "a", and a run literally named
+        "%2e%2e": each reached by its own name, decoded once."""
+        async def check():
+            from urllib.parse import quote
+            for run in ("a", "a.zip", "%2e%2e", "50% done"):
+                os.mkdir(os.path.join(self.datadir, run))
+                with open(os.path.join(self.datadir, run, "b000000_s000000_light.pico"), "w") as f:
+                    f.write(json.dumps({"Spectra": [], "run": run}))
+            for run in ("a", "a.zip", "%2e%2e", "50% done"):
+                q = quote(run, safe="")
+                a = await self.web("GET", f"/api/data_dir/runs/{q}/spectra_list")
+                self.assertEqual((a.status, a.json()), (200, ["b000000_s000000_light.pico"]), run)
+                a = await self.web("GET", f"/files/{q}/b000000_s000000_light.pico")
+                self.assertEqual((a.status, a.json()["run"]), (200, run))
+                a = await self.web("GET", f"/zip/{q}")
+                self.assertEqual(a.status, 200, run)
+                self.assertIn(f"filename*=UTF-8''{q}.zip", a.headers["content-disposition"])
+                z = zipfile.ZipFile(io.BytesIO(a.body))
+                self.assertEqual(z.namelist(), [f"{run}/b000000_s000000_light.pico"])
+            # decoded once: "%252e%252e" is the run "%2e%2e", never ".."
+            a = await self.web("GET", "/api/data_dir/runs/%252e%252e/name")
+            self.assertEqual(a.json(), "%2e%2e")
+            self.assertEqual((await self.web("GET", "/zip/a.zip.zip")).status, 404)
+        return as_deferred(check())
+
     def test_slow_reader_is_paused_not_buffered(self):
         """A client that stops reading a large zip: the server stops
         making it (the stream is paused), instead of compressing the whole

@@ -17,7 +17,7 @@ import os
 import stat
 import time
 import zipfile
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -326,14 +326,15 @@ class Downloads(resource.Resource):
     def render_GET(self, request):
         from .guard import client_host
         try:
-            parts = [unquote_to_bytes(p).decode("utf-8") for p in request.postpath if p]
+            # each segment percent-decoded once, by twisted.web
+            parts = [p.decode("utf-8") for p in request.postpath if p]
         except UnicodeDecodeError:
             return self._answer(request, 404, "no such file")
         if len(parts) != (1 if self.zipped else 2):
             return self._answer(request, 404, "use /files/<run>/<file> or /zip/<run>")
+        # /zip/<run> is the run named <run>, whatever it ends with (a run
+        # may be named "a.zip"); ".zip" is only in the file name offered
         run = parts[0]
-        if self.zipped and run.endswith(".zip"):
-            run = run[:-4]
         try:
             check_run_name(run)
         except PiccoloError as e:
