@@ -337,11 +337,11 @@ class ReadOnlyTests(BrowserCase):
             await self.open()
             await self.until("!document.getElementById('readonly').hidden")
             notice = await self.text("readonly")
-            self.assertEqual(notice, "Read only from this device: control is not allowed from ::1 "
-                                     "([access] control_from)")
+            self.assertEqual(notice, "Read only from this device: [access] control_from "
+                                     "refuses ::1")
             await self.click("b-record")
             await self.until("document.getElementById('answer').textContent.startsWith('record refused (403)')")
-            self.assertIn("control is not allowed from ::1", await self.text("answer"))
+            self.assertIn("[access] control_from refuses ::1", await self.text("answer"))
             self.assertEqual(await self.get("control/status"), "idle")
             # what it may still do: watch a batch someone else started
             await self.put("control/record_sequence", {"run": "other", "nsequence": 2, "auto": -1})

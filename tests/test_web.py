@@ -126,6 +126,14 @@ class ApiTests(WebTestCase):
             a = await self.web("GET", "/api/control/record_sequence")
             self.assertEqual((a.status, a.text),
                              (405, "GET not allowed on /control/record_sequence; use PUT"))
+            # the same words over CoAP (docs/API.md's 4.05)
+            for path in ("control/record_sequence", "control/record_dark"):
+                r = await self.request("GET", path)
+                a = await self.web("GET", f"/api/{path}")
+                self.assertEqual(str(r.code), "4.05 Method Not Allowed")
+                self.assertEqual(r.payload.decode(), a.text)
+            r = await self.request("PUT", "control/status", 1)
+            self.assertEqual(r.payload.decode(), "PUT not allowed on /control/status; use GET")
             a = await self.web("GET", "/api/control/abort")
             self.assertEqual((a.status, a.text), (405, "/control/abort acts: use POST"))
             a = await self.web("PUT", "/api/control/status", 1)
@@ -320,8 +328,7 @@ class AccessTests(WebTestCase):
                 a = await self.web("PUT", "/api/control/record_sequence", {"nsequence": 1},
                                    source=source)
                 self.assertEqual((a.status, a.text),
-                                 (403, f"control is not allowed from {source} "
-                                       f"([access] control_from)"))
+                                 (403, f"[access] control_from refuses {source}"))
                 self.assertEqual((await self.web("POST", "/api/control/abort", source=source)).status, 403)
                 me = (await self.web("GET", "/whoami", source=source)).json()
                 self.assertEqual(me, {"address": source, "control": False, "reason": a.text})
