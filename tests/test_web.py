@@ -391,6 +391,8 @@ class EventTests(WebTestCase):
                 read_events, self.http,
                 lambda ev: len({p for p, v in ev if "/last_dark/" in p
                                 and v["kind"] == "dark" and v["sequence"] == 1}) == 4
+                and len({p for p, v in ev if "/last_spectrum/" in p
+                         and v["kind"] == "light" and v["sequence"] == 1}) == 4
                 and ("control/status", "idle") in ev))
             await asyncio.sleep(0.5)
             await self.put("control/record_sequence", {"run": "ev", "nsequence": 2, "auto": -1})
@@ -400,10 +402,14 @@ class EventTests(WebTestCase):
             self.assertTrue(any(s.endswith(" light") or s.endswith(" dark") or s == "waiting"
                                 for s in statuses), statuses)
             spectra = [v for p, v in events if "/last_spectrum/" in p and v["kind"]]
-            kinds = {(v["spectrometer"], v["channel"], v["kind"]) for v in spectra}
+            darks = [v for p, v in events if "/last_dark/" in p and v["kind"]]
+            self.assertEqual({v["kind"] for v in spectra}, {"light"})
+            self.assertEqual({v["kind"] for v in darks}, {"dark"})
+            kinds = {(v["spectrometer"], v["channel"], v["kind"]) for v in spectra + darks}
             for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
                 for c in ("upwelling", "downwelling"):
                     self.assertIn((s, c, "dark"), kinds)
+                    self.assertIn((s, c, "light"), kinds)
             # (changes are coalesced: the sequences shown are those current
             # at each flush)
             progress = [v for p, v in events if p == "control/progress" and v["kind"]]
@@ -415,6 +421,18 @@ class EventTests(WebTestCase):
             last = [v for v in spectra if v["spectrometer"] == "S_sim_FLMT01234"][-1]
             self.assertEqual((len(last["pixels"]), len(last["wavelengths"]), last["pixel_count"]),
                              (1024, 1024, 2048))
+            # a page opened after the batch (which ended with a dark set) is
+            # shown the light spectra, and the darks beside them
+            events = await in_thread(read_events, self.http,
+                                     lambda ev: "sysinfo/health" in dict(ev))
+            state = dict(events)
+            for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+                for c in ("upwelling", "downwelling"):
+                    light = state[f"spectrometer/{s}/last_spectrum/{c}"]
+                    dark = state[f"spectrometer/{s}/last_dark/{c}"]
+                    self.assertEqual((light["kind"], light["sequence"]), ("light", 1))
+                    self.assertEqual((dark["kind"], dark["sequence"]), ("dark", 1))
+                    self.assertGreater(light["peak"], dark["peak"])
         return as_deferred(check())
 
     def test_stream_limits_and_stop(self):
