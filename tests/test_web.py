@@ -346,7 +346,8 @@ class AccessTests(WebTestCase):
 def read_events(base, until, timeout=20.0, source=None):
     """Read /events until ``until(events)`` is true: [(path, value)]."""
     m = re.match(r"http://\[?([^\]]+?)\]?:(\d+)$", base)
-    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout)
+    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     events = []
     try:
         conn.request("GET", "/events")
@@ -440,17 +441,19 @@ class EventTests(WebTestCase):
             from piccolo_twisted.web import events as ev
             socks = []
             try:
-                for i in range(ev.MAX_STREAMS_PER_HOST):
+                for i in range(ev.OPEN_BURST):
                     s = socket.create_connection(("::1", self.service.web.listening_port))
                     s.sendall(b"GET /events HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                     socks.append(s)
                 for _ in range(200):
-                    if len(self.service.web.hub.streams) == ev.MAX_STREAMS_PER_HOST:
+                    if len(self.service.web.hub.streams) == ev.OPEN_BURST:
                         break
                     await asyncio.sleep(0.02)
+                # a host opening stream after stream is told to wait
                 a = await self.web("GET", "/events")
                 self.assertEqual(a.status, 503)
-                self.assertIn("too many live pages", a.text)
+                self.assertIn("too many live pages opened from ::1", a.text)
+                self.assertEqual(a.headers["retry-after"], "2")
                 # stopping the server ends every stream
                 await self.service.web.stopService().asFuture(asyncio.get_event_loop())
                 for s in socks:
@@ -465,6 +468,66 @@ class EventTests(WebTestCase):
                 self.assertEqual(self.service.web.hub.streams, [])
             finally:
                 for s in socks:
+                    s.close()
+        return as_deferred(check())
+
+
+def open_stream(port, source):
+    """A raw /events stream from ``source`` (the first bytes read): a
+    socket, or None when the server refused or closed it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = s.recv(200)
+    return s, head
+
+
+class StreamShareTests(WebTestCase):
+    """The live streams shared out per host: four addresses holding eight
+    streams each (every place) keep neither a fifth address nor the
+    instrument's own operator out."""
+
+    web_address = "127.0.0.1"
+
+    def test_hosts_holding_every_stream_keep_nobody_out(self):
+        async def check():
+            from piccolo_twisted.web import events as ev
+            port = self.service.web.listening_port
+            hub = self.service.web.hub
+            held = []
+            try:
+                for a in range(1, 5):
+                    for _ in range(ev.MAX_STREAMS_PER_HOST):
+                        s, head = await in_thread(open_stream, port, f"127.0.2.{a}")
+                        held.append(s)
+                        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+                self.assertEqual(len(hub.streams), ev.MAX_STREAMS)
+                # the operator and a fifth address: the live state, at once
+                for source in ("127.0.0.1", "127.0.2.5"):
+                    events = await in_thread(read_events, self.http,
+                                             lambda e: "control/status" in dict(e),
+                                             source=source)
+                    self.assertEqual(dict(events)["control/status"], "idle")
+                mine = await in_thread(open_stream, port, "127.0.0.1")
+                held.append(mine[0])
+                self.assertTrue(mine[1].startswith(b"HTTP/1.1 200"))
+                # the streams taken were the biggest holders' oldest: they
+                # were ended (a browser reconnects), and none but the four
+                self.assertEqual(len(hub.streams), ev.MAX_STREAMS)
+                self.assertLessEqual(max(hub.shares.holding(f"127.0.2.{a}")
+                                         for a in range(1, 5)), ev.MAX_STREAMS_PER_HOST)
+                self.assertEqual(hub.shares.holding("127.0.0.1"), 1)
+                # the four try again: refused for the pace of their openings,
+                # and the operator's stream stays
+                for a in range(1, 5):
+                    s, head = await in_thread(open_stream, port, f"127.0.2.{a}")
+                    held.append(s)
+                    self.assertTrue(head.startswith(b"HTTP/1.1 503"), head)
+                self.assertEqual(hub.shares.holding("127.0.0.1"), 1)
+            finally:
+                for s in held:
                     s.close()
         return as_deferred(check())
 

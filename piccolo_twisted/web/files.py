@@ -27,11 +27,13 @@ from zope.interface import implementer
 from .. import runindex
 from ..datadir import check_run_name
 from ..errors import PiccoloError
+from .limits import Shares, host_key
 
 CHUNK = 64 * 1024           # bytes read from a file per step
 ZIP_STEP = 256 * 1024       # file bytes compressed per zip step
-MAX_DOWNLOADS = 4
+MAX_DOWNLOADS = 4           # of each kind (files, zips), shared out per host
 MAX_DOWNLOADS_PER_HOST = 2
+STALL = 30.0                # s a download may go unread before it is dropped
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)   # the earliest date a zip can hold
 
 
@@ -210,15 +212,17 @@ class PooledStream:
 
     log = Logger()
 
-    def __init__(self, request, source, in_pool, done=None):
+    def __init__(self, request, source, in_pool, done=None, clock=None):
         self.request = request
         self.source = source
         self.in_pool = in_pool
         self.done = done
+        self.clock = clock
         self.paused = False
         self.stepping = False
         self.finished = False
         self.sent = 0
+        self._stall = None
 
     def start(self):
         self.request.registerProducer(self, True)
@@ -254,6 +258,7 @@ class PooledStream:
         if self.finished:
             return
         self.finished = True
+        self._unstall()
         self.in_pool(self.source.close)
         if self.done is not None:
             self.done()
@@ -270,19 +275,37 @@ class PooledStream:
 
     # IPushProducer
     def pauseProducing(self):
+        # Twisted turns a connection's idle timer off while it answers: a
+        # client that stops reading would hold its download for good
         self.paused = True
+        if self._stall is None and self.clock is not None and not self.finished:
+            self._stall = self.clock.callLater(STALL, self._stalled)
 
     def resumeProducing(self):
         self.paused = False
+        self._unstall()
         self._next()
 
     def stopProducing(self):
+        self._unstall()
         if not self.finished:
             self.finished = True
             if self.done is not None:
                 self.done()
             if not self.stepping:
                 self.in_pool(self.source.close)
+
+    def _unstall(self):
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self):
+        """Nothing read for STALL seconds: the download is dropped."""
+        self._stall = None
+        self.log.info("a download unread for {s:.0f} s dropped", s=STALL)
+        self._end(abort=True)
 
 
 class Downloads(resource.Resource):
@@ -292,12 +315,15 @@ class Downloads(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, root, in_pool, zipped=False):
+    def __init__(self, root, in_pool, zipped=False, clock=None):
         super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.root = root
         self.in_pool = in_pool
         self.zipped = zipped
-        self.active = {}        # host -> downloads streaming now
+        self.clock = clock
+        self.shares = Shares(MAX_DOWNLOADS, MAX_DOWNLOADS_PER_HOST)   # of requests
         self.streams = set()    # the PooledStreams sending now
 
     def _answer(self, request, code, text):
@@ -307,21 +333,26 @@ class Downloads(resource.Resource):
         request.setHeader(b"content-length", b"%d" % len(body))
         return body
 
-    def _slot(self, host):
-        if sum(self.active.values()) >= MAX_DOWNLOADS:
-            return f"too many downloads at once ({MAX_DOWNLOADS}); try again shortly"
-        if self.active.get(host, 0) >= MAX_DOWNLOADS_PER_HOST:
-            return (f"too many downloads at once from {host} "
-                    f"({MAX_DOWNLOADS_PER_HOST}); try again shortly")
-        self.active[host] = self.active.get(host, 0) + 1
+    def _slot(self, host, request):
+        """None when ``request`` from ``host`` may download now (the
+        download it displaces, if any, is cut), else the reason."""
+        admitted, evict = self.shares.admit(host)
+        if not admitted:
+            if self.shares.holding(host) >= MAX_DOWNLOADS_PER_HOST:
+                return (f"too many downloads at once from {host} "
+                        f"({MAX_DOWNLOADS_PER_HOST}); try again shortly")
+            return (f"too many downloads at once ({MAX_DOWNLOADS}, a fair share "
+                    f"each); try again shortly")
+        if evict is not None:
+            # the biggest holder's oldest download makes room
+            self.shares.remove(evict.share_host, evict)
+            channel = getattr(evict, "channel", None)
+            transport = getattr(channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        request.share_host = host
+        self.shares.add(host, request)
         return None
-
-    def _release(self, host):
-        left = self.active.get(host, 0) - 1
-        if left > 0:
-            self.active[host] = left
-        else:
-            self.active.pop(host, None)
 
     def render_GET(self, request):
         from .guard import client_host
@@ -339,17 +370,14 @@ class Downloads(resource.Resource):
             check_run_name(run)
         except PiccoloError as e:
             return self._answer(request, 404, str(e))
-        host = client_host(request)
-        refusal = self._slot(host)
+        host = host_key(client_host(request))
+        refusal = self._slot(host, request)
         if refusal is not None:
             request.setHeader(b"retry-after", b"5")
             return self._answer(request, 503, refusal)
-        released = []
 
         def release():
-            if not released:
-                released.append(True)
-                self._release(host)
+            self.shares.remove(host, request)
         if self.zipped:
             self._zip(request, run, release)
         else:
@@ -431,12 +459,12 @@ class Downloads(resource.Resource):
         def done():
             self.streams.discard(stream)
             release()
-        stream = PooledStream(request, source, self.in_pool, done=done)
+        stream = PooledStream(request, source, self.in_pool, done=done, clock=self.clock)
         self.streams.add(stream)
         stream.start()
 
     def active_count(self):
-        return sum(self.active.values())
+        return self.shares.count
 
 
 def _attachment(filename):
