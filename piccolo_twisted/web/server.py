@@ -43,7 +43,7 @@ REQUEST_RATE = 30           # requests/s per host after a burst of ...
 REQUEST_BURST = 60
 TOTAL_REQUEST_RATE = 150    # requests/s of everyone together after ...
 TOTAL_REQUEST_BURST = 300
-WEB_THREADS = 2
+WEB_THREADS = 1           # one: a Pi reads one SD card; each more thread kept its own heap
 SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
