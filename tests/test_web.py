@@ -662,11 +662,18 @@ class DownloadTests(WebTestCase):
                     await asyncio.sleep(0.02)
                 self.assertEqual(len(streams), 1)
                 self.assertTrue(streams[0].paused)
-                for _ in range(1000):           # a step in flight when it paused lands
-                    if not streams[0].stepping:
-                        break
-                    await asyncio.sleep(0.02)
-                sent = streams[0].sent
+                # the kernel's buffers take a little more after each pause
+                # until they are full; then nothing more is made
+                sent, still = streams[0].sent, 0
+                for _ in range(400):
+                    await asyncio.sleep(0.05)
+                    if streams[0].sent == sent and streams[0].paused and not streams[0].stepping:
+                        still += 1
+                        if still == 10:
+                            break
+                    else:
+                        sent, still = streams[0].sent, 0
+                self.assertEqual(still, 10)
                 await asyncio.sleep(0.5)
                 self.assertEqual(streams[0].sent, sent)     # and it stays paused
                 # far from the 24 MB of the run: the kernel's buffers and one step
