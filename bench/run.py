@@ -524,7 +524,7 @@ def scale_rows(runs, quick):
         rss_empty = base.rss_mib()
     finally:
         base.stop()
-    builds, rss, firsts, status = [], [], {}, []
+    builds, rss, firsts, status, during = [], [], {}, [], []
     client = b'[[], {"alpha": false, "reverse": false, "nitems": null, "page": 0}]'
     for _ in range(runs):
         root = tempfile.mkdtemp(prefix="piccolo-bench-scale-")
@@ -552,6 +552,7 @@ def scale_rows(runs, quick):
                     capture_output=True, text=True, timeout=120, cwd=HERE)
                 assert pull.stdout.split() == [str(files)] * 2, pull.stdout + pull.stderr
             status.append(status_while(server, pull_listing, settle=0.2, duration=300.0))
+            during.append(listing_during_batch(server, big, files))
         finally:
             server.stop()
             shutil.rmtree(root, ignore_errors=True)
@@ -573,6 +574,42 @@ def scale_rows(runs, quick):
     if lost:
         row("  lost requests while pulling the listing", lost, "", "0", lambda m: m == 0,
             fmt="{:.0f}")
+    for label in ("current_batch", "spectra_list"):
+        for i, what in enumerate(("median", "p90", "max")):
+            row(f"first block of {label} during a batch into the {files // 1000}k run: {what}",
+                [d[label][i] for d in during], "ms", fmt="{:.2f}")
+    row("  requests answered during each such batch", [d["n"] for d in during], "",
+        fmt="{:.0f}")
+
+
+def listing_during_batch(server, big, files, nsequence=40):
+    """A batch writes into the big run (10 ms integrations, no delay: a
+    file every ~50 ms) while a client asks its current_batch and the first
+    block of its spectra_list back to back: every answer is checked
+    against the disk (each save moves the run's mtime: a request after a
+    save waits for it to land and compares the run's names once, issue
+    20), the first-block times (median, p90, max) are returned."""
+    server.set_times(10)
+    server.call("PUT", "/control/record_sequence",
+                {"run": big, "nsequence": nsequence, "auto": -1, "delay": 0})
+    times = {"current_batch": [], "spectra_list": []}
+    while server.call("GET", "/control/status") != "idle":
+        for label in times:
+            times[label].append(first_block(server.port, f"/data_dir/runs/{big}/{label}"))
+    # the listing is the directory's: the files before, the batch's dark,
+    # lights and final dark
+    code, body, _ = loadclient.fetch("::1", server.port, f"/data_dir/runs/{big}/spectra_list",
+                                     timeout=30)
+    names = json.loads(body)
+    on_disk = [n for n in os.listdir(os.path.join(server.datadir, big)) if n.endswith(".pico")]
+    assert sorted(names) == sorted(on_disk) and len(names) == files + nsequence + 2, \
+        (len(names), len(on_disk))
+    out = {"n": len(times["spectra_list"])}
+    for label, values in times.items():
+        values.sort()
+        out[label] = ((statistics.median(values), values[int(len(values) * 0.9)], values[-1])
+                      if values else (None, None, None))
+    return out
 
 
 def free_tcp_port():
