@@ -306,3 +306,44 @@ class ZipMemoryTests(WebAloneCase):
             finally:
                 gc.enable()
         return as_deferred(check())
+
+
+class SharesUnitTests(unittest.SynchronousTestCase):
+
+    def test_host_keys(self):
+        from piccolo_twisted.web.limits import host_key
+        self.assertEqual(host_key("2001:db8::1"), "2001:db8::/64")
+        self.assertEqual(host_key("2001:db8::ffff:1"), host_key("2001:db8::1"))
+        self.assertNotEqual(host_key("2001:db8:0:1::1"), host_key("2001:db8::1"))
+        self.assertEqual(host_key("::ffff:10.0.0.1"), "10.0.0.1")
+        self.assertEqual(host_key("::1"), "::1")
+        self.assertEqual(host_key("fe80::1%eth0"), "fe80::/64")
+
+    def test_fair_shares(self):
+        from piccolo_twisted.web.limits import Shares
+        pool = Shares(4, 3)
+        for item in ("a1", "a2", "a3"):
+            self.assertEqual(pool.admit("a"), (True, None))
+            pool.add("a", item)
+        self.assertEqual(pool.admit("a"), (False, None))         # a's own limit
+        self.assertEqual(pool.admit("b"), (True, None))
+        pool.add("b", "b1")
+        # full: c takes a's oldest (a holds 3 > 0 + 1)
+        self.assertEqual(pool.admit("c"), (True, "a1"))
+        pool.remove("a", "a1")
+        pool.add("c", "c1")
+        # a 2, b 1, c 1: d takes a's oldest again; then nobody holds more
+        # than a newcomer would
+        self.assertEqual(pool.admit("d"), (True, "a2"))
+        pool.remove("a", "a2")
+        pool.add("d", "d1")
+        self.assertEqual(pool.admit("e"), (False, None))
+        self.assertEqual(pool.count, 4)
+        self.assertFalse(pool.remove("a", "a1"))                 # gone already
+
+    def test_bucket_lends(self):
+        from piccolo_twisted.web.limits import Bucket
+        b = Bucket(rate=10, burst=2, now=0.0)
+        self.assertEqual([b.reserve(0.0) for _ in range(4)], [0.0, 0.0, 0.1, 0.2])
+        self.assertAlmostEqual(b.reserve(1.0), 0.0)
+        self.assertTrue(b.full(10.0))
