@@ -43,6 +43,7 @@ host_key = string(default="")
 [web]
 port = integer(min=0, max=65535, default=8080)
 address = string(default="")
+hosts = force_list(default=list())
 [access]
 control_from = force_list(default=list("any"))
 [scheduler]
@@ -285,6 +286,7 @@ class ServerConfig:
     emulate: list = field(default_factory=list)  # [(model, serial)]
     web_port: int = 8080                     # 0: no web page
     web_address: str = ""                    # empty: the CoAP address
+    web_hosts: tuple = ()                    # more names the page answers to
     control_from: tuple | None = None        # ip networks; None: everyone
     catch_up: int = 600                      # seconds a missed slot may still run
     source: str = "<defaults>"
@@ -312,6 +314,7 @@ def load_server_config(path=None, text=None):
         web_address = check_address(web_address, f"{name}: [web/address]")
     control_from = check_control_from(cfg["access"]["control_from"],
                                       f"{name}: [access/control_from]")
+    web_hosts = check_web_hosts(cfg["web"]["hosts"], f"{name}: [web/hosts]")
     # an empty path is no default: "" is the current directory, which
     # under systemd is / (every directory of the system a "run")
     for section, key, what in (("datadir", "datadir", "the data directory"),
@@ -343,10 +346,29 @@ def load_server_config(path=None, text=None):
         emulate=emulate,
         web_port=cfg["web"]["port"],
         web_address=web_address,
+        web_hosts=web_hosts,
         control_from=control_from,
         catch_up=cfg["scheduler"]["catch_up"],
         source=path or "<string>" if (path or text) else "<defaults>",
     )
+
+
+def check_web_hosts(entries, where):
+    """``[web] hosts``: the names (and addresses) the web page answers to
+    besides its own; anything else is a ConfigError naming ``where``."""
+    out = []
+    for entry in entries:
+        entry = str(entry).strip()
+        if not entry:
+            continue
+        try:
+            ipaddress.ip_address(entry.strip("[]").split("%", 1)[0])
+        except ValueError:
+            if not _host_name(entry):
+                raise ConfigError(f"{where} {entry!r} is not a host name or an "
+                                  f"address (e.g. piccolo.example.org, 192.168.4.1)") from None
+        out.append(entry)
+    return tuple(out)
 
 
 def check_control_from(entries, where):

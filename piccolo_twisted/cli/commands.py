@@ -31,9 +31,12 @@ async def _spectrometer(client, name, channels):
     status, tec, *times = await asyncio.gather(
         client.get(f"{base}/status"), _maybe(client.get(f"{base}/haveTEC"), False),
         *(_maybe(client.get(f"{base}/current_time/{c}")) for c in channels))
-    # the latest spectrum of each channel (a server without last_spectrum: none)
+    # the latest light and dark spectrum of each channel (a server without
+    # last_spectrum: none)
     latest = await asyncio.gather(
         *(_maybe(client.get(f"{base}/last_spectrum/{c}")) for c in channels))
+    darks = await asyncio.gather(
+        *(_maybe(client.get(f"{base}/last_dark/{c}")) for c in channels))
     temperature = age = stable = target = None
     if tec:
         # the spectrometer's last reading (taken between integrations while
@@ -46,30 +49,44 @@ async def _spectrometer(client, name, channels):
             "temperature_age": age, "temperature_stable": stable,
             "temperature_target": target, "read_at": datetime.now(),
             "times": dict(zip(channels, times)),
-            "peaks": {c: _peak(doc) for c, doc in zip(channels, latest)}}
+            "peaks": {c: _peak(doc, dark)
+                      for c, doc, dark in zip(channels, latest, darks)}}
 
 
-def _peak(doc):
-    """What status shows of a channel's latest spectrum, or None."""
-    if not isinstance(doc, dict) or doc.get("peak") is None:
+def _peak(doc, dark=None):
+    """What status shows of a channel's latest light spectrum (and the
+    latest dark one beside it), or None before either."""
+    light = isinstance(doc, dict) and doc.get("peak") is not None
+    dark_peak = dark.get("peak") if isinstance(dark, dict) else None
+    if not light and dark_peak is None:
         return None
-    return {k: doc.get(k) for k in ("peak", "kind", "integration_time", "saturated")}
+    out = {k: doc.get(k) if light else None
+           for k in ("peak", "kind", "integration_time", "saturated")}
+    out["dark"] = dark_peak
+    return out
 
 
 def format_peaks(peaks):
-    """``upwelling 56132 (light, 100 ms), downwelling 65535 (light, 100 ms,
-    1304 saturated)``, or "-" before anything was recorded."""
+    """``upwelling 56132 (light, 100 ms; dark 1020), downwelling 65535
+    (light, 100 ms, 1304 saturated; dark 1017)``, or "-" before anything
+    was recorded."""
     parts = []
     for channel, p in peaks.items():
         if p is None:
             continue
-        t = p["integration_time"]
-        what = [shown(p["kind"] or "?")]
-        if t is not None:
-            what.append(f"{number(t, 'g')} ms")
-        if p["saturated"]:
-            what.append(f"{number(p['saturated'])} saturated")
-        parts.append(f"{shown(channel)} {number(p['peak'])} ({', '.join(what)})")
+        what = []
+        if p["peak"] is not None:
+            t = p["integration_time"]
+            what.append(shown(p["kind"] or "?"))
+            if t is not None:
+                what.append(f"{number(t, 'g')} ms")
+            if p["saturated"]:
+                what.append(f"{number(p['saturated'])} saturated")
+        text = ", ".join(what)
+        if p.get("dark") is not None:
+            text += ("; " if text else "") + f"dark {number(p['dark'])}"
+        peak = number(p["peak"]) if p["peak"] is not None else "-"
+        parts.append(f"{shown(channel)} {peak} ({text})")
     return ", ".join(parts) or "-"
 
 
@@ -237,7 +254,7 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 changed.clear()
                 now = await gather_status(client)
                 if _unchanging(now) == _unchanging(screen):
-                    continue                    # e.g. a reading of the same temperature
+                    continue        # changed and back, or nothing shown changed
             seen += 1
             screen = now
             stamp = datetime.now().strftime("%H:%M:%S")

@@ -63,6 +63,18 @@ QUEUE_WAIT = 1.5               # seconds a request may wait (< ACK_TIMEOUT)
 DedupCache = Dedup
 
 
+
+def cut_text(text, room):
+    """A diagnostic (UTF-8 bytes) cut to at most ``room`` bytes, never
+    inside a word: whole words, or nothing."""
+    if len(text) <= room:
+        return text
+    cut = text[:room + 1]
+    space = cut.rfind(b" ")
+    if space < 0:
+        return b""
+    return cut[:space].rstrip(b" ([:,;")
+
 class Request:
     """One request on its way through the layer."""
 
@@ -649,9 +661,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         echo = self.verifier.echo_for(req.host)
         if text and reply.code >= 128:
             bare = reply._replace(payload=b"", content_format=None)
-            room = limit - self._length(req, bare) - 1
+            room = limit - self._length(req, bare) - 2      # payload marker, format
             if room >= 0:
-                cut = reply.payload[:room] if room > 0 else b""
+                cut = cut_text(reply.payload, room)
                 return reply._replace(payload=cut, content_format=0 if cut else None)
         unauthorized = Reply(_tx.UNAUTHORIZED, echo=echo)
         if self._length(req, unauthorized) <= limit:
