@@ -447,6 +447,12 @@ class PulledAndPluggedBackTests(Base):
     the merge took them for new ones. A job keeps its number and exists
     once; a slot run while the file was away is in the history once."""
 
+    def setUp(self):
+        super().setUp()
+        self.data = os.path.join(self.dir, "mnt", "piccolo_data")
+        self.path = os.path.join(self.data, ".piccolo", sch.DB_NAME)
+        os.makedirs(os.path.dirname(self.path))
+
     def running(self):
         s = self.make()
         s.startService()
@@ -454,14 +460,14 @@ class PulledAndPluggedBackTests(Base):
         return s
 
     def pull(self):
-        os.rename(self.dir, self.dir + ".pulled")
+        os.rename(self.data, self.data + ".pulled")
 
     def plug(self):
-        """Mounted again over the mount point (where the server may have
-        started a fresh database meanwhile: the mount hides it)."""
-        if os.path.exists(self.dir):
-            os.rename(self.dir, self.dir + ".hidden")
-        os.rename(self.dir + ".pulled", self.dir)
+        """Mounted again over the mount point (hiding whatever was made
+        there meanwhile)."""
+        if os.path.exists(self.data):
+            os.rename(self.data, self.data + ".hidden")
+        os.rename(self.data + ".pulled", self.data)
 
     def test_the_same_file_back_keeps_every_job_once(self):
         s = self.running()
@@ -475,11 +481,9 @@ class PulledAndPluggedBackTests(Base):
         self.assertTrue(s.degraded)
         self.clock.advance(600)                     # job 1's slot runs meanwhile
         self.assertEqual(len(self.control.runs), 1)
+        # nothing made at the mount point while the stick was out
+        self.assertFalse(os.path.exists(self.data))
         self.plug()
-        # found at the next write (meanwhile the server had started a
-        # fresh file at the mount point, now hidden under the mount)
-        f = self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
-        self.assertIn("removed or replaced", str(f.value))
         self.clock.advance(s.store.RETRY_MAX)
         self.assertFalse(s.degraded)
         self.assertEqual([j[0] for j in s.listing()], [1, 2])
@@ -495,22 +499,34 @@ class PulledAndPluggedBackTests(Base):
         self.assertEqual(self.successResultOf(s.add("record", JOB, at(9000))), 3)
         self.assertEqual(sorted(self.reopen()[0]), [1, 2, 3])
 
-    def test_a_job_deleted_while_the_file_was_away_stays_deleted(self):
+    def test_a_fresh_file_meanwhile_then_the_old_one_back(self):
+        """The data directory is the mount point itself: while the stick is
+        out the server writes a fresh database there; the stick mounted
+        again hides it and brings the old file back, found at the next
+        write. A job deleted meanwhile stays gone, none comes twice."""
         s = self.running()
         res = s.resources()
         self.successResultOf(s.add("record", JOB, at(600), 3600))
         self.successResultOf(s.add("record", dict(JOB, run="s"), at(7200)))
         self.pull()
+        os.makedirs(self.data)                      # the empty mount point
         self.failureResultOf(res["powerDelay"].put(12), PiccoloError)
         self.successResultOf(s.delete(1))            # kept in memory
         self.successResultOf(s.add("record", dict(JOB, run="t"), at(8000)))
-        self.clock.advance(s.store.RETRY_MAX)       # a fresh file at the mount point
+        self.clock.advance(s.store.RETRY_MAX)       # the fresh file at the mount point
+        self.assertFalse(s.degraded)
+        self.clock.advance(600)
         self.plug()
-        self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
+        f = self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
+        self.assertIn("removed or replaced", str(f.value))
         self.clock.advance(s.store.RETRY_MAX)
         self.assertFalse(s.degraded)
         self.assertEqual([j[0] for j in s.listing()], [2, 3])
-        self.assertEqual(sorted(self.reopen()[0]), [2, 3])
+        jobs, _, state = self.reopen()
+        self.assertEqual(sorted(jobs), [2, 3])
+        self.assertEqual([j.listing() for j in jobs.values()], s.listing())
+        outcomes = [(o.job, o.slot) for o in state["history"]]
+        self.assertEqual(len(outcomes), len(set(outcomes)))
 
     def test_another_file_keeps_the_jobs_clients_were_told(self):
         """A different stick with jobs of its own: the running server's jobs
@@ -521,7 +537,7 @@ class PulledAndPluggedBackTests(Base):
         self.successResultOf(s.add("record", JOB, at(600), 3600))
         self.pull()
         self.failureResultOf(res["powerDelay"].put(12), PiccoloError)
-        os.makedirs(self.dir)
+        os.makedirs(os.path.dirname(self.path))
         other = sch.Scheduler(FakeControl(), self.path, task.Clock(), run_db=sync_db,
                               wall=lambda: T0.timestamp())
         other.open()

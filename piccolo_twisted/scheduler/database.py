@@ -290,8 +290,11 @@ def load_database(path, timeout=1.0, connect=sqlite3.connect):
     ``OSError`` when it cannot be opened now (a retry may succeed).
     """
     directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    if directory and not os.path.isdir(directory):
+        # its own directory (.piccolo) only: a data directory that is not
+        # there (a pulled stick) is not made again at the mount point, where
+        # the stick plugged back in would hide what was written meanwhile
+        os.mkdir(directory)
     if os.path.isfile(path):
         # judged before SQLite touches it: closing a connection on a file that
         # is not a database can delete the -wal that belongs with it
