@@ -129,6 +129,10 @@ class RestartAtASlotTests(unittest.TestCase):
         self.assertEqual(entry["outcome"], "missed", entry)
         self.assertEqual(entry["reason"], "the server was not running")
         self.assertEqual((entry["job"], entry["run"], entry["batch"]), (1, "restart", None))
+        # health counts it (its figures are cached a few seconds)
+        self.until(lambda: self.server.call("GET", "/sysinfo/health")["slots_missed_24h"] == 1,
+                   20, "health's count of missed slots")
+        self.assertEqual(self.server.call("GET", "/sysinfo/health")["slots_failed_24h"], 0)
         time.sleep(2)
         self.assertEqual(self.files(), [])
         self.assertEqual(self.server.call("GET", "/control/scheduler/jobs"), [])
