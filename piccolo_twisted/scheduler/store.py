@@ -35,9 +35,10 @@ from twisted.python.threadpool import ThreadPool
 
 from ..errors import PiccoloError
 from ..observable import Observable
-from .database import (DELETE_RUNNING, HISTORY_KEPT, INSERT_HISTORY, INSERT_JOB,
+from .database import (DELETE_RUNNING, HISTORY_KEPT, INSERT_HISTORY,
                        INSERT_RUNNING, SET_SETTING, SET_STATE, TRIM_HISTORY, Corrupt,
                        Vanished, load_database, move_aside, read_database, write_batch)
+from .merge import interrupted_rows, merge_jobs, new_outcomes
 
 
 class Store:
@@ -216,62 +217,22 @@ class Store:
 
     def _merge(self, loaded):
         """The database opened after a time in memory: keep both, what was
-        done in memory winning, and write the result.
-
-        Jobs are matched by ``Job.identity``, not by number: the file may be
-        the one memory came from (a data directory pulled and plugged back
-        in), a fresh one, or another one. A job memory has keeps its number
-        (clients were told it); a job of the file that memory has let go
-        (deleted, done) goes; any other job of the file is another job and
-        is kept, with a new number if memory's jobs use its own. Nothing is
-        there twice: outcomes and interrupted batches the file already has,
-        or memory knows better, are not added again."""
+        done in memory winning, and write the result (merge.py says how)."""
         db, jobs, settings, state = loaded
-        mine = {job.identity: job for job in self.jobs.values()}
         next_id = max(int(state.get("next_id", 1)), max(jobs, default=0) + 1,
                       self.next_id, max(self.jobs, default=0) + 1)
-        merged = {job.id: job for job in mine.values()}
-        statements = []
-        theirs = {}                                         # file's id -> id now
-        for job in sorted(jobs.values(), key=lambda j: j.id):
-            if job.identity in mine:
-                theirs[job.id] = mine[job.identity].id
-                continue
-            statements.append(("DELETE FROM jobs WHERE id = ?", (job.id,)))
-            if job.identity in self._gone:                  # let go meanwhile
-                continue
-            old = job.id
-            if old in merged:
-                job.id, next_id = next_id, next_id + 1
-                self.log.info("job {old} of the database renumbered {new}: this "
-                              "server's job {old} is another one", old=old, new=job.id)
-            theirs[old] = job.id
-            merged[job.id] = job
-        for job in merged.values():
-            statements.append((INSERT_JOB, job.row()))
+        merged, statements, foreign, next_id = merge_jobs(self.jobs, self._gone, jobs,
+                                                          next_id)
         for key, value in settings.items():
             if key in self.settings and key not in self._dirty_settings:
                 self.settings[key].set(value)
         for key in self._dirty_settings:
             statements.append((SET_SETTING, (key, json.dumps(self.settings[key].value))))
-        # batches a process died in that only the file knew of: those of
-        # its own jobs (memory knows better about the jobs it has or let go)
-        foreign = {old: new for old, new in theirs.items()
-                   if merged[new].identity not in mine}
         known = set(self.running) | {(j, s) for j, s, _, _ in self.interrupted}
-        self.interrupted.extend((foreign[j], s, k, r) for j, s, k, r in state.get("running", [])
-                                if j in foreign and (foreign[j], s) not in known)
+        self.interrupted.extend(interrupted_rows(state.get("running", []), foreign, known))
         statements.append(("DELETE FROM running", ()))
         statements.extend((INSERT_RUNNING, row) for row in self.running.values())
-        # the file's history of a renumbered job follows it (highest first,
-        # so that no number is taken twice on the way)
-        for old, new in sorted(foreign.items(), reverse=True):
-            if old != new:
-                statements.append(("UPDATE history SET job = ? WHERE job = ?", (new, old)))
-        stored = {o.row() for o in state.get("history", [])}
-        for outcome in self._unwritten:
-            if outcome.row() not in stored:
-                statements.append((INSERT_HISTORY, outcome.row()))
+        statements.extend(new_outcomes(self._unwritten, state.get("history", [])))
         statements.append((TRIM_HISTORY, ()))
         self._unwritten = []
         self._dirty_settings.clear()
