@@ -155,6 +155,9 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                     continue
                 if len(data) < 4:
                     continue
+                if loadclient.is_ping(data):
+                    t.sock.send(loadclient.reset_for(data))     # as a client does
+                    continue
                 mtype, rcode, mid, token, block2, chunk = parse(data)
                 if mtype == CON:
                     # a separate response (RFC 7252 5.2.2): acknowledged,
@@ -243,21 +246,52 @@ def flood(dst, make, count, rate, src="127.0.0.9", stop=None):
     return sent
 
 
-def exchange(dst, datagram, src="127.0.0.1", timeout=2.0, sock=None):
-    """Send one datagram and return the first answer (or None)."""
+def exchange(dst, datagram, src="127.0.0.1", timeout=2.0, sock=None, follow=True):
+    """Send one datagram and return its answer (or None). ``follow``: as a
+    client takes it -- a ping (an empty CON: the server checks that we
+    receive what it sends us) is answered with a RST, an empty ACK means
+    the answer follows as a separate CON response (acknowledged); else the
+    first datagram that comes, whatever it is."""
     own = sock is None
     if own:
         sock = udp(src, dst)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
+    mid = struct.unpack_from("!H", datagram, 2)[0]
+    token = datagram[4:4 + (datagram[0] & 15)]
     try:
         sock.send(datagram)
         deadline = time.monotonic() + timeout
         while sel.select(max(0.0, deadline - time.monotonic())):
             try:
-                return sock.recv(65536)
+                data = sock.recv(65536)
             except ConnectionRefusedError:      # nobody listening (yet)
                 return None
+            except BlockingIOError:
+                continue
+            if not follow:
+                return data
+            if len(data) < 4:
+                continue
+            if loadclient.is_ping(data):
+                sock.send(loadclient.reset_for(data))
+                continue
+            mtype, code = (data[0] >> 4) & 3, data[1]
+            if mtype == CON:
+                sock.send(loadclient.ack_for(data))
+                if data[4:4 + (data[0] & 15)] == token:
+                    return data
+                continue
+            if mtype == NON:
+                if data[4:4 + (data[0] & 15)] == token:
+                    return data
+                continue
+            if struct.unpack_from("!H", data, 2)[0] != mid:
+                continue
+            if code == 0 and mtype == 2:
+                deadline = max(deadline, time.monotonic() + SEPARATE_WAIT)
+                continue                        # an empty ACK: the answer follows
+            return data
         return None
     finally:
         sel.close()
@@ -265,11 +299,42 @@ def exchange(dst, datagram, src="127.0.0.1", timeout=2.0, sock=None):
             sock.close()
 
 
-def amplification(dst, datagram, src):
-    """(request bytes, first response bytes, ratio) for one datagram sent
-    from a fresh port of ``src``."""
-    answer = exchange(dst, datagram, src=src)
-    size = len(answer) if answer is not None else 0
+def everything_sent(dst, datagram, src, wait=3.0, sock=None):
+    """Every datagram the server sends to a fresh port of ``src`` after one
+    datagram from it, as a spoofed source (which receives nothing, so
+    answers nothing) would get them: until an answer with a code came and
+    then 0.2 s more, or ``wait`` s."""
+    own = sock is None
+    if own:
+        sock = udp(src, dst)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    out = []
+    try:
+        sock.send(datagram)
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return out
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, ConnectionRefusedError):
+                continue
+            out.append(data)
+            if len(data) >= 4 and data[1] != 0:
+                deadline = min(deadline, time.monotonic() + 0.2)
+    finally:
+        sel.close()
+        if own:
+            sock.close()
+
+
+def amplification(dst, datagram, src, wait=3.0):
+    """(request bytes, bytes of everything sent back, ratio) for one
+    datagram sent from a fresh port of ``src`` (nothing answered: a
+    spoofed source receives nothing)."""
+    size = sum(len(d) for d in everything_sent(dst, datagram, src, wait))
     return len(datagram), size, size / len(datagram)
 
 

@@ -1,0 +1,702 @@
+"""The outside attack on issue 19's CoAP layer, after it landed
+(findings-19.md), each over loopback UDP from several 127.x.y.z source
+addresses, bounded in count and time. Each of these failed on 5e678b1
+(main with issue 19 merged).
+
+A spoofed source here is a socket bound to that address that never
+answers anything (a blind spoofer receives nothing); a client is one that
+answers as every CoAP client does (the server's pings with a RST, its CON
+messages with an ACK).
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.trial import unittest
+
+from piccolo_twisted.api import Resource
+from piccolo_twisted.coap import _tx, exchange, limits, observe, protocol
+from piccolo_twisted.coap.protocol import ServerCoap, decode
+from piccolo_twisted.coap.site import Site
+from piccolo_twisted.observable import Observable
+
+from .helpers import as_deferred, asyncio_reactor, make_service
+from .test_coap_attacks import drain, paced, wait_until
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(HERE, "bench"))
+import hostile  # noqa: E402
+import loadclient  # noqa: E402
+
+GET, PUT, POST = hostile.GET, hostile.PUT, hostile.POST
+QEP = "spectrometer/S_sim_QEP00981"
+UNAVAILABLE = 0xA3
+
+
+def code_of(data):
+    return None if data is None else data[1]
+
+
+def bound(address, port=0):
+    """A UDP socket bound to ``address`` (a loopback address), not
+    connected, non-blocking."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.setblocking(False)
+    return sock
+
+
+def free_port(address):
+    sock = bound(address)
+    try:
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+async def aiocoap_context(address=None):
+    """An aiocoap context as the deployed client makes it; from ``address``
+    (a loopback address, on a free port) when given."""
+    import aiocoap
+    if address is None:
+        return await aiocoap.Context.create_client_context()
+    return await aiocoap.Context.create_server_context(
+        None, bind=(address, free_port(address)))
+
+
+class Server(unittest.TestCase):
+    """The whole server on 127.0.0.1 (so other loopback hosts exist), with
+    an aiocoap client context from 127.0.0.1 (a fresh server has verified
+    nobody)."""
+
+    timeout = 120
+    time_scale = 0.05
+
+    def setUp(self):
+        if not asyncio_reactor():
+            raise unittest.SkipTest("wire tests need --reactor=asyncio (aiocoap)")
+        self.datadir = tempfile.mkdtemp(prefix="piccolo-test-")
+        self.addCleanup(shutil.rmtree, self.datadir, True)
+        self.service = make_service(self.datadir, address="127.0.0.1",
+                                    time_scale=self.time_scale)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.port = self.service.coap._port.getHost().port
+        self.dst = ("127.0.0.1", self.port)
+        self.proto = self.service.coap.protocol
+        self.socks = []
+        self.addCleanup(lambda: [s.close() for s in self.socks])
+
+        async def client():
+            self.ctx = await aiocoap_context()
+        return as_deferred(client())
+
+    def tearDown(self):
+        async def close():
+            await self.ctx.shutdown()
+        return as_deferred(close())
+
+    def udp(self, host):
+        sock = hostile.udp(host, self.dst)
+        self.socks.append(sock)
+        return sock
+
+    def in_thread(self, fn, *args, **kw):
+        return threads.deferToThread(fn, *args, **kw)
+
+    async def aio(self, method, path, payload=None, observe=None, timeout=20, ctx=None):
+        import aiocoap
+        kw = {} if observe is None else {"observe": observe}
+        if isinstance(payload, bytes) or payload is None:
+            body = payload or b""
+        else:
+            body = json.dumps(payload).encode()
+        msg = aiocoap.Message(code=getattr(aiocoap, method),
+                              uri=f"coap://127.0.0.1:{self.port}/{path}", payload=body, **kw)
+        req = (ctx or self.ctx).request(msg)
+        r = await asyncio.wait_for(req.response, timeout)
+        return (r, req) if observe is not None else r
+
+    def wait_for_status(self, *wanted, timeout=30):
+        return wait_until(lambda: self.service.control.status.value in wanted, timeout)
+
+
+def ask(dst, path, src=None, sock=None, code=GET, payload=b"", mid=None, token=b"k",
+        timeout=3.0):
+    """One CON request from a client that answers as CoAP clients do
+    (pings, separate responses), retransmitted as RFC 7252 4.2 has it."""
+    mid = int.from_bytes(os.urandom(2), "big") if mid is None else mid
+    data = hostile.request(mid, path, code=code, payload=payload, token=token)
+    for _ in range(3):
+        answer = hostile.exchange(dst, data, src=src or "127.0.0.1", sock=sock,
+                                  timeout=timeout)
+        if answer is not None:
+            return answer
+    return None
+
+
+# -- finding 1: the dedup cache's global cap ------------------------------------------
+
+class DedupLockout(Server):
+
+    @defer.inlineCallbacks
+    def test_seventeen_hosts_of_setting_puts_lock_nobody_out(self):
+        """17 addresses each send 1,000 ``PUT /control/numSequences 1``
+        (under each host's old budget of 1,024; 17,000 in all). On main the
+        dedup cache's global cap (16,384) was then full and a host that had
+        sent a handful of requests, and a brand-new one, got 5.03 "too many
+        requests from this host" for abort, pause and record_sequence for
+        about two minutes. A PUT that sets a value is idempotent: it takes
+        no entry now, and those requests are served."""
+        r = yield as_deferred(self.aio("PUT", "control/record_sequence",
+                                       [[], {"run": "dd", "nsequence": 200, "auto": -1,
+                                             "delay": 1}]))
+        self.assertTrue(r.code.is_successful(), r)
+        bystander = self.udp("127.0.99.1")
+        flood = [self.udp(f"127.0.60.{h + 1}") for h in range(17)]
+
+        def attack():
+            before = ask(self.dst, "control/status", sock=bystander)
+            paced([(sock, hostile.request(k + 1, "control/numSequences", code=PUT,
+                                          payload=b"1", token=os.urandom(2)))
+                   for k in range(1000) for sock in flood], per_batch=100, pause=0.01)
+            answers = {}
+            for who, sock in (("bystander", bystander), ("fresh", self.udp("127.0.99.99"))):
+                for what, path, code, payload in (
+                        ("pause", "control/pause", GET, b""),
+                        ("resume", "control/pause", GET, b""),
+                        ("record", "control/record_sequence", PUT,
+                         b'[[], {"run": "x", "nsequence": 1}]'),
+                        ("setting", "control/numSequences", PUT, b"3")):
+                    answers[who, what] = ask(self.dst, path, sock=sock, code=code,
+                                             payload=payload)
+            answers["fresh", "abort"] = ask(self.dst, "control/abort",
+                                            sock=self.udp("127.0.99.98"))
+            for sock in flood:
+                drain(sock)
+            return before, answers
+        received = self.proto.stats["received"]
+        before, answers = yield self.in_thread(attack)
+        self.assertGreater(self.proto.stats["received"] - received, 15000)
+        self.assertIsNotNone(before)
+        codes = {k: code_of(v) for k, v in answers.items()}
+        self.assertNotIn(UNAVAILABLE, codes.values(), codes)
+        self.assertNotIn(None, codes.values(), codes)
+        self.assertEqual(codes["bystander", "pause"], _tx.CONTENT)
+        self.assertEqual(codes["fresh", "resume"], _tx.CONTENT)
+        self.assertEqual(codes["fresh", "record"], _tx.BAD_REQUEST)   # busy: a batch runs
+        self.assertEqual(codes["fresh", "abort"], _tx.CONTENT)
+        yield self.wait_for_status("idle")
+
+    @defer.inlineCallbacks
+    def test_hundreds_of_spoofed_hosts_fill_only_the_open_part(self):
+        """Requests that must not run twice still take entries, and a crowd
+        of spoofed addresses each within its budget can fill what hosts not
+        verified may hold: 300 addresses x 64 ``PUT /sysinfo/clock`` (256
+        would do, were no datagram lost on the way). A host
+        that sent nothing is then not told "too many requests from this
+        host"; one that answers the server's ping proves it receives what is
+        sent to it and is served from the rest of the cache (pause, abort);
+        one that does not is refused for being one of many, not for itself."""
+        r = yield as_deferred(self.aio("PUT", "control/record_sequence",
+                                       [[], {"run": "crowd", "nsequence": 200, "auto": -1,
+                                             "delay": 1}]))
+        self.assertTrue(r.code.is_successful(), r)
+        hosts = 300
+        per = exchange.DEDUP_PER_HOST
+        self.assertGreaterEqual(hosts * per, exchange.DEDUP_OPEN)
+        crowd = [self.udp(f"127.1.{h // 200}.{h % 200 + 1}") for h in range(hosts)]
+        dedup = self.proto.dedup
+
+        def attack():
+            paced([(sock, hostile.request(k + 1, "sysinfo/clock", code=PUT, payload=b'"x"',
+                                          token=b"c"))
+                   for k in range(per) for sock in crowd], per_batch=100, pause=0.01)
+            deadline = time.monotonic() + 30
+            while dedup.count.open_total < exchange.DEDUP_OPEN and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for sock in crowd:
+                drain(sock)
+            full = dedup.count.open_total
+            # a spoofed newcomer: gets what is sent to it, answers nothing
+            spoofed = self.udp("127.0.98.1")
+            sent = hostile.everything_sent(self.dst, hostile.request(
+                77, "sysinfo/clock", code=PUT, payload=b'"y"', token=b"s"),
+                "127.0.98.1", sock=spoofed)
+            # a client: answers the ping, so it is served
+            clock = ask(self.dst, "sysinfo/clock", src="127.0.98.2", code=PUT,
+                        payload=b'"y"')
+            # abort and pause have room of their own besides
+            paused = ask(self.dst, "control/pause", src="127.0.98.3")
+            aborted = ask(self.dst, "control/abort", src="127.0.98.4")
+            return full, sent, clock, paused, aborted
+        full, sent, clock, paused, aborted = yield self.in_thread(attack)
+        self.assertGreaterEqual(full, exchange.DEDUP_OPEN - per)
+        answers = [decode(d) for d in sent if d[1]]
+        self.assertEqual([a.code for a in answers], [_tx.SERVICE_UNAVAILABLE], sent)
+        self.assertNotIn(b"this host", answers[0].payload)
+        self.assertIn(b"other hosts", answers[0].payload)
+        request = hostile.request(77, "sysinfo/clock", code=PUT, payload=b'"y"', token=b"s")
+        self.assertLessEqual(sum(len(d) for d in sent), 3 * len(request))
+        self.assertEqual(code_of(clock), _tx.BAD_REQUEST)     # run: "y" is no date
+        self.assertIn("127.0.98.2", self.proto.verified)
+        self.assertEqual(code_of(paused), _tx.CONTENT)
+        self.assertEqual(code_of(aborted), _tx.CONTENT)
+        yield self.wait_for_status("idle")
+
+
+# -- finding 2: handler slots held by reads that wait for an integration ------------
+
+class SlowReads(Server):
+
+    time_scale = 1.0            # integrations in real time
+
+    @defer.inlineCallbacks
+    def test_reads_of_a_recording_spectrometer_hold_no_slot(self):
+        """Any client may set the integration time to an hour; a batch then
+        integrates for an hour. One round of 8 spoofed addresses x 32 CON
+        ``GET current_temperature`` (each waiting on main for the
+        integration in progress) held every handler slot: abort, pause,
+        version, all_runs and record were 5.03 from any address for the
+        hour. Now a recording spectrometer's temperature is its last
+        reading, answered at once: nothing waits, every attacker's request
+        is answered, and abort and pause are served."""
+        for path, value in ((f"{QEP}/max_time", 3_600_000),
+                            (f"{QEP}/current_time/upwelling", 3_600_000),
+                            (f"{QEP}/current_time/downwelling", 3_600_000)):
+            r = yield as_deferred(self.aio("PUT", path, value))
+            self.assertTrue(r.code.is_successful(), (path, r, r.payload))
+        r = yield as_deferred(self.aio("PUT", "control/record_sequence",
+                                       {"run": "victim", "nsequence": 1, "auto": -1}))
+        self.assertTrue(r.code.is_successful(), r)
+        yield wait_until(self._integrating, 30)
+        attackers = [self.udp(f"127.0.120.{h + 1}") for h in range(8)]
+        bystander = self.udp("127.0.0.2")
+
+        def attack():
+            paced([(sock, hostile.request(1000 + i, f"{QEP}/current_temperature",
+                                          token=struct.pack("!H", i)))
+                   for sock in attackers for i in range(32)], per_batch=64, pause=0.01)
+            time.sleep(0.5)
+            answered = sum(1 for sock in attackers for d in drain(sock) if d[1] == 0x45)
+            seen = {}
+            for what, path in (("version", "sysinfo/version"),
+                               ("all_runs", None),
+                               ("temperature", f"{QEP}/current_temperature"),
+                               ("pause", "control/pause"),
+                               ("resume", "control/pause"),
+                               ("abort", "control/abort")):
+                t0 = time.monotonic()
+                if path is None:
+                    answer = ask(self.dst, "data_dir/all_runs", sock=bystander, code=PUT)
+                else:
+                    answer = ask(self.dst, path, sock=bystander)
+                seen[what] = (code_of(answer), time.monotonic() - t0)
+            return answered, seen
+        answered, seen = yield self.in_thread(attack)
+        self.assertEqual(answered, 8 * 32)
+        self.assertEqual({k: c for k, (c, _) in seen.items()},
+                         {"version": _tx.CONTENT, "all_runs": _tx.CHANGED,
+                          "temperature": _tx.CONTENT, "pause": _tx.CONTENT,
+                          "resume": _tx.CONTENT, "abort": _tx.CONTENT}, seen)
+        # none of them waited for an answer to come back again (no
+        # retransmission: the first try was answered)
+        self.assertLess(max(t for _, t in seen.values()), hostile.ACK_TIMEOUT, seen)
+        self.assertEqual(self.proto.slots.total, 0)
+
+    def _integrating(self):
+        from piccolo_twisted.instrument.spectrometer import RECORDING
+        return any(s.status.value == RECORDING and s.lock.locked
+                   for s in self.service.instrument.spectrometers)
+
+    @defer.inlineCallbacks
+    def test_concurrent_temperature_reads_share_one_device_call(self):
+        """Identical reads of an idle device coalesce into one call: 200
+        requests at once from 4 addresses cost one reading, not 200 calls
+        queued on the device's thread."""
+        spec = next(s for s in self.service.instrument.spectrometers
+                    if s.name == "S_sim_QEP00981")
+        yield wait_until(lambda: spec.connected and spec.temperature.value is not None)
+        calls = []
+        real = spec.device.temperature
+
+        def counted():
+            calls.append(1)
+            time.sleep(0.2)             # a slow USB read
+            return real()
+        self.patch(spec.device, "temperature", counted)
+        socks = [self.udp(f"127.0.121.{h + 1}") for h in range(4)]
+
+        def burst():
+            paced([(sock, hostile.request(i, f"{QEP}/current_temperature",
+                                          token=struct.pack("!H", i)))
+                   for sock in socks for i in range(50)], per_batch=200, pause=0)
+            time.sleep(1.0)
+            return sum(1 for sock in socks for d in drain(sock) if d[1] == 0x45)
+        answered = yield self.in_thread(burst)
+        self.assertEqual(answered, 200)
+        self.assertLessEqual(len(calls), 2, len(calls))
+
+
+# -- finding 3: spoofed observers lock everyone else out --------------------------------
+
+def watch_registration(dst, address, path, seconds=1.0):
+    """A client on ``address`` registers for ``path`` and keeps the
+    observation ``seconds`` s, as a live client does (pings answered, CON
+    notifications acknowledged): (registered, ended by a 5.03)."""
+    sock = hostile.udp(address, dst)
+    try:
+        answer = hostile.exchange(dst, hostile.request(1, path, token=b"OK", observe=0),
+                                  sock=sock, timeout=3)
+        registered = answer is not None and loadclient.option(answer, 6) is not None
+        ended = False
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            for data in drain(sock):
+                if loadclient.is_ping(data):
+                    sock.send(loadclient.reset_for(data))
+                    continue
+                if (data[0] >> 4) & 3 == 0:
+                    sock.send(loadclient.ack_for(data))
+                if data[4:4 + (data[0] & 15)] == b"OK" and data[1] == UNAVAILABLE:
+                    ended = True
+        hostile.exchange(dst, hostile.request(2, path, token=b"OK", observe=1), sock=sock)
+        return registered, ended
+    finally:
+        sock.close()
+
+
+class ObserveLockout(Server):
+
+    @defer.inlineCallbacks
+    def test_two_thousand_spoofed_observers_lock_nobody_out(self):
+        """2,100 addresses each send one CON registration of /control/status
+        and never acknowledge anything, again every round. On main, 0 of 12
+        fresh registrations were accepted (each host held one, the fair
+        share), ``piccolo3 record`` exited 1 and a bystander's existing
+        observation was ended "for another host". Now a newcomer ends the
+        oldest unproven observation of a host holding more, and a client
+        that acknowledged its notifications (proven) is never ended for a
+        crowd of unproven ones."""
+        r, req = yield as_deferred(self.aio("GET", "control/status", observe=0))
+        self.assertIsNotNone(r.opt.observe)
+        errors, seen = [], []
+
+        async def watch():
+            try:
+                async for n in req.observation:
+                    seen.append(n.payload)
+            except Exception as e:      # the observation ended
+                errors.append(e)
+        watching = asyncio.ensure_future(watch())
+        r = yield as_deferred(self.aio("PUT", "control/record_sequence",
+                                       {"run": "observed", "nsequence": 100, "auto": -1,
+                                        "delay": 1}))
+        self.assertTrue(r.code.is_successful(), r)
+
+        def bystander():
+            return [o for t in self.proto.targets.values() for o in t.observers.values()
+                    if o.remote[0] in ("127.0.0.1", "::ffff:127.0.0.1")]
+        yield wait_until(lambda: any(o.proven for o in bystander()))
+        n = 2100
+        tokens = [os.urandom(4) for _ in range(n)]
+        addresses = [f"127.2.{h // 250}.{h % 250 + 1}" for h in range(n)]
+
+        def crowd_round(mid):
+            socks = [bound(a, 40000) for a in addresses]
+            try:
+                for i, (sock, token) in enumerate(zip(socks, tokens)):
+                    sock.sendto(hostile.request(mid, "control/status", token=token, observe=0),
+                                self.dst)
+                    if i % 100 == 99:
+                        time.sleep(0.01)
+                time.sleep(0.2)
+            finally:
+                for sock in socks:
+                    sock.close()
+
+        def attack():
+            results = []
+            for round_ in range(4):
+                crowd_round(round_ + 1)
+                for k in range(3):
+                    results.append(watch_registration(
+                        self.dst, f"127.0.140.{round_ * 3 + k + 1}", "control/status"))
+            return results
+        received = self.proto.stats["received"]
+        results = yield self.in_thread(attack)
+        self.assertGreater(self.proto.stats["received"] - received, 4 * n - 200)
+        self.assertEqual(results, [(True, False)] * 12)
+        # the bystander's observation goes on
+        self.assertEqual(errors, [])
+        self.assertEqual(len(bystander()), 1)
+        count = len(seen)
+        yield wait_until(lambda: len(seen) > count or errors)
+        self.assertEqual(errors, [])
+        req.observation.cancel()
+        watching.cancel()
+        r = yield as_deferred(self.aio("GET", "control/abort"))
+        self.assertTrue(r.code.is_successful(), r)
+
+
+# -- finding 4: reflection, in total ------------------------------------------------------
+
+class Clocked(unittest.TestCase):
+    """ServerCoap for a small site on 127.0.0.1 on a task.Clock: real
+    datagrams, the test's time."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.value = Observable(0)
+        self.pending = []
+        self.proto = ServerCoap(Site({"": {
+            "temp": Resource(get=lambda: {"temperature": self.value.value, "age": 0.0},
+                             observe=self.value),
+            "slow": Resource(get=self.slow),
+        }}), clock=self.clock)
+        self.listening = reactor.listenUDP(0, self.proto, interface="127.0.0.1",
+                                           maxPacketSize=65535)
+        self.addCleanup(self.listening.stopListening)
+        self.dst = ("127.0.0.1", self.listening.getHost().port)
+        self.socks = []
+        self.addCleanup(lambda: [s.close() for s in self.socks])
+
+    def slow(self):
+        d = task.deferLater(self.clock, 1.0, lambda: "s" * 3000)
+        self.pending.append(d)
+        return d
+
+    def udp(self, host):
+        sock = hostile.udp(host, self.dst)
+        self.socks.append(sock)
+        return sock
+
+    @defer.inlineCallbacks
+    def send_all(self, pairs):
+        before = self.proto.stats["received"]
+        for sock, data in pairs:
+            sock.send(data)
+        yield wait_until(lambda: self.proto.stats["received"] >= before + len(pairs))
+
+    @defer.inlineCallbacks
+    def run_clock(self, seconds, each_second=None):
+        for second in range(seconds):
+            if each_second is not None:
+                yield each_second(second)
+            self.clock.advance(1)
+            yield task.deferLater(reactor, 0, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_observations_of_a_value_that_changes_reflect_3x_in_all(self):
+        """2 spoofed addresses x 64 CON registrations of a value that
+        changes every 10 s by itself (``last_temperature``), never
+        acknowledged, registered again every 60 s. On main each
+        registration got 6 datagrams back (the answer, a notification and
+        4 retransmissions): 11x in all. Now everything sent to an address
+        not verified -- answers, notifications, retransmissions, pings --
+        is paid from 3x what came from it."""
+        socks = [self.udp(f"127.0.31.{h + 1}") for h in range(2)]
+        tokens = [os.urandom(4) for _ in range(64)]
+        sent = [0]
+        back = {}
+
+        @defer.inlineCallbacks
+        def register(mid):
+            pairs = [(sock, hostile.request(mid * 100 + i, "temp", token=token, observe=0))
+                     for sock in socks for i, token in enumerate(tokens)]
+            sent[0] += sum(len(d) for _, d in pairs)
+            yield self.send_all(pairs)
+
+        def each_second(second):
+            if second % 10 == 0:
+                self.value.set(second)
+            for sock in socks:
+                for data in drain(sock):
+                    back[sock] = back.get(sock, 0) + len(data)
+            if second % 60 == 0 and second < 240:
+                return register(second // 60 + 1)
+            return defer.succeed(None)
+        yield self.run_clock(400, each_second)
+        for sock in socks:
+            for data in drain(sock):
+                back[sock] = back.get(sock, 0) + len(data)
+        self.assertGreater(sum(back.values()), 0)
+        self.assertLessEqual(sum(back.values()), 3 * sent[0], (back, sent))
+        for sock in socks:
+            self.assertLessEqual(back[sock], 3 * sent[0] / len(socks))
+        # and the observations nobody acknowledged are gone
+        self.assertEqual(self.proto.observer_count(), 0)
+
+    @defer.inlineCallbacks
+    def test_separate_responses_reflect_3x_in_all(self):
+        """A slow handler's answer goes as an empty ACK and a separate CON
+        response; on main the separate response was retransmitted 4 times
+        to an address that never acknowledged (1.7x of the request, and
+        more with bigger answers). Now its copies are paid from the
+        address's credit too."""
+        sock = self.udp("127.0.32.1")
+        requests = [hostile.request(i, "slow", token=struct.pack("!H", i)) for i in range(20)]
+        yield self.send_all([(sock, d) for d in requests])
+        back = [0]
+
+        def each_second(second):
+            back[0] += sum(len(d) for d in drain(sock))
+            return defer.succeed(None)
+        yield self.run_clock(200, each_second)
+        back[0] += sum(len(d) for d in drain(sock))
+        self.assertEqual(len(self.pending), 20)
+        self.assertGreater(back[0], 0)
+        self.assertLessEqual(back[0], 3 * sum(len(d) for d in requests))
+        self.assertEqual(len(self.proto.retransmitter), 0)
+
+
+# -- finding 5: the deployed client is verified; its multi-block observations --------------
+
+def write_run(datadir, run, files):
+    """``files``: name -> text, written into the run's directory."""
+    path = os.path.join(datadir, run)
+    os.makedirs(path, exist_ok=True)
+    for name, text in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    return path
+
+
+def pico_text(pixels, batch=0):
+    return json.dumps({"Spectra": [{"Metadata": {"Batch": batch, "Direction": "Upwelling"},
+                                    "Pixels": list(range(batch, batch + pixels))}]})
+
+
+class DeployedClient(Server):
+
+    @defer.inlineCallbacks
+    def test_aiocoap_fetches_a_file_in_full_blocks_from_a_fresh_address(self):
+        """aiocoap (the deployed piccolo3 client) never returns an Echo
+        value, so on main it was never verified and fetched everything in
+        64-byte blocks: a 5.5 MB file took 156.6 s instead of 14.1 s. It
+        answers the server's ping, which proves its address: the first
+        block is then 1024 bytes, and so is every later one. Counted, not
+        timed: the block requests the server got."""
+        text = pico_text(50_000)
+        self.assertGreater(len(text), 250_000)
+        write_run(self.datadir, "big", {"b000000_s000000_light.pico": text})
+        received = self.proto.stats["received"]
+        r = yield as_deferred(self.aio("PUT", "data_dir/runs/big/spectra",
+                                       [["b000000_s000000_light.pico"], {}], timeout=60))
+        self.assertTrue(r.code.is_successful(), (r, r.payload[:200]))
+        self.assertEqual(json.loads(json.loads(r.payload)), json.loads(text))
+        blocks = -(-len(r.payload) // 1024)
+        # the block requests, an RST for the ping, a few besides
+        self.assertLessEqual(self.proto.stats["received"] - received, blocks + 5,
+                             (blocks, self.proto.stats))
+        self.assertIn("127.0.0.1", self.proto.verified)
+
+    @defer.inlineCallbacks
+    def test_aiocoap_observes_last_batch_while_a_batch_runs(self):
+        """The attack's t_aio_obs.py, no attacker needed: aiocoap observes
+        /control/last_batch while a batch runs. On main the summary (775
+        bytes) went in small blocks to the address not verified, a newer
+        notification replaced the body the client was still fetching, and
+        aiocoap ended the observation with ResourceChanged. Every
+        notification must arrive whole."""
+        r = yield as_deferred(self.aio("PUT", "control/record_sequence",
+                                       [[], {"run": "aio", "nsequence": 6, "auto": -1,
+                                             "delay": 1}]))
+        self.assertTrue(r.code.is_successful(), r)
+        r, req = yield as_deferred(self.aio("GET", "control/last_batch", observe=0))
+        got, errors = [], []
+
+        async def watch():
+            try:
+                async for n in req.observation:
+                    got.append(json.loads(n.payload))
+                    if len(got) >= 4:
+                        return
+            except Exception as e:
+                errors.append(e)
+        try:
+            yield as_deferred(asyncio.wait_for(watch(), 60))
+        finally:
+            req.observation.cancel()
+        self.assertEqual(errors, [])
+        self.assertGreaterEqual(len(got), 4)
+        r = yield as_deferred(self.aio("GET", "control/abort"))
+
+
+class HeldNotifications(unittest.TestCase):
+    """A client that cannot be verified (it answers no ping and returns no
+    Echo) gets a multi-block body in small blocks: a newer notification
+    must wait until it has fetched them, whatever the block size. On main
+    only bodies over the observer's block size (1 KiB) were held: aiocoap
+    ended the observation of a 775-byte value with ResourceChanged."""
+
+    timeout = 60
+
+    def setUp(self):
+        if not asyncio_reactor():
+            raise unittest.SkipTest("wire tests need --reactor=asyncio (aiocoap)")
+        self.value = Observable(self.body(0))
+        self.proto = ServerCoap(Site({"": {
+            "summary": Resource(get=lambda: self.value.value, observe=self.value)}}))
+        if hasattr(self.proto, "proofs"):
+            self.proto.proofs.available = lambda address: False     # answers no ping
+        self.listening = reactor.listenUDP(0, self.proto, interface="127.0.0.1",
+                                           maxPacketSize=65535)
+        self.addCleanup(self.listening.stopListening)
+        self.port = self.listening.getHost().port
+
+    @staticmethod
+    def body(n):
+        return {"run": "aio", "batch": n, "channels": {c: {"peak": n * 7 % 6000,
+                                                            "saturated": 0, "time": 100}
+                                                        for c in ("upwelling", "downwelling")},
+                "text": "x" * 640}
+
+    @defer.inlineCallbacks
+    def test_small_block_notifications_arrive_whole(self):
+        self.assertGreater(len(json.dumps(self.body(0))), 700)
+        self.assertLess(len(json.dumps(self.body(0))), 1024)
+        changing = task.LoopingCall(lambda: self.value.set(self.body(self.value.value["batch"] + 1)))
+        got, errors = [], []
+
+        async def observe():
+            import aiocoap
+            ctx = await aiocoap_context()
+            try:
+                req = ctx.request(aiocoap.Message(
+                    code=aiocoap.GET, uri=f"coap://127.0.0.1:{self.port}/summary", observe=0))
+                first = await asyncio.wait_for(req.response, 10)
+                got.append(json.loads(first.payload))
+                try:
+                    async for n in req.observation:
+                        got.append(json.loads(n.payload))
+                        if len(got) >= 15:
+                            break
+                except Exception as e:
+                    errors.append(e)
+                req.observation.cancel()
+            finally:
+                await ctx.shutdown()
+        changing.start(0.05, now=False)
+        try:
+            yield as_deferred(asyncio.wait_for(observe(), 40))
+        finally:
+            changing.stop()
+        self.assertEqual(errors, [])
+        self.assertGreaterEqual(len(got), 15)
+        self.assertNotIn("127.0.0.1", self.proto.verified)
