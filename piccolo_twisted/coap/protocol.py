@@ -214,7 +214,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def datagramReceived(self, data, remote):
         self.stats["received"] += 1
-        if not self.verifier.is_verified(remote[0]):
+        verified = self.verifier.is_verified(remote[0])
+        if not verified:
             # what may be sent to an address not verified: 3x what came from it
             self.credit.received(remote[0], len(data))
         try:
@@ -231,7 +232,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 self._write(empty(RST, int.from_bytes(data[2:4], "big")), remote)
             return
         try:
-            self.handle_message(msg, remote)
+            self.handle_message(msg, remote, verified)
         except Exception:
             self.log.failure("unexpected error handling a datagram from {remote}",
                              remote=remote)
@@ -246,11 +247,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         elif msg.mtype == CON:
             self._write(empty(RST, msg.mid), remote)
 
-    def handle_message(self, msg, remote):
+    def handle_message(self, msg, remote, verified=None):
         mtype, code = msg.mtype, msg.code
         if mtype == CON or mtype == NON:
             if 1 <= code < 32:
-                self.request(msg, remote)
+                self.request(msg, remote, verified)
             elif mtype == CON:
                 # CoAP ping, or a response/reserved code we never asked for
                 self._write(empty(RST, msg.mid), remote)
@@ -275,10 +276,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     # -- one request -----------------------------------------------------------
 
-    def request(self, msg, remote):
+    def request(self, msg, remote, verified=None):
         path = msg.path()
-        req = Request(msg, remote, path, self.verifier.check(remote[0], msg.first(ECHO)),
-                      self.credit)
+        if not verified:
+            verified = self.verifier.check(remote[0], msg.first(ECHO))
+        req = Request(msg, remote, path, verified, self.credit)
         req.arrived = self.clock.seconds()
         if not self._served_from_transfer(req) and self._admitted(req):
             self._handle_safely(req)
@@ -839,7 +841,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             self.dedup.answer(req.seen, data)
             if mtype == NON:
                 self.retransmitter.note(int.from_bytes(data[2:4], "big"), req.remote)
-            self._write(data, req.remote)
+            self._write(data, req.remote, req.verified)
         if ((req.prove or reply.echo is not None) and not req.verified
                 and req.limit >= PING_COST):
             # an answer made smaller: the address's next requests need not
@@ -933,11 +935,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     # -- output ------------------------------------------------------------------------
 
-    def _write(self, data, remote):
+    def _write(self, data, remote, verified=False):
         """Send a datagram; to an address not verified only when its credit
-        pays for it (False: not sent)."""
-        if not self.verifier.is_verified(remote[0]) and not self.credit.spend(remote[0],
-                                                                              len(data)):
+        pays for it (False: not sent). ``verified``: known to be so."""
+        if (not verified and not self.verifier.is_verified(remote[0])
+                and not self.credit.spend(remote[0], len(data))):
             self.stats["unpaid"] += 1
             return False
         try:
