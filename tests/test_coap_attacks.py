@@ -588,6 +588,7 @@ class AccessPolicyTests(unittest.SynchronousTestCase):
         self.transport = FakeTransport()
         self.proto.transport = self.transport
         verify(self.proto, "127.0.0.2")
+        verify(self.proto, "127.0.0.1")
 
     def send(self, code, path, peer, payload=b""):
         self.proto.datagramReceived(self.request(code, path=path, payload=payload,
