@@ -338,6 +338,141 @@ def amplification(dst, datagram, src, wait=3.0):
     return len(datagram), size, size / len(datagram)
 
 
+# -- the attacks on issue 19's layer, all at once (issue 19b) ----------------------
+
+def _paced_send(pairs, per_batch=100, pause=0.01, stop=None):
+    for i, (sock, data, to) in enumerate(pairs):
+        if stop is not None and stop.is_set():
+            return i
+        try:
+            sock.sendto(data, to)
+        except OSError:
+            pass
+        if i % per_batch == per_batch - 1:
+            time.sleep(pause)
+    return len(pairs)
+
+
+def attack_mix(dst, stop, counts, scale=1.0):
+    """Until ``stop`` (a threading.Event) is set, from spoofed loopback
+    addresses that never answer anything (findings-19.md): 17 addresses
+    sending ``PUT /control/numSequences`` (~1,000/s in all), 300 addresses x
+    64 ``PUT /sysinfo/clock`` (requests that must not run twice; once per
+    EXCHANGE_LIFETIME), 8 x 32 ``GET current_temperature`` every 9 s,
+    2,100 observers of /control/status every 30 s, 4 x 64 ``GET
+    /spectrometer/power_on`` every 2 s, one host pinning block 1 of 20
+    listings every second. ``counts`` gets the datagrams sent per kind."""
+    import threading
+    _check(dst[0])
+
+    def socks(prefix, n, port=0):
+        out = []
+        for h in range(n):
+            address = f"127.{prefix}.{h // 250}.{h % 250 + 1}"
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((address, port))
+            s.setblocking(False)
+            out.append(s)
+        return out
+
+    def drain(all_socks):
+        for s in all_socks:
+            try:
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass
+
+    def every(period, work, kind):
+        while not stop.is_set():
+            t0 = time.monotonic()
+            counts[kind] = counts.get(kind, 0) + work()
+            stop.wait(max(0.0, period - (time.monotonic() - t0)))
+
+    flood = socks(60, 17)
+    crowd = socks(61, 300)
+    slow = socks(62, 8)
+    power = socks(63, 4)
+    hog = socks(64, 1)
+    mids = {"n": 0}
+
+    def mid():
+        mids["n"] = (mids["n"] + 1) & 0xFFFF
+        return mids["n"]
+
+    def settings():
+        n = _paced_send([(s, request(mid(), "control/numSequences", code=PUT, payload=b"1",
+                                     token=b"n"), dst) for s in flood for _ in range(60)],
+                        stop=stop)
+        drain(flood)
+        return n
+
+    def clocks():
+        n = _paced_send([(s, request(mid(), "sysinfo/clock", code=PUT, payload=b'"x"',
+                                     token=b"c"), dst) for _ in range(64) for s in crowd],
+                        stop=stop)
+        drain(crowd)
+        return n
+
+    def reads():
+        n = _paced_send([(s, request(mid(), "spectrometer/S_sim_QEP00981/current_temperature",
+                                     token=b"t"), dst) for s in slow for _ in range(32)],
+                        stop=stop)
+        drain(slow)
+        return n
+
+    tokens = [os.urandom(4) for _ in range(2100)]
+
+    def observers():
+        sent = 0
+        for start in range(0, 2100, 300):          # a few hundred descriptors at a time
+            batch = []
+            for h in range(start, min(start + 300, 2100)):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((f"127.2.{h // 250}.{h % 250 + 1}", 40000))
+                    s.sendto(request(mid(), "control/status", token=tokens[h], observe=0), dst)
+                    sent += 1
+                except OSError:
+                    pass
+                batch.append(s)
+                if h % 100 == 99:
+                    time.sleep(0.01)
+            for s in batch:
+                s.close()
+            if stop.is_set():
+                break
+        return sent
+
+    def power_on():
+        n = _paced_send([(s, request(mid(), "spectrometer/power_on", token=b"p"), dst)
+                         for s in power for _ in range(64)], stop=stop)
+        drain(power)
+        return n
+
+    def pin():
+        n = 0
+        for i in range(20):
+            hog[0].sendto(request(mid(), "data_dir/runs/attacked/spectra_list",
+                                  token=bytes((i,)), block2=(1, 6)), dst)
+            n += 1
+        drain(hog)
+        return n
+    jobs = [(1.0 / scale, settings, "settings"), (247.0, clocks, "clock"),
+            (9.0, reads, "reads"), (30.0, observers, "observers"),
+            (2.0, power_on, "power_on"), (1.0, pin, "pin")]
+    workers = [threading.Thread(target=every, args=job) for job in jobs]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for s in flood + crowd + slow + power + hog:
+        s.close()
+    return counts
+
+
 # -- the script --------------------------------------------------------------
 
 def _server(address="127.0.0.1"):
