@@ -990,3 +990,44 @@ class PerPrefix(unittest.SynchronousTestCase):
         self.assertEqual(answered, exchange.DEDUP_PER_VERIFIED)
         self.assertEqual(limits.host_of("::ffff:127.0.0.5"), "127.0.0.5")
         self.assertEqual(limits.host_of("2001:db8:0:1:a:b:c:d"), "2001:db8:0:1::/64")
+
+
+class LongObservation(unittest.SynchronousTestCase):
+    """A client verified by a ping and observing for days (``piccolo3``
+    during a season) stays verified while it is there: before its
+    verification lapses, its next datagram brings a new ping. Without it
+    the notifications would be paid from a credit it no longer has, and
+    its observation would end after an hour."""
+
+    def test_an_observer_that_answers_stays_verified(self):
+        from .test_coap_protocol import request
+        clock = task.Clock()
+        value = Observable(0)
+        proto = ServerCoap(Site({"": {"v": Resource(get=lambda: value.value,
+                                                    observe=value)}}), clock=clock)
+        peer = ("127.0.0.40", 5683)
+
+        class Client:
+            """Answers pings (RST) and acknowledges CON notifications."""
+            got = []
+
+            def write(self, data, addr):
+                m = decode(data)
+                if m.mtype == _tx.CON:
+                    kind = _tx.RST if m.code == 0 else _tx.ACK
+                    answer = struct.pack("!BBH", 0x40 | (kind << 4), 0, m.mid)
+                    clock.callLater(0.01, proto.datagramReceived, answer, peer)
+                    if m.code:
+                        self.got.append(m.payload)
+        proto.transport = Client()
+        proto.startProtocol()
+        self.addCleanup(proto.stopProtocol)
+        proto.datagramReceived(request(path="v", token=b"w", mid=1, observe=0), peer)
+        clock.advance(1)
+        self.assertIn("127.0.0.40", proto.verified)
+        for minute in range(3 * 24 * 60):        # three days, a change a minute
+            value.set(minute + 1)
+            clock.advance(60)
+        self.assertEqual(proto.observer_count(), 1)
+        self.assertEqual(len(Client.got), 3 * 24 * 60)
+        self.assertIn("127.0.0.40", proto.verified)

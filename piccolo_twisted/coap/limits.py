@@ -48,6 +48,7 @@ from ..hosts import host_of  # noqa: F401 (the unit of the shares)
 AMPLIFICATION = 3              # unverified: sent <= 3 x received (RFC 7252 11.3)
 ECHO_EPOCH = 300.0             # an Echo value is good for 5-10 minutes
 VERIFIED_FOR = 3600.0          # a verified host stays so this long after its last proof
+RENEW_BEFORE = 600.0           # an active verified host is pinged again this long before
 VERIFIED_MAX = 4096            # hosts remembered as verified
 CREDIT_HOSTS = 16384           # unverified addresses whose credit is remembered
 CREDIT_MAX = 16384             # bytes of credit an address may save up
@@ -186,6 +187,19 @@ class Verifier:
 
     def is_verified(self, host):
         return self.check(host, None)
+
+    def state(self, host):
+        """(verified, due): ``due`` when the verification ends within
+        RENEW_BEFORE (a host still active is then asked for a new proof,
+        so that a client observing for days is never cut off)."""
+        until = self.verified.get(host)
+        if until is None:
+            return False, False
+        now = self.clock.seconds()
+        if until < now:
+            del self.verified[host]
+            return False, False
+        return True, until - now < RENEW_BEFORE
 
     def __contains__(self, host):
         return self.is_verified(host)

@@ -214,10 +214,12 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def datagramReceived(self, data, remote):
         self.stats["received"] += 1
-        verified = self.verifier.is_verified(remote[0])
+        verified, due = self.verifier.state(remote[0])
         if not verified:
             # what may be sent to an address not verified: 3x what came from it
             self.credit.received(remote[0], len(data))
+        elif due:
+            self.proofs.start(remote)       # still here: a new proof before it lapses
         try:
             msg = decode(data)
         except TooManyOptions as e:
