@@ -10,6 +10,7 @@ median of 3 runs with min-max, beside its target.
     python bench/run.py --only cold-auto --cpu-quota    # the server on 0.25 core
     python bench/run.py --only emulated    # overhead: USB-emulated vs simulated
     python bench/run.py --only web         # the web page: 5 browsers, RSS on/off, weight
+    python bench/run.py --only web-load    # CoAP latency under zips and HTTP floods, RSS after zips
 
 ``--cpu-quota`` runs every server the benchmark starts in a cgroup v1 CPU
 quota of 0.25 core (``cpu.cfs_quota_us = 2500`` per ``cpu.cfs_period_us =
@@ -206,8 +207,7 @@ DEFAULT_QUOTA = False       # --cpu-quota: every server in the quota
 LEGACY_RPS_C64 = 3217
 WEB_EVENT_CLIENTS = False   # --web-event-clients: Python stand-ins, not chromium
 CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak",
-         "attacks",
-         "scale", "emulated", "web")
+         "attacks", "scale", "emulated", "web", "web-load")
 SERVER_CASES = ("get", "batch", "overhead", "fetch", "soak")
 
 EMULATED_SERVER = """[seabreeze]
@@ -527,7 +527,7 @@ def scale_rows(runs, quick):
         rss_empty = base.rss_mib()
     finally:
         base.stop()
-    builds, rss, firsts, status = [], [], {}, []
+    builds, rss, firsts, status, during = [], [], {}, [], []
     client = b'[[], {"alpha": false, "reverse": false, "nitems": null, "page": 0}]'
     for _ in range(runs):
         root = tempfile.mkdtemp(prefix="piccolo-bench-scale-")
@@ -555,6 +555,7 @@ def scale_rows(runs, quick):
                     capture_output=True, text=True, timeout=120, cwd=HERE)
                 assert pull.stdout.split() == [str(files)] * 2, pull.stdout + pull.stderr
             status.append(status_while(server, pull_listing, settle=0.2, duration=300.0))
+            during.append(listing_during_batch(server, big, files))
         finally:
             server.stop()
             shutil.rmtree(root, ignore_errors=True)
@@ -576,6 +577,42 @@ def scale_rows(runs, quick):
     if lost:
         row("  lost requests while pulling the listing", lost, "", "0", lambda m: m == 0,
             fmt="{:.0f}")
+    for label in ("current_batch", "spectra_list"):
+        for i, what in enumerate(("median", "p90", "max")):
+            row(f"first block of {label} during a batch into the {files // 1000}k run: {what}",
+                [d[label][i] for d in during], "ms", fmt="{:.2f}")
+    row("  requests answered during each such batch", [d["n"] for d in during], "",
+        fmt="{:.0f}")
+
+
+def listing_during_batch(server, big, files, nsequence=40):
+    """A batch writes into the big run (10 ms integrations, no delay: a
+    file every ~50 ms) while a client asks its current_batch and the first
+    block of its spectra_list back to back: every answer is checked
+    against the disk (each save moves the run's mtime: a request after a
+    save waits for it to land and compares the run's names once, issue
+    20), the first-block times (median, p90, max) are returned."""
+    server.set_times(10)
+    server.call("PUT", "/control/record_sequence",
+                {"run": big, "nsequence": nsequence, "auto": -1, "delay": 0})
+    times = {"current_batch": [], "spectra_list": []}
+    while server.call("GET", "/control/status") != "idle":
+        for label in times:
+            times[label].append(first_block(server.port, f"/data_dir/runs/{big}/{label}"))
+    # the listing is the directory's: the files before, the batch's dark,
+    # lights and final dark
+    code, body, _ = loadclient.fetch("::1", server.port, f"/data_dir/runs/{big}/spectra_list",
+                                     timeout=30)
+    names = json.loads(body)
+    on_disk = [n for n in os.listdir(os.path.join(server.datadir, big)) if n.endswith(".pico")]
+    assert sorted(names) == sorted(on_disk) and len(names) == files + nsequence + 2, \
+        (len(names), len(on_disk))
+    out = {"n": len(times["spectra_list"])}
+    for label, values in times.items():
+        values.sort()
+        out[label] = ((statistics.median(values), values[int(len(values) * 0.9)], values[-1])
+                      if values else (None, None, None))
+    return out
 
 
 def free_tcp_port():
@@ -664,7 +701,8 @@ class EventClients:
             from urllib.parse import urlsplit
             where = urlsplit(self.url)
             sock = socket.create_connection((where.hostname, where.port))
-            sock.sendall(b"GET /events HTTP/1.1\r\nHost: bench\r\n\r\n")
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: %s\r\n\r\n"
+                         % where.netloc.encode("ascii"))
             self.socks.append(sock)
 
             def read(i=i, sock=sock):
@@ -766,6 +804,167 @@ def web_rows(runs, quick, nbrowsers=5):
     row(f"RSS after the batches, web page on ({nbrowsers} {kind})", after["on"], "MiB")
     row("  web on - web off (after the batches)", after["on"][0] - after["off"][0], "MiB",
         "<= 8", lambda m: m <= 8)
+
+
+WEB_LOAD_CFG = """[web]
+address = 127.0.0.1
+"""
+
+
+def make_big_run(root, name, files, seed=22):
+    """A run of ``files`` spectrum files (~120 KB of .pico-like JSON each,
+    as compressible as real ones) in ``root``."""
+    import random
+    rng = random.Random(seed)
+    run = os.path.join(root, name)
+    os.makedirs(run, exist_ok=True)
+    for i in range(files):
+        pixels = ",".join(str(1000 + rng.randrange(60000)) for _ in range(2048))
+        meta = '{"Direction": "upwelling", "IntegrationTime": 100.0, "SerialNumber": "x"}'
+        body = '{"Spectra": [%s]}' % ",".join(
+            '{"Metadata": %s, "Pixels": [%s]}' % (meta, pixels) for _ in range(9))
+        with open(os.path.join(run, f"b000000_s{i:06d}_light.pico"), "w") as f:
+            f.write(body)
+    return run
+
+
+class WebLoad:
+    """Background web traffic on 127.0.0.1:``port`` until ``stop()``:
+    ``zips`` readers downloading /zip/<run> over and over, and/or ``hosts``
+    x ``conns`` connections (from 127.0.3.x) pipelining GET
+    /api/control/status as fast as they are answered."""
+
+    def __init__(self, port, run="big", zips=0, hosts=0, conns=8):
+        import threading
+        self.port, self.run = port, run
+        self.stopping = threading.Event()
+        self.answers = 0
+        self.zipped = 0
+        self.threads = []
+        for _ in range(zips):
+            self.threads.append(threading.Thread(target=self._zip, daemon=True))
+        for h in range(hosts):
+            for _ in range(conns):
+                self.threads.append(threading.Thread(target=self._flood, args=(f"127.0.3.{h + 1}",),
+                                                     daemon=True))
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        for t in self.threads:
+            t.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        for t in self.threads:
+            t.join(10)
+        self.seconds = time.monotonic() - self.t0
+
+    def _zip(self):
+        while not self.stopping.is_set():
+            try:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                s.sendall(b"GET /zip/%s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                          % self.run.encode())
+                while not self.stopping.is_set():
+                    data = s.recv(1 << 16)
+                    if not data:
+                        self.zipped += 1
+                        break
+                s.close()
+            except OSError:
+                time.sleep(0.2)
+
+    def _flood(self, source):
+        request = b"GET /api/control/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        while not self.stopping.is_set():
+            try:
+                s = socket.socket()
+                s.bind((source, 0))
+                s.settimeout(2)
+                s.connect(("127.0.0.1", self.port))
+                s.sendall(request * 64)
+                pending = 64
+                while not self.stopping.is_set():
+                    try:
+                        data = s.recv(1 << 16)
+                    except socket.timeout:
+                        continue
+                    if not data:
+                        break
+                    n = data.count(b"HTTP/1.1 ")
+                    self.answers += n
+                    pending -= n
+                    if pending < 32:
+                        s.sendall(request * 32)
+                        pending += 32
+                s.close()
+            except OSError:
+                time.sleep(0.1)
+
+
+def web_load_rows(runs, quick):
+    """CoAP GET /control/status latency while the web page is under load
+    (zips of a large run, a flood of pipelined requests from one host and
+    from eight), and RSS with the web off and on after rounds of zips."""
+    files = 300 if quick else 1500
+    seconds = 5.0 if quick else 10.0
+    root = tempfile.mkdtemp(prefix="piccolo-bench-webload-")
+    confdir = tempfile.mkdtemp(prefix="piccolo-bench-webcfg-")
+    cfg = os.path.join(confdir, "piccolo.cfg")
+    with open(cfg, "w") as f:
+        f.write(WEB_LOAD_CFG)
+    try:
+        make_big_run(root, "big", files)
+        rss_off = []
+        for _ in range(runs):
+            s = Server(datadir=root, args=["-c", cfg]).start()
+            s.own_dir = False
+            time.sleep(2.0)
+            rss_off.append(s.rss_mib())
+            s.stop()
+        wport = free_tcp_port()
+        server = Server(datadir=root, args=["-c", cfg, "--web", str(wport)]).start()
+        server.own_dir = False
+        try:
+            server.wait_connected()
+            time.sleep(1.0)
+            rss_on = server.rss_mib()
+            cases = [("no web traffic", {}), ("one zip download", {"zips": 1}),
+                     ("four zip downloads", {"zips": 4}),
+                     ("HTTP flood, 1 host x 8 pipelining connections", {"hosts": 1}),
+                     ("HTTP flood, 8 hosts x 8 pipelining connections", {"hosts": 8})]
+            for label, load in cases:
+                results, rates = [], []
+                for _ in range(runs):
+                    with WebLoad(wport, **load) as w:
+                        results.append(status_while(server, lambda: time.sleep(seconds),
+                                                    duration=seconds + 5))
+                    rates.append(w.answers / w.seconds)
+                row(f"GET /control/status at 50/s, {label}: p99",
+                    [r["p99_ms"] for r in results], "ms", fmt="{:.2f}")
+                if load.get("hosts"):
+                    row("  web answers/s to the flood (paced: 30/s a host, 150/s in all)",
+                        rates, "/s", fmt="{:.0f}")
+            for _ in range(3):
+                with WebLoad(wport, zips=4) as w:
+                    deadline = time.monotonic() + 120
+                    while w.zipped < 4 and time.monotonic() < deadline:
+                        time.sleep(0.2)
+            time.sleep(2.0)
+            rss_zips = server.rss_mib()
+        finally:
+            server.stop()
+        row("RSS after start, web page off", rss_off, "MiB")
+        row("RSS after start, web page on", rss_on, "MiB")
+        row(f"RSS after 3 rounds of 4 parallel zips of a {files}-file run, web on", rss_zips,
+            "MiB")
+        row("  web on after zips - web off", rss_zips - statistics.median(rss_off), "MiB",
+            "<= 8", lambda m: m <= 8)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(confdir, ignore_errors=True)
 
 
 def med(values):
@@ -886,6 +1085,8 @@ def main():
         emulated_rows(runs, a.quick)
     if want("web"):
         web_rows(runs, a.quick)
+    if want("web-load"):
+        web_load_rows(runs, a.quick)
     missed = [r for r in ROWS if r[4] == "MISSED"]
     print(f"{len(ROWS)} figures, {len(missed)} targets missed")
     return 1 if missed else 0

@@ -50,11 +50,31 @@ def parse_networks(entries):
             continue
         try:
             # strict=False: 192.168.4.7/24 means its network, as people write it
-            networks.append(ipaddress.ip_network(entry, strict=False))
+            network = ipaddress.ip_network(entry, strict=False)
         except ValueError:
             raise AccessError(f"{entry!r} is not an address or a network "
                               "(e.g. 127.0.0.1, 192.168.4.0/24, fd00::/8)") from None
+        networks.extend(_as_peers_appear(network))
     return tuple(networks)
+
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _as_peers_appear(network):
+    """A network as the clients it means are seen: an IPv4 client of a
+    dual-stack socket is matched by its IPv4 address (``client_address``),
+    so IPv4-mapped entries (``::ffff:127.0.0.1``, ``::ffff:0:0/96``) are
+    the IPv4 networks they map, and an IPv6 network holding the whole
+    mapped range (``::/0``) holds every IPv4 address too."""
+    if network.version != 6:
+        return [network]
+    if network.subnet_of(_MAPPED):
+        v4 = ipaddress.ip_address(int(network.network_address) & 0xFFFFFFFF)
+        return [ipaddress.ip_network(f"{v4}/{network.prefixlen - 96}")]
+    if network.supernet_of(_MAPPED):
+        return [network, ipaddress.ip_network("0.0.0.0/0")]
+    return [network]
 
 
 def client_address(host):
@@ -105,9 +125,12 @@ class ControlPolicy:
             return f"control is not allowed from {host!r}: not an IP address"
         if any(address in network for network in self.networks):
             return None
-        # short: an answer to a host not yet verified is at most 3x its
-        # request (docs/API.md), and the reason should fit whole
-        return f"control is not allowed from {address} ([access] control_from)"
+        # short, the setting first: an answer over CoAP to a host not yet
+        # verified is at most 3x its request (docs/API.md). 30 bytes and
+        # the address: whole for any IPv4 address in an answer to the
+        # smallest changing request (17 bytes: PUT /control/auto without
+        # token or payload); a longer IPv6 address is left out whole
+        return f"[access] control_from refuses {address}"
 
 
 #: the default policy: everyone may control

@@ -11,7 +11,6 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from importlib import resources
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from configobj.validate import ValidateError, Validator, is_float, is_float_list
@@ -44,6 +43,7 @@ host_key = string(default="")
 [web]
 port = integer(min=0, max=65535, default=8080)
 address = string(default="")
+hosts = force_list(default=list())
 [access]
 control_from = force_list(default=list("any"))
 """
@@ -154,6 +154,48 @@ def check_channel_name(name):
         return f"a fixed word of the API (/shutter/{name})"
     if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in name):
         return "has control characters"
+    if not _CHANNEL_NAME.fullmatch(name):
+        # /.well-known/core, status strings ("upwelling dark"), file
+        # metadata, command lines: a plain word is safe in all of them
+        return ("not a plain word: ASCII letters, digits, '_', '-' and '.', at most "
+                "64, starting with a letter, digit or '_'")
+    return None
+
+
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+_SERIAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
+
+
+def check_serial(serial):
+    """Why ``serial`` cannot name a spectrometer, or None. It is a section
+    of piccolo.config (which ``piccolo3-setup`` writes: ``#`` would start a
+    comment there), the path word ``S_<serial>`` and file metadata: Ocean
+    Optics serials are plain words (``QEP01234``, ``USB2+F01234``)."""
+    if not _SERIAL.fullmatch(serial):
+        return ("not a plain word: ASCII letters, digits, '_', '+', '-' and '.', "
+                "at most 64, starting with a letter, digit or '_'")
+    return None
+
+
+#: a calibration polynomial gives pixel i (0 .. CALIBRATION_PIXELS - 1, more
+#: than any Ocean Optics detector has) a wavelength within CALIBRATION_NM
+CALIBRATION_PIXELS = 8192
+CALIBRATION_NM = 1e6
+CALIBRATION_TERMS = 8
+
+
+def check_calibration(coefficients):
+    """Why ``coefficients`` (c0 + c1 i + c2 i² + ..., i the pixel, nm) are
+    no wavelength calibration, or None. ``1e308, ...`` was taken and
+    overflowed wherever wavelengths were computed."""
+    if not 1 <= len(coefficients) <= CALIBRATION_TERMS:
+        return f"needs 1 to {CALIBRATION_TERMS} coefficients, not {len(coefficients)}"
+    bound = sum(abs(c) * float(CALIBRATION_PIXELS - 1) ** n
+                for n, c in enumerate(coefficients))
+    if not bound <= CALIBRATION_NM:
+        return (f"gives wavelengths beyond {CALIBRATION_NM:,.0f} nm within "
+                f"{CALIBRATION_PIXELS} pixels: not a calibration in nm")
     return None
 
 
@@ -242,6 +284,7 @@ class ServerConfig:
     emulate: list = field(default_factory=list)  # [(model, serial)]
     web_port: int = 8080                     # 0: no web page
     web_address: str = ""                    # empty: the CoAP address
+    web_hosts: tuple = ()                    # more names the page answers to
     control_from: tuple | None = None        # ip networks; None: everyone
     source: str = "<defaults>"
 
@@ -268,6 +311,16 @@ def load_server_config(path=None, text=None):
         web_address = check_address(web_address, f"{name}: [web/address]")
     control_from = check_control_from(cfg["access"]["control_from"],
                                       f"{name}: [access/control_from]")
+    web_hosts = check_web_hosts(cfg["web"]["hosts"], f"{name}: [web/hosts]")
+    # an empty path is no default: "" is the current directory, which
+    # under systemd is / (every directory of the system a "run")
+    for section, key, what in (("datadir", "datadir", "the data directory"),
+                               (None, "config", "the instrument config")):
+        value = cfg[section][key] if section else cfg[key]
+        if not value.strip():
+            where = f"{section}/{key}" if section else key
+            raise ConfigError(f"{name}: [{where}] is empty: name {what} "
+                              f"(or leave the key out for the default)")
     return ServerConfig(
         instrument=cfg["config"],
         instrument_named="config" not in cfg.defaults,
@@ -290,9 +343,28 @@ def load_server_config(path=None, text=None):
         emulate=emulate,
         web_port=cfg["web"]["port"],
         web_address=web_address,
+        web_hosts=web_hosts,
         control_from=control_from,
         source=path or "<string>" if (path or text) else "<defaults>",
     )
+
+
+def check_web_hosts(entries, where):
+    """``[web] hosts``: the names (and addresses) the web page answers to
+    besides its own; anything else is a ConfigError naming ``where``."""
+    out = []
+    for entry in entries:
+        entry = str(entry).strip()
+        if not entry:
+            continue
+        try:
+            ipaddress.ip_address(entry.strip("[]").split("%", 1)[0])
+        except ValueError:
+            if not _host_name(entry):
+                raise ConfigError(f"{where} {entry!r} is not a host name or an "
+                                  f"address (e.g. piccolo.example.org, 192.168.4.1)") from None
+        out.append(entry)
+    return tuple(out)
 
 
 def check_control_from(entries, where):
@@ -422,17 +494,23 @@ def load_instrument_config(path=None, text=None):
     spectrometers = []
     for serial in cfg["spectrometers"]:
         s = cfg["spectrometers"][serial]
-        if "/" in serial or serial.startswith("."):
-            raise ConfigError(f"{name}: [spectrometers/{serial}] invalid serial")
+        problem = check_serial(serial)
+        if problem:
+            raise ConfigError(f"{name}: [spectrometers/{serial}] invalid serial: {problem}")
         calibration = {}
         for channel, cal in s["calibration"].items():
             if channel not in seen:
                 raise ConfigError(
                     f"{name}: [spectrometers/{serial}/calibration/{channel}] "
                     f"unknown channel")
-            if cal["wavelengthCalibrationCoefficientsPiccolo"] is not None:
-                calibration[channel] = list(
-                    cal["wavelengthCalibrationCoefficientsPiccolo"])
+            coefficients = cal["wavelengthCalibrationCoefficientsPiccolo"]
+            if coefficients is not None:
+                problem = check_calibration(coefficients)
+                if problem:
+                    raise ConfigError(
+                        f"{name}: [spectrometers/{serial}/calibration/{channel}/"
+                        f"wavelengthCalibrationCoefficientsPiccolo] {problem}")
+                calibration[channel] = list(coefficients)
         if s["power_switch"] >= 0:
             use_pin(s["power_switch"], f"spectrometers/{serial}/power_switch")
         lo, hi = s["min_integration_time"], s["max_integration_time"]
@@ -452,6 +530,27 @@ def load_instrument_config(path=None, text=None):
         source=name)
 
 
+def shipped_file(name):
+    """Path of a sample config shipped with the server (``pdata/<name>``).
+
+    An installed package has them in ``piccolo_twisted/pdata/`` (copied
+    there at build time, setup.py); a checkout, and the editable install
+    of the README's first command, in the top-level ``pdata/`` beside the
+    package. Missing is a one-line ConfigError, not a traceback."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(package)
+    places = [os.path.join(package, "pdata")]
+    if os.path.isfile(os.path.join(checkout, "setup.cfg")):
+        places.append(os.path.join(checkout, "pdata"))
+    for place in places:
+        path = os.path.join(place, name)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(f"the shipped sample {name} is missing (looked in "
+                      f"{' and '.join(places)}): the installation is incomplete; "
+                      f"reinstall it")
+
+
 def bundled_instrument_config():
     """Path of the embedded default instrument config shipped in the package."""
-    return str(resources.files("piccolo_twisted") / "pdata" / "piccolo.config")
+    return shipped_file("piccolo.config")

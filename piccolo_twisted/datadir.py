@@ -8,9 +8,14 @@ runs and files, and the listings encoded from it.
   stick can stall; it must not starve device calls or the reactor's pool).
 - The index (``runindex``) is built once in that pool at start; requests
   that need it wait for it. It is updated by every file written and run
-  created here, and re-validated with one ``fstat`` of the directory per
-  request: a changed mtime (a file copied in or removed by hand) lists
-  that directory again.
+  created here, and re-validated against the disk at every request: one
+  ``fstat`` of the directory while its mtime vouches for the index; where
+  it cannot (a save of ours moved it) one pass over the names, compared
+  with what the index expects; a change by hand (a file copied in or
+  removed) lists that directory again. A look at a run and a save into it
+  never overlap (each waits for the other in flight), so a look sees
+  acknowledged saves and hand changes only; and a request never takes an
+  answer from a look that had begun before it came.
 - The JSON bodies of ``spectra_list`` and ``all_runs`` are encoded once
   per change (large ones in the pool) and kept until the run or the set of
   runs changes; blockwise follow-ups get the same bytes.
@@ -28,6 +33,7 @@ import os
 import re
 import stat
 import time
+import unicodedata
 from collections import OrderedDict
 from array import array
 from bisect import bisect_left
@@ -91,6 +97,66 @@ def check_run_name(name):
     if size > MAX_RUN_NAME:
         raise PiccoloError(f"run name too long: {size} bytes of UTF-8, "
                            f"at most {MAX_RUN_NAME}")
+    return name
+
+
+#: not in a file name on Windows (':' not on macOS either; the data
+#: directory is often a FAT stick, and runs are copied to laptops)
+_WINDOWS_FORBIDDEN = frozenset('<>:"/\\|?*')
+#: Windows device names: reserved with any extension, in any case
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"])
+#: what the deployed client's URIs cannot carry in a path segment
+_URI_RESERVED = frozenset("#%?")
+#: Unicode categories no new run name holds: controls, format characters
+#: (bidi overrides, zero-width spaces, the BOM), surrogates, line and
+#: paragraph separators
+_INVISIBLE = frozenset(["Cc", "Cf", "Cs", "Zl", "Zp"])
+
+
+def new_run_name_problem(name):
+    """None when the server may create a run named ``name``, else why not.
+
+    Beyond ``check_run_name`` (which names an existing run, perhaps made by
+    an earlier version or by hand), a new run's name is the same on every
+    file system it may be copied to and reachable from every client: none
+    of ``< > : " / \\ | ? *`` (``C:x`` is a drive-relative path on Windows),
+    no ``#`` or ``%`` (the deployed client builds URIs of run names as they
+    are), nothing invisible (a control, format, line or paragraph separator
+    character: a bidi override shows a name in another order, a zero-width
+    space makes two names look alike), not ending in ``.`` or a space, not a
+    Windows device name (``CON``, ``nul.txt``). The command line checks the
+    names it writes locally by the same rules (``cli/names.py``)."""
+    try:
+        check_run_name(name)
+    except PiccoloError as e:
+        return str(e)
+    for char in name:
+        if char in _WINDOWS_FORBIDDEN:
+            return f"holds {char!r} (not in a name on Windows)"
+        if unicodedata.category(char) in _INVISIBLE:
+            return "holds a control, format or line separator character"
+        if char in _URI_RESERVED:
+            return f"holds {char!r} (not in a URI's path as it is)"
+    if name[-1] in ". ":
+        return "ends in '.' or a space (Windows drops them)"
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        return "a device name on Windows"
+    return None
+
+
+def _folded(name):
+    """``name`` as a case- and normalisation-insensitive file system
+    compares it (``Run`` and ``run`` are one folder there)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def check_new_run_name(name):
+    """``name`` if a run may be created with it, else PiccoloError (4.00)."""
+    problem = new_run_name_problem(name)
+    if problem:
+        raise PiccoloError(f"invalid name for a new run {name[:MAX_RUN_NAME]!r}: {problem}")
     return name
 
 
@@ -255,8 +321,13 @@ class DataDir:
         self._bodies = OrderedDict()    # run -> _Body (spectra_list)
         self._body_bytes = 0
         self._inflight = {}             # key -> [Deferred] sharing one trip
+        self._next = {}                 # key -> (start, [Deferred]): the look after it
+        self._begun = set()             # keys of looks that have begun on the disk
+        self._after_look = {}           # key -> [Deferred]: saves waiting for that look
         self._saving = {}               # run -> saves in the pool now
+        self._saves_waiters = {}        # run -> [Deferred]: fired when none is
         self._creating = set()          # new runs admitted, not yet indexed
+        self._folded_cache = (-1, {})   # (_lists_gen, _folded_runs())
 
     def _in_pool(self, f, *args, **kwargs):
         from twisted.internet import reactor
@@ -435,6 +506,52 @@ class DataDir:
         defer.maybeDeferred(start).addBoth(done)
         return d
 
+    def _fresh(self, key, start):
+        """Like ``_shared``, for a look at the disk: a request shares a
+        look in flight only while it has not begun on the disk (see
+        ``_begin``); else it waits for the next one (which begins when that
+        one ends), so that its answer has seen every change made before it
+        came. The requests that come meanwhile share that next look.
+        A save waiting for the look on the disk (``_settled``) goes on
+        before anyone else: the next look then waits for it."""
+        d = defer.Deferred()
+        if key in self._begun:
+            self._next.setdefault(key, (start, []))[1].append(d)
+        elif key in self._inflight:
+            self._inflight[key].append(d)
+        else:
+            self._look(key, start, [d])
+        return d
+
+    def _begin(self, key):
+        """The look ``key`` begins on the disk now: later requests wait for
+        the next one."""
+        if key in self._inflight:
+            self._begun.add(key)
+
+    def _look(self, key, start, waiters):
+        self._inflight[key] = waiters
+
+        def done(result):
+            del self._inflight[key]
+            self._begun.discard(key)
+            # the saves first (they register at once): a look asked for by
+            # the waiters below waits for them, never the other way round
+            for d in self._after_look.pop(key, ()):
+                d.callback(None)
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+            queued = self._next.pop(key, None)
+            if queued is not None:
+                if key in self._inflight:   # begun just now, after they came
+                    self._inflight[key].extend(queued[1])
+                else:
+                    self._look(key, *queued)
+        defer.maybeDeferred(start).addBoth(done)
+
     def _runs_changed(self):
         self._lists.clear()
         self._lists_gen += 1
@@ -470,6 +587,8 @@ class DataDir:
             self._body_bytes -= len(cached.body)
 
     def _apply_run(self, run, state, version):
+        """Take in what a look at the run found (``runindex.check_run``);
+        ``version`` is the entry's when the look began."""
         mtime, listed, keys, root_change, fp = state
         if root_change is not None:
             self._root_changed(root_change)
@@ -481,60 +600,61 @@ class DataDir:
             self._run_touched(run, entry.mtime, mtime)
             entry.mtime = mtime
         if keys is not None:
-            if entry.version == version:
-                entry.keys, entry.listed, entry.fp = keys, listed, fp
-                entry.unverified = False
-            else:
-                # a file was saved meanwhile: keep ours, list again next time
-                entry.listed = None
-                if entry.keys is None:
-                    entry.keys = keys
+            # the disk as it is (no save of ours can complete during a
+            # look; another look may have, with a listing no fresher)
+            entry.keys, entry.listed, entry.fp = keys, listed, fp
+            entry.unverified = False
             entry.version += 1
             self._forget_body(run)
         elif fp is not None and entry.version == version and entry.fp == fp:
-            entry.unverified = False        # the names are as the index has them
+            # the names are as the index has them, for good at ``listed``
+            entry.listed = listed
+            entry.unverified = False
         return entry
 
     def _check(self, run, create=False):
-        """The run's index entry, validated against the disk: one fstat in
-        the pool, a listing only when the directory changed.
-        NotFoundError when the run is not a real directory."""
+        """The run's index entry, validated against the disk in the pool:
+        one fstat while the mtime vouches for the index, a pass over the
+        names where it cannot (after a save of ours), a listing only when
+        the names changed. A look waits for the saves into the run in
+        flight (they wait for the looks in flight: ``_settled``), so what
+        it sees is acknowledged saves and changes by hand, nothing half
+        done -- a change by hand made during a save is seen, not taken for
+        the save's. NotFoundError when the run is not a real directory."""
+        key = ("run", run, create)
+
         async def check():
             await self._until_built()
-            entry = self._runs.get(run)
-            if (not create and self._saving.get(run) and entry is not None
-                    and entry.keys is not None):
-                # a save of ours is moving the directory's mtime right now:
-                # a look at it would list it again (a big run: hundreds of
-                # ms, on every request of a batch). The index is what the
-                # save leaves plus its file; the save checks the mtime it
-                # started from, so a hand change before it is seen next time
-                return entry
-            known = expect = None
-            version = 0
-            if entry is not None:
-                version = entry.version
-                if entry.keys is not None:
-                    known = entry.listed
-                    if entry.unverified:
-                        expect = entry.fp
-            admitted = create and entry is None and await self._admit(run)
+            admitted = create and run not in self._runs and await self._admit(run)
             try:
-                state = await self._fs(runindex.check_run, self.path.path,
-                                       run, known, create, expect)
-            except runindex.NoSuchRun:
-                self._drop(run)
-                if create:
-                    raise PiccoloError(f"run {run!r} exists and is not a directory")
-                raise NotFoundError(f"no such run: {run}")
-            except OSError as e:
-                raise PiccoloError(f"cannot use run {run!r}: {e.strerror or e}")
+                await self._saves_done(run)
+                # from here to the pool in one reactor step: a save that
+                # comes now waits for this look (_settled)
+                self._begin(key)
+                entry = self._runs.get(run)
+                known = fp = None
+                verified = True
+                version = 0
+                if entry is not None:
+                    version = entry.version
+                    if entry.keys is not None:
+                        known, fp = entry.listed, entry.fp
+                        verified = not entry.unverified
+                try:
+                    state = await self._fs(runindex.check_run, self.path.path,
+                                           run, known, create, fp, verified)
+                except runindex.NoSuchRun:
+                    self._drop(run)
+                    if create:
+                        raise PiccoloError(f"run {run!r} exists and is not a directory")
+                    raise NotFoundError(f"no such run: {run}")
+                except OSError as e:
+                    raise PiccoloError(f"cannot use run {run!r}: {e.strerror or e}")
             finally:
                 if admitted:
                     self._creating.discard(run)
             return self._apply_run(run, state, version)
-        return self._shared(("run", run, create),
-                            lambda: defer.Deferred.fromCoroutine(check()))
+        return self._fresh(key, lambda: defer.Deferred.fromCoroutine(check()))
 
     async def _admit(self, run):
         """Room for ``run``, which the index does not know, to be created:
@@ -544,10 +664,15 @@ class DataDir:
         looked at again first (runs moved away by hand, or ``run`` made
         by hand). Count and reservation happen in one reactor step, so
         two requests never both take the last place."""
-        if len(self._runs) + len(self._creating) >= self.max_runs:
+        problem = new_run_name_problem(run)
+        if problem or len(self._runs) + len(self._creating) >= self.max_runs:
+            # made by hand (or copied in) since the index last looked?
             await self._check_root()
             if run in self._runs:
                 return False
+        if problem:
+            check_new_run_name(run)
+        self._check_twin(run)
         count = len(self._runs) + len(self._creating)
         if count >= self.max_runs:
             raise PiccoloError(
@@ -556,9 +681,29 @@ class DataDir:
         self._creating.add(run)
         return True
 
+    def _check_twin(self, run):
+        """PiccoloError if a known run differs from ``run`` only in case or
+        Unicode normal form (one folder on Windows, macOS, a FAT stick)."""
+        key = _folded(run)
+        twin = self._folded_runs().get(key) or next(
+            (r for r in self._creating if _folded(r) == key), None)
+        if twin is not None and twin != run:
+            raise PiccoloError(
+                f"invalid name for a new run {run!r}: the run {twin!r} exists, and names "
+                f"differing only in case are one folder on Windows, macOS and a FAT stick")
+
+    def _folded_runs(self):
+        """{folded name: run} of the runs known (rebuilt after a change)."""
+        gen, folded = self._folded_cache
+        if gen != self._lists_gen:
+            folded = {_folded(r): r for r in self._runs}
+            self._folded_cache = (self._lists_gen, folded)
+        return folded
+
     def _check_root(self):
         async def check():
             await self._until_built()
+            self._begin(("root",))
             known = self._root_mtime
             try:
                 result = await self._fs(runindex.check_root, self.path.path, known)
@@ -585,7 +730,7 @@ class DataDir:
                     entry.mtime = run_mtime
             if changed:
                 self._runs_changed()
-        return self._shared(("root",), lambda: defer.Deferred.fromCoroutine(check()))
+        return self._fresh(("root",), lambda: defer.Deferred.fromCoroutine(check()))
 
     async def _spectra_body(self, run, entry):
         """The JSON body of the run's spectra_list: from the cache, or the
@@ -682,7 +827,8 @@ class DataDir:
         async def go():
             await self._until_built()
             # a look at the run in the pool now would see our write half
-            # done and list the run again: let it finish first
+            # done and list the run again: let it finish first (and the
+            # looks asked for from now on wait for us: _check)
             await self._settled(run)
             entry = self._runs.get(run)
             version = entry.version if entry is not None else 0
@@ -719,20 +865,28 @@ class DataDir:
         left = self._saving[run] - 1
         if left:
             self._saving[run] = left
-        else:
-            del self._saving[run]
+            return
+        del self._saving[run]
+        for d in self._saves_waiters.pop(run, ()):
+            d.callback(None)
+
+    def _saves_done(self, run):
+        """Fires when no save into ``run`` is in flight."""
+        if not self._saving.get(run):
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._saves_waiters.setdefault(run, []).append(d)
+        return d
 
     async def _settled(self, run):
-        """Wait for the looks at ``run`` in flight (their outcome is theirs
-        to report)."""
+        """Wait for the looks at ``run`` that have begun on the disk (a
+        look that has not waits for us: ``_check``)."""
         for create in (False, True):
-            while ("run", run, create) in self._inflight:
+            key = ("run", run, create)
+            while key in self._begun:
                 d = defer.Deferred()
-                self._inflight[("run", run, create)].append(d)
-                try:
-                    await d
-                except Exception:
-                    pass
+                self._after_look.setdefault(key, []).append(d)
+                await d
 
     def _saved(self, run, k, before, after, root_change, version):
         if root_change is not None:
@@ -752,16 +906,16 @@ class DataDir:
             new = i == len(keys) or keys[i] != k
             if new:
                 keys.insert(i, k)
+                if entry.fp is not None:    # the names the keys stand for
+                    entry.fp ^= runindex.name_hash(runindex.name(k))
             # our change on top of a listing still valid: valid after it
             # too, once the names are seen to be what the index expects (a
             # change by hand during the save moved the mtime no further
-            # than ours); a change by someone else before ours: list again
-            # next time
+            # than ours); a change by someone else before ours: the next
+            # look compares the names (and lists the run on a mismatch)
             if entry.listed == before and entry.fp is not None:
                 entry.listed = after
                 entry.unverified = True
-                if new:
-                    entry.fp ^= runindex.name_hash(runindex.name(k))
             else:
                 entry.listed = None
             cached = self._bodies.get(run)
@@ -791,7 +945,10 @@ class DataDir:
                 return None
 
         def answer(mode):
-            if mode is not None and not stat.S_ISDIR(mode):
+            if mode is None:
+                check_new_run_name(run)         # created when the job runs
+                self._check_twin(run)
+            elif not stat.S_ISDIR(mode):
                 raise PiccoloError(f"run {run!r} exists and is not a directory")
         return self._fs(look).addCallback(answer)
 

@@ -87,3 +87,24 @@ def rotating_observer():
         os.environ.get("PICCOLO_LOGFILE", "/var/log/piccolo/piccolo.log"),
         rotate=int(os.environ.get("PICCOLO_LOG_ROTATE", 1000000)),
         keep=int(os.environ.get("PICCOLO_LOG_KEEP", 10)))
+
+
+def log_start_failure(text, environ=None):
+    """A start-up error (a config problem) also goes to the log file of a
+    server run as the unit runs it (``$PICCOLO_LOGFILE``, the rotating
+    observer's file): twistd prints it to stderr before any log observer
+    starts, so ``tail`` of the log never showed why the server was not
+    running. Best effort: a log that cannot be written changes nothing."""
+    import os
+    import time
+    from twisted.logger import LogLevel
+    environ = os.environ if environ is None else environ
+    if not environ.get("PICCOLO_LOGFILE"):
+        return
+    try:
+        observer = rotating_file_observer(environ["PICCOLO_LOGFILE"])
+        observer({"log_format": "{text}", "text": text, "log_level": LogLevel.critical,
+                  "log_namespace": "piccolo", "log_system": "-",
+                  "log_time": time.time()})
+    except (OSError, ValueError):
+        pass

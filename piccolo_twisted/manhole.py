@@ -87,8 +87,9 @@ def load_authorized_keys(path):
     usable key at all is a one-line configuration error.
     """
     if not path:
-        raise ManholeConfigError("twistd piccolo: the manhole needs --manhole-keys "
-                                 "FILE (an authorized_keys file)")
+        raise ManholeConfigError("twistd piccolo: the manhole needs an authorized_keys "
+                                 "file: [manhole] keys = FILE in the server config, "
+                                 "or --manhole-keys FILE")
     found = []
     try:
         with open(path, "rb") as f:
@@ -305,6 +306,7 @@ def manhole_service(piccolo):
     factory = make_factory(piccolo.namespace(), authorized, key)
     interface = settings.manhole_interface or "127.0.0.1"
     endpoint = f"tcp:{settings.manhole_port}:interface={interface.replace(':', chr(92) + ':')}"
+    shown = f"[{interface}]" if ":" in interface else interface     # IPv6 as in URLs
     log.info("manhole: SSH on {interface}:{port}, user admin, keys from {keys}",
-             interface=interface, port=settings.manhole_port, keys=settings.manhole_keys)
+             interface=shown, port=settings.manhole_port, keys=settings.manhole_keys)
     return strports.service(endpoint, LoginGuardFactory(factory))

@@ -96,7 +96,8 @@ class PiccoloService(service.MultiService):
         from .web import web_service
         self.web = web_service(self.components, self.datadir.path.path,
                                address=address or self.settings.web_interface,
-                               port=port, access=self.access, clock=self.clock)
+                               port=port, access=self.access, clock=self.clock,
+                               hosts=self.settings.web_hosts)
         self.web.setServiceParent(self)
         return self.web
 

@@ -463,7 +463,7 @@ class Health:
         }
 
     def _spectrometers(self):
-        from .instrument.spectrometer import CONNECTED, STATUS_NAMES
+        from .instrument.spectrometer import STATUS_NAMES
         result = {}
         for s in self.spectrometers:
             status = s.status.value
@@ -479,9 +479,9 @@ class Health:
                 # the spectrometer's last reading (it reads its detector
                 # every few seconds, between integrations while recording):
                 # no device call here. Disconnected, powered off, dropped:
-                # none, not one from before (maybe hours old)
-                t = s.last_temperature() if status in CONNECTED else None
-                t = t or {}
+                # no temperature, not one from before (maybe hours old);
+                # the set point stays what it is
+                t = s.last_temperature() or {}
                 entry["temperature"] = t.get("temperature")
                 entry["temperature_age"] = t.get("age")
                 entry["temperature_target"] = t.get("target")

@@ -7,7 +7,6 @@ from twisted.python import usage
 from .config import (ConfigError, bundled_instrument_config, check_address,
                      load_instrument_config, load_server_config)
 from .errors import PiccoloError
-from .values import to_int
 
 
 class Options(usage.Options):
@@ -35,16 +34,19 @@ class Options(usage.Options):
             self.settings, self.instrument, self.notes = resolve(self)
             self.instrument_note = self.notes[-1]
         except ConfigError as e:
-            # one line, no usage dump and no traceback: what a person can act on
+            # one line, no usage dump and no traceback: what a person can act
+            # on; also in the unit's log file, where the operator looks
+            from .logs import log_start_failure
+            log_start_failure(f"twistd piccolo: {e}")
             raise SystemExit(f"twistd piccolo: {e}") from None
 
 
 def _port(value, option):
-    """A port number from the command line (one line when it is not)."""
-    try:
-        return to_int(value, option, lo=0, hi=65535)
-    except PiccoloError:
-        raise ConfigError(f"{option}: {value!r} is not a port number") from None
+    """A port number from the command line, decimal digits as in the config
+    file (``1e3`` and ``5683.0`` are refused there too); one line when not."""
+    if not (value.isascii() and value.isdigit()) or int(value) > 65535:
+        raise ConfigError(f"{option}: {value!r} is not a port number (0 to 65535)")
+    return int(value)
 
 
 def resolve(options):
@@ -57,7 +59,9 @@ def resolve(options):
         settings.address = check_address(options["address"], "--address")
     if options.get("port") is not None:
         settings.port = _port(options["port"], "--port")
-    if options.get("data-dir"):
+    if options.get("data-dir") is not None:
+        if not options["data-dir"].strip():
+            raise ConfigError("--data-dir: empty: name the data directory")
         settings.datadir = options["data-dir"]
     if options.get("mount"):
         settings.mount = True
@@ -72,6 +76,12 @@ def resolve(options):
     if settings.mount:
         notes.append(mount_data_device(settings, options.get("mount")))
     settings.datadir = os.path.abspath(settings.datadir)
+    if settings.manhole_port and not settings.manhole_keys.strip():
+        where = ("the server config (-c)" if settings.source == "<defaults>"
+                 else settings.source)
+        raise ConfigError(f"the manhole (port {settings.manhole_port}) needs an "
+                          f"authorized_keys file: [manhole] keys = FILE in {where}, "
+                          f"or --manhole-keys FILE")
     check_host_key(settings)
     if settings.logfile:
         check_log_file(settings)
@@ -88,7 +98,9 @@ def resolve(options):
             check_named_instrument(candidate, f"{settings.source}: [config]")
         if os.path.isfile(candidate):
             ipath = candidate
-            note = f"instrument config {ipath} (from the data directory)"
+            origin = (f"{settings.source}: [config]" if settings.instrument_named
+                      else "the data directory")
+            note = f"instrument config {ipath} (from {origin})"
         else:
             ipath = bundled_instrument_config()
             note = (f"instrument config {candidate} not found; using the embedded "
@@ -130,10 +142,13 @@ def check_emulated(settings, instrument, ipath):
 
 def check_host_key(settings):
     """The manhole's host key is a secret: never under the data directory,
-    which is copied off the Pi whole (statedir.py)."""
+    which is copied off the Pi whole (statedir.py). A ``host_key`` set
+    there is refused whether or not the manhole is on (the key an earlier
+    version left in the data could not be moved out to it)."""
     from .statedir import host_key_path, inside
     path = host_key_path(settings)
-    if settings.manhole_port and inside(path, settings.datadir):
+    if (settings.manhole_port or settings.manhole_host_key) and inside(path,
+                                                                        settings.datadir):
         where = (f"{settings.source}: [manhole/host_key]" if settings.manhole_host_key
                  else "the manhole host key")
         raise ConfigError(f"{where} {path} is inside the data directory "
@@ -179,5 +194,11 @@ def makeService(options):
     monotonic_timers(reactor)
     # PICCOLO_TIME_SCALE speeds simulated integrations up (tests, benchmarks)
     scale = float(os.environ.get("PICCOLO_TIME_SCALE", "1") or 1)
-    return PiccoloService(options.settings, options.instrument,
-                          notes=options.notes, time_scale=scale)
+    try:
+        return PiccoloService(options.settings, options.instrument,
+                              notes=options.notes, time_scale=scale)
+    except SystemExit as e:     # one-line start-up errors (the manhole's keys)
+        if isinstance(e.code, str):
+            from .logs import log_start_failure
+            log_start_failure(e.code)
+        raise

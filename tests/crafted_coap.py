@@ -8,7 +8,10 @@ confirmable and non-confirmable requests answered piggybacked, Uri-Path,
 and Block2 (RFC 7959) for answers longer than a block, with Size2 and an
 ETag, so crafted answers of any length reach the client whole. Observe
 registrations are answered once, without an Observe option (not
-registered), as a server may.
+registered), as a server may -- unless the answer is ``Observed``, which
+registers and then sends its notifications. ``Slow`` answers each block
+late (a server that answers, but slowly), ``Body`` is an answer of any
+length made as it is asked for (an endless answer without holding it).
 
 Written from the RFCs for these tests; it shares nothing with the server
 under test.
@@ -22,7 +25,7 @@ import zlib
 GET, POST, PUT, DELETE = 1, 2, 3, 4
 CON, NON, ACK, RST = 0, 1, 2, 3
 
-URI_PATH, CONTENT_FORMAT, BLOCK2, SIZE2, ETAG = 11, 12, 23, 28, 4
+URI_PATH, CONTENT_FORMAT, BLOCK2, SIZE2, ETAG, OBSERVE = 11, 12, 23, 28, 4, 6
 
 CONTENT, CHANGED = (2, 5), (2, 4)
 BAD_REQUEST, NOT_FOUND = (4, 0), (4, 4)
@@ -100,6 +103,10 @@ def decode(data):
     return mtype, code, mid, token, options, b""
 
 
+class Missing:
+    """No route."""
+
+
 class CraftedServer(asyncio.DatagramProtocol):
     """Answers from ``routes``: {"path/to/resource": answer}, where an
     answer is a JSON-able value (sent as JSON), ``Raw(bytes)``, ``(code,
@@ -110,6 +117,7 @@ class CraftedServer(asyncio.DatagramProtocol):
         self.routes = dict(routes)
         self.requests = []
         self.transport = None
+        self.calls = []             # pending call_later handles (closed with the server)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -125,44 +133,93 @@ class CraftedServer(asyncio.DatagramProtocol):
             return
         path = "/".join(p.decode("utf-8", "replace") for p in options.get(URI_PATH, []))
         self.requests.append((code, path, payload))
-        status, body = self.answer(code, path, payload)
+        answer = self.routes.get(path, Missing)
+        delay, size2 = 0.0, True
+        if isinstance(answer, Slow):
+            delay, answer = answer.delay, answer.answer
+        observed = None
+        if isinstance(answer, Observed):
+            observed, answer = answer, answer.now(asyncio.get_running_loop().time())
+        if isinstance(answer, Body):
+            size2 = answer.size2
+        status, body = self.answer(code, path, payload, answer)
         block = options.get(BLOCK2)
         num, szx = 0, 6
         if block:
             value = int.from_bytes(block[0], "big")
             num, szx = value >> 4, min(value & 7, 6)
-        size = 1 << (szx + 4)
-        reply_options = []
-        if status[0] == 2:
-            reply_options.append((CONTENT_FORMAT, uint(50)))
-        if len(body) > size or num:
-            chunk = body[num * size:(num + 1) * size]
-            more = (num + 1) * size < len(body)
-            reply_options.append((BLOCK2, uint((num << 4) | (more << 3) | szx) or b"\x00"))
-            reply_options.append((ETAG, zlib.crc32(body).to_bytes(4, "big")))
-            if num == 0:
-                reply_options.append((SIZE2, uint(len(body))))
-            body = chunk
         reply_type = ACK if mtype == CON else NON
-        self.transport.sendto(encode(reply_type, status, mid, token, reply_options, body),
-                              addr)
+        register = observed is not None and options.get(OBSERVE) == [b""] and not num
+        extra = [(OBSERVE, uint(1))] if register else []
+        reply = encode(reply_type, status, mid, token,
+                       extra + self.block_options(status, body, num, szx, size2),
+                       self.block(body, num, szx))
+        self.send_later(delay, reply, addr)
+        if register:
+            observed.registered = asyncio.get_running_loop().time() + delay
+            for i, note in enumerate(observed.notes):
+                n_status, n_body = self.answer(GET, path, b"", note)
+                message = encode(NON, n_status, (mid + 1 + i) & 0xFFFF, token,
+                                 [(OBSERVE, uint(2 + i))] +
+                                 self.block_options(n_status, n_body, 0, 6, True),
+                                 self.block(n_body, 0, 6))
+                self.send_later(delay + observed.interval * (i + 1), message, addr)
 
-    def answer(self, code, path, payload):
-        answer = self.routes.get(path, Missing)
-        if callable(answer) and not isinstance(answer, (Raw, type)):
+    @staticmethod
+    def block(body, num, szx):
+        size = 1 << (szx + 4)
+        if len(body) > size or num or isinstance(body, Body):
+            return body[num * size:(num + 1) * size]
+        return body
+
+    @staticmethod
+    def block_options(status, body, num, szx, size2=True):
+        size = 1 << (szx + 4)
+        options = []
+        if status[0] == 2:
+            options.append((CONTENT_FORMAT, uint(50)))
+        if len(body) > size or num:
+            more = (num + 1) * size < len(body)
+            options.append((BLOCK2, uint((num << 4) | (more << 3) | szx) or b"\x00"))
+            options.append((ETAG, body.etag if isinstance(body, Body)
+                            else zlib.crc32(body).to_bytes(4, "big")))
+            if num == 0 and size2:
+                options.append((SIZE2, uint(len(body))))
+        return options
+
+    def send_later(self, delay, data, addr):
+        if not delay:
+            self.transport.sendto(data, addr)
+            return
+        loop = asyncio.get_running_loop()
+        self.calls = [c for c in self.calls if not c.cancelled()]
+        self.calls.append(loop.call_later(delay, self._send, data, addr))
+
+    def _send(self, data, addr):
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(data, addr)
+
+    def close(self):
+        for call in self.calls:
+            call.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def answer(self, code, path, payload, answer=Missing):
+        if answer is Missing:
+            answer = self.routes.get(path, Missing)
+        if callable(answer) and not isinstance(answer, (Raw, Body, type)):
             answer = answer(code, path, payload)
         if answer is Missing:
             return NOT_FOUND, f"no such resource: /{path}".encode()
         ok = CONTENT if code == GET else CHANGED
         if isinstance(answer, Raw):
             return ok, answer.data
+        if isinstance(answer, Body):
+            return ok, answer
         if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[0], tuple):
             return answer
         return ok, json.dumps(answer).encode("utf-8")
-
-
-class Missing:
-    """No route."""
 
 
 class Raw:
@@ -172,13 +229,53 @@ class Raw:
         self.data = data if isinstance(data, bytes) else data.encode("utf-8")
 
 
+class Slow:
+    """``answer``, each of its blocks sent ``delay`` seconds late."""
+
+    def __init__(self, answer, delay):
+        self.answer, self.delay = answer, delay
+
+
+class Observed:
+    """``first`` to the registration (with an Observe option), then each of
+    ``notes`` as a notification, ``interval`` seconds apart (NON)."""
+
+    def __init__(self, first, notes, interval=0.2):
+        self.first, self.notes, self.interval = first, list(notes), interval
+        self.registered = None
+
+    def now(self, t):
+        """What a GET answers at loop time ``t``: the latest notified."""
+        if self.registered is None:
+            return self.first
+        sent = int((t - self.registered) / self.interval)
+        return self.notes[min(sent, len(self.notes)) - 1] if sent >= 1 else self.first
+
+
+class Body:
+    """A payload of ``length`` bytes made block by block by ``make(offset,
+    size)`` (never held whole: an endless answer costs nothing here);
+    ``size2=False`` leaves Size2 out, as a server need not send it."""
+
+    def __init__(self, length, make, size2=True):
+        self.length, self.make, self.size2 = length, make, size2
+        self.etag = b"\x00\x00\x00\x01"
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, part):
+        start, stop = max(part.start or 0, 0), min(part.stop or self.length, self.length)
+        return self.make(start, max(stop - start, 0)) if stop > start else b""
+
+
 async def serve(routes):
     """Start a CraftedServer on 127.0.0.1:<ephemeral>; (server, url, close)."""
     loop = asyncio.get_running_loop()
     transport, server = await loop.create_datagram_endpoint(
         lambda: CraftedServer(routes), local_addr=("127.0.0.1", 0))
     port = transport.get_extra_info("sockname")[1]
-    return server, f"coap://127.0.0.1:{port}", transport.close
+    return server, f"coap://127.0.0.1:{port}", server.close
 
 
 #: a well-behaved idle instrument, as the real server answers (the crafted

@@ -83,11 +83,31 @@ def parse_spectrum(entry):
         _, w = spectrum.getWavelengths()
         if not np.allclose(w, wavelengths):
             raise AssertionError("the real parser computes other wavelengths")
-        spectrum.corrected_pixels                       # noqa: B018 (must not raise)
+        if not np.allclose(spectrum.corrected_pixels, corrected_pixels(meta, pixels)):
+            raise AssertionError("the real parser corrects the pixels otherwise")
         for key, value in meta.items():
             if spectrum[key] != value:
                 raise AssertionError(f"the real parser read {key} as {spectrum[key]!r}")
     return result
+
+
+def corrected_pixels(meta, pixels):
+    """The deployed parser's ``corrected_pixels``: the mean ``dark`` of the
+    pixels outside its optical range (those equal to ``SaturationLevel``
+    left out), then ``dark + (p - dark) / poly(p - dark)`` with
+    ``NonlinearityCorrectionCoefficients`` (ascending); without such
+    pixels (a single block of ``DarkPixels`` leaves none outside the
+    range) the pixels as they are."""
+    pixels = np.asarray(pixels)
+    start, end = optical_range(list(meta.get("DarkPixels", [])), len(pixels))
+    outside = np.concatenate((pixels[:start], pixels[end:]))
+    outside = outside[outside != meta["SaturationLevel"]]
+    if not len(outside):
+        return pixels.astype(float)
+    dark = outside.mean()
+    poly = np.polynomial.polynomial.polyval(pixels - dark,
+                                            meta["NonlinearityCorrectionCoefficients"])
+    return dark + (pixels - dark) / poly
 
 
 def parse_file(text):

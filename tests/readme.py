@@ -103,6 +103,10 @@ class Server:
         self.out_path = out_path or log_path + ".stdout"
         environment = dict(os.environ, GPIOZERO_PIN_FACTORY="mock")
         environment.update(env or {})
+        if "piccolo" in argv and not any(a.startswith("--web") for a in argv):
+            # the web page off unless the test names its port: never the
+            # default 8080, which tests running in parallel would share
+            argv = list(argv) + ["--web", "0"]
         self.out = open(self.out_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT,
                                      env=environment, cwd=cwd)

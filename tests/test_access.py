@@ -45,13 +45,26 @@ class PolicyTests(unittest.SynchronousTestCase):
         for host in ("127.0.0.2", "192.168.5.1", "::1", "::ffff:10.0.0.1", "fe80::1%eth0"):
             reason = policy.refusal(host)
             self.assertIsNotNone(reason, host)
-            self.assertIn("control is not allowed from", reason)
-            self.assertIn("[access] control_from", reason)
+            self.assertTrue(reason.startswith("[access] control_from refuses "), reason)
         self.assertIn("192.168.5.1", policy.refusal("192.168.5.1"))
         self.assertIn("10.0.0.1", policy.refusal("::ffff:10.0.0.1"))
         # what a transport could hand over that is no address: refused, said so
         self.assertIn("not an IP address", policy.refusal("not-an-address"))
         self.assertIn("not an IP address", policy.refusal(None))
+
+    def test_ipv4_mapped_entries(self):
+        """Clients are matched by their IPv4 address (a dual-stack socket's
+        ::ffff:a.b.c.d peers included), so mapped entries mean the same."""
+        for entry in ("::ffff:127.0.0.1", "::ffff:127.0.0.0/104", "::ffff:0:0/96", "::/0"):
+            policy = ControlPolicy.from_entries([entry])
+            self.assertIsNone(policy.refusal("127.0.0.1"), entry)
+            self.assertIsNone(policy.refusal("::ffff:127.0.0.1"), entry)
+        policy = ControlPolicy.from_entries(["::ffff:192.168.4.0/120"])
+        self.assertEqual(policy.describe(), "192.168.4.0/24")
+        self.assertIsNone(policy.refusal("192.168.4.77"))
+        self.assertIsNotNone(policy.refusal("192.168.5.1"))
+        self.assertIsNone(ControlPolicy.from_entries(["::/0"]).refusal("2001:db8::1"))
+        self.assertIsNotNone(ControlPolicy.from_entries(["::ffff:0:0/96"]).refusal("::1"))
 
     def test_many_source_addresses(self):
         """Every address of 127/8 but the allowed one is refused."""
@@ -145,8 +158,7 @@ class CoapAccessTests(ServerTestCase):
             for source in ("127.0.0.2", "127.9.8.7", "127.255.0.1"):
                 code, body = await self.ask(source, PUT, "control/numSequences", 7)
                 self.assertEqual(code, FORBIDDEN, (source, body))
-                self.assertEqual(body.decode(), f"control is not allowed from {source} "
-                                                f"([access] control_from)")
+                self.assertEqual(body.decode(), f"[access] control_from refuses {source}")
                 # a GET that acts, and a batch, refused the same way
                 code, body = await self.ask(source, GET, "control/abort")
                 self.assertEqual(code, FORBIDDEN)
@@ -185,3 +197,95 @@ class CoapEveryoneTests(ServerTestCase):
             self.assertEqual(code, CHANGED, body)
             self.assertEqual(await self.get("control/numSequences"), 5)
         return as_deferred(check())
+
+
+def coap_raw(source, port, data, timeout=5.0):
+    """One datagram from ``source``, the answer's bytes (blocking)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        sock.send(data)
+        return sock.recv(65536)
+    finally:
+        sock.close()
+
+
+class CoapReasonWholeTests(ServerTestCase):
+    """The 4.03 reason reaches a host not yet verified whole, within the
+    3x limit (RFC 9175 / RFC 7252 11.3): the smallest changing requests,
+    from the longest 127/8 addresses, and what coap-client-notls sends."""
+
+    address = "127.0.0.1"
+    server_text = "[access]\ncontrol_from = 127.0.0.2\n"
+
+    def test_smallest_requests_get_the_whole_reason(self):
+        async def check():
+            for source in ("127.0.9.9", "127.255.255.254", "127.100.200.201"):
+                for i, (method, path, payload) in enumerate((
+                        (PUT, "control/auto", b""), (GET, "control/pause", b""),
+                        (GET, "control/abort", b""), (PUT, "control/delay", b"1"),
+                        (PUT, "data_dir/current_run", b'"x"'))):
+                    data = loadclient.encode_request(1000 + i, path, code=method, token=b"",
+                                                     payload=payload)
+                    answer = await in_thread(coap_raw, source, self.port, data)
+                    _, code, _, _, _, body = loadclient.parse(answer)
+                    self.assertEqual((code, body.decode()),
+                                     (FORBIDDEN, f"[access] control_from refuses {source}"),
+                                     (source, path))
+                    self.assertLessEqual(len(answer), 3 * len(data), (source, path))
+            self.assertEqual(await self.get("control/status"), "idle")
+        return as_deferred(check())
+
+    def test_coap_client_notls(self):
+        import shutil
+        import subprocess
+        tool = shutil.which("coap-client-notls")
+        if tool is None:
+            raise unittest.SkipTest("coap-client-notls is not installed (libcoap3-bin)")
+
+        def run(*args):
+            return subprocess.run([tool, *args], capture_output=True, text=True, timeout=20)
+
+        async def check():
+            base = f"coap://127.0.0.1:{self.port}"
+            for method, path in (("get", "control/abort"), ("get", "control/pause"),
+                                 ("put", "control/auto")):
+                out = await in_thread(run, "-m", method, f"{base}/{path}")
+                self.assertEqual(out.stdout.strip() + out.stderr.strip(),
+                                 "4.03 [access] control_from refuses 127.0.0.1", path)
+        return as_deferred(check())
+
+
+class ReasonCutTests(unittest.SynchronousTestCase):
+    """Over the 3x limit a diagnostic loses whole words, never part of one:
+    a long IPv6 address is left out, the setting's name stays."""
+
+    def test_long_ipv6_address(self):
+        from twisted.internet import task
+        from piccolo_twisted.api import Resource
+        from piccolo_twisted.coap import _tx
+        from piccolo_twisted.coap.protocol import ServerCoap, cut_text, decode
+        from piccolo_twisted.coap.site import Site
+        from .test_coap_protocol import FakeTransport, request
+        self.assertEqual(cut_text(b"[access] control_from refuses 2001:db8::1", 29),
+                         b"[access] control_from refuses")
+        self.assertEqual(cut_text(b"[access] control_from refuses 2001:db8::1", 28),
+                         b"[access] control_from")
+        self.assertEqual(cut_text(b"[access] control_from", 5), b"")
+        self.assertEqual(cut_text(b"abc def", 7), b"abc def")
+        self.assertEqual(cut_text("l'\u00e9t\u00e9 est".encode(), 8), "l'\u00e9t\u00e9".encode())
+        proto = ServerCoap(Site({"control": {"auto": Resource(put=lambda *a: None)}}),
+                           clock=task.Clock(), access=ControlPolicy.from_entries(["127.0.0.1"]))
+        proto.transport = FakeTransport()
+        proto.startProtocol()
+        self.addCleanup(proto.stopProtocol)
+        peer = "2001:db8:1234:5678:9abc:def0:1234:5678"
+        data = request(_tx.PUT, path="control/auto", token=b"")
+        proto.datagramReceived(data, (peer, 5683, 0, 0))
+        [(sent, _)] = proto.transport.sent
+        self.assertLessEqual(len(sent), 3 * len(data))
+        answer = decode(sent)
+        self.assertEqual((answer.code, answer.payload),
+                         (_tx.FORBIDDEN, b"[access] control_from refuses"))

@@ -49,7 +49,7 @@ def in_thread(fn, *args, **kwargs):
     return threads.deferToThread(fn, *args, **kwargs).asFuture(asyncio.get_event_loop())
 
 
-def start_browser(size, profile):
+def start_browser(size, profile, flags=()):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common import selenium_manager
@@ -59,7 +59,7 @@ def start_browser(size, profile):
     selenium_manager.SeleniumManager.binary_paths = no_downloads
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS:
+    for flag in FLAGS + tuple(flags):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     if size == PHONE:
@@ -79,6 +79,7 @@ class BrowserCase(WebTestCase):
 
     timeout = 120
     size = LAPTOP
+    browser_flags = ()
 
     def setUp(self):
         why = missing()
@@ -92,7 +93,8 @@ class BrowserCase(WebTestCase):
         self.addCleanup(shutil.rmtree, profile, True)
 
         async def browser():
-            self.driver = await in_thread(start_browser, self.size, profile)
+            self.driver = await in_thread(start_browser, self.size, profile,
+                                          self.browser_flags)
         return d.addCallback(lambda _: as_deferred(browser()))
 
     def tearDown(self):
@@ -104,8 +106,8 @@ class BrowserCase(WebTestCase):
 
     # -- the page as a person sees it ----------------------------------------
 
-    async def open(self, path="/"):
-        await in_thread(self.driver.get, self.http + path)
+    async def open(self, path="/", base=None):
+        await in_thread(self.driver.get, (base or self.http) + path)
         await self.until("document.readyState === 'complete' && "
                          "document.getElementById('link').textContent === 'live' && "
                          "document.querySelectorAll('#plots canvas').length > 0")
@@ -184,7 +186,8 @@ class LivePageTests(BrowserCase):
             await self.type_into("f-delay", "0.3", change=False)
             await self.type_into("f-auto", "-1", change=False)
             await self.click("b-record")
-            await self.until("document.getElementById('answer').textContent === 'record: done'")
+            # the batch has only begun: "started", not "done"
+            await self.until("document.getElementById('answer').textContent === 'record: started'")
             await self.until("document.getElementById('status').textContent !== 'idle'")
             self.assertEqual(await self.get("data_dir/current_run"), "browser")
             # the live plots fill and then change as the batch records
@@ -220,6 +223,10 @@ class LivePageTests(BrowserCase):
             self.assertEqual(len([n for n in os.listdir(self.run_dir("browser"))
                                   if n.endswith("_light.pico")]), len(light))
             self.assertEqual(await self.js("return document.getElementById('b-record').disabled;"), False)
+            # every plot has round wavelengths to read, three at least
+            for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+                self.assertGreaterEqual(int(await self.js(
+                    f"return document.querySelector('canvas[data-spectrometer={s}]').dataset.xticks;")), 3)
             await self.shot("03-aborted")
             self.assertEqual(await self.console_errors(), [])
         return as_deferred(check())
@@ -293,6 +300,11 @@ class PhoneTests(BrowserCase):
                                                         "refused (400): integration time must be an "
                                                         "integer, not 'abc'")
             self.assertEqual(await self.get("spectrometer/S_sim_QEP00981/current_time/upwelling"), 250)
+            # the field shows what the server holds again, marked, the reason its title
+            field = "document.getElementById('t-S_sim_QEP00981-upwelling')"
+            await self.until(f"{field}.value === '250'")
+            self.assertTrue(await self.js(f"return {field}.classList.contains('refused');"))
+            self.assertIn("not 'abc'", await self.js(f"return {field}.title;"))
             # a page older than the server (restarted: a new token) still
             # controls: it takes the new token once and asks again
             self.service.web.guard.token = "after-a-restart"
@@ -323,6 +335,114 @@ class PhoneTests(BrowserCase):
         return as_deferred(check())
 
 
+class PhoneLayoutTests(BrowserCase):
+
+    size = PHONE
+
+    def test_everything_within_reach_on_a_phone(self):
+        async def check():
+            from datetime import datetime, timedelta, timezone
+            later = (datetime.now(timezone.utc) + timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            await self.put("control/record_sequence", {"run": "a run with a long name for later",
+                                                       "nsequence": 20, "auto": 0, "delay": 1,
+                                                       "at_time": later, "interval": 3600})
+            await self.put("control/record_sequence", {"run": "phoneplot", "nsequence": 2,
+                                                       "auto": -1})
+            await self.wait_for("control/status", lambda s: s == "idle")
+            await self.open()
+            await self.until("document.querySelectorAll('#plots .legend tbody tr').length === 8")
+            width = PHONE[0]
+            # the header alone stays on screen (slim); every section's link
+            # fits the width, none off to the side
+            self.assertLessEqual(await self.js("return document.querySelector('.top').offsetHeight;"),
+                                 0.1 * PHONE[1])
+            self.assertEqual(await self.js("return getComputedStyle(document.querySelector('.tabs')).position;"),
+                             "static")
+            rights = await self.js("return [...document.querySelectorAll('.tabs a')]"
+                                   ".map(a => a.getBoundingClientRect().right);")
+            self.assertEqual(len(rights), 6)
+            self.assertLessEqual(max(rights), width)
+            # each spectrum's time is shown, and the legend fits the phone
+            times = await self.js("return [...document.querySelectorAll('#plots td.when')]"
+                                  ".filter(td => td.offsetParent !== null).map(td => td.textContent);")
+            self.assertEqual(len(times), 8)
+            for t in times:
+                self.assertRegex(t, r"^\d\d:\d\d:\d\d$")
+            self.assertEqual(await self.js(
+                "return [...document.querySelectorAll('#plots .table-wrap')]"
+                ".filter(w => w.scrollWidth > w.clientWidth).length;"), 0)
+            for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+                self.assertGreaterEqual(int(await self.js(
+                    f"return document.querySelector('canvas[data-spectrometer={s}]').dataset.xticks;")), 3)
+            await self.js("document.getElementById('live').scrollIntoView();")
+            await self.shot("11-phone-legend")
+            # the job's buttons in reach, no sideways scrolling
+            await self.until("document.querySelectorAll('#jobs tbody tr').length === 1")
+            await self.js("document.getElementById('schedule').scrollIntoView();")
+            buttons = await self.js("return [...document.querySelectorAll('#jobs button')]"
+                                    ".map(b => b.getBoundingClientRect().right);")
+            self.assertEqual(len(buttons), 2)
+            self.assertLessEqual(max(buttons), width)
+            self.assertEqual(await self.js("const w = document.querySelector('#schedule .table-wrap');"
+                                           "return w.scrollWidth <= w.clientWidth;"), True)
+            await self.shot("12-phone-jobs")
+            # a file tapped: its plot comes into view
+            await self.until("document.getElementById('run-select').value === 'phoneplot'")
+            await self.until("document.querySelectorAll('#file-list li').length === 4")
+            await self.js("document.getElementById('files').scrollIntoView();")
+            await self.js("document.querySelector('#file-list li[data-name=\"b000000_s000001_light.pico\"]"
+                          " button').click();")
+            await self.until("document.querySelectorAll('#file-plots canvas').length === 2")
+            await asyncio.sleep(0.3)
+            top = await self.js("return document.querySelector('.file-plot-box').getBoundingClientRect().top;")
+            self.assertGreaterEqual(top, 0)
+            self.assertLess(top, PHONE[1] / 2)
+            ticks = await self.js("return [...document.querySelectorAll('#file-plots canvas')]"
+                                  ".map(c => Number(c.dataset.xticks));")
+            self.assertTrue(all(t >= 3 for t in ticks), ticks)
+            await self.shot("13-phone-file-plot")
+        return as_deferred(check())
+
+
+class StreamRefusedTests(BrowserCase):
+    """The page opened while every live-stream place is taken, one by each
+    of 32 other addresses (a fair share each, so the newcomer is refused,
+    503): the page retries by itself, later each time, and is live again
+    once a place is free -- without a reload."""
+
+    address = web_address = "127.0.0.1"
+
+    def test_the_page_recovers_after_a_refusal(self):
+        async def check():
+            from piccolo_twisted.web import events as ev
+            from .test_web import open_stream
+            port = self.service.web.listening_port
+            held = []
+            try:
+                for i in range(ev.MAX_STREAMS):
+                    sock, head = await in_thread(open_stream, port, f"127.0.8.{i + 1}")
+                    held.append(sock)
+                    self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+                await in_thread(self.driver.get, self.http + "/")
+                await self.until("Number(document.getElementById('link').dataset.retries || 0) >= 2",
+                                 what="the page retried twice")
+                self.assertRegex(await self.text("link"), r"^reconnecting in \d+ s…$")
+                await self.shot("14-stream-refused")
+                held.pop().close()          # one place free again
+                await self.until("document.getElementById('link').textContent === 'live'",
+                                 timeout=40, what="live again without a reload")
+                await self.until("document.getElementById('status').textContent === 'idle'")
+                await self.put("control/numSequences", 17)
+                await self.until("document.getElementById('f-nsequence').value === '17'")
+                self.assertEqual(await self.console_errors(expected=["/events - Failed to load "
+                                                                     "resource: the server responded "
+                                                                     "with a status of 503"]), [])
+            finally:
+                for sock in held:
+                    sock.close()
+        return as_deferred(check())
+
+
 class ReadOnlyTests(BrowserCase):
     """Control only from 127.0.0.1 (the tests' CoAP client); the browser
     comes from ::1."""
@@ -335,16 +455,80 @@ class ReadOnlyTests(BrowserCase):
             await self.open()
             await self.until("!document.getElementById('readonly').hidden")
             notice = await self.text("readonly")
-            self.assertEqual(notice, "Read only from this device: control is not allowed from ::1 "
-                                     "([access] control_from)")
-            await self.click("b-record")
-            await self.until("document.getElementById('answer').textContent.startsWith('record refused (403)')")
-            self.assertIn("control is not allowed from ::1", await self.text("answer"))
+            self.assertEqual(notice, "Read only from this device: [access] control_from "
+                                     "refuses ::1")
+            # every control is off, saying why
+            await self.until("document.getElementById('b-record').disabled")
+            states = await self.js(
+                "return [...document.querySelectorAll('#control button, #control input, #specs input')]"
+                ".map(n => [n.id, n.disabled, n.title]);")
+            self.assertGreater(len(states), 10)
+            for node_id, disabled, title in states:
+                self.assertTrue(disabled, node_id)
+                self.assertEqual(title, "read only: [access] control_from refuses ::1", node_id)
+            # and what the page would send is refused all the same
+            answer = await in_thread(self.driver.execute_async_script, """
+                const done = arguments[arguments.length - 1];
+                api("PUT", "control/record_sequence", {}).then(r => done([r.status, r.text]));""")
+            self.assertEqual(answer, [403, "[access] control_from refuses ::1"])
             self.assertEqual(await self.get("control/status"), "idle")
             # what it may still do: watch a batch someone else started
             await self.put("control/record_sequence", {"run": "other", "nsequence": 2, "auto": -1})
             await self.until("Number(document.querySelector('canvas[data-spectrometer=S_sim_QEP00981]')"
                              ".dataset.updates) >= 1")
+            self.assertTrue(await self.js("return document.getElementById('b-abort').disabled;"))
             await self.js("document.getElementById('control').scrollIntoView();")
             await self.shot("08-read-only")
+        return as_deferred(check())
+
+
+class RebindingTests(BrowserCase):
+    """DNS rebinding as a browser lives it: chromium resolves evil.example
+    (the attacker's name) and piccolo.test (a name in [web] hosts) to the
+    instrument's address, 127.0.0.1."""
+
+    address = web_address = "127.0.0.1"
+    server_text = "[web]\nhosts = piccolo.test\n"
+    browser_flags = ("--host-resolver-rules=MAP evil.example 127.0.0.1, "
+                     "MAP piccolo.test 127.0.0.1",)
+
+    def test_a_rebound_page_gets_nothing(self):
+        async def check():
+            port = self.service.web.listening_port
+            token = self.service.web.guard.token
+            await self.put("control/record_sequence", {"run": "rebound", "nsequence": 400,
+                                                       "delay": 0.2, "auto": -1})
+            await self.wait_for("control/status", lambda s: s != "idle")
+            # the attacker's page, its name now pointing at the instrument
+            await in_thread(self.driver.get, f"http://evil.example:{port}/")
+            self.assertIn("DNS rebinding", await self.js("return document.body.textContent;"))
+            # its script: read the token, then abort with it (and with the
+            # real token, as if it had leaked)
+            answers = await in_thread(self.driver.execute_async_script, """
+                const done = arguments[arguments.length - 1];
+                (async () => {
+                  const t = await fetch('/token', {cache: 'no-store'});
+                  const stolen = await t.text();
+                  const out = [t.status, stolen.length];
+                  for (const tok of [stolen, arguments[0]]) {
+                    const r = await fetch('/api/control/abort',
+                                          {method: 'POST', headers: {'X-Piccolo-Token': tok}});
+                    out.push(r.status);
+                  }
+                  const s = await fetch('/api/control/status');
+                  out.push(s.status);
+                  return out;
+                })().then(done, e => done(String(e)));""", token)
+            self.assertEqual(answers[0], 421)
+            self.assertEqual(answers[2:], [421, 421, 421])
+            await asyncio.sleep(0.5)
+            self.assertNotEqual(await self.get("control/status"), "idle")
+            await self.shot("10-rebinding-refused")
+            # the instrument under a name it was given: the page works
+            await self.open(base=f"http://piccolo.test:{port}")
+            await self.until("document.getElementById('status').textContent !== 'idle'")
+            await self.click("b-abort")
+            await self.until("document.getElementById('status').textContent === 'idle'",
+                             timeout=10)
+            self.assertEqual(await self.get("control/status"), "idle")
         return as_deferred(check())

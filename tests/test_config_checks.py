@@ -87,6 +87,32 @@ class InstrumentValueTests(unittest.SynchronousTestCase):
             self.assertRefused(CHANNELS.replace("upwelling", bad),
                                "[channels/shutter_1/direction]", "path segment")
 
+    def test_calibration_that_is_no_calibration(self):
+        """Nit 9 of the attack on 21a: ``1e308, ...`` was accepted and the
+        simulator overflowed rendering it."""
+        def calibrated(values):
+            return (spectrometer() + "    [[[calibration]]]\n      [[[[upwelling]]]]\n"
+                    f"        wavelengthCalibrationCoefficientsPiccolo = {values}\n")
+        where = ("[spectrometers/sim_QEP1/calibration/upwelling/"
+                 "wavelengthCalibrationCoefficientsPiccolo]")
+        for bad in ("1e308, 0.45, 0, 0", "345, 0.45, 1e-3, 1", "1e300, 1e300",
+                    "1, 2, 3, 4, 5, 6, 7, 8, 9"):
+            self.assertRefused(calibrated(bad), where)
+        cfg = load_instrument_config(text=calibrated("345.2, 0.4543, -1.12e-5, -1.3e-9"))
+        self.assertEqual(cfg.spectrometers[0].calibration["upwelling"],
+                         [345.2, 0.4543, -1.12e-5, -1.3e-9])
+
+    def test_channel_names_are_plain_words(self):
+        """Nit 6 of the attack on 21a: ``a>,<b`` broke /.well-known/core's
+        link format, a blank name was accepted."""
+        for bad in ('"a>,<b"', '"  "', '"up welling"', "-up", "up;rt=x", '"up\"x"',
+                    "aufwärts", "x" * 65):
+            self.assertRefused(CHANNELS.replace("upwelling", bad),
+                               "[channels/shutter_1/direction]", "plain word")
+        for good in ("Upwelling", "up_2", "down-1", "ch.1", "x" * 64, "_1"):
+            cfg = load_instrument_config(text=CHANNELS.replace("upwelling", good))
+            self.assertIn(good, cfg.channel_names)
+
     def test_reserved_names_are_the_shutter_resource_words(self):
         """The reserved list is the /shutter resource's own children: a new
         fixed word there must be added to it."""
@@ -183,3 +209,119 @@ class TwistdRefusesTests(unittest.TestCase):
         self.assertEqual(p.stderr.strip(), f"twistd piccolo: {path}: "
                          "[channels/shutter_2/direction] 'shutters' cannot name a "
                          "channel: a fixed word of the API (/shutter/shutters)")
+
+
+class EmptyAndSloppyValuesTests(unittest.SynchronousTestCase):
+    """An empty path is no default, and the command line takes what the
+    config file takes (issue 21's outside attack on 21a: W1, nits 4, 5, 7)."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def cfg(self, text):
+        path = os.path.join(self.dir, "piccolo.cfg")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_empty_datadir_is_refused_not_the_working_directory(self):
+        """``datadir =`` became the current directory: ``/`` under the
+        unit's WorkingDirectory, every system directory a "run"."""
+        root = os.path.join(self.dir, "root")       # stands in for systemd's /
+        os.makedirs(os.path.join(root, "etc"))
+        cfg = self.cfg("[datadir]\ndatadir =\n")
+        try:
+            p = subprocess.run(TWISTD + ["-n", "--pidfile=", "piccolo", "-c", cfg,
+                                         "--address", "127.0.0.1", "--port", "0",
+                                         "--web", "0"],
+                               cwd=root, capture_output=True, text=True, timeout=30,
+                               env=dict(os.environ, GPIOZERO_PIN_FACTORY="mock"))
+        except subprocess.TimeoutExpired as e:
+            self.fail(f"the server ran on the working directory: {e.stdout!r}")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertEqual(p.stderr.strip(), f"twistd piccolo: {cfg}: [datadir/datadir] "
+                         "is empty: name the data directory (or leave the key out "
+                         "for the default)")
+        self.assertEqual(os.listdir(root), ["etc"])
+        for text in ('[datadir]\ndatadir = "  "\n', "config =\n"):
+            self.assertRaises(ConfigError, load_server_config, text=text)
+        self.assertEqual(load_server_config(text="[datadir]\n").datadir, "piccolo_data")
+        from piccolo_twisted import tap
+        e = self.assertRaises(SystemExit, tap.Options().parseOptions, ["-o", ""])
+        self.assertEqual(str(e), "twistd piccolo: --data-dir: empty: name the data "
+                                 "directory")
+
+    def test_ports_on_the_command_line_as_in_the_file(self):
+        """``--port 1e3`` bound 1000 and ``--port 5683.0`` 5683, where the
+        config file calls both "of the wrong type"."""
+        from piccolo_twisted import tap
+        for value in ("1e3", "5683.0", "0x10", " 80", "+80", "-1", "65536", "٣"):
+            for option in ("--port", "--manhole", "--web"):
+                e = self.assertRaises(SystemExit, tap.Options().parseOptions,
+                                      [option, value])
+                self.assertEqual(str(e), f"twistd piccolo: {option}: {value!r} is not "
+                                         f"a port number (0 to 65535)")
+        for value in ("1e3", "5683.0", "0x10", "-1", "65536"):
+            self.assertRaises(ConfigError, load_server_config,
+                              text=f"[coap]\nport = {value}\n")
+        options = tap.Options()
+        options.parseOptions(["--port", "5684", "--web", "0", "-o", self.dir])
+        self.assertEqual((options.settings.port, options.settings.web_port), (5684, 0))
+
+    def test_where_an_absolute_config_came_from(self):
+        """``config = /etc/piccolo/piccolo.config`` was logged as "(from the
+        data directory)"."""
+        from piccolo_twisted import tap
+        instrument = os.path.join(self.dir, "instrument.config")
+        with open(instrument, "w") as f:
+            f.write(CHANNELS)
+        cfg = self.cfg(f"config = {instrument}\n")
+        options = tap.Options()
+        options.parseOptions(["-c", cfg, "-o", os.path.join(self.dir, "data")])
+        self.assertEqual(options.instrument_note,
+                         f"instrument config {instrument} (from {cfg}: [config])")
+        os.makedirs(os.path.join(self.dir, "data"))
+        with open(os.path.join(self.dir, "data", "piccolo.config"), "w") as f:
+            f.write(CHANNELS)
+        options = tap.Options()
+        options.parseOptions(["-o", os.path.join(self.dir, "data")])
+        self.assertEqual(options.instrument_note,
+                         f"instrument config {self.dir}/data/piccolo.config "
+                         f"(from the data directory)")
+
+
+class ManholeWordingTests(unittest.SynchronousTestCase):
+    """Nits 8 and 13: the error names the file and key that would fix it;
+    the log shows an IPv6 interface in brackets."""
+
+    def test_keys_missing_names_the_config_key(self):
+        from piccolo_twisted import tap
+        cfg = os.path.abspath(self.mktemp())
+        with open(cfg, "w") as f:
+            f.write("[manhole]\nport = 2299\nkeys =\n")
+        e = self.assertRaises(SystemExit, tap.Options().parseOptions,
+                              ["-c", cfg, "-o", os.path.abspath(self.mktemp())])
+        self.assertEqual(str(e), f"twistd piccolo: the manhole (port 2299) needs an "
+                                 f"authorized_keys file: [manhole] keys = FILE in {cfg}, "
+                                 f"or --manhole-keys FILE")
+
+    def test_ipv6_interface_in_brackets(self):
+        from piccolo_twisted import manhole
+        from .helpers import make_ssh_key
+        d = os.path.abspath(self.mktemp())
+        key = make_ssh_key(os.path.join(d, "admin"))
+        keys = os.path.join(d, "authorized_keys")
+        with open(keys, "wb") as f:
+            f.write(key.public().toString("openssh") + b"\n")
+        settings = load_server_config(text=f"[manhole]\nport = 2299\ninterface = ::1\n"
+                                           f"keys = {keys}\nhost_key = {d}/state/hk\n")
+
+        class Piccolo:
+            def namespace(self):
+                return {}
+        Piccolo.settings = settings
+        log = LogCapture(self)
+        manhole.manhole_service(Piccolo())
+        self.assertIn(f"manhole: SSH on [::1]:2299, user admin, keys from {keys}",
+                      log.lines())

@@ -143,11 +143,15 @@ class DeploymentTests(unittest.TestCase):
         p = subprocess.run([venv_bin("piccolo3-setup"), "--root", self.root,
                             "--emulate", "QEPRO:QEP01234"],
                            capture_output=True, text=True, timeout=120)
-        self.assertEqual(p.returncode, 0, p.stderr)
         for path in ("/etc/piccolo.cfg", "/etc/piccolo/piccolo.config"):
             with open(self.at(path)) as f:
                 self.assertEqual(f.read(), "# mine\n")
             self.assertIn(f"kept {self.at(path)} (it exists; not overwritten)", p.stdout)
+        # kept, and said not to load (an empty instrument config has no channel)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertEqual(p.stderr, "piccolo3-setup: warning: kept, but it does not load: "
+                         f"{self.at('/etc/piccolo/piccolo.config')}: [channels] no "
+                         "channel configured\n")
         self.assertIn(f"wrote {self.at('/etc/systemd/system/piccolo.service')}", p.stdout)
         self.assertEqual(sorted(os.listdir(self.at("/etc/piccolo"))), ["piccolo.config"])
 
@@ -325,3 +329,177 @@ class DataCopyTests(unittest.TestCase):
 
 if sys.platform != "linux":
     DataCopyTests.skip = "setpriv and rsync are Linux tools here"
+
+
+#: the unit an earlier version installed (before LimitNOFILE and the state
+#: directory), for the upgrade test
+EARLIER_UNIT = """[Unit]
+Description=Piccolo spectrometer server
+After=network.target local-fs.target
+
+[Service]
+Type=simple
+# twistd in the foreground under systemd; rotating log, 10 files of 1 MB
+Environment=PICCOLO_LOGFILE=/var/log/piccolo/piccolo.log
+ExecStart=/opt/piccolo/bin/twistd --nodaemon --pidfile= --logger piccolo_twisted.logs.rotating_observer piccolo -c /etc/piccolo.cfg
+# SIGTERM: shutters closed, batch ended cleanly, database closed
+KillSignal=SIGTERM
+TimeoutStopSec=30
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class SetupChecksTests(unittest.TestCase):
+    """What the outside attack on 21a found: a rerun after plugging the
+    spectrometers in kept the simulated config without a word (W5); an
+    installed unit never became the new one (W7); a start-up error never
+    reached the log the README says to read (W6); serials that cannot be
+    written were written (nit 10)."""
+
+    EMULATE = "QEPRO:QEP01234"
+
+    def setUp(self):
+        self.root = os.path.abspath(self.mktemp())
+        os.makedirs(self.root)
+
+    def at(self, path):
+        return os.path.join(self.root, path.lstrip("/"))
+
+    def setup(self, *args):
+        return subprocess.run([venv_bin("piccolo3-setup"), "--root", self.root, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    def test_rerun_after_plugging_the_spectrometers_in(self):
+        if not cseabreeze():
+            raise unittest.SkipTest("seabreeze's choice would be pyseabreeze, whose "
+                                    "listing sends a multicast to the network")
+        p = self.setup()                               # nothing plugged in yet
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("simulated default", p.stdout)
+        path = self.at("/etc/piccolo/piccolo.config")
+        with open(path) as f:
+            simulated = f.read()
+        p = self.setup("--emulate", self.EMULATE)     # plugged in; run again
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("spectrometers found: QEPRO QEP01234", p.stdout)
+        [warning] = p.stderr.splitlines()
+        self.assertIn(f"piccolo3-setup: warning: {path} (kept) does not name the "
+                      f"spectrometers found: QEPRO QEP01234; the server will not record "
+                      f"with them.", warning)
+        self.assertIn("add [[QEP01234]] under [spectrometers]", warning)
+        # the command it gives, as given (without sudo)
+        command = shlex.split(warning.split(": sudo ", 1)[1].split(";")[0])
+        self.assertEqual(command, [venv_bin("piccolo3-setup"), "--root", self.root,
+                                   "--replace", "instrument"])
+        p = subprocess.run(command + ["--emulate", self.EMULATE], capture_output=True,
+                           text=True, timeout=120)
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+        [line] = [line for line in p.stdout.splitlines() if line.startswith("replaced ")]
+        backup = line.split("(the old one is ")[1].rstrip(")")
+        self.assertTrue(backup.startswith(path + ".") and backup.endswith(".bak"), backup)
+        with open(backup) as f:
+            self.assertEqual(f.read(), simulated)
+        self.assertEqual([s.serial for s in load_instrument_config(path).spectrometers],
+                         ["QEP01234"])
+        p = self.setup("--emulate", self.EMULATE)     # nothing left to say
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+
+    def test_upgrade_as_the_readme_says(self):
+        p = self.setup("--emulate", self.EMULATE)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        unit_path = self.at("/etc/systemd/system/piccolo.service")
+        with open(unit_path) as f:
+            current = f.read()
+        earlier = EARLIER_UNIT.replace("/opt/piccolo/bin/twistd", venv_bin("twistd"))
+        with open(unit_path, "w") as f:
+            f.write(earlier)
+
+        section = readme.section("Deployment on a Raspberry Pi")
+        steps = readme.commands(readme.block_starting(section,
+                                                      "sudo /opt/piccolo/bin/pip install ."))
+        self.assertEqual(steps, [
+            "sudo /opt/piccolo/bin/pip install .",     # the tests' venv stands in
+            "sudo /opt/piccolo/bin/piccolo3-setup",
+            "sudo /opt/piccolo/bin/piccolo3-setup --replace unit",
+            "sudo systemctl daemon-reload && sudo systemctl restart piccolo"])
+
+        def run(step):
+            argv = shlex.split(step)[1:]
+            argv[0] = venv_bin(os.path.basename(argv[0]))
+            return subprocess.run(argv + ["--root", self.root, "--emulate", self.EMULATE],
+                                  capture_output=True, text=True, timeout=120)
+        p = run(steps[1])
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        with open(unit_path) as f:
+            self.assertEqual(f.read(), earlier)        # changes nothing
+        self.assertIn(f"piccolo3-setup: warning: {unit_path} (kept) is not this version's "
+                      f"unit; to install it (the old one kept beside it): sudo "
+                      f"{venv_bin('piccolo3-setup')} --root {self.root} --replace unit && "
+                      f"sudo systemctl daemon-reload && sudo systemctl restart piccolo.",
+                      p.stderr)
+        self.assertIn("\n+LimitNOFILE=16384\n", p.stderr)
+        self.assertIn("\n+StateDirectory=piccolo\n", p.stderr)
+        p = run(steps[2])
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+        with open(unit_path) as f:
+            self.assertEqual(f.read(), current)
+        [backup] = [n for n in os.listdir(os.path.dirname(unit_path)) if n.endswith(".bak")]
+        with open(os.path.join(os.path.dirname(unit_path), backup)) as f:
+            self.assertEqual(f.read(), earlier)
+        analyze = shutil.which("systemd-analyze")
+        if analyze:
+            v = subprocess.run([analyze, "verify", unit_path], capture_output=True,
+                               text=True, timeout=60)
+            self.assertEqual((v.returncode, v.stdout + v.stderr), (0, ""))
+        p = run(steps[1])
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+
+    def test_a_start_up_error_reaches_the_log(self):
+        """The README's check after deploying is ``tail`` of the unit's log:
+        a config error went to stderr (the journal) only."""
+        p = self.setup("--emulate", self.EMULATE)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        cfg = self.at("/etc/piccolo.cfg")
+        with open(cfg) as f:
+            text = f.read()
+        with open(cfg, "w") as f:
+            f.write(text.replace("port = 5683", "port = abc"))
+        with open(self.at("/etc/systemd/system/piccolo.service")) as f:
+            unit = f.read()
+        keys = dict(line.split("=", 1) for line in unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+        env = dict(kv.split("=", 1) for kv in shlex.split(keys["Environment"]))
+        env = {k: self.at(v) for k, v in env.items()}
+        argv = shlex.split(keys["ExecStart"])
+        argv[-1] = cfg
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, GPIOZERO_PIN_FACTORY="mock", **env))
+        line = f'twistd piccolo: {cfg}: [coap/port] the value "abc" is of the wrong type.'
+        self.assertEqual((p.returncode, p.stderr.strip()), (1, line))
+        with open(env["PICCOLO_LOGFILE"]) as f:
+            last = f.read().splitlines()[-1]
+        self.assertTrue(last.endswith(f" [-] {line}"), last)
+
+    def test_serials_that_cannot_be_written(self):
+        for bad in ("QEPRO:QEP#1", "QEPRO:..", "QEPRO:[x]", "QEPRO:a b"):
+            p = self.setup("--emulate", bad)
+            self.assertEqual(p.returncode, 2, p.stdout + p.stderr)
+            self.assertIn("invalid serial", p.stderr)
+            self.assertEqual(os.listdir(self.root), [])
+        # a device found with such a serial is left out, saying why
+        import io
+        from piccolo_twisted.tools import deploy, list_spec
+        self.patch(list_spec, "find_spectrometers", lambda *a: (
+            [("QEPRO", "QEP#1"), ("USB2000PLUS", "FLMT05678")], None))
+        out, err = io.StringIO(), io.StringIO()
+        self.assertEqual(deploy.main(["--root", self.root], out=out, err=err), 0)
+        self.assertEqual(err.getvalue(), "piccolo3-setup: warning: the QEPRO with serial "
+                         "'QEP#1' is left out of /etc/piccolo/piccolo.config: its serial "
+                         "is not a plain word: ASCII letters, digits, '_', '+', '-' and "
+                         "'.', at most 64, starting with a letter, digit or '_'\n")
+        config = load_instrument_config(self.at("/etc/piccolo/piccolo.config"))
+        self.assertEqual([s.serial for s in config.spectrometers], ["FLMT05678"])

@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from piccolo_twisted import sysinfo
-from piccolo_twisted.instrument.spectrometer import DROPPED, IDLE, RECORDING
+from piccolo_twisted.instrument.spectrometer import CONNECTED, DROPPED, IDLE, RECORDING
 from piccolo_twisted.observable import Observable
 from piccolo_twisted.sysinfo import STA_UNSYNC, TIME_ERROR, Health
 
@@ -48,7 +48,11 @@ class FakeSpectrometer:
         return defer.succeed(self.temperature)
 
     def last_temperature(self):
-        """As the spectrometer keeps it: its own last reading, no device call."""
+        """As the spectrometer keeps it: its own last reading, no device
+        call; none while not connected (the set point stays)."""
+        if self.status.value not in CONNECTED:
+            return {"temperature": None, "age": None, "target": -10.0,
+                    "enabled": True, "tolerance": 2.0, "stable": None}
         return {"temperature": self.temperature, "age": 3.0, "target": -10.0,
                 "enabled": True, "tolerance": 2.0,
                 "stable": abs(self.temperature - -10.0) <= 2.0}

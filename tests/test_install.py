@@ -28,7 +28,9 @@ HARDWARE = {"twisted", "seabreeze", "gpiozero", "txthings", "pyusb", "configobj"
 
 def copy_of_the_repository(target):
     """The repository's files (tracked, or new and not ignored), without the
-    clone's venv or anything built."""
+    clone's venv or anything built, as the most limited copy leaves them:
+    a symlink becomes a plain file holding its target's name (Git for
+    Windows with core.symlinks=false; a FAT stick or a zip drop links)."""
     listed = subprocess.run(["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others",
                              "--exclude-standard"], capture_output=True, timeout=60)
     if listed.returncode != 0:
@@ -39,7 +41,8 @@ def copy_of_the_repository(target):
             continue            # deleted in the work tree
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if os.path.islink(source):
-            os.symlink(os.readlink(source), dest)
+            with open(dest, "w") as f:
+                f.write(os.readlink(source))
         else:
             shutil.copy2(source, dest)
     return target
@@ -169,3 +172,139 @@ class PiInstallTests(InstallCase):
                                "and sample('piccolo.config') and 'ok')"],
                               capture_output=True, text=True, timeout=60)
         self.assertEqual(site.stdout.strip(), "ok", site.stderr)
+
+
+class CopyWithoutSymlinksTests(InstallCase):
+    """A copy of the repository made where symlinks do not survive (Git for
+    Windows, a FAT stick, a zip) builds a package with its sample configs,
+    and the README's first command serves from it (the samples were a
+    symlink: pip succeeded silently without them, piccolo3-setup crashed and
+    the first command stopped on "pdata/piccolo.config: no such file")."""
+
+    def test_the_repository_holds_no_symlink(self):
+        listed = subprocess.run(["git", "-C", ROOT, "ls-files", "-s"], capture_output=True,
+                                text=True, timeout=60)
+        if listed.returncode != 0:
+            raise unittest.SkipTest("not a git checkout")
+        links = [line.split("\t", 1)[1] for line in listed.stdout.splitlines()
+                 if line.startswith("120000 ")]
+        self.assertEqual(links, [])
+
+    def pip(self, *args):
+        p = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True,
+                           text=True, timeout=600, env=clean_environment(self.home))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+
+    def test_the_built_package_ships_its_samples(self):
+        dist, site = os.path.join(self.work, "dist"), os.path.join(self.work, "site")
+        self.pip("wheel", "-q", "--no-deps", "-w", dist, self.repo)
+        [wheel] = os.listdir(dist)
+        self.pip("install", "-q", "--no-deps", "--no-index", "--target", site,
+                 os.path.join(dist, wheel))
+        root = os.path.join(self.work, "root")
+        script = ("import sys, piccolo_twisted\n"
+                  "from piccolo_twisted.config import bundled_instrument_config, "
+                  "load_instrument_config\n"
+                  "from piccolo_twisted.tools.deploy import main, sample\n"
+                  "print(piccolo_twisted.__file__)\n"
+                  "load_instrument_config(bundled_instrument_config())\n"
+                  "for name in ('piccolo.cfg', 'piccolo.config', 'piccolo.service'):\n"
+                  "    print(name, len(sample(name)))\n"
+                  f"sys.exit(main(['--root', {root!r}, '--emulate', 'QEPRO:QEP01234']))\n")
+        p = subprocess.run([sys.executable, "-c", script], cwd=self.work,
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=site))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(p.stderr, "")
+        self.assertTrue(p.stdout.startswith(os.path.join(site, "piccolo_twisted")), p.stdout)
+        for name in ("piccolo.cfg", "piccolo.config", "piccolo.service"):
+            with open(os.path.join(ROOT, "pdata", name)) as f:
+                self.assertIn(f"{name} {len(f.read())}\n", p.stdout)
+        for path in ("etc/piccolo.cfg", "etc/piccolo/piccolo.config",
+                     "etc/systemd/system/piccolo.service"):
+            self.assertIn(f"wrote {os.path.join(root, path)}", p.stdout)
+        # the build left nothing in the copy (as root: nothing root-owned
+        # in the user's checkout) and reused nothing from an earlier build
+        self.assertEqual(sorted(n for n in os.listdir(self.repo)
+                                if n == "build" or n.endswith(".egg-info")), [])
+        # a package without them says so in one line (it was a traceback)
+        shutil.rmtree(os.path.join(site, "piccolo_twisted", "pdata"))
+        p = subprocess.run([sys.executable, "-c", script.replace(root, root + "2")],
+                           cwd=self.work, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=site))
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertEqual(p.stderr.splitlines()[-1],
+                         "piccolo_twisted.config.ConfigError: the shipped sample "
+                         "piccolo.config is missing (looked in "
+                         f"{os.path.join(site, 'piccolo_twisted', 'pdata')}): the "
+                         "installation is incomplete; reinstall it")
+        p = subprocess.run([sys.executable, "-c", "import sys\n"
+                            "from piccolo_twisted.tools.deploy import main\n"
+                            f"sys.exit(main(['--root', {root + '3'!r}, '--emulate', "
+                            "'QEPRO:QEP01234']))"],
+                           cwd=self.work, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=site))
+        self.assertEqual((p.returncode, p.stderr.count("\n")), (1, 1), p.stderr)
+        self.assertTrue(p.stderr.startswith("piccolo3-setup: the shipped sample "
+                                            "piccolo.cfg is missing"), p.stderr)
+
+    def test_the_first_command_from_the_copy(self):
+        """``pip install -e .`` then ``twistd -n --pidfile= piccolo``: the
+        editable install reads the samples from the copy's pdata/; the
+        server's dependencies come from the tests' venv (not downloaded)."""
+        venv = os.path.join(self.work, "venv")
+        p = self.shell(f"python3 -m venv {shlex.quote(venv)} && "
+                       f"{shlex.quote(venv)}/bin/pip install -q --no-deps -e .")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        python = os.path.join(venv, "bin", "python")
+        site = subprocess.run([python, "-c", "import sysconfig; "
+                               "print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+        ours = subprocess.run([sys.executable, "-c", "import sysconfig; "
+                               "print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+        with open(os.path.join(site, "zz_dependencies.pth"), "w") as f:
+            f.write(ours + "\n")
+        twistd = ("import sys; from twisted.scripts.twistd import run; "
+                  "sys.argv[0] = 'twistd'; run()")
+        server = Server([python, "-c", twistd, "-n", "--pidfile=", "piccolo",
+                         "-o", os.path.join(self.work, "data"), "--address", "127.0.0.1",
+                         "--port", "0", "--web", "0"],
+                        os.path.join(self.work, "first.out"), cwd=self.repo,
+                        env={"PYTHONPATH": ""})
+        self.addCleanup(server.stop)
+        bundled = os.path.join(self.repo, "pdata", "piccolo.config")
+        self.assertIn(f"using the embedded default {bundled} (simulated instrument)",
+                      server.log())
+        self.assertEqual(server.stop(), -15)
+
+
+class RebuildTests(InstallCase):
+    """``pip install ./client`` again after an upgrade reused the previous
+    build's ``client/build/lib``: a module deleted from piccolo_twisted/cli
+    stayed installed; and ``sudo pip install .`` left a root-owned build/
+    and egg-info in the user's checkout (nits 2 and 3 of the attack on 21a)."""
+
+    def wheel(self, n):
+        import zipfile
+        dist = os.path.join(self.work, f"dist{n}")
+        p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "-w", dist, "./client"], cwd=self.repo, capture_output=True,
+                           text=True, timeout=600, env=clean_environment(self.home))
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        [name] = os.listdir(dist)
+        with zipfile.ZipFile(os.path.join(dist, name)) as z:
+            return set(z.namelist())
+
+    def test_a_deleted_module_is_not_installed_again(self):
+        stale = os.path.join(self.repo, "piccolo_twisted", "cli", "stale_module.py")
+        with open(stale, "w") as f:
+            f.write("GONE = False\n")
+        self.assertIn("piccolo3_cli/stale_module.py", self.wheel(1))
+        os.unlink(stale)
+        files = self.wheel(2)
+        self.assertNotIn("piccolo3_cli/stale_module.py", files)
+        self.assertIn("piccolo3_cli/main.py", files)
+        left = [n for d in (self.repo, os.path.join(self.repo, "client"))
+                for n in os.listdir(d) if n == "build" or n.endswith(".egg-info")]
+        self.assertEqual(left, [])

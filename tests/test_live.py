@@ -103,9 +103,13 @@ class ReductionTests(unittest.SynchronousTestCase):
     def test_dark_kept_apart(self):
         spectra = LiveSpectra(["S_x"], ["up"])
         spectra.record("S_x", "up", "dark", [1], META)
+        self.assertIsNone(spectra.body("S_x", "up")["kind"])     # no light yet
         spectra.record("S_x", "up", "light", [9], META)
-        self.assertEqual(json.loads(spectra.body("S_x", "up"))["kind"], "light")
-        self.assertEqual(json.loads(spectra.body("S_x", "up", dark=True))["pixels"], [1])
+        spectra.record("S_x", "up", "dark", [2], META)      # a batch ends with a dark
+        self.assertEqual(json.loads(spectra.body("S_x", "up"))["pixels"], [9])
+        self.assertEqual(json.loads(spectra.body("S_x", "up", dark=True))["pixels"], [2])
+        spectra.record("S_x", "up", "autointegration", [7], META)    # a probe: light
+        self.assertEqual(json.loads(spectra.body("S_x", "up"))["kind"], "autointegration")
         self.assertRaises(Exception, spectra.observable, "S_x", "sideways")
 
 
@@ -114,7 +118,8 @@ class ControlRecordsTests(ControlTestCase):
 
     def watch(self):
         seen = []
-        for (s, c), obs in self.control.live.latest.items():
+        live = self.control.live
+        for obs in list(live.lights.values()) + list(live.darks.values()):
             obs.watch(lambda snap: seen.append(snap))
         return seen
 
@@ -146,10 +151,20 @@ class ControlRecordsTests(ControlTestCase):
                 self.assertEqual((doc["integration_time"], doc["run"], doc["batch"]),
                                  (m["IntegrationTime"], "r", 0))
                 self.assertEqual(doc["dark"], m["Dark"])
-        # the latest of each is the final dark set; the latest dark apart too
-        for (s, c), obs in self.control.live.latest.items():
-            self.assertEqual((obs.value.kind, obs.value.sequence), ("dark", 1))
-            self.assertIs(self.control.live.darks[(s, c)].value, obs.value)
+        # a batch ends with a dark set: the latest light is kept apart from
+        # it (a page loaded after the batch shows what the fibre saw)
+        for key, obs in self.control.live.lights.items():
+            self.assertEqual((obs.value.kind, obs.value.sequence), ("light", 1))
+            dark = self.control.live.darks[key].value
+            self.assertEqual((dark.kind, dark.sequence), ("dark", 1))
+            self.assertEqual(json.loads(self.control.live.body(*key))["kind"], "light")
+        # a dark sequence changes the darks only
+        lights = {k: o.value for k, o in self.control.live.lights.items()}
+        self.control.record_dark(run="r")
+        self.run_until_idle()
+        for key, obs in self.control.live.lights.items():
+            self.assertIs(obs.value, lights[key])
+            self.assertEqual(self.control.live.darks[key].value.batch, 1)
 
     def test_autointegration_probes(self):
         seen = self.watch()
@@ -233,6 +248,25 @@ class WireTests(ServerTestCase):
                      for sp in light}
             doc = await self.get("spectrometer/S_sim_QEP00981/last_spectrum/upwelling")
             self.assertEqual(doc["peak"], peaks[("sim_QEP00981", "upwelling")])
+            # a batch of two sequences ends with a dark set: last_spectrum is
+            # still the latest light one, last_dark that final dark
+            await self.put("control/record_sequence", {"run": "two", "nsequence": 2, "auto": -1})
+            await self.wait_for("control/status", lambda s: s == "idle")
+            files = self.load_run("two")
+            for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+                for c in ("upwelling", "downwelling"):
+                    doc = await self.get(f"spectrometer/{s}/last_spectrum/{c}")
+                    self.assertEqual((doc["kind"], doc["dark"], doc["run"], doc["sequence"]),
+                                     ("light", False, "two", 1))
+                    dark = await self.get(f"spectrometer/{s}/last_dark/{c}")
+                    self.assertEqual((dark["kind"], dark["dark"], dark["sequence"]),
+                                     ("dark", True, 1))
+                    for name, got in (("b000000_s000001_light.pico", doc),
+                                      ("b000000_s000001_dark.pico", dark)):
+                        [sp] = [sp for sp in files[name]["Spectra"]
+                                if "S_" + sp["Metadata"]["SerialNumber"] == s
+                                and sp["Metadata"]["Direction"] == c]
+                        self.assertEqual(got["peak"], max(sp["Pixels"]))
             r = await self.request("GET", "spectrometer/S_sim_QEP00981/last_spectrum/sideways")
             self.assertEqual(str(r.code), "4.04 Not Found")
             r = await self.request("GET", "spectrometer/S_sim_QEP00981/last_spectrum")
@@ -261,8 +295,8 @@ class StatusPeaksTests(ServerTestCase):
             flame = lines[[i for i, l in enumerate(lines) if l.startswith("S_sim_FLMT01234")][0] + 1]
             # channels in legacy (sorted) order (issue 21)
             m = re.match(r"^\s+latest peak: downwelling (?P<down>\d+) \(light, 500 ms, "
-                         r"(?P<saturated>\d+) saturated\), upwelling (?P<up>\d+) "
-                         r"\(light, 100 ms\)$", flame)
+                         r"(?P<saturated>\d+) saturated; dark (?P<ddown>\d+)\), "
+                         r"upwelling (?P<up>\d+) \(light, 100 ms; dark (?P<dup>\d+)\)$", flame)
             self.assertIsNotNone(m, flame)
             light = self.load_run("peaks")["b000000_s000000_light.pico"]["Spectra"]
             files = {sp["Metadata"]["Direction"]: sp["Pixels"] for sp in light
@@ -271,9 +305,100 @@ class StatusPeaksTests(ServerTestCase):
             self.assertEqual(int(m.group("down")), 65535)
             self.assertEqual(int(m.group("saturated")),
                              sum(1 for v in files["downwelling"] if v >= 65535))
+            dark = self.load_run("peaks")["b000000_s000000_dark.pico"]["Spectra"]
+            darks = {sp["Metadata"]["Direction"]: sp["Pixels"] for sp in dark
+                     if sp["Metadata"]["SerialNumber"] == "sim_FLMT01234"}
+            self.assertEqual(int(m.group("dup")), max(darks["upwelling"]))
+            self.assertEqual(int(m.group("ddown")), max(darks["downwelling"]))
+            # a batch ends with a dark set: status still shows the light peaks
+            await self.put("control/record_sequence", {"run": "peaks", "nsequence": 2, "auto": -1})
+            await self.wait_for("control/status", lambda s: s == "idle")
+            out = io.StringIO()
+            self.assertEqual(await run(["--server", self.base, "status"], out=out, err=err), 0)
+            self.assertRegex(out.getvalue(), r"latest peak: downwelling 65535 \(light, 500 ms, "
+                                             r"\d+ saturated; dark \d+\), upwelling \d+ \(light")
         return as_deferred(check())
 
 
 def asyncio_wait(aw, timeout):
     import asyncio
     return asyncio.wait_for(aw, timeout)
+
+
+class FakeClient:
+    """The CLI's client interface over a dict of values; notifications on
+    demand (``notify(path)``)."""
+
+    def __init__(self, values):
+        import asyncio
+        self.values = values
+        self.queues = {}
+        self.asyncio = asyncio
+
+    async def get(self, path):
+        from piccolo_twisted.cli.errors import Refused
+        if path not in self.values:
+            raise Refused(f"4.04 /{path}")
+        return self.values[path]
+
+    def observe(self, path):
+        client = self
+        queue = self.queues.setdefault(path, self.asyncio.Queue())
+
+        class Observation:
+            async def start(self):
+                return client.values.get(path)
+
+            async def next(self, timeout=None):
+                return await queue.get()
+
+            def cancel(self):
+                pass
+        return Observation()
+
+    def notify(self, path):
+        self.queues[path].put_nowait(self.values.get(path))
+
+
+class WatchScreensTests(unittest.TestCase):
+    """status --watch prints a screen when what it shows changed, not at
+    every notification (a status that changed and came back, a run set to
+    the same name: the same screen again and again)."""
+
+    def test_identical_screens_not_repeated(self):
+        import asyncio
+        import io
+        from piccolo_twisted.cli import commands
+        values = {"control/status": "idle", "control/current_sequence": -1,
+                  "control/numSequences": 1, "data_dir/current_run": "r",
+                  "control/fault": "", "spectrometer/spectrometers": ["S_a"],
+                  "spectrometer/channels": ["up"], "shutter/shutters": [],
+                  "control/scheduler/jobs": [], "control/scheduler/quietTimeEnabled": False,
+                  "spectrometer/S_a/status": 6, "spectrometer/S_a/haveTEC": False,
+                  "spectrometer/S_a/current_time/up": 100,
+                  "spectrometer/S_a/last_spectrum/up": {"peak": 500, "kind": "light",
+                                                        "integration_time": 100, "saturated": 0},
+                  "spectrometer/S_a/last_dark/up": {"peak": 90}}
+        client = FakeClient(values)
+        out = io.StringIO()
+
+        async def go():
+            task = asyncio.ensure_future(commands.status(client, out, watch=True, updates=1,
+                                                         refresh=60))
+            while "control/status" not in client.queues or "S_a" not in out.getvalue():
+                await asyncio.sleep(0.01)
+            for _ in range(3):          # notified, nothing shown changed
+                client.notify("control/status")
+                client.notify("data_dir/current_run")
+                await asyncio.sleep(0.1)
+            self.assertEqual(out.getvalue().count("-- "), 0, out.getvalue())
+            values["data_dir/current_run"] = "r2"
+            client.notify("data_dir/current_run")
+            self.assertEqual(await asyncio.wait_for(task, 5), 0)
+        return as_deferred(go()).addCallback(lambda _: self._check(out.getvalue()))
+
+    def _check(self, text):
+        screens = text.split("\n-- ")
+        self.assertEqual(len(screens), 2, text)
+        self.assertIn("run r2", screens[1])
+        self.assertIn("latest peak: up 500 (light, 100 ms; dark 90)", screens[0])

@@ -60,6 +60,61 @@ class QuietRunTests(unittest.TestCase):
         self.assertIn("DeprecationWarning: probe from a synchronous test", out)
 
 
+def trial(*names, **env_extra):
+    """The README's trial command, on some test cases (in a temporary
+    directory of its own: trial writes _trial_temp)."""
+    import tempfile
+    temp = tempfile.mkdtemp(prefix="piccolo-trial-")
+    env = dict(os.environ, GPIOZERO_PIN_FACTORY="mock", **env_extra)
+    env.pop("PYTHONWARNINGS", None)           # as from a shell: tests/ sets it
+    try:
+        p = subprocess.run([sys.executable, "-m", "twisted.trial", "--reactor=asyncio",
+                            f"--temp-directory={os.path.join(temp, '_trial_temp')}",
+                            *names], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env=env)
+    finally:
+        import shutil
+        shutil.rmtree(temp, True)
+    return p.returncode, p.stdout + p.stderr
+
+
+class QuietTrialTests(unittest.TestCase):
+    """The README's trial command printed 57 lines of conch's DSA warnings,
+    and warnings from the project's code passed: setup.cfg's filters were
+    pytest's alone (the outside attack on 21a, W4)."""
+
+    def test_manhole_tests_print_no_warnings(self):
+        code, out = trial("tests.test_config.ManholeKeysTests",
+                          "tests.test_operations.ManholeTests")
+        self.assertEqual(code, 0, out)
+        self.assertIn("PASSED", out)
+        self.assertNotIn("warning", out.lower(), out)
+        self.assertNotIn("DSA", out)
+
+    def test_own_warnings_fail_their_test(self):
+        code, out = trial("tests.test_quiet.WarningProbe", "tests.test_quiet.SyncWarningProbe",
+                          **{PROBE: "1"})
+        self.assertEqual(code, 1, out)
+        self.assertIn("FAILED (errors=3, successes=3)", out)
+        self.assertIn("probe from the tests", out)
+        self.assertIn("probe from the server", out)
+        self.assertIn("probe from a synchronous test", out)
+
+    def test_warnings_in_servers_the_tests_start(self):
+        """A server or tool the tests start has the same rule (they were
+        never checked): a warning from the project's code is an error."""
+        from . import project_modules
+        self.assertIn("piccolo_twisted.tools.deploy", project_modules())
+        self.assertIn("piccolo3_cli.main", project_modules())
+        script = ("import warnings\n"
+                  "warnings.warn_explicit('probe', DeprecationWarning, 'x.py', 1, "
+                  "module='piccolo_twisted.service')\n")
+        p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("DeprecationWarning: probe", p.stderr)
+
+
 class WarningProbe(unittest.TestCase):
     """Run by QuietRunTests with PICCOLO_WARNING_PROBE=1: each must fail."""
 

@@ -126,6 +126,14 @@ class ApiTests(WebTestCase):
             a = await self.web("GET", "/api/control/record_sequence")
             self.assertEqual((a.status, a.text),
                              (405, "GET not allowed on /control/record_sequence; use PUT"))
+            # the same words over CoAP (docs/API.md's 4.05)
+            for path in ("control/record_sequence", "control/record_dark"):
+                r = await self.request("GET", path)
+                a = await self.web("GET", f"/api/{path}")
+                self.assertEqual(str(r.code), "4.05 Method Not Allowed")
+                self.assertEqual(r.payload.decode(), a.text)
+            r = await self.request("PUT", "control/status", 1)
+            self.assertEqual(r.payload.decode(), "PUT not allowed on /control/status; use GET")
             a = await self.web("GET", "/api/control/abort")
             self.assertEqual((a.status, a.text), (405, "/control/abort acts: use POST"))
             a = await self.web("PUT", "/api/control/status", 1)
@@ -245,6 +253,69 @@ class CrossSiteTests(WebTestCase):
         return as_deferred(check())
 
 
+class HostTests(WebTestCase):
+    """DNS rebinding: a page of another name, re-pointed at the
+    instrument's address, sends that name as Host. The page on 127.0.0.1;
+    the recommended control_from (the victim's browser is inside it)."""
+
+    address = web_address = "127.0.0.1"
+    server_text = ("[web]\nhosts = piccolo.example.org, 10.9.8.7\n"
+                   "[access]\ncontrol_from = 127.0.0.0/8, 192.168.4.0/24\n")
+
+    def test_other_names_are_refused_everything(self):
+        async def check():
+            port = self.service.web.listening_port
+            token = self.service.web.guard.token
+            await self.put("control/record_sequence", {"run": "rebind", "nsequence": 400,
+                                                       "delay": 0.2, "auto": -1})
+            await self.wait_for("control/status", lambda s: s != "idle")
+            for name in ("evil.example", f"evil.example:{port}", "EVIL.example.:80",
+                         f"127.0.0.1.evil.example:{port}", f"localhost.evil.example:{port}",
+                         f"10.1.2.3:{port}", f"[::1]:{port}", "piccolo.example.org.evil",
+                         "evil.example:1:2", "[::1"):
+                for source in ("127.0.0.1", "127.0.0.7"):
+                    headers = {"Host": name}
+                    for path in ("/", "/token", "/api/control/status", "/events", "/whoami",
+                                 "/static/app.js", "/files/rebind/b000000_s000000_dark.pico",
+                                 "/zip/rebind"):
+                        a = await self.web("GET", path, headers=headers, source=source)
+                        self.assertEqual(a.status, 421, (name, path))
+                        self.assertNotIn(token.encode(), a.body)
+                    # the attacker has the token (leaked somehow) and sends
+                    # the Origin its page has: still refused
+                    for method, path in (("POST", "/api/control/abort"),
+                                         ("PUT", "/api/control/numSequences")):
+                        a = await self.web(method, path, 7, source=source, headers={
+                            "Host": name, "Origin": f"http://{name}",
+                            "X-Piccolo-Token": token})
+                        self.assertEqual(a.status, 421, (name, path))
+            a = await self.web("GET", "/token", headers={"Host": f"evil.example:{port}"})
+            self.assertIn("DNS rebinding", a.text)
+            self.assertIn("[web] hosts", a.text)
+            self.assertNotEqual(await self.get("control/status"), "idle")
+            self.assertNotEqual(await self.get("control/numSequences"), 7)
+            # this server's own names: the address reached, localhost, the
+            # machine's host name, and the names configured
+            hostname = socket.gethostname().lower()
+            for name in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST.",
+                         f"{hostname}:{port}", f"{hostname.split('.')[0]}.local:{port}",
+                         f"piccolo.example.org:{port}", "10.9.8.7:8080"):
+                a = await self.web("GET", "/token", headers={"Host": name})
+                self.assertEqual((a.status, a.text), (200, token), name)
+            # Origin must be this server over http: https is another origin
+            for origin in (f"https://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}",
+                           f"http://localhost:{port}", f"http://user@127.0.0.1:{port}"):
+                a = await self.web("PUT", "/api/control/numSequences", 7,
+                                   headers={"Origin": origin, "Host": f"127.0.0.1:{port}"})
+                self.assertEqual(a.status, 403, origin)
+                self.assertIn("cross-site", a.text)
+            a = await self.web("POST", "/api/control/abort",
+                               headers={"Origin": f"http://127.0.0.1:{port}"})
+            self.assertEqual(a.status, 204, a.text)
+            await self.wait_for("control/status", lambda s: s == "idle")
+        return as_deferred(check())
+
+
 class AccessTests(WebTestCase):
     """The page on 127.0.0.1; control only from 127.0.0.1."""
 
@@ -257,8 +328,7 @@ class AccessTests(WebTestCase):
                 a = await self.web("PUT", "/api/control/record_sequence", {"nsequence": 1},
                                    source=source)
                 self.assertEqual((a.status, a.text),
-                                 (403, f"control is not allowed from {source} "
-                                       f"([access] control_from)"))
+                                 (403, f"[access] control_from refuses {source}"))
                 self.assertEqual((await self.web("POST", "/api/control/abort", source=source)).status, 403)
                 me = (await self.web("GET", "/whoami", source=source)).json()
                 self.assertEqual(me, {"address": source, "control": False, "reason": a.text})
@@ -276,7 +346,8 @@ class AccessTests(WebTestCase):
 def read_events(base, until, timeout=20.0, source=None):
     """Read /events until ``until(events)`` is true: [(path, value)]."""
     m = re.match(r"http://\[?([^\]]+?)\]?:(\d+)$", base)
-    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout)
+    conn = http.client.HTTPConnection(m.group(1), int(m.group(2)), timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     events = []
     try:
         conn.request("GET", "/events")
@@ -321,6 +392,8 @@ class EventTests(WebTestCase):
                 read_events, self.http,
                 lambda ev: len({p for p, v in ev if "/last_dark/" in p
                                 and v["kind"] == "dark" and v["sequence"] == 1}) == 4
+                and len({p for p, v in ev if "/last_spectrum/" in p
+                         and v["kind"] == "light" and v["sequence"] == 1}) == 4
                 and ("control/status", "idle") in ev))
             await asyncio.sleep(0.5)
             await self.put("control/record_sequence", {"run": "ev", "nsequence": 2, "auto": -1})
@@ -330,10 +403,14 @@ class EventTests(WebTestCase):
             self.assertTrue(any(s.endswith(" light") or s.endswith(" dark") or s == "waiting"
                                 for s in statuses), statuses)
             spectra = [v for p, v in events if "/last_spectrum/" in p and v["kind"]]
-            kinds = {(v["spectrometer"], v["channel"], v["kind"]) for v in spectra}
+            darks = [v for p, v in events if "/last_dark/" in p and v["kind"]]
+            self.assertEqual({v["kind"] for v in spectra}, {"light"})
+            self.assertEqual({v["kind"] for v in darks}, {"dark"})
+            kinds = {(v["spectrometer"], v["channel"], v["kind"]) for v in spectra + darks}
             for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
                 for c in ("upwelling", "downwelling"):
                     self.assertIn((s, c, "dark"), kinds)
+                    self.assertIn((s, c, "light"), kinds)
             # (changes are coalesced: the sequences shown are those current
             # at each flush)
             progress = [v for p, v in events if p == "control/progress" and v["kind"]]
@@ -345,6 +422,18 @@ class EventTests(WebTestCase):
             last = [v for v in spectra if v["spectrometer"] == "S_sim_FLMT01234"][-1]
             self.assertEqual((len(last["pixels"]), len(last["wavelengths"]), last["pixel_count"]),
                              (1024, 1024, 2048))
+            # a page opened after the batch (which ended with a dark set) is
+            # shown the light spectra, and the darks beside them
+            events = await in_thread(read_events, self.http,
+                                     lambda ev: "sysinfo/health" in dict(ev))
+            state = dict(events)
+            for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
+                for c in ("upwelling", "downwelling"):
+                    light = state[f"spectrometer/{s}/last_spectrum/{c}"]
+                    dark = state[f"spectrometer/{s}/last_dark/{c}"]
+                    self.assertEqual((light["kind"], light["sequence"]), ("light", 1))
+                    self.assertEqual((dark["kind"], dark["sequence"]), ("dark", 1))
+                    self.assertGreater(light["peak"], dark["peak"])
         return as_deferred(check())
 
     def test_stream_limits_and_stop(self):
@@ -352,17 +441,19 @@ class EventTests(WebTestCase):
             from piccolo_twisted.web import events as ev
             socks = []
             try:
-                for i in range(ev.MAX_STREAMS_PER_HOST):
+                for i in range(ev.OPEN_BURST):
                     s = socket.create_connection(("::1", self.service.web.listening_port))
-                    s.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+                    s.sendall(b"GET /events HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                     socks.append(s)
                 for _ in range(200):
-                    if len(self.service.web.hub.streams) == ev.MAX_STREAMS_PER_HOST:
+                    if len(self.service.web.hub.streams) == ev.OPEN_BURST:
                         break
                     await asyncio.sleep(0.02)
+                # a host opening stream after stream is told to wait
                 a = await self.web("GET", "/events")
                 self.assertEqual(a.status, 503)
-                self.assertIn("too many live pages", a.text)
+                self.assertIn("too many live pages opened from ::1", a.text)
+                self.assertEqual(a.headers["retry-after"], "2")
                 # stopping the server ends every stream
                 await self.service.web.stopService().asFuture(asyncio.get_event_loop())
                 for s in socks:
@@ -377,6 +468,66 @@ class EventTests(WebTestCase):
                 self.assertEqual(self.service.web.hub.streams, [])
             finally:
                 for s in socks:
+                    s.close()
+        return as_deferred(check())
+
+
+def open_stream(port, source):
+    """A raw /events stream from ``source`` (the first bytes read): a
+    socket, or None when the server refused or closed it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = s.recv(200)
+    return s, head
+
+
+class StreamShareTests(WebTestCase):
+    """The live streams shared out per host: four addresses holding eight
+    streams each (every place) keep neither a fifth address nor the
+    instrument's own operator out."""
+
+    web_address = "127.0.0.1"
+
+    def test_hosts_holding_every_stream_keep_nobody_out(self):
+        async def check():
+            from piccolo_twisted.web import events as ev
+            port = self.service.web.listening_port
+            hub = self.service.web.hub
+            held = []
+            try:
+                for a in range(1, 5):
+                    for _ in range(ev.MAX_STREAMS_PER_HOST):
+                        s, head = await in_thread(open_stream, port, f"127.0.2.{a}")
+                        held.append(s)
+                        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+                self.assertEqual(len(hub.streams), ev.MAX_STREAMS)
+                # the operator and a fifth address: the live state, at once
+                for source in ("127.0.0.1", "127.0.2.5"):
+                    events = await in_thread(read_events, self.http,
+                                             lambda e: "control/status" in dict(e),
+                                             source=source)
+                    self.assertEqual(dict(events)["control/status"], "idle")
+                mine = await in_thread(open_stream, port, "127.0.0.1")
+                held.append(mine[0])
+                self.assertTrue(mine[1].startswith(b"HTTP/1.1 200"))
+                # the streams taken were the biggest holders' oldest: they
+                # were ended (a browser reconnects), and none but the four
+                self.assertEqual(len(hub.streams), ev.MAX_STREAMS)
+                self.assertLessEqual(max(hub.shares.holding(f"127.0.2.{a}")
+                                         for a in range(1, 5)), ev.MAX_STREAMS_PER_HOST)
+                self.assertEqual(hub.shares.holding("127.0.0.1"), 1)
+                # the four try again: refused for the pace of their openings,
+                # and the operator's stream stays
+                for a in range(1, 5):
+                    s, head = await in_thread(open_stream, port, f"127.0.2.{a}")
+                    held.append(s)
+                    self.assertTrue(head.startswith(b"HTTP/1.1 503"), head)
+                self.assertEqual(hub.shares.holding("127.0.0.1"), 1)
+            finally:
+                for s in held:
                     s.close()
         return as_deferred(check())
 
@@ -462,6 +613,32 @@ class DownloadTests(WebTestCase):
             self.assertEqual(self.service.web.downloads_active(), 0)
         return as_deferred(check())
 
+    def test_runs_named_like_urls(self):
+        """A run named "a.zip" beside a run "a", and a run literally named
+        "%2e%2e": each reached by its own name, decoded once."""
+        async def check():
+            from urllib.parse import quote
+            for run in ("a", "a.zip", "%2e%2e", "50% done"):
+                os.mkdir(os.path.join(self.datadir, run))
+                with open(os.path.join(self.datadir, run, "b000000_s000000_light.pico"), "w") as f:
+                    f.write(json.dumps({"Spectra": [], "run": run}))
+            for run in ("a", "a.zip", "%2e%2e", "50% done"):
+                q = quote(run, safe="")
+                a = await self.web("GET", f"/api/data_dir/runs/{q}/spectra_list")
+                self.assertEqual((a.status, a.json()), (200, ["b000000_s000000_light.pico"]), run)
+                a = await self.web("GET", f"/files/{q}/b000000_s000000_light.pico")
+                self.assertEqual((a.status, a.json()["run"]), (200, run))
+                a = await self.web("GET", f"/zip/{q}")
+                self.assertEqual(a.status, 200, run)
+                self.assertIn(f"filename*=UTF-8''{q}.zip", a.headers["content-disposition"])
+                z = zipfile.ZipFile(io.BytesIO(a.body))
+                self.assertEqual(z.namelist(), [f"{run}/b000000_s000000_light.pico"])
+            # decoded once: "%252e%252e" is the run "%2e%2e", never ".."
+            a = await self.web("GET", "/api/data_dir/runs/%252e%252e/name")
+            self.assertEqual(a.json(), "%2e%2e")
+            self.assertEqual((await self.web("GET", "/zip/a.zip.zip")).status, 404)
+        return as_deferred(check())
+
     def test_slow_reader_is_paused_not_buffered(self):
         """A client that stops reading a large zip: the server stops
         making it (the stream is paused), instead of compressing the whole
@@ -476,7 +653,7 @@ class DownloadTests(WebTestCase):
             s = socket.create_connection(("::1", self.service.web.listening_port))
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
             try:
-                s.sendall(b"GET /zip/big HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.sendall(b"GET /zip/big HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                 web = self.service.web
                 for _ in range(1000):           # the transport's buffer fills
                     streams = list(web.download_streams())
@@ -485,11 +662,18 @@ class DownloadTests(WebTestCase):
                     await asyncio.sleep(0.02)
                 self.assertEqual(len(streams), 1)
                 self.assertTrue(streams[0].paused)
-                for _ in range(1000):           # a step in flight when it paused lands
-                    if not streams[0].stepping:
-                        break
-                    await asyncio.sleep(0.02)
-                sent = streams[0].sent
+                # the kernel's buffers take a little more after each pause
+                # until they are full; then nothing more is made
+                sent, still = streams[0].sent, 0
+                for _ in range(400):
+                    await asyncio.sleep(0.05)
+                    if streams[0].sent == sent and streams[0].paused and not streams[0].stepping:
+                        still += 1
+                        if still == 10:
+                            break
+                    else:
+                        sent, still = streams[0].sent, 0
+                self.assertEqual(still, 10)
                 await asyncio.sleep(0.5)
                 self.assertEqual(streams[0].sent, sent)     # and it stays paused
                 # far from the 24 MB of the run: the kernel's buffers and one step
@@ -526,3 +710,29 @@ class PortTests(unittest.TestCase):
         self.assertEqual(len(str(e).splitlines()), 1)
         port = getattr(service.coap, "_port", None)
         return port.stopListening() if port is not None else None
+
+
+class HostConfigTests(unittest.SynchronousTestCase):
+
+    def test_web_hosts(self):
+        from piccolo_twisted.config import ConfigError, load_server_config
+        s = load_server_config(text="[web]\nhosts = piccolo.example.org, 192.168.4.1, [fd00::1]\n")
+        self.assertEqual(s.web_hosts, ("piccolo.example.org", "192.168.4.1", "[fd00::1]"))
+        self.assertEqual(load_server_config().web_hosts, ())
+        e = self.assertRaises(ConfigError, load_server_config,
+                              text="[web]\nhosts = piccolo.example.org, evil/x\n")
+        self.assertEqual(str(e), "<string>: [web/hosts] 'evil/x' is not a host name or an "
+                                 "address (e.g. piccolo.example.org, 192.168.4.1)")
+
+    def test_split_host_and_origin(self):
+        from piccolo_twisted.web.guard import same_origin, split_host
+        self.assertEqual(split_host("[::1]:8080"), ("::1", 8080))
+        self.assertEqual(split_host("[fe80::1%25eth0]"), ("fe80::1", None))
+        self.assertEqual(split_host("Piccolo.Local.:80"), ("piccolo.local", 80))
+        for bad in ("", "[::1", "a:b", "a:1:2", "[::1]x", "a:123456"):
+            self.assertIsNone(split_host(bad), bad)
+        self.assertTrue(same_origin("http://127.0.0.1:8080", "127.0.0.1:8080"))
+        self.assertTrue(same_origin("http://piccolo.local", "piccolo.local:80"))
+        for origin in ("https://127.0.0.1:8080", "http://127.0.0.1", "null",
+                       "http://127.0.0.1:8080/x", "http://a@127.0.0.1:8080"):
+            self.assertFalse(same_origin(origin, "127.0.0.1:8080"), origin)

@@ -159,16 +159,69 @@ class HubTests(unittest.SynchronousTestCase):
         self.status.set("busy")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_limits_per_host_and_in_all(self):
-        for i in range(events.MAX_STREAMS_PER_HOST):
-            self.hub.add(Stream(self.hub, FakeRequest(), "::1"))
-        self.assertIn("from ::1", self.hub.refusal("::1"))
-        self.assertIsNone(self.hub.refusal("127.0.0.2"))
-        n = 0
-        while self.hub.refusal(f"10.0.0.{n}") is None:
-            self.hub.add(Stream(self.hub, FakeRequest(), f"10.0.0.{n}"))
-            n += 1
+    def test_fair_shares(self):
+        """Four hosts holding every place (8 each) keep no one out: a
+        newcomer takes the oldest stream of the biggest holder, which is
+        closed (its browser reconnects); a host at its own limit replaces
+        its own oldest; nobody is taken below a fair share."""
+        def open_from(host):
+            refusal = self.hub.admit(host)
+            if refusal is not None:
+                return None
+            request = FakeRequest()
+            self.hub.add(Stream(self.hub, request, host))
+            return request
+        held = {}
+        for a in range(4):
+            for _ in range(events.MAX_STREAMS_PER_HOST):
+                held.setdefault(a, []).append(open_from(f"127.0.2.{a + 1}"))
+        self.assertEqual(len(self.hub.streams), events.MAX_STREAMS)
+        self.assertTrue(all(r is not None and not r.finished for rs in held.values() for r in rs))
+        mine = open_from("127.0.0.1")
+        self.assertIsNotNone(mine)
+        self.assertEqual(len(self.hub.streams), events.MAX_STREAMS)
+        self.assertTrue(held[0][0].finished)        # the oldest of a biggest holder
+        # the attackers come back again and again: each takes from another
+        # attacker (the biggest), never the newcomer's single stream
+        for round in range(3):
+            for a in range(4):
+                self.clock.advance(1 / events.OPEN_RATE)
+                open_from(f"127.0.2.{a + 1}")
+        self.assertFalse(mine.finished)
+        self.assertEqual(self.hub.shares.holding("127.0.0.1"), 1)
+        # a host at its own limit replaces its own oldest
+        own = [s for s in self.hub.streams if s.host == "127.0.2.2"]
+        self.assertEqual(len(own), events.MAX_STREAMS_PER_HOST)
+        self.clock.advance(1 / events.OPEN_RATE)
+        open_from("127.0.2.2")
+        self.assertTrue(own[0].request.finished)
         self.assertEqual(len(self.hub.streams), events.MAX_STREAMS)
         self.hub.close_all()
         self.assertEqual(self.hub.streams, [])
+        self.assertEqual(self.hub.shares.count, 0)
         self.assertEqual(self.status._watchers, [])
+
+    def test_opening_rate_per_host(self):
+        """Every opening sends the whole state: a host opening streams in
+        a loop is told to wait (503, Retry-After), others are not."""
+        for _ in range(events.OPEN_BURST):
+            self.assertIsNone(self.hub.admit("127.0.3.1"))
+        reason, wait = self.hub.admit("127.0.3.1")
+        self.assertIn("too many live pages opened from 127.0.3.1", reason)
+        self.assertEqual(wait, 2)
+        self.assertIsNone(self.hub.admit("127.0.3.2"))
+        self.clock.advance(wait)
+        self.assertIsNone(self.hub.admit("127.0.3.1"))
+        self.assertIsNotNone(self.hub.admit("127.0.3.1"))
+
+    def test_a_stream_never_read_is_dropped(self):
+        stream, request = self.connect()
+        stream.pauseProducing()
+        self.clock.advance(events.STALL - 1)
+        stream.resumeProducing()            # read a little: still there
+        stream.pauseProducing()
+        self.clock.advance(events.STALL - 1)
+        self.assertIn(stream, self.hub.streams)
+        self.clock.advance(1)
+        self.assertNotIn(stream, self.hub.streams)
+        self.assertTrue(stream.closed)

@@ -222,16 +222,27 @@ class Control:
             self.status.set(previous)
             self.log.info("resumed")
 
-    async def _sleep(self, seconds):
+    async def _sleep(self, seconds, wake_on=()):
+        """Sleep ``seconds`` (on the injected clock), or until one of the
+        observables ``wake_on`` changes, or an abort."""
         if seconds <= 0:
             return
         d = defer.Deferred()
         call = self.clock.callLater(seconds, d.callback, None)
+
+        def woken(_value):
+            if not d.called:
+                call.cancel()
+                d.callback(None)
+        for obs in wake_on:
+            obs.watch(woken)
         self._wait = (d, call)
         try:
             await d
         finally:
             self._wait = None
+            for obs in wake_on:
+                obs.unwatch(woken)
 
     # -- the batch summary and the detector temperature ------------------------
 
@@ -244,48 +255,61 @@ class Control:
 
     async def _wait_for_temperature(self, devices):
         """Before recording, wait up to each spectrometer's
-        ``wait_for_temperature`` minutes for its cooled detector to come
-        within ``temperature_tolerance`` of its set point (status "waiting
-        for temperature"); a detector still away then is recorded anyway,
-        its spectra flagged, and the summary says so."""
-        waits = {s: s.config.wait_for_temperature * 60.0 for s in devices
-                 if getattr(s.config, "wait_for_temperature", 0) > 0
-                 and s.info is not None and s.info.has_tec and s.tec_enabled.value}
-        if not waits:
+        ``wait_for_temperature`` minutes (from the batch's start) for its
+        cooled detector to come within ``temperature_tolerance`` of its set
+        point (status "waiting for temperature"); a detector still away then
+        is recorded anyway, its spectra flagged, and the summary says so.
+
+        Every look takes the cooler as it is now: switching it off ends the
+        wait for that detector (no cooling asked: nothing to wait for), a
+        new set point is judged at once. Either change wakes the wait
+        immediately rather than at its next reading."""
+        limits = {s: s.config.wait_for_temperature * 60.0 for s in devices
+                  if getattr(s.config, "wait_for_temperature", 0) > 0
+                  and s.info is not None and s.info.has_tec}
+        if not limits:
             return
         started = self.clock.seconds()
         previous = self.status.value
-        while True:
-            await self._checkpoint()
-            readings = await self._unless_aborted(defer.DeferredList(
-                [s.read_temperature() for s in waits], consumeErrors=True))
-            elapsed = self.clock.seconds() - started
-            away = {}
-            for s, (ok, value) in zip(list(waits), readings):
-                target = s.target_temperature.value
-                if ok and abs(value - target) <= s.temperature_tolerance:
-                    continue
-                if elapsed >= waits[s]:
-                    why = (f"{value - target:+.1f} °C from its set point {target:g} °C"
-                           if ok else f"temperature unreadable: {value.getErrorMessage()}")
-                    self.log.warn("{name}: {why} after {minutes:g} min; recording anyway",
-                                  name=s.name, why=why, minutes=waits[s] / 60.0)
-                    if self._summary is not None:
-                        self._summary.fault(f"{s.name}: {why} after waiting "
-                                            f"{waits[s] / 60.0:g} min")
-                    continue
-                away[s] = value if ok else None
-            if not away:
-                break
-            if self.status.value != "waiting for temperature":
-                self.log.info("waiting up to {minutes:g} min for the detector "
-                              "temperature", minutes=max(waits.values()) / 60.0)
-                self.status.set("waiting for temperature")
-            waits = {s: waits[s] for s in away}
-            left = min(waits.values()) - elapsed        # > 0: none has timed out
-            await self._sleep(max(0.5, min(TEMPERATURE_POLL, left)))
-        if self._summary is not None:
-            self._summary.temperature_wait = round(self.clock.seconds() - started, 1)
+        waited = False
+        try:
+            while True:
+                await self._checkpoint()
+                cooled = [s for s in limits if s.tec_enabled.value and s.connected]
+                readings = await self._unless_aborted(defer.DeferredList(
+                    [s.read_temperature() for s in cooled], consumeErrors=True))
+                elapsed = self.clock.seconds() - started
+                away = []
+                for s, (ok, value) in zip(cooled, readings):
+                    target = s.target_temperature.value     # as it is now
+                    if not s.tec_enabled.value or (
+                            ok and abs(value - target) <= s.temperature_tolerance):
+                        continue
+                    if elapsed >= limits[s]:
+                        why = (f"{value - target:+.1f} °C from its set point {target:g} °C"
+                               if ok else f"temperature unreadable: {value.getErrorMessage()}")
+                        self.log.warn("{name}: {why} after {minutes:g} min; recording anyway",
+                                      name=s.name, why=why, minutes=limits[s] / 60.0)
+                        if self._summary is not None:
+                            self._summary.fault(f"{s.name}: {why} after waiting "
+                                                f"{limits[s] / 60.0:g} min")
+                        continue
+                    away.append(s)
+                if not away:
+                    break
+                if self.status.value != "waiting for temperature":
+                    self.log.info("waiting up to {minutes:g} min for the detector "
+                                  "temperature", minutes=max(limits.values()) / 60.0)
+                    self.status.set("waiting for temperature")
+                    waited = True
+                limits = {s: limits[s] for s in away}
+                left = min(limits.values()) - elapsed       # > 0: none has timed out
+                changes = [obs for s in away for obs in (s.tec_enabled, s.target_temperature)]
+                await self._sleep(max(0.5, min(TEMPERATURE_POLL, left)), wake_on=changes)
+        finally:
+            # an abort during the wait still says how long it waited
+            if waited and self._summary is not None:
+                self._summary.temperature_wait = round(self.clock.seconds() - started, 1)
         self.status.set(previous)
 
     # -- acquisition steps -------------------------------------------------
@@ -323,7 +347,8 @@ class Control:
         return good
 
     async def _record_set(self, dark, sequence, batch, run, devices):
-        """One dark or light set: every channel on every device."""
+        """One dark or light set: every channel on every device, as
+        [(spectrometer name, pico spectrum)]."""
         spectra = []
         shutters = self.instrument.shutters
         kind = "dark" if dark else "light"
@@ -337,9 +362,8 @@ class Control:
             for s, reading in results:
                 spectrum = pico.spectrum(s.metadata(channel, reading), reading.pixels,
                                          channel, dark, sequence, batch, run)
-                spectra.append(spectrum)
-                if self._summary is not None:
-                    self._summary.spectrum(s.name, spectrum["Metadata"])
+                # the summary counts it once its file is written (_write)
+                spectra.append((s.name, spectrum))
                 self.live.record(s.name, channel, kind, spectrum["Pixels"],
                                  spectrum["Metadata"], run=run, batch=batch,
                                  sequence=sequence)
@@ -396,16 +420,21 @@ class Control:
                               "after {n} acquisitions", name=s.name, channel=channel,
                               state=job.state, t=job.result, n=job.steps)
 
-    def _write(self, run, batch, sequence, kind, spectra, clobber):
-        """Queue a file write (storage names and writes it); any failure
-        stops the batch at its next step."""
+    def _write(self, run, batch, sequence, kind, recorded, clobber):
+        """Queue a file write of ``recorded`` ([(spectrometer, spectrum)]:
+        storage names and writes it); any failure stops the batch at its
+        next step. The summary takes the file's spectra in when the write
+        has completed (the file is durable), never at acquisition: it
+        describes what is on disk, whatever failed or was aborted after."""
         summary = self._summary
+        spectra = [spectrum for _, spectrum in recorded]
 
         def written(name):
             self.files_written += 1
             self.datadir.files_written.set(self.files_written)
             if summary is not None:
-                summary.written(name, sequence, kind)
+                summary.written(name, sequence, kind,
+                                [(spec, spectrum["Metadata"]) for spec, spectrum in recorded])
                 if summary is self._summary:
                     self.last_batch.set(summary.as_dict())
 
@@ -607,13 +636,17 @@ class Control:
         return self._run_ready(run, lambda: self.record_dark(run))
 
     def _run_ready(self, run, start):
-        """``start()`` once ``run`` is a directory in the data directory
-        (created if missing): a name that exists there as a file or a
-        symlink is 4.00 now, as current_run answers it, rather than made
-        the current run and a batch failing on it."""
-        if run is None or self.busy:
-            return start()              # the current run, or 4.00 busy
-        check_run_name(run)
+        """``start()`` once ``run`` (or the current run) is a directory in
+        the data directory (created if missing): a name that exists there
+        as a file or a symlink is 4.00 now, as current_run answers it, and a
+        missing data directory (a pulled stick) 5.03 with the reason, rather
+        than a 2.04 and a batch stopping on a fault."""
+        if self.busy:
+            return start()              # 4.00 busy
+        if run is not None:
+            check_run_name(run)
+        else:
+            run = self.datadir.current_run.value
         return self.datadir.prepare_run(run).addCallback(lambda _: start())
 
     def record_dark(self, run=None):
@@ -662,7 +695,8 @@ class Control:
             d, call = self._wait
             if call.active():
                 call.cancel()
-            d.callback(None)
+            if not d.called:
+                d.callback(None)
         if self._resume is not None:
             self._resume.callback(None)
         self.log.info("abort requested")

@@ -1,11 +1,13 @@
-"""The latest spectrum of every spectrometer and channel, as it is recorded.
+"""The latest spectra of every spectrometer and channel, as they are recorded.
 
 Control hands every spectrum it acquires here -- the dark and light sets
 of batches and dark sequences, and every probe of an autointegration --
-and each (spectrometer, channel) has an Observable holding a
-:class:`Snapshot` of the latest one. Both faces of the server read them:
-``/spectrometer/<spec>/last_spectrum/<channel>`` over CoAP (observable)
-and the web page's live plot.
+and each (spectrometer, channel) has two Observables holding a
+:class:`Snapshot`: of the latest light spectrum (batches' light spectra
+and autointegration probes) and of the latest dark one. Both faces of the
+server read them: ``/spectrometer/<spec>/last_spectrum/<channel>`` (light)
+and ``.../last_dark/<channel>`` over CoAP (observable), and the web
+page's live plot.
 
 Recording costs the acquisition nothing: a snapshot keeps references to
 the pixels and metadata the batch has anyway. The JSON document (at most
@@ -174,7 +176,8 @@ class Snapshot:
 
 
 def empty_document(spectrometer, channel):
-    """What ``last_spectrum`` answers before the first spectrum."""
+    """What ``last_spectrum`` (``last_dark``) answers before the first
+    light (dark) spectrum."""
     return {"spectrometer": spectrometer, "channel": channel, "kind": None,
             "dark": None, "integration_time": None, "time": None, "saturated": None,
             "saturation_level": None, "peak": None, "pixel_count": 0,
@@ -183,24 +186,27 @@ def empty_document(spectrometer, channel):
 
 
 class LiveSpectra:
-    """The latest spectrum per (spectrometer, channel), each an Observable
-    of a :class:`Snapshot` (None before the first); and the latest dark
-    one apart, which a light spectrum recorded right after it (a batch's
-    next step) must not hide from a client that samples the latest."""
+    """The latest light and the latest dark spectrum per (spectrometer,
+    channel), each an Observable of a :class:`Snapshot` (None before the
+    first). Kept apart because a batch ends with a dark set: "the latest
+    spectrum" alone would show a dark one after every batch, never what
+    the fibre sees. Light: a batch's light spectra and every
+    autointegration probe (shutter open); dark: batches' and dark
+    sequences' dark spectra."""
 
     def __init__(self, spectrometers, channels, to_thread=None, wall=time.time):
         self.spectrometers = list(spectrometers)
         self.channels = list(channels)
         self.to_thread = to_thread
         self.wall = wall
-        self.latest = {(s, c): Observable(None)
+        self.lights = {(s, c): Observable(None)
                        for s in self.spectrometers for c in self.channels}
-        self.darks = {key: Observable(None) for key in self.latest}
+        self.darks = {key: Observable(None) for key in self.lights}
         self._encoding = {}         # snapshot -> [Deferred] waiting for its body
 
     def observable(self, spectrometer, channel, dark=False):
         try:
-            return (self.darks if dark else self.latest)[(spectrometer, channel)]
+            return (self.darks if dark else self.lights)[(spectrometer, channel)]
         except KeyError:
             raise NotFoundError(f"no spectrometer {spectrometer!r} with a channel "
                                 f"{channel!r}") from None
@@ -208,17 +214,15 @@ class LiveSpectra:
     def record(self, spectrometer, channel, kind, pixels, metadata, run=None,
                batch=None, sequence=None):
         """A spectrum was acquired (reactor side; costs references only)."""
-        obs = self.latest.get((spectrometer, channel))
-        if obs is None:
+        key = (spectrometer, channel)
+        if key not in self.lights:
             return
         snapshot = Snapshot(spectrometer, channel, kind, pixels, metadata, self.wall(),
                             run=run, batch=batch, sequence=sequence)
-        obs.set(snapshot)
-        if kind == "dark":
-            self.darks[(spectrometer, channel)].set(snapshot)
+        (self.darks if kind == "dark" else self.lights)[key].set(snapshot)
 
     def body(self, spectrometer, channel, dark=False):
-        """The latest (dark) spectrum's JSON document: EncodedJSON, or a
+        """The latest light (dark) spectrum's JSON document: EncodedJSON, or a
         Deferred firing with it while it is made in a worker (shared by
         everyone asking for the same snapshot meanwhile)."""
         snapshot = self.observable(spectrometer, channel, dark).value

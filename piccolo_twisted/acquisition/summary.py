@@ -1,11 +1,16 @@
 """What a batch did, in one plain record: ``GET /control/last_batch``.
 
-Control fills it in as the batch goes (every spectrum recorded, every file
-written, every fault) and publishes it at the start, after every file and
-at the end; the record is what a scientist needs to judge the batch
-without opening its files: how many sequences and files, the integration
-times used, which spectra saturated, which were recorded with a cooled
-detector away from its set point, and what went wrong.
+Control fills it in as the batch goes (every file written, with the
+spectra in it, and every fault) and publishes it at the start, after every
+file and at the end; the record is what a scientist needs to judge the
+batch without opening its files: how many sequences and files, the
+integration times used, which spectra saturated, which were recorded with
+a cooled detector away from its set point, and what went wrong.
+
+It describes what is on disk: a spectrum counts when the write of its
+file has completed (fsync'd), never when it was acquired -- a batch that
+stops at a full disk, or is aborted with files still queued, has acquired
+spectra that no file holds.
 """
 
 from datetime import datetime, timezone
@@ -29,15 +34,16 @@ class _Flagged:
         self.low = self.high = None
         self.extra = extra
 
-    def add(self, sequence, value):
+    def add(self, sequence, *values):
         self.count += 1
         if self.ranges and sequence == self.ranges[-1][1] + 1:
             self.ranges[-1][1] = sequence
         elif not (self.ranges and self.ranges[-1][0] <= sequence <= self.ranges[-1][1]):
             self.ranges.append([sequence, sequence])
-        if value is not None:
-            self.low = value if self.low is None else min(self.low, value)
-            self.high = value if self.high is None else max(self.high, value)
+        for value in values:
+            if value is not None:
+                self.low = value if self.low is None else min(self.low, value)
+                self.high = value if self.high is None else max(self.high, value)
 
     def as_dict(self, measure):
         return dict(self.where, sequences=[list(r) for r in self.ranges], spectra=self.count,
@@ -66,7 +72,7 @@ class BatchSummary:
     # -- filled in by control -------------------------------------------------
 
     def spectrum(self, spectrometer, meta):
-        """A spectrum just recorded (its metadata as it goes into the file)."""
+        """A spectrum written (its metadata as it is in the file)."""
         channel = meta.get("Direction")
         kind = "dark" if meta.get("Dark") else "light"
         key = (spectrometer, channel, kind)
@@ -88,12 +94,17 @@ class BatchSummary:
                 flagged = self.unstable[key] = _Flagged(
                     where, {"set_point": meta.get("TemperatureSetPoint"),
                             "tolerance": meta.get("TemperatureTolerance")})
-            flagged.add(sequence, meta.get("Temperature"))
+            # the readings before and after the integration
+            flagged.add(sequence, meta.get("TemperatureBefore"), meta.get("Temperature"))
 
-    def written(self, name, sequence, kind):
+    def written(self, name, sequence, kind, spectra=()):
+        """The file ``name`` is durably written, holding ``spectra``
+        ([(spectrometer, metadata)])."""
         self.files.append(name)
         if kind != "dark" or self.kind != "batch":
             self.sequences.add(sequence)
+        for spectrometer, meta in spectra:
+            self.spectrum(spectrometer, meta)
 
     def fault(self, text):
         if text and text not in self.faults:

@@ -10,7 +10,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 from .errors import CliError, Refused
-from .terminal import emit, shown
+from .terminal import emit, number, printable, shown
 
 STATUS_WORDS = {1: "no worker", 2: "powered off", 3: "dropped", 4: "connecting",
                 5: "disconnected", 6: "idle", 7: "recording", 8: "autointegrating"}
@@ -31,42 +31,62 @@ async def _spectrometer(client, name, channels):
     status, tec, *times = await asyncio.gather(
         client.get(f"{base}/status"), _maybe(client.get(f"{base}/haveTEC"), False),
         *(_maybe(client.get(f"{base}/current_time/{c}")) for c in channels))
-    # the latest spectrum of each channel (a server without last_spectrum: none)
+    # the latest light and dark spectrum of each channel (a server without
+    # last_spectrum: none)
     latest = await asyncio.gather(
         *(_maybe(client.get(f"{base}/last_spectrum/{c}")) for c in channels))
-    temperature = age = None
+    darks = await asyncio.gather(
+        *(_maybe(client.get(f"{base}/last_dark/{c}")) for c in channels))
+    temperature = age = stable = target = None
     if tec:
         # the spectrometer's last reading (taken between integrations while
         # it records): never a device call, so never held up by one
         last = await _maybe(client.get(f"{base}/last_temperature"))
         if isinstance(last, dict):
             temperature, age = last.get("temperature"), last.get("age")
+            stable, target = last.get("stable"), last.get("target")
     return {"name": name, "status": status, "tec": tec, "temperature": temperature,
-            "temperature_age": age, "times": dict(zip(channels, times)),
-            "peaks": {c: _peak(doc) for c, doc in zip(channels, latest)}}
+            "temperature_age": age, "temperature_stable": stable,
+            "temperature_target": target, "read_at": datetime.now(),
+            "times": dict(zip(channels, times)),
+            "peaks": {c: _peak(doc, dark)
+                      for c, doc, dark in zip(channels, latest, darks)}}
 
 
-def _peak(doc):
-    """What status shows of a channel's latest spectrum, or None."""
-    if not isinstance(doc, dict) or doc.get("peak") is None:
+def _peak(doc, dark=None):
+    """What status shows of a channel's latest light spectrum (and the
+    latest dark one beside it), or None before either."""
+    light = isinstance(doc, dict) and doc.get("peak") is not None
+    dark_peak = dark.get("peak") if isinstance(dark, dict) else None
+    if not light and dark_peak is None:
         return None
-    return {k: doc.get(k) for k in ("peak", "kind", "integration_time", "saturated")}
+    out = {k: doc.get(k) if light else None
+           for k in ("peak", "kind", "integration_time", "saturated")}
+    out["dark"] = dark_peak
+    return out
 
 
 def format_peaks(peaks):
-    """``upwelling 56132 (light, 100 ms), downwelling 65535 (light, 100 ms,
-    1304 saturated)``, or "-" before anything was recorded."""
+    """``upwelling 56132 (light, 100 ms; dark 1020), downwelling 65535
+    (light, 100 ms, 1304 saturated; dark 1017)``, or "-" before anything
+    was recorded."""
     parts = []
     for channel, p in peaks.items():
         if p is None:
             continue
-        t = p["integration_time"]
-        what = [shown(p["kind"] or "?")]
-        if isinstance(t, (int, float)):
-            what.append(f"{t:g} ms")
-        if p["saturated"]:
-            what.append(f"{p['saturated']} saturated")
-        parts.append(f"{shown(channel)} {p['peak']} ({', '.join(what)})")
+        what = []
+        if p["peak"] is not None:
+            t = p["integration_time"]
+            what.append(shown(p["kind"] or "?"))
+            if t is not None:
+                what.append(f"{number(t, 'g')} ms")
+            if p["saturated"]:
+                what.append(f"{number(p['saturated'])} saturated")
+        text = ", ".join(what)
+        if p.get("dark") is not None:
+            text += ("; " if text else "") + f"dark {number(p['dark'])}"
+        peak = number(p["peak"]) if p["peak"] is not None else "-"
+        parts.append(f"{shown(channel)} {peak} ({text})")
     return ", ".join(parts) or "-"
 
 
@@ -89,24 +109,36 @@ async def gather_status(client):
             "quiet": quiet}
 
 
-def format_status(s, now=None):
-    """The status screen; every value from the server shown escaped."""
-    width = max([12] + [len(spec["name"]) for spec in s["spectrometers"]])
+def format_status(s, now=None, watching=False):
+    """The status screen; every value from the server shown escaped.
+    ``watching``: a screen that stays up (--watch) gives the clock time of
+    a temperature reading, not its age, which the screen would soon
+    belie."""
+    width = max([12] + [len(shown(spec["name"])) for spec in s["spectrometers"]])
     lines = [f"{'control':<{width}} {shown(s['control'])}"]
     where = f"run {shown(s['run'] or '-')}"
     if s["batch"] is not None and s["batch"] >= 0:
-        where += f", batch {s['batch']}"
+        where += f", batch {number(s['batch'])}"
     if s["sequence"] is not None and s["sequence"] >= 0:
-        where += f", sequence {s['sequence'] + 1} of {s['nsequence']}"
+        where += f", sequence {number(s['sequence'] + 1)} of {number(s['nsequence'])}"
     lines.append(f"{'current':<{width}} {where}")
     for spec in s["spectrometers"]:
-        words = STATUS_WORDS.get(spec["status"], f"status {spec['status']}")
-        times = ", ".join(f"{shown(c)} {t} ms" for c, t in spec["times"].items()
+        words = STATUS_WORDS.get(spec["status"], f"status {number(spec['status'])}")
+        times = ", ".join(f"{shown(c)} {number(t)} ms" for c, t in spec["times"].items()
                           if t is not None)
         line = f"{shown(spec['name']):<{width}} {words}; integration {times or '-'}"
         if spec["tec"]:
-            line += "; temperature " + _temperature(spec.get("temperature"),
-                                                    spec.get("temperature_age"))
+            age = spec.get("temperature_age")
+            read = None
+            if watching and isinstance(age, (int, float)) and spec.get("read_at"):
+                try:
+                    read = spec["read_at"] - timedelta(seconds=age)
+                except (OverflowError, ValueError):      # an age of 1e308 s
+                    read = None
+            line += "; temperature " + _temperature(spec.get("temperature"), age, read)
+            target = spec.get("temperature_target")
+            if spec.get("temperature_stable") is False and isinstance(target, (int, float)):
+                line += f" (set point {number(target, 'g')} °C: not stable)"
         lines.append(line)
         if spec.get("peaks"):
             lines.append(f"{'':<{width}}   latest peak: {format_peaks(spec['peaks'])}")
@@ -134,32 +166,46 @@ REFRESH = 10.0     # seconds without a notification before --watch asks itself
 
 
 def _unchanging(s):
-    """What --watch compares: the screen's state but the temperatures."""
-    return {**s, "spectrometers": [{k: v for k, v in spec.items()
-                                    if k not in ("temperature", "temperature_age")}
-                                   for spec in s["spectrometers"]]}
+    """What --watch compares: the screen's state, temperatures as shown
+    (to 0.1 °C, and whether stable), not their age."""
+    def on_screen(spec):
+        t = spec.get("temperature")
+        return {**{k: v for k, v in spec.items()
+                   if k not in ("temperature", "temperature_age", "read_at")},
+                "temperature": round(t, 1) if isinstance(t, (int, float)) else t}
+    return {**s, "spectrometers": [on_screen(spec) for spec in s["spectrometers"]]}
 
 
-def _temperature(t, age):
-    """"-11.9 °C (4 s ago)", or "-" before the first reading."""
+def _temperature(t, age, read=None):
+    """"-11.9 °C (4 s ago)", "-11.9 °C (read 12:03:04)" given the clock
+    time of the reading, or "-" before the first reading."""
     if not isinstance(t, (int, float)):
         return "-"
-    text = f"{t:.1f} °C"
-    if isinstance(age, (int, float)):
-        text += f" ({age:.0f} s ago)"
+    text = f"{number(t, '.1f')} °C"
+    if read is not None:
+        text += f" (read {read.strftime('%H:%M:%S')})"
+    elif isinstance(age, (int, float)):
+        text += f" ({number(age, '.0f')} s ago)"
     return text
 
 
 async def status(client, out, watch=False, updates=None, refresh=None):
     screen = await gather_status(client)
-    emit(out, format_status(screen), flush=True)
+    emit(out, format_status(screen, watching=watch), flush=True)
     if not watch:
         return 0
     refresh = REFRESH if refresh is None else refresh
     specs = await client.get("spectrometer/spectrometers")
-    paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs)
+    # and every cooled detector's readings: a screen that stays up follows
+    # the temperature (it froze at the first screen's)
+    paths = WATCHED + tuple(f"spectrometer/{s}/status" for s in specs) + tuple(
+        f"spectrometer/{spec['name']}/last_temperature" for spec in screen["spectrometers"]
+        if spec["tec"])
     changed = asyncio.Event()
     observations, tasks = [], []
+    # the first malformed update: it ends the watch with its line (exit 2),
+    # never a pump dying unseen and its resource no longer followed
+    failed = asyncio.get_running_loop().create_future()
 
     async def follow():
         for obs in observations:
@@ -167,16 +213,33 @@ async def status(client, out, watch=False, updates=None, refresh=None):
         for t in tasks:
             t.cancel()
         observations[:] = [client.observe(p) for p in paths]
+        started = []
         for obs in observations:
-            await obs.start()
-        tasks[:] = [asyncio.ensure_future(_pump(obs, changed)) for obs in observations]
+            try:
+                await obs.start()
+            except Refused:
+                continue            # a resource this server lacks (an older one)
+            started.append(obs)
+        tasks[:] = [asyncio.ensure_future(_pump(obs, changed, failed)) for obs in started]
+
+    async def news():
+        waiting = asyncio.ensure_future(changed.wait())
+        try:
+            await asyncio.wait({waiting, failed}, timeout=refresh,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        if failed.done():
+            raise failed.result()
+        if not changed.is_set():
+            raise asyncio.TimeoutError()
 
     try:
         await follow()
         seen = 0
         while updates is None or seen < updates:
             try:
-                await asyncio.wait_for(changed.wait(), refresh)
+                await news()
             except asyncio.TimeoutError:
                 # quiet for a while: is the server still there, and did it
                 # forget the observations (a restart)? An unreachable server
@@ -190,11 +253,13 @@ async def status(client, out, watch=False, updates=None, refresh=None):
                 await asyncio.sleep(0.05)       # let a burst of changes settle
                 changed.clear()
                 now = await gather_status(client)
+                if _unchanging(now) == _unchanging(screen):
+                    continue        # changed and back, or nothing shown changed
             seen += 1
             screen = now
             stamp = datetime.now().strftime("%H:%M:%S")
-            print(f"\n-- {stamp}", file=out)
-            emit(out, format_status(screen), flush=True)
+            emit(out, f"\n-- {stamp}")
+            emit(out, format_status(screen, watching=True), flush=True)
     finally:
         for t in tasks:
             t.cancel()
@@ -203,9 +268,21 @@ async def status(client, out, watch=False, updates=None, refresh=None):
     return 0
 
 
-async def _pump(obs, changed):
+async def _pump(obs, changed, failed):
+    """Wait for notifications of ``obs``; set ``changed`` for each, and
+    ``failed`` (with the error) for a malformed one. An observation the
+    server ended (or never took) ends quietly: the watch then asks itself
+    every REFRESH seconds, and follows again when something changed."""
+    from .shape import BadAnswer
     while True:
-        await obs.next()
+        try:
+            await obs.next()
+        except BadAnswer as e:
+            if not failed.done():
+                failed.set_result(e)
+            return
+        except CliError:
+            return
         changed.set()
 
 
@@ -249,7 +326,7 @@ def _read_line(fd, answer, loop):
 
 async def ask(question, interrupts):
     """Ask on the terminal; a second Ctrl-C counts as yes. EOF counts as no."""
-    print(question, end=" ", file=sys.stderr, flush=True)
+    emit(sys.stderr, question, end=" ", flush=True)
     loop = asyncio.get_running_loop()
     interrupts.event.clear()
     reading = loop.create_future()
@@ -311,7 +388,7 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
     try:
         await client.put("control/record_sequence", kwargs)
         bar = tqdm(total=args.nsequence, unit="seq", file=err, leave=True,
-                   dynamic_ncols=True, desc=f"{args.run}")
+                   dynamic_ncols=True, desc=printable(args.run, err))
         current = "waiting"
         while True:
             if current == "idle":
@@ -340,17 +417,14 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
                         await _maybe(client.get("control/abort"))
                 else:
                     answer.cancel()
-                    print("\nthe batch has ended", file=err, flush=True)
+                    emit(err, "\nthe batch has ended", flush=True)
                 bar.refresh()
             # no news for a while (or after a question): ask directly
             current = await client.get("control/status")
         fault = await _maybe(client.get("control/fault"), "")
-        # what was recorded is what the run holds: the batch may have been
-        # aborted by another client, or have ended before our abort came
-        names = await _maybe(client.get(f"data_dir/runs/{args.run}/spectra_list"), [])
-        recorded = sequences_on_disk(names, batch)
-        bar.n = recorded
-        if not fault and recorded >= args.nsequence:
+        recorded, unknown = await _recorded(client, args.run, batch)
+        bar.n = recorded or 0
+        if not fault and recorded is not None and recorded >= args.nsequence:
             bar.set_postfix_str("done")
         bar.close()
     finally:
@@ -359,40 +433,71 @@ async def record(client, args, out, err, interactive=False, confirm=ask):
         if bar is not None:
             bar.close()
     plural = "s" if args.nsequence != 1 else ""
-    if fault:
-        raise CliError(f"record: run {args.run} batch {batch} stopped: {shown(fault)} "
-                       f"({recorded} of {args.nsequence} sequence{plural} recorded)", 3)
-    if recorded < args.nsequence:
-        who = "" if asked_abort else " (by another client)"
-        raise CliError(f"record: run {args.run} batch {batch}: {recorded} of "
-                       f"{args.nsequence} sequence{plural} recorded, aborted{who}", 4)
+    how_many = (f"{recorded} of {args.nsequence} sequence{plural} recorded"
+                if recorded is not None else
+                f"how many of {args.nsequence} sequence{plural} were recorded is "
+                f"unknown: {unknown}")
     late = " (it had ended before the abort)" if asked_abort else ""
-    print(f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} recorded{late}",
-          file=out)
+    if not fault and recorded is not None and recorded >= args.nsequence:
+        emit(out, f"run {args.run} batch {batch}: {args.nsequence} sequence{plural} "
+                  f"recorded{late}")
+    # the summary and its warnings on every ending: a batch stopped by a
+    # full disk or aborted holds saturated or unstable spectra too
     summary = await _maybe(client.get("control/last_batch"))
     if isinstance(summary, dict) and summary.get("run") == args.run \
             and summary.get("batch") == batch:
-        emit(out, format_summary(summary))
+        emit(out, format_summary(summary), flush=True)
         for line in summary_warnings(summary):
             emit(err, f"warning: {line}")
+    if fault:
+        raise CliError(f"record: run {args.run} batch {batch} stopped: {shown(fault)} "
+                       f"({how_many})", 3)
+    if recorded is None:
+        raise CliError(f"record: run {args.run} batch {batch} ended; {how_many}")
+    if recorded < args.nsequence:
+        who = "" if asked_abort else " (by another client)"
+        raise CliError(f"record: run {args.run} batch {batch}: {how_many}, aborted{who}", 4)
     return 0
+
+
+async def _recorded(client, run, batch):
+    """``(sequences of the batch on disk, None)``, or ``(None, why not)``.
+    What the run's files hold counts (the batch may have been aborted by
+    another client, or have ended before our abort came); when the server
+    cannot list them (a pulled stick: 5.03) the batch's summary says how
+    many it wrote; with neither, nobody can tell -- never "0 recorded"."""
+    try:
+        names = await client.get(f"data_dir/runs/{run}/spectra_list")
+    except Refused as e:
+        why = str(e).split(": ", 1)[-1]
+    else:
+        return sequences_on_disk(names, batch), None
+    summary = await _maybe(client.get("control/last_batch"))
+    if (isinstance(summary, dict) and summary.get("run") == run
+            and summary.get("batch") == batch and summary.get("sequences") is not None):
+        return summary["sequences"], None
+    return None, f"the server cannot list the run's files ({shown(why)})"
 
 
 def format_summary(s):
     """The batch summary (GET /control/last_batch, ``shape.SUMMARY``) in a
     few lines, every value from the server shown escaped."""
-    lines = [f"batch {s.get('batch')} of run {shown(s.get('run'))}: {s.get('sequences')} "
+    lines = [f"batch {number(s.get('batch'))} of run {shown(s.get('run'))}: "
+             f"{number(s.get('sequences'))} "
              f"sequence{'s' if s.get('sequences') != 1 else ''}, "
              f"{len(s.get('files') or [])} files, {_when(s.get('start'))} to "
-             f"{_when(s.get('end')) if s.get('end') else '(running)'}"]
+             f"{_when(s.get('end')) if s.get('end') else '(running)'}"
+             f"{' (aborted)' if s.get('aborted') else ''}"]
     for spec, channels in sorted((s.get("integration_times") or {}).items()):
-        times = ", ".join(f"{shown(c)} {'/'.join(f'{t:g}' for t in ts)} ms"
+        times = ", ".join(f"{shown(c)} {'/'.join(number(t, 'g') for t in ts)} ms"
                           for c, ts in channels.items())
         lines.append(f"  {shown(spec)}: {times}")
-    lines.append(f"  saturated spectra: {s.get('saturated_spectra') or 0}; "
-                 f"temperature-unstable spectra: {s.get('temperature_unstable_spectra') or 0}")
+    lines.append(f"  saturated spectra: {number(s.get('saturated_spectra') or 0)}; "
+                 f"temperature-unstable spectra: "
+                 f"{number(s.get('temperature_unstable_spectra') or 0)}")
     if s.get("temperature_wait"):
-        lines.append(f"  waited {s['temperature_wait']:g} s for the detector temperature")
+        lines.append(f"  waited {number(s['temperature_wait'], 'g')} s for the detector "
+                     f"temperature")
     for fault in s.get("faults") or []:
         lines.append(f"  fault: {shown(fault)}")
     return "\n".join(lines)
@@ -400,17 +505,18 @@ def format_summary(s):
 
 def _ranges(ranges):
     """[[0, 4], [7, 7]] -> "sequences 0-4, 7"; [[3, 3]] -> "sequence 3"."""
-    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in ranges or ()]
+    parts = [number(a) if a == b else f"{number(a)}-{number(b)}" for a, b in ranges or ()]
     single = len(ranges or ()) == 1 and ranges[0][0] == ranges[0][1]
     return ("sequence " if single else "sequences ") + (", ".join(parts) or "?")
 
 
-def _span(low, high, fmt):
+def _span(low, high, spec="", sep="-"):
     values = [v for v in (low, high) if v is not None]
     if not values:
         return "?"
     low, high = min(values), max(values)
-    return fmt.format(low) if low == high else f"{fmt.format(low)}-{fmt.format(high)}"
+    return (number(low, spec) if low == high
+            else f"{number(low, spec)}{sep}{number(high, spec)}")
 
 
 def summary_warnings(s):
@@ -419,15 +525,15 @@ def summary_warnings(s):
     for e in s.get("saturated") or []:
         where = " ".join(shown(e.get(k)) for k in ("spectrometer", "channel", "type"))
         yield (f"{where}, {_ranges(e.get('sequences'))}: "
-               f"{_span(e.get('pixels_min'), e.get('pixels_max'), '{}')} pixels saturated "
-               f"(at or above {e.get('level')})")
+               f"{_span(e.get('pixels_min'), e.get('pixels_max'))} pixels saturated "
+               f"(at or above {number(e.get('level'))})")
     for e in s.get("temperature_unstable") or []:
         target = e.get("set_point")
-        t = _span(e.get("temperature_min"), e.get("temperature_max"), "{:.1f}")
+        t = _span(e.get("temperature_min"), e.get("temperature_max"), ".1f", " to ")
         where = " ".join(shown(e.get(k)) for k in ("spectrometer", "channel", "type"))
         yield (f"{where}, {_ranges(e.get('sequences'))}: detector at {t} °C, set point "
-               f"{target if target is None else f'{target:g}'} °C "
-               f"(tolerance {e.get('tolerance')} °C): temperature not stable")
+               f"{number(target, 'g')} °C "
+               f"(tolerance {number(e.get('tolerance'))} °C): temperature not stable")
 
 
 async def _until_idle(observation):
@@ -439,8 +545,9 @@ async def _show(client, bar, status, total):
     sequence = await _maybe(client.get("control/current_sequence"), -1)
     if isinstance(sequence, int) and 0 <= sequence <= total:
         bar.n = sequence
-    at = min(sequence + 1, total) if sequence >= 0 else "-"
-    bar.set_postfix_str(f"sequence {at}/{total}: {shown(status)}", refresh=False)
+    at = number(min(sequence + 1, total)) if sequence >= 0 else "-"
+    bar.set_postfix_str(printable(f"sequence {at}/{total}: {shown(status)}", bar.fp),
+                        refresh=False)
     bar.refresh()
 
 
@@ -465,7 +572,7 @@ def _every(seconds):
             if whole % size == 0:
                 n = whole // size
                 return f"every {unit}" if n == 1 else f"every {n} {unit}s"
-    return f"every {seconds:g} s"
+    return f"every {number(seconds, 'g')} s"
 
 
 def _parse(iso):
@@ -488,10 +595,10 @@ def next_run(start_time, end_time, interval, now=None):
     now = now or datetime.now(timezone.utc)
     if start >= now or not interval:
         return start.isoformat()
-    slots = math.ceil((now - start).total_seconds() / interval)
     try:
+        slots = math.ceil((now - start).total_seconds() / interval)
         nxt = start + timedelta(seconds=slots * interval)
-    except OverflowError:           # past the year 9999: never again
+    except (OverflowError, ValueError):     # past the year 9999: never again
         return None
     end = _parse(end_time) if end_time else None
     if end is not None and nxt > end:
@@ -504,12 +611,12 @@ def describe_job(job):
     what = job[0]
     args = job[1] if len(job) > 1 else []
     if what == "record" and len(args) >= 2:
-        text = (f"record run {shown(args[0])}, {shown(args[1])} "
+        text = (f"record run {shown(args[0])}, {number(args[1])} "
                 f"sequence{'s' if args[1] != 1 else ''}")
         extra = []
         for label, value in zip(("autointegration", "delay", "target"), args[2:5]):
             if value is not None:
-                value = f"{value:g}" if isinstance(value, (int, float)) else shown(value)
+                value = number(value, "g")
                 extra.append(f"{label} {value}{' s' if label == 'delay' else ''}"
                              f"{' %' if label == 'target' else ''}")
         return text + (f" ({', '.join(extra)})" if extra else "")
@@ -525,7 +632,7 @@ async def jobs(client, out):
         _maybe(client.get("control/scheduler/quietStart")),
         _maybe(client.get("control/scheduler/quietEnd")))
     if not listing:
-        print("no scheduled jobs", file=out)
+        emit(out, "no scheduled jobs")
     now = datetime.now(timezone.utc)
     for job_id, job, start_time, end_time, interval, state, *_ in listing:
         nxt = next_run(start_time, end_time, interval, now)
@@ -535,7 +642,7 @@ async def jobs(client, out):
             when = f"due since {_when(start_time)}"
         else:
             when = f"next {_when(nxt)}"
-        line = f"#{job_id} {describe_job(job)}: {when}, {_every(interval)}"
+        line = f"#{number(job_id)} {describe_job(job)}: {when}, {_every(interval)}"
         if end_time:
             line += f" until {_when(end_time)}"
         emit(out, f"{line} [{shown(state)}]")
@@ -552,14 +659,14 @@ def _bytes(n):
         return "?"
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{number(n, '.0f' if unit == 'B' else '.1f')} {unit}"
         n /= 1000.0
 
 
 def _duration(seconds):
     if seconds is None:
         return "?"
-    seconds = int(seconds)
+    seconds = int(seconds)          # a finite number (shape.HEALTH)
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     return (f"{days} d " if days else "") + f"{hours} h {rest // 60} min"
@@ -569,12 +676,12 @@ def format_health(h):
     free, total = h.get("disk_free"), h.get("disk_total")
     disk = f"{_bytes(free)} free of {_bytes(total)}"
     if free is not None and total:
-        disk += f" ({100.0 * free / total:.0f} %)"
+        disk += f" ({number(100.0 * free / total, '.0f')} %)"
     days = h.get("days_left")
-    disk += "; " + (f"{days:.1f} days left at the recent rate" if days is not None
+    disk += "; " + (f"{number(days, '.1f')} days left at the recent rate" if days is not None
                     else "days left unknown (no recent recording)")
     lines = [f"disk         {disk}",
-             f"files today  {h.get('files_today')}",
+             f"files today  {number(h.get('files_today'))}",
              f"last batch   {_when(h.get('last_batch')) if h.get('last_batch') else 'none'}",
              "clock        " + {True: "synchronised", False: "NOT synchronised",
                                 None: "unknown"}[h.get("clock_synchronised")],
@@ -584,15 +691,15 @@ def format_health(h):
         status = shown(s.get("status") or "?").lower().replace("_", " ")
         line = f"{shown(serial):<12} {status}"
         errors = s.get("errors") or 0
-        line += f", {errors} error{'s' if errors != 1 else ''}"
+        line += f", {number(errors)} error{'s' if errors != 1 else ''}"
         if s.get("last_error"):
             line += f" (last: {shown(s['last_error'])})"
         if "temperature" in s:
             line += ", temperature " + _temperature(s["temperature"], s.get("temperature_age"))
             if s.get("temperature_stable") is False:
                 target = s.get("temperature_target")
-                line += (f" (set point {target:g} °C: not stable)" if target is not None
-                         else " (not stable)")
+                line += (f" (set point {number(target, 'g')} °C: not stable)"
+                         if target is not None else " (not stable)")
         lines.append(line)
     summary = h.get("last_batch_summary")
     if summary is not None:

@@ -136,8 +136,18 @@ async def run(argv, out=None, err=None, interactive=False):
 
 
 def _missing(name, err):
+    """One line saying how to install what is missing, as the README does
+    (the packages are not on PyPI: they install from a copy of the
+    repository, with this installation's own pip)."""
+    pip = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "pip")
+    if __package__.startswith("piccolo_twisted"):
+        # the server's install, without the [cli] extra
+        sudo = "" if os.access(sys.prefix, os.W_OK) else "sudo "
+        how = f"in a copy of piccolo-twisted, {sudo}{pip} install '.[cli]'"
+    else:
+        how = f"in a copy of piccolo-twisted, {pip} install ./client"
     print(f"piccolo3: needs the command line's libraries ({name} is missing): "
-          f"pip install 'piccolo-twisted[cli]'", file=err)
+          f"{how}", file=err)
     return ERROR
 
 

@@ -12,22 +12,30 @@ Order matters where the server's state can change between two requests:
   anything; the legacy ``GET /control/pause`` toggles, so a resume that
   looked first ("paused?") and then toggled would pause a batch another
   client had resumed meanwhile.
-- ``schedule quiet`` turns flags off first, then sets the times and the
-  delay, and turns flags on last: a window is never on with half its new
-  times.
-- ``schedule suspend|resume|delete`` look the job up first (the server
-  answers 2.04 for an unknown id, as legacy did) and read the listing back
-  after, so the confirmation says what the server holds.
+- ``schedule quiet`` checks every value here first (as the server would),
+  reads what the server holds, then turns flags off first, sets the times
+  and the delay, and turns flags on last. When the window stays on and
+  more than one of its times changes, the writes go in an order whose every
+  step acts now (and in the next minute) as the old or the new window does;
+  with no such order the quiet time is switched off around them. A refusal
+  half way puts back what was written (``quiet``): a window is never left
+  on with half its new times.
+- ``schedule suspend|resume|delete`` look the job up first (an unknown id
+  is an error here, whatever the server answers: the legacy server answered
+  2.04) and read the listing back after, so the confirmation says what the
+  server holds; a job already so is said to be, nothing sent.
 """
 
 import asyncio
+import itertools
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime, time as dtime, timedelta, timezone
 
 from .errors import CliError, NotFound, Refused
 from .commands import _every, _when, describe_job, next_run
-from .terminal import emit, shown
+from .shape import BadAnswer
+from .terminal import emit, number, shown
 
 USAGE = 2
 AUTO_WORDS = {-1: "never", 0: "once at the start of each batch"}
@@ -177,7 +185,7 @@ SETTINGS = {
 
 
 def _number(value):
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return number(value, "g" if isinstance(value, float) else "")
 
 
 async def set_value(client, args, out):
@@ -188,7 +196,7 @@ async def set_value(client, args, out):
     now = await client.get(path)
     line = f"{what} {_number(now)}{unit}"
     if args.setting == "auto":
-        line += f" ({AUTO_WORDS.get(now, f'before every {now}-th sequence')})"
+        line += f" ({AUTO_WORDS.get(now, f'before every {number(now)}-th sequence')})"
     if now != args.value:
         line += f"; {_number(args.value)} was taken as {_number(now)}"
     emit(out, line)
@@ -233,18 +241,22 @@ async def _offset(client):
     try:
         server = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        from .shape import BadAnswer
         raise BadAnswer(f"GET /sysinfo/clock: malformed answer from the server: "
                         f"not an ISO 8601 time: {text[:40]!r}") from None
     if server.tzinfo is None:
         server = server.replace(tzinfo=timezone.utc)
-    return server, server.timestamp() - (before + after) / 2
+    try:
+        return server, server.timestamp() - (before + after) / 2
+    except (OverflowError, ValueError):
+        raise BadAnswer(f"GET /sysinfo/clock: malformed answer from the server: "
+                        f"a time out of range: {text[:40]!r}") from None
 
 
 def _apart(seconds):
     if abs(seconds) < 0.05:
         return "in step with this computer"
-    return f"{abs(seconds):.1f} s {'ahead of' if seconds > 0 else 'behind'} this computer"
+    return (f"{number(abs(seconds), '.1f')} s {'ahead of' if seconds > 0 else 'behind'} "
+            f"this computer")
 
 
 async def clock(client, out, check_only=False):
@@ -279,21 +291,56 @@ def parse_interval(text):
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def _local(now=None):
-    return (now or datetime.now(timezone.utc)).astimezone().tzinfo
+def _local_now(now, tz):
+    return now.astimezone(tz) if tz is not None else now.astimezone()
+
+
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+
+
+def _localise(naive, tz, text):
+    """A wall-clock time here -> aware, with the UTC offset of *that*
+    date (daylight saving), not today's; a time the clocks skip is an
+    error. ``tz``: a tzinfo, or None for this computer's zone."""
+    try:
+        if tz is None:
+            when = naive.astimezone()               # the system's rules for that date
+            back = when.astimezone().replace(tzinfo=None)
+        else:
+            when = naive.replace(tzinfo=tz)
+            back = when.astimezone(timezone.utc).astimezone(tz).replace(tzinfo=None)
+    except (OverflowError, ValueError, OSError):
+        raise CliError(f"{text!r} is out of range (1970 to 9999 in UTC)", USAGE) from None
+    if back != naive:
+        raise CliError(f"{text!r} does not exist in this computer's time zone (the clocks "
+                       f"skip it); give an offset, e.g. +01:00", USAGE)
+    return when
+
+
+def _in_range(when, text):
+    try:
+        utc = when.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise CliError(f"{text!r} is out of range (1970 to 9999 in UTC)", USAGE)
+    return utc
 
 
 def parse_when(text, now=None, tz=None):
-    """A time a person types -> an aware datetime. ``HH:MM[:SS]`` is today;
-    without an offset, the time is this computer's local time (``tz``)."""
+    """A time a person types -> an aware datetime in UTC. ``HH:MM[:SS]`` is
+    today; without an offset, the time is this computer's local time on
+    that date (``tz``: another zone), with that date's daylight saving.
+    Times outside 1970 to 9999 (in UTC) are refused, as the server does."""
     now = now or datetime.now(timezone.utc)
-    tz = tz or _local(now)
     text = text.strip()
     m = _CLOCK.fullmatch(text)
+    naive = None
     if m and not m.group(4):
         h, mi, s = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
         try:
-            return now.astimezone(tz).replace(hour=h, minute=mi, second=s, microsecond=0)
+            naive = datetime.combine(_local_now(now, tz).date(), dtime(h, mi, s))
         except ValueError:
             pass
     else:
@@ -302,26 +349,39 @@ def parse_when(text, now=None, tz=None):
         except ValueError:
             pass
         else:
-            return when if when.tzinfo else when.replace(tzinfo=tz)
-    raise CliError(f"not a time: {text!r} (HH:MM, YYYY-MM-DD HH:MM[:SS] or ISO 8601)", USAGE)
+            if when.tzinfo is not None:
+                return _in_range(when, text)
+            naive = when
+    if naive is None:
+        raise CliError(f"not a time: {text!r} (HH:MM, YYYY-MM-DD HH:MM[:SS] or ISO 8601)",
+                       USAGE)
+    return _in_range(_localise(naive, tz, text), text)
 
 
 def parse_clock(text, now=None, tz=None):
     """A daily time for the quiet window -> ``HH:MM:SS+zzzz`` (without an
-    offset: this computer's UTC offset now)."""
+    offset: this computer's UTC offset now -- a daily time keeps one
+    offset), as the server takes it: an offset of at most 14 hours."""
     m = _CLOCK.fullmatch(text.strip())
-    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59 or int(m.group(3) or 0) > 59:
-        raise CliError(f"not a time of day: {text!r} (HH:MM[:SS], optionally +zzzz)",
-                       USAGE)
-    offset = m.group(4)
+    offset = m.group(4) if m else None
+    if offset and offset.upper() not in ("Z", "UTC"):
+        digits = offset[1:].replace(":", "")
+        bad_offset = int(digits[:2]) > 14 or int(digits[2:]) > 59
+    else:
+        bad_offset = False
+    if (not m or int(m.group(1)) > 23 or int(m.group(2)) > 59 or int(m.group(3) or 0) > 59
+            or bad_offset):
+        raise CliError(f"not a time of day: {text!r} (HH:MM[:SS], optionally +zzzz "
+                       f"of at most 14 hours)", USAGE)
     if offset is None:
-        delta = (now or datetime.now(timezone.utc)).astimezone(tz or _local(now)).utcoffset()
+        delta = _local_now(now or datetime.now(timezone.utc), tz).utcoffset()
         minutes = int(delta.total_seconds() // 60)
-        offset = f"{'+' if minutes >= 0 else '-'}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+        offset = (f"{'+' if minutes >= 0 else '-'}{number(abs(minutes) // 60, '02d')}"
+                  f"{number(abs(minutes) % 60, '02d')}")
     elif offset.upper() in ("Z", "UTC"):
         offset = "+0000"
     offset = offset.replace(":", "")
-    return f"{int(m.group(1)):02d}:{m.group(2)}:{m.group(3) or '00'}{offset}"
+    return f"{number(int(m.group(1)), '02d')}:{m.group(2)}:{m.group(3) or '00'}{offset}"
 
 
 def _iso(when):
@@ -373,7 +433,7 @@ def describe_row(row, now=None):
     job_id, job, start_time, end_time, interval, state = row[:6]
     nxt = next_run(start_time, end_time, interval, now)
     when = f"next {_when(nxt)}" if nxt else f"no run left (since {_when(start_time)})"
-    line = f"job #{job_id}: {describe_job(job)}: {when}, {_every(interval)}"
+    line = f"job #{number(job_id)}: {describe_job(job)}: {when}, {_every(interval)}"
     if end_time:
         line += f" until {_when(end_time)}"
     return f"{line} [{shown(state)}]"
@@ -389,6 +449,9 @@ async def job_state(client, args, out):
     if args.id not in jobs:
         raise CliError(f"schedule {args.action}: no job #{args.id} "
                        f"(piccolo3 jobs lists them)")
+    if wanted is not None and jobs[args.id][5] == wanted:
+        emit(out, f"job #{args.id} is {shown(wanted)} already: {describe_row(jobs[args.id])}")
+        return 0
     await _refusal(f"schedule {args.action}",
                    client.put(f"control/scheduler/{resource}", [[args.id], {}]))
     after = {row[0]: row for row in await client.get("control/scheduler/jobs")}
@@ -408,34 +471,121 @@ async def job_state(client, args, out):
 
 
 QUIET = ("quietTimeEnabled", "quietStart", "quietEnd", "powerOffEnabled", "powerDelay")
+TIMES = ("quietStart", "quietEnd", "powerDelay")
+MAX_POWER_DELAY = 12 * 3600         # as the server takes it
+LOOKAHEAD = (0, 60)                 # seconds from now a step must be safe at
+
+
+def _daily(text):
+    """``HH:MM:SS+zzzz`` (as the server keeps a quiet time) -> an aware
+    time, or None."""
+    m = re.fullmatch(r"(\d{2}):(\d{2}):(\d{2})([+-])(\d{2})(\d{2})", text or "", re.ASCII)
+    if not m:
+        return None
+    hh, mm, ss, sign, oh, om = m.groups()
+    offset = timedelta(hours=int(oh), minutes=int(om)) * (-1 if sign == "-" else 1)
+    try:
+        return dtime(int(hh), int(mm), int(ss), tzinfo=timezone(offset))
+    except ValueError:
+        return None
+
+
+def _window(now, start, end):
+    """The quiet window (start, end) holding ``now`` or the next one, as
+    the server builds it (day by day in the start's offset; one that ends
+    at or before its start ends the day after)."""
+    local_day = now.astimezone(start.tzinfo).date()
+    for shift in (-1, 0, 1):
+        day = local_day + timedelta(days=shift)
+        w_start = datetime.combine(day, start.replace(tzinfo=None), start.tzinfo)
+        w_end = datetime.combine(day, end.replace(tzinfo=None), end.tzinfo)
+        while w_end <= w_start:
+            w_end += timedelta(days=1)
+        if now < w_end:
+            return w_start, w_end
+    raise AssertionError("no quiet window")
+
+
+def effect(state, now):
+    """What a quiet-time setting does at ``now``: (batches held, spectrometers
+    off); None when a value is not understood."""
+    if not state["quietTimeEnabled"]:
+        return (False, False)
+    start, end = _daily(state["quietStart"]), _daily(state["quietEnd"])
+    delay = state["powerDelay"]
+    if start is None or end is None or not isinstance(delay, (int, float)):
+        return None
+    try:
+        w_start, w_end = _window(now, start, end)
+        gap = timedelta(seconds=delay)
+    except (OverflowError, ValueError):         # a clock in 9999, a delay of 1e308 s
+        return None
+    quiet = w_start <= now < w_end
+    off = bool(state["powerOffEnabled"] and quiet and w_end - w_start > 2 * gap
+               and w_start + gap <= now < w_end - gap)
+    return (quiet, off)
+
+
+def safe_order(old, new, changing, now):
+    """An order of writing ``changing`` (resources of TIMES) in which every
+    state on the way does, now and in the next minute, what the old
+    settings do until it does what the new ones do; None if there is none."""
+    for order in itertools.permutations(changing):
+        states, state = [], dict(old)
+        for resource in order:
+            state = {**state, resource: new[resource]}
+            states.append(state)
+        try:
+            steady = all(_steady(old, states, new, now + timedelta(seconds=ahead))
+                         for ahead in LOOKAHEAD)
+        except (OverflowError, ValueError):     # an instrument clock in 9999
+            return None
+        if steady:
+            return list(order)
+    return None
+
+
+def _steady(old, states, new, when):
+    before, after = effect(old, when), effect(new, when)
+    if before is None or after is None:
+        return False
+    effects = [effect(s, when) for s in states]
+    switched = False
+    for e in effects:
+        if e == after and (switched or e != before):
+            switched = True
+        elif e != before or switched:
+            return False
+    return True
+
+
+def quiet_plan(args):
+    """The values asked for, checked here as the server would check them
+    (nothing is sent when one is wrong)."""
+    wanted = {}
+    if args.start:
+        wanted["quietStart"] = parse_clock(args.start)
+    if args.end:
+        wanted["quietEnd"] = parse_clock(args.end)
+    if args.power_delay is not None:
+        if not 0 <= args.power_delay <= MAX_POWER_DELAY:
+            raise CliError(f"schedule quiet: powerDelay: must be 0 to {MAX_POWER_DELAY} s, "
+                           f"not {args.power_delay}")
+        wanted["powerDelay"] = args.power_delay
+    if args.power_off is not None:
+        wanted["powerOffEnabled"] = args.power_off == "on"
+    if args.state is not None:
+        wanted["quietTimeEnabled"] = args.state == "on"
+    return wanted
 
 
 async def quiet(client, args, out):
     """Change what is asked for, in a safe order, then show all of it."""
-    changes = []                            # (resource, value) in order
-    if args.state == "off":
-        changes.append(("quietTimeEnabled", False))
-    if args.power_off == "off":
-        changes.append(("powerOffEnabled", False))
-    if args.start:
-        changes.append(("quietStart", parse_clock(args.start)))
-    if args.end:
-        changes.append(("quietEnd", parse_clock(args.end)))
-    if args.power_delay is not None:
-        changes.append(("powerDelay", args.power_delay))
-    if args.power_off == "on":
-        changes.append(("powerOffEnabled", True))
-    if args.state == "on":
-        changes.append(("quietTimeEnabled", True))
-    done = []
-    for resource, value in changes:
-        try:
-            await _refusal(resource, client.put(f"control/scheduler/{resource}",
-                                                [[value], {}]))
-        except CliError as e:
-            kept = f" ({', '.join(done)} already set)" if done else ""
-            raise CliError(f"schedule quiet: {e}{kept}") from None
-        done.append(resource)
+    wanted = quiet_plan(args)
+    if wanted:
+        old = dict(zip(QUIET, await asyncio.gather(
+            *(client.get(f"control/scheduler/{r}") for r in QUIET))))
+        await _apply_quiet(client, old, wanted)
     enabled, start, end, power_off, delay = await asyncio.gather(
         *(client.get(f"control/scheduler/{r}") for r in QUIET))
     line = (f"quiet time {'on' if enabled else 'off'}: {shown(start)} to {shown(end)}; "
@@ -445,3 +595,64 @@ async def quiet(client, args, out):
     emit(out, line)
     return 0
 
+
+async def _apply_quiet(client, old, wanted):
+    times = [r for r in TIMES if r in wanted]
+    changing = [r for r in times if wanted[r] != old[r]]
+    # the times are written after the flags that go off, before those that
+    # go on: between those, the window is ``first`` turning into ``then``
+    first = {**old, **{f: False for f in ("quietTimeEnabled", "powerOffEnabled")
+                       if wanted.get(f) is False}}
+    then = {**first, **{r: wanted[r] for r in times}}
+    hold = False
+    if first["quietTimeEnabled"] and len(changing) > 1:
+        order = None
+        try:
+            now, _ = await _offset(client)       # the instrument's time: its windows
+        except CliError:
+            now = None
+        if now is not None:
+            order = safe_order(first, then, changing, now)
+        if order is None:
+            hold = True                         # off around the writes
+        else:
+            times = order + [r for r in times if r not in order]
+    steps = []                                  # (resource, value) in order
+    if wanted.get("quietTimeEnabled") is False or hold:
+        steps.append(("quietTimeEnabled", False))
+    if wanted.get("powerOffEnabled") is False:
+        steps.append(("powerOffEnabled", False))
+    steps += [(r, wanted[r]) for r in times]
+    if wanted.get("powerOffEnabled"):
+        steps.append(("powerOffEnabled", True))
+    if wanted.get("quietTimeEnabled") or hold:
+        steps.append(("quietTimeEnabled", True))
+    done, state = [], dict(old)
+    for resource, value in steps:
+        try:
+            await _refusal(resource, client.put(f"control/scheduler/{resource}",
+                                                [[value], {}]))
+        except CliError as e:
+            raise CliError(f"schedule quiet: {e}; " + await _undo(client, done)) from None
+        done.append((resource, state[resource]))
+        state[resource] = value
+
+
+async def _undo(client, done):
+    """Put back what ``done`` changed (newest first); in words, what holds."""
+    if not done:
+        return "nothing changed"
+    for resource, before in reversed(done):
+        try:
+            await _refusal(resource, client.put(f"control/scheduler/{resource}",
+                                                [[before], {}]))
+        except CliError as e:
+            try:
+                await _refusal("quietTimeEnabled", client.put(
+                    "control/scheduler/quietTimeEnabled", [[False], {}]))
+            except CliError:
+                return (f"putting the old settings back failed too ({e}): check "
+                        f"piccolo3 schedule quiet")
+            return (f"putting the old settings back failed ({e}): quiet time "
+                    f"switched off")
+    return "the old settings are back: nothing changed"

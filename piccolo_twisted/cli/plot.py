@@ -9,7 +9,11 @@ recorded with its cooled detector away from the set point named so in the
 legend; axes in nm and counts (or counts/ms). ``--dark`` subtracts the
 matching dark spectrum (same run, batch, spectrometer, channel and
 integration time; the dark of the latest sequence up to the light's, else
-the next one), found among the files given or beside them on disk.
+the next one), found among the files given or beside them on disk; what
+is wrong with that dark (temperature unstable, saturated pixels) is named
+beside the light it was subtracted from. Only the optical pixels are
+drawn: the electric dark pixels and whatever lies beyond them (a Flame's
+pixels 0-5 before its dark block 6-20) are left out.
 """
 
 import glob
@@ -20,7 +24,7 @@ from datetime import datetime, timezone
 from .errors import CliError
 from .files import read_regular
 from .shape import PICO, Malformed, Mismatch, conform, parse
-from .terminal import shown as escaped
+from .terminal import number, shown as escaped
 
 MAX_PICO = 64 << 20         # bytes: the largest file the server serves
 LINE = {False: "-", True: "--"}          # light solid, dark dashed
@@ -48,11 +52,13 @@ def read_pico(path):
     except Malformed as e:
         raise CliError(f"{path}: not a .pico file ({e})") from None
     for s in spectra:
-        # labels show control characters escaped, as the terminal does
+        # labels show every word of the file as the terminal does: control
+        # and format characters escaped, a lone surrogate too (matplotlib
+        # stopped on one)
         meta = s["Metadata"]
-        for key in ("SerialNumber", "Direction", "Run", "Type"):
-            if isinstance(meta.get(key), str):
-                meta[key] = escaped(meta[key])
+        for key, value in meta.items():
+            if isinstance(value, str):
+                meta[key] = escaped(value)
     return spectra
 
 
@@ -71,14 +77,14 @@ def wavelengths(meta, n):
 
 def _joined(values):
     values = sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
-    return ", ".join(str(v) for v in values) if values else "?"
+    return ", ".join(number(v) for v in values) if values else "?"
 
 
 def _utc(meta):
     try:
         return datetime.strptime(meta["Datetime"], "%Y-%m-%dT%H:%M:%S.%f%z").astimezone(
             timezone.utc)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):    # 9999-12-31T...-1400
         return None
 
 
@@ -162,11 +168,33 @@ def _runs(mask):
 
 def _label(meta, several_runs):
     label = (f"{meta.get('Run', '?')} " if several_runs else "") + \
-        f"b{meta.get('Batch', '?')} s{meta.get('SequenceNumber', '?')} " \
+        f"b{number(meta.get('Batch', '?'))} s{number(meta.get('SequenceNumber', '?'))} " \
         f"{meta.get('Direction', '?')} {'dark' if _is_dark(meta) else 'light'}"
     if meta.get("IntegrationTime") is not None:
-        label += f" ({meta['IntegrationTime']:g} ms)"
+        label += f" ({number(meta['IntegrationTime'], 'g')} ms)"
     return label
+
+
+def _optical(meta, n):
+    """The mask of the optical pixels: between the two blocks of dark
+    pixels (as the deployed parser takes them), or, where the dark pixels
+    are one block, on its longer side (a Flame's dark pixels 6-20 leave
+    0-5 and 21-2047: the spectrum is 21-2047)."""
+    import numpy as np
+    dark = sorted({i for i in meta.get("DarkPixels") or ()
+                   if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n})
+    mask = np.ones(n, dtype=bool)
+    if not dark:
+        return mask
+    for a, b in zip(dark, dark[1:]):
+        if b - a > 1:
+            mask[:a + 1] = mask[b:] = False
+            return mask
+    if n - dark[-1] - 1 >= dark[0]:
+        mask[:dark[-1] + 1] = False
+    else:
+        mask[dark[0]:] = False
+    return mask
 
 
 def _unstable(meta):
@@ -175,7 +203,7 @@ def _unstable(meta):
         return None
     t, target = meta.get("Temperature"), meta.get("TemperatureSetPoint")
     if isinstance(t, (int, float)) and isinstance(target, (int, float)):
-        return f"TEMPERATURE UNSTABLE: {t:.1f} °C, set point {target:g} °C"
+        return f"TEMPERATURE UNSTABLE: {number(t, '.1f')} °C, set point {number(target, 'g')} °C"
     return "TEMPERATURE UNSTABLE"
 
 
@@ -236,6 +264,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
         x, xlabel = wavelengths(meta, len(raw))
         y = raw.copy()
         label = _label(meta, several_runs)
+        dark_notes = []
         if darks is not None:
             match = darks.matching(meta)
             if match is None:
@@ -250,31 +279,48 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
                                f"{meta.get('Direction')} has {len(dark_counts)} pixels, "
                                f"the light one {len(y)}")
             y = y - dark_counts
-            label += f" − dark s{match['Metadata'].get('SequenceNumber')}"
+            dark_meta = match["Metadata"]
+            label += f" − dark s{number(dark_meta.get('SequenceNumber'))}"
+            # the dark's own flags: they are in the difference too
+            dark_warning = _unstable(dark_meta)
+            if dark_warning:
+                dark_notes.append(f"dark s{number(dark_meta.get('SequenceNumber'))}: "
+                                  f"{dark_warning}")
+                unstable.add(ax)
+            dark_level = dark_meta.get("SaturationLevel")
+            if isinstance(dark_level, (int, float)):
+                dark_hit = int(((dark_counts >= dark_level)
+                                & _optical(dark_meta, len(dark_counts))).sum())
+                if dark_hit:
+                    dark_notes.append(f"dark s{number(dark_meta.get('SequenceNumber'))}: "
+                                      f"{number(dark_hit)} pixels SATURATED")
         ms = meta.get("IntegrationTime")
         if per_ms:
             if not ms:
                 raise CliError(f"{path}: --per-ms needs the IntegrationTime of every spectrum")
-            y = y / float(ms)
+            with np.errstate(over="ignore"):    # an IntegrationTime of 5e-324: inf
+                y = y / float(ms)
         warning = _unstable(meta)
         if warning:
             label += f"\n  {warning}"
             unstable.add(ax)
+        for note in dark_notes:             # the subtracted dark's own flags
+            label += f"\n  {note}"
         c = colour[(meta.get("Run"), meta.get("Batch"), meta.get("SequenceNumber"), path)]
-        # the electric dark pixels are no part of the spectrum
+        # the electric dark pixels (and what lies beyond them) are no part
+        # of the spectrum
+        optical = _optical(meta, len(y))
         shown = y.copy()
-        dark_pixels = [i for i in meta.get("DarkPixels") or ()
-                       if isinstance(i, int) and 0 <= i < len(y)]
-        shown[dark_pixels] = np.nan
+        shown[~optical] = np.nan
         ax.plot(x, shown, LINE[_is_dark(meta)], color=c, linewidth=0.8, label=label)
         level = meta.get("SaturationLevel")
         if isinstance(level, (int, float)):
-            hit = raw >= level
+            hit = (raw >= level) & optical
             if hit.any():
                 for first, last in _runs(hit):
                     ax.axvspan(x[first], x[last], color="red", alpha=0.12, linewidth=0)
                 ax.plot([], [], "s", color="red", alpha=0.3, markersize=6,
-                        label=f"  saturated: {int(hit.sum())} pixels (shaded)")
+                        label=f"  saturated: {number(int(hit.sum()))} pixels (shaded)")
             if not dark:
                 limit = level / float(ms) if per_ms else level
                 saturation.setdefault(ax, set()).add(limit)
@@ -282,7 +328,7 @@ def plot(files, output=None, show=False, out=None, dark=False, per_ms=False):
     for (serial, direction), ax in ax_of.items():
         for limit in sorted(saturation.get(ax, ())):
             ax.axhline(limit, color="red", linestyle=":", linewidth=1,
-                       label=f"saturation level {limit:g}")
+                       label=f"saturation level {number(limit, 'g')}")
         ax.set_title(f"{serial} — {direction}", fontsize=10, loc="left")
         if ax in unstable:
             ax.set_title("detector temperature unstable", fontsize=9, loc="right",

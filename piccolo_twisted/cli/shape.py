@@ -20,16 +20,24 @@ unknown keys of an object.
 """
 
 import json
-import math
 import re
+import sys
 
 from .errors import CliError
 from .names import SPECTRUM_FILE, run_name_problem
+from .terminal import number
 
 MAX_DEPTH = 32          # as the server's own limit for request payloads
 MAX_TEXT = 4096         # characters of one free-text value (a message)
 MAX_WORD = 100          # a spectrometer, channel or key name
 MAX_INTERVAL = 366 * 86400.0
+MAX_FILE_TEXT = 64 << 20        # characters of a spectrum file (the server serves 64 MiB)
+MAX_FILE_BODY = MAX_FILE_TEXT + (MAX_FILE_TEXT >> 2)    # ... as a JSON string, escaped
+MAX_INT = 2 ** 63 - 1   # no integer of the API is larger
+MAX_FLOAT = sys.float_info.max
+MAX_NUMBER_TEXT = 100   # characters of one number in an answer (a float needs 24)
+#: bytes of an answer, unless the catalogue says otherwise
+MAX_ANSWER = 64 << 10
 
 
 class BadAnswer(CliError):
@@ -122,6 +130,7 @@ class Text(Shape):
 
 
 class Int(Shape):
+    """An integer (of at most 63 bits: nothing of the API is larger)."""
     expected = "an integer"
 
     def __init__(self, lo=None, hi=None):
@@ -132,10 +141,15 @@ class Int(Shape):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(where, value)
+        if abs(value) > MAX_INT:
+            self.fail(where, value, "is too large an integer")
         return _in_range(self, value, where)
 
 
 class Num(Shape):
+    """A finite number: an integer too large for a float (10**400) is no
+    more a number to calculate with than 1e400 (which JSON reads as
+    infinity)."""
     expected = "a number"
 
     def __init__(self, lo=None, hi=None):
@@ -144,16 +158,31 @@ class Num(Shape):
     def check(self, value, where):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(where, value)
-        if isinstance(value, float) and not math.isfinite(value):
+        if not (-MAX_FLOAT <= value <= MAX_FLOAT):      # NaN fails this too
             self.fail(where, value, "is not a finite number")
         return _in_range(self, value, where)
 
 
+class Interval(Num):
+    """A job's repeat interval in seconds: 0 (once), or 1 s to 366 days,
+    as the server accepts it."""
+    expected = "an interval"
+
+    def __init__(self):
+        super().__init__(0, MAX_INTERVAL)
+
+    def check(self, value, where):
+        value = super().check(value, where)
+        if 0 < value < 1:
+            self.fail(where, value, f"is {number(value, 'g')} s, below 1 s")
+        return value
+
+
 def _in_range(shape, value, where):
     if shape.lo is not None and value < shape.lo:
-        shape.fail(where, value, f"is {value:g}, below {shape.lo:g}")
+        shape.fail(where, value, f"is {number(value, 'g')}, below {number(shape.lo, 'g')}")
     if shape.hi is not None and value > shape.hi:
-        shape.fail(where, value, f"is {value:g}, above {shape.hi:g}")
+        shape.fail(where, value, f"is {number(value, 'g')}, above {number(shape.hi, 'g')}")
     return value
 
 
@@ -294,7 +323,7 @@ NAMES = ListOf(WORD, max_items=64)
 #: or ["power_on"] / ["power_off"]
 JOB = Row(TEXT, ListOf(Scalar(), max_items=16), optional=1)
 #: ``[id, job, start_time, end_time, interval_seconds, status]``
-JOB_ROW = Row(INT, JOB, Nullable(TEXT), Nullable(TEXT), Nullable(Num(0, MAX_INTERVAL)), TEXT)
+JOB_ROW = Row(INT, JOB, Nullable(TEXT), Nullable(TEXT), Nullable(Interval()), TEXT)
 JOBS = ListOf(JOB_ROW, max_items=1000)
 
 #: a batch's summary (GET /control/last_batch, health's last_batch_summary)
@@ -356,15 +385,17 @@ PICO = Obj({"Spectra": ListOf(Obj({
 
 _SPEC = r"spectrometer/[^/]+"
 _RUN = r"data_dir/runs/[^/]+"
-#: (method, path pattern, shape): every answer the command line reads
+#: (method, path pattern, shape[, bytes]): every answer the command line
+#: reads, and the most bytes it takes of it (MAX_ANSWER unless given; the
+#: client stops a transfer beyond it, block by block)
 CATALOGUE = [
     ("GET", r"control/(status|fault)", TEXT),
     ("GET", r"control/(current_sequence|numSequences|autointegration)", INT),
     ("GET", r"control/(delay|target)", NUM),
     ("GET", r"control/paused", BOOL),
-    ("GET", r"control/last_batch", Nullable(SUMMARY)),
+    ("GET", r"control/last_batch", Nullable(SUMMARY), 16 << 20),
     ("GET", r"control/(abort|pause)", IGNORED),
-    ("GET", r"control/scheduler/jobs", JOBS),
+    ("GET", r"control/scheduler/jobs", JOBS, 1 << 20),
     ("GET", r"control/scheduler/(quietTimeEnabled|powerOffEnabled)", BOOL),
     ("GET", r"control/scheduler/(quietStart|quietEnd|fault)", TEXT),
     ("GET", r"control/scheduler/powerDelay", NUM),
@@ -372,7 +403,7 @@ CATALOGUE = [
     ("GET", r"data_dir/datadir", TEXT),
     ("GET", _RUN + r"/current_batch", Int(-1)),
     ("GET", _RUN + r"/name", RUN_NAME),
-    ("GET", _RUN + r"/spectra_list", ListOf(SPECTRUM_FILE_NAME)),
+    ("GET", _RUN + r"/spectra_list", ListOf(SPECTRUM_FILE_NAME), 16 << 20),
     ("GET", r"(spectrometer/spectrometers|spectrometer/channels|shutter/shutters)", NAMES),
     ("GET", _SPEC + r"/status", INT),
     ("GET", _SPEC + r"/(haveTEC|TECenabled)", BOOL),
@@ -382,23 +413,33 @@ CATALOGUE = [
     ("GET", _SPEC + r"/(last_spectrum|last_dark)/[^/]+", LAST_SPECTRUM),
     ("GET", _SPEC + r"/autointegration/[^/]+", Text(8)),
     ("GET", r"shutter/[^/]+/status", Text(16)),
-    ("GET", r"sysinfo/health", HEALTH),
+    ("GET", r"sysinfo/health", HEALTH, 16 << 20),
     ("GET", r"sysinfo/(clock|host|version)", Text(200)),
     ("GET", r"sysinfo/(cpu|mem)", NUM),
-    ("PUT", r"data_dir/all_runs", ListOf(RUN_NAME)),
-    ("PUT", _RUN + r"/spectra", Text(1 << 27)),
+    ("PUT", r"data_dir/all_runs", ListOf(RUN_NAME), 8 << 20),
+    ("PUT", _RUN + r"/spectra", Text(MAX_FILE_TEXT), MAX_FILE_BODY),
     ("PUT", r"control/paused", BOOL),
     ("PUT", r".*", IGNORED),
 ]
-_COMPILED = [(m, re.compile(p), s) for m, p, s in CATALOGUE]
+_COMPILED = [(m, re.compile(p), s, rest[0] if rest else MAX_ANSWER)
+             for m, p, s, *rest in CATALOGUE]
+
+
+def _lookup(method, path):
+    for m, pattern, shape, limit in _COMPILED:
+        if m == method and pattern.fullmatch(path):
+            return shape, limit
+    raise LookupError(f"no answer shape for {method} /{path}: add it to shape.CATALOGUE")
 
 
 def answer_shape(method, path):
     """The shape of the answer to ``method`` (GET/PUT) on ``path``."""
-    for m, pattern, shape in _COMPILED:
-        if m == method and pattern.fullmatch(path):
-            return shape
-    raise LookupError(f"no answer shape for {method} /{path}: add it to shape.CATALOGUE")
+    return _lookup(method, path)[0]
+
+
+def answer_limit(method, path):
+    """The most bytes the command line takes of that answer."""
+    return _lookup(method, path)[1]
 
 
 def conform(value, shape):
@@ -418,24 +459,40 @@ def check(value, shape, what):
         raise BadAnswer(f"{what}: malformed answer from the server: {e}") from None
 
 
-#: JSON strings (with their escapes) and the brackets outside them
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+#: a JSON string with its escapes, or what is left of one at the end of
+#: the text: no string is ever scanned twice (a string that never closed
+#: was scanned again from every quote in it: seconds for a 60 kB answer)
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
+_OPENERS = re.compile(r"[\[{]*")
 
 
 def depth(text, limit):
-    """How deep ``text``'s JSON nests, counted up to ``limit + 1``."""
-    level = deepest = 0
-    for token in _JSON_TOKENS.finditer(text):
-        c = token.group()[0]
-        if c in "[{":
-            level += 1
-            if level > deepest:
-                deepest = level
-                if deepest > limit:
-                    return deepest
-        elif c in "]}":
-            level -= 1
-    return deepest
+    """How deep ``text``'s JSON nests, counted up to ``limit + 1`` (exact
+    for JSON; for text that is not, json.loads says what is wrong). Linear
+    in the text: its strings and everything but brackets are removed in
+    one pass each, then the innermost pairs, once per level."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    level = 0
+    while brackets and level <= limit:
+        inner = _INNERMOST.sub("", brackets)
+        if len(inner) == len(brackets):
+            # not JSON (brackets that do not match): json.loads would go
+            # as deep as the openers before the first mismatch
+            level += len(_OPENERS.match(brackets).group())
+            break
+        level += 1
+        brackets = inner
+    return min(level, limit + 1)
+
+
+def _number_text(kind):
+    def convert(text):
+        if len(text) > MAX_NUMBER_TEXT:
+            raise ValueError(f"a number of {len(text)} characters")
+        return kind(text)
+    return convert
 
 
 def _no_constant(name):
@@ -453,7 +510,8 @@ def parse(data, max_depth=MAX_DEPTH):
     if depth(data, max_depth) > max_depth:
         raise Malformed(f"nests deeper than {max_depth} levels")
     try:
-        return json.loads(data, parse_constant=_no_constant)
+        return json.loads(data, parse_constant=_no_constant,
+                          parse_int=_number_text(int), parse_float=_number_text(float))
     except (ValueError, RecursionError) as e:
         raise Malformed(f"not JSON: {e}") from None
 

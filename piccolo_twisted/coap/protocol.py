@@ -78,6 +78,18 @@ PING_COST = 8                  # a ping and its one repetition, paid by the requ
 DedupCache = Dedup
 
 
+def cut_text(text, room):
+    """A diagnostic (UTF-8 bytes) cut to at most ``room`` bytes, never
+    inside a word: whole words, or nothing."""
+    if len(text) <= room:
+        return text
+    cut = text[:room + 1]
+    space = cut.rfind(b" ")
+    if space < 0:
+        return b""
+    return cut[:space].rstrip(b" ([:,;")
+
+
 class Request:
     """One request on its way through the layer."""
 
@@ -862,8 +874,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             bare = reply._replace(payload=b"", content_format=None)
             # the payload marker and a Content-Format option of 0 (one byte)
             room = limit - self._length(req, bare) - 2
-            if room > 0:
-                return reply._replace(payload=reply.payload[:room], content_format=0)
+            if room >= 0:
+                cut = cut_text(reply.payload, room)
+                return reply._replace(payload=cut, content_format=0 if cut else None)
             bare = Reply(reply.code)
             if self._length(req, bare) <= limit:
                 return bare

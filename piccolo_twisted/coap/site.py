@@ -236,6 +236,9 @@ class Site:
             return _tx.CONTENT, self.link_format(), LINK_FORMAT, None
         handle = None
         if code == _tx.GET:
+            if leaf.spec.get is None:
+                # the same words as a PUT on a read-only resource (and the web's)
+                return self._not_allowed(leaf, code) + (None,)
             if observing and leaf.observable:
                 try:
                     observable = leaf.observable_for(args)

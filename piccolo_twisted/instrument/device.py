@@ -24,8 +24,12 @@ class DeviceInfo:
     max_time: int                    # ms
     wavelength_coefficients: list
     dark_pixels: list = field(default_factory=list)
-    nonlinearity: list = field(default_factory=list)
+    nonlinearity: list = field(default_factory=list)   # raw counts, ascending
     has_tec: bool = False
+    #: what the backend reports per raw ADC count (pixels = raw x this):
+    #: pyseabreeze's 65535 / the EEPROM saturation level on a USB2000+ or
+    #: Flame-S, 1.0 elsewhere; None where the backend does not tell
+    counts_scale: float | None = 1.0
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Reading:
     integration_time: int            # ms
     started: float                   # time.monotonic() at integration start
     temperature: float | None = None # °C, read just after the integration
+    temperature_before: float | None = None  # °C, read just before it began
     acquisitions: int = 1            # reads it took, stale ones included
     # the cooler's state at the acquisition (filled in by the front)
     tec_enabled: bool = False

@@ -197,7 +197,20 @@ class SeabreezeDevice:
                           max_time=_longest_ms(hi),
                           wavelength_coefficients=coefficients,
                           dark_pixels=dark, nonlinearity=nonlinearity,
-                          has_tec=self._tec is not None)
+                          has_tec=self._tec is not None,
+                          counts_scale=self._counts_scale(spec))
+
+    @staticmethod
+    def _counts_scale(spec):
+        """What ``intensities()`` reports per raw count: pyseabreeze scales
+        a USB2000+'s or Flame-S's counts by 65535 / the saturation level in
+        its EEPROM (slot 17) and keeps the factor on its spectrometer
+        feature (1.0 on the others); cseabreeze does the same inside
+        libseabreeze without telling: None (unknown)."""
+        scale = getattr(spec.f.spectrometer, "_normalization_value", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+            return float(scale)
+        return None
 
     @staticmethod
     def _write_clock(spec):

@@ -27,7 +27,8 @@ RECONNECT_INTERVAL = 5.0
 POWER_SETTLE = 2.0        # seconds between switching power on and connecting
 DEFAULT_TIME = 100        # ms, the integration time before autointegration
 #: seconds between two readings of a cooled detector's temperature (taken
-#: on the device's thread, between integrations while a batch runs)
+#: on the device's thread, between integrations while a batch runs): the
+#: next is due this long after the last, whoever took it
 TEMPERATURE_INTERVAL = 10.0
 
 
@@ -39,6 +40,18 @@ def temperature_stable(enabled, temperature, set_point, tolerance):
     if temperature is None or set_point is None:
         return False
     return abs(temperature - set_point) <= tolerance
+
+
+def nonlinearity_in_pixel_units(coefficients, scale):
+    """The device's nonlinearity polynomial (ascending, in raw counts) in
+    the units of the pixels (raw x ``scale``): p(x / scale) has the
+    coefficients c_i / scale**i. The deployed parser evaluates the
+    polynomial at the pixels less the dark (piccolo3-common's
+    ``corrected_pixels``): in pixel units it corrects by the device's own
+    factor. Unknown scale: the coefficients as the device gives them."""
+    if not scale or scale == 1.0:
+        return list(coefficients)
+    return [c / scale ** i for i, c in enumerate(coefficients)]
 
 
 def saturated_pixels(pixels, level):
@@ -103,7 +116,8 @@ class Spectrometer:
         #: the last detector temperature read: {"temperature": °C, "time":
         #: clock seconds, ...} (see ``last_temperature``), None until read
         self.temperature = Observable(None)
-        self._temperature_loop = None
+        self._temperature_on = False
+        self._temperature_call = None
         self.power_pin = None
         if gpio is not None and config.power_switch >= 0:
             self.power_pin = gpio.output(config.power_switch, initial=True)
@@ -180,6 +194,9 @@ class Spectrometer:
             self.info = info
             self._apply_limits(info)
             self.last_error = None
+            if not info.has_tec:
+                # no cooler, none on (the legacy server answered false too)
+                self.tec_enabled.set(False)
             self.status.set(IDLE)
             self._start_temperature_loop()
             self.log.info("{name}: connected ({model}, {pixels} pixels){again}",
@@ -357,10 +374,13 @@ class Spectrometer:
         set_point = self.target_temperature.value if has_tec else None
 
         def work():
+            # read just before and just after the integration, in the same
+            # device call: nothing else runs on the device in between, and
+            # a detector drifting through its tolerance meanwhile is seen
+            before = self.device.temperature() if has_tec else None
             reading = acquire_clean(self.device, ms, idle)
             if has_tec:
-                # read at the end of the integration, in the same device
-                # call: nothing else runs on the device in between
+                reading.temperature_before = before
                 reading.temperature = self.device.temperature()
             return reading
 
@@ -380,25 +400,38 @@ class Spectrometer:
         pixels reached the saturation level, and whether a cooled detector
         was at its set point."""
         info = self.info
+        scale = info.counts_scale
         meta = {
             "SerialNumber": self.serial,
             "IntegrationTime": float(reading.integration_time),
             "IntegrationTimeUnits": "milliseconds",
             "SaturationLevel": info.saturation,
             "SaturatedPixels": saturated_pixels(reading.pixels, info.saturation),
+            # pixels = raw ADC counts x CountsScale (null: not known)
+            "CountsScale": scale,
+            "SaturationLevelRaw": round(info.saturation / scale) if scale else None,
             "WavelengthCalibrationCoefficients": list(info.wavelength_coefficients),
-            "NonlinearityCorrectionCoefficients": list(info.nonlinearity),
+            "NonlinearityCorrectionCoefficients": nonlinearity_in_pixel_units(
+                info.nonlinearity, scale),
+            "NonlinearityCorrectionCoefficientsRaw": list(info.nonlinearity),
             "DarkPixels": list(info.dark_pixels),
             "TemperatureEnabled": bool(reading.tec_enabled),
             "Temperature": reading.temperature,
+            "TemperatureBefore": reading.temperature_before,
             "TemperatureSetPoint": reading.set_point,
             "TemperatureTolerance": self.temperature_tolerance if info.has_tec else None,
-            "TemperatureStable": temperature_stable(
-                reading.tec_enabled, reading.temperature, reading.set_point,
-                self.temperature_tolerance),
+            # both readings, before and after the integration, decide
+            "TemperatureStable": all(temperature_stable(
+                reading.tec_enabled, t, reading.set_point, self.temperature_tolerance)
+                for t in (reading.temperature_before, reading.temperature)),
             "TemperatureUnits": "degC",
             "Model": info.model,
         }
+        if info.has_tec:
+            # the keys the deployed processing tool reads (piccolo3-utils'
+            # PiccoloProcessedData.add: its temperature and target, °C)
+            meta["TemperatureDetectorActual"] = reading.temperature
+            meta["TemperatureDetectorSet"] = reading.set_point
         calibration = self.config.calibration.get(channel)
         if calibration is not None:
             meta["WavelengthCalibrationCoefficientsPiccolo"] = list(calibration)
@@ -407,35 +440,50 @@ class Spectrometer:
     # -- detector temperature -----------------------------------------------
 
     def _keep_temperature(self, value):
-        """Reactor side: a reading just taken (a poll or an acquisition)."""
+        """Reactor side: a reading just taken (a poll or an acquisition);
+        the next poll is due TEMPERATURE_INTERVAL after it."""
         self.temperature.set({"temperature": float(value), "time": self.clock.seconds()})
+        self._schedule_poll()
 
     def _start_temperature_loop(self):
-        if self._temperature_loop is not None or not self.info.has_tec:
+        if self._temperature_on or not self.info.has_tec:
             return
-        from twisted.internet import task
-        loop = task.LoopingCall(self._poll_temperature)
-        loop.clock = self.clock
-        self._temperature_loop = loop
-        loop.start(TEMPERATURE_INTERVAL, now=True).addErrback(
-            lambda f: self.log.failure("{name}: temperature readings stopped", f,
-                                       name=self.name))
+        self._temperature_on = True
+        self._poll_temperature()
 
     def _stop_temperature_loop(self):
-        loop, self._temperature_loop = self._temperature_loop, None
-        if loop is not None and loop.running:
-            loop.stop()
+        self._temperature_on = False
+        call, self._temperature_call = self._temperature_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _schedule_poll(self, failed=False):
+        """The next reading, TEMPERATURE_INTERVAL after the last one (an
+        acquisition's reading counts: during a batch the polls mostly wait),
+        or after a failed one."""
+        if not self._temperature_on:
+            return
+        if self._temperature_call is not None and self._temperature_call.active():
+            self._temperature_call.cancel()
+        last = self.temperature.value
+        now = self.clock.seconds()
+        due = (last["time"] if last and not failed else now) + TEMPERATURE_INTERVAL
+        self._temperature_call = self.clock.callLater(max(0.0, due - now),
+                                                      self._poll_temperature)
 
     def _poll_temperature(self):
         """One reading on the device's thread, queued behind whatever the
-        device is doing (during a batch: between two integrations). A
-        reading of the last TEMPERATURE_INTERVAL (an acquisition's) will do."""
-        last = self.temperature.value
-        if not self.connected:
-            return None
-        if last is not None and self.clock.seconds() - last["time"] < TEMPERATURE_INTERVAL * 0.9:
-            return None
-        return self.read_temperature().addErrback(lambda f: None)
+        device is doing (during a batch: between two integrations)."""
+        self._temperature_call = None
+        if not self._temperature_on or not self.connected:
+            return
+
+        def failed(f):
+            # a DeviceError dropped the device (the loop stopped with it);
+            # anything else: try again at the next interval
+            if self._temperature_on and self._temperature_call is None:
+                self._schedule_poll(failed=True)
+        self.read_temperature().addErrback(failed)
 
     def read_temperature(self):
         """A fresh reading (Deferred °C), kept as the last one."""
@@ -516,9 +564,9 @@ class Spectrometer:
 
     def current_temperature(self):
         """The detector temperature read now; while the device is busy (an
-        integration, which may last an hour) the last reading, taken at
-        most TEMPERATURE_INTERVAL before the integration began or with its
-        spectrum: a request never waits for an integration. Requests that
+        integration, which may last an hour) the last reading, taken just
+        before the integration began: a request never waits for an
+        integration. Requests that
         arrive while a reading is under way share it (one device call)."""
         if not self.connected:
             raise PiccoloError(f"{self.name} is not connected")

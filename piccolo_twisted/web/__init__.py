@@ -9,8 +9,9 @@ a worker pool. Imported only when the web page is on (``[web] port``).
 
 
 def web_service(components, datadir_root, address="::", port=8080, access=None,
-                clock=None, title="Piccolo"):
-    """The web page as a service (binds in privilegedStartService)."""
+                clock=None, title="Piccolo", hosts=()):
+    """The web page as a service (binds in privilegedStartService);
+    ``hosts``: names it answers to besides its own (``[web] hosts``)."""
     from .server import WebService
     return WebService(components, datadir_root, address=address, port=port,
-                      access=access, clock=clock, title=title)
+                      access=access, clock=clock, title=title, hosts=hosts)

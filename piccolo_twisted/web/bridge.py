@@ -16,7 +16,6 @@ abort from the page is checked and refused exactly as over CoAP:
 """
 
 import inspect
-from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -127,13 +126,10 @@ class Tree:
 
 
 def segments_of(request):
-    """The path after /api/ as text segments (percent-decoded UTF-8)."""
-    out = []
-    for raw in request.postpath:
-        if raw == b"":
-            continue
-        out.append(unquote_to_bytes(raw).decode("utf-8"))
-    return out
+    """The path after /api/ as text segments (UTF-8). twisted.web has
+    percent-decoded each segment once already; decoding again would turn
+    a run literally named ``%2e%2e`` into ``..``."""
+    return [raw.decode("utf-8") for raw in request.postpath if raw != b""]
 
 
 class Api(resource.Resource):

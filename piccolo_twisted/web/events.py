@@ -14,8 +14,18 @@ at most every ``MIN_INTERVAL`` seconds and sends the latest value of each
 changed path, so a fast batch costs the page a few updates a second, not
 one per spectrum. A browser that reads slowly is a paused producer: its
 stream keeps only the latest value of each path until it drains, so memory
-per stream is bounded by the number of paths.
+per stream is bounded by the number of paths; one that reads nothing for
+``STALL`` seconds is dropped.
+
+The streams are shared out per host (``limits.Shares``): a host at its
+limit replaces its own oldest stream (a reloaded page), and a newcomer
+finding every place taken takes the oldest stream of the biggest holder,
+which reconnects by itself. Opening a stream sends the whole state, so a
+host may open only a few in a row (``OPEN_BURST``, then ``OPEN_RATE``);
+beyond that it is answered 503 with a Retry-After, which the page obeys.
 """
+
+import math
 
 from collections import OrderedDict
 
@@ -26,12 +36,17 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from .bridge import encode
+from .limits import HOSTS_REMEMBERED, Bucket, Shares, host_key
 
 FLUSH_DELAY = 0.05       # s from the first change to its flush
 MIN_INTERVAL = 0.25      # s between flushes
 KEEPALIVE = 15.0         # s between comment lines on an idle stream
-MAX_STREAMS = 32
+MAX_STREAMS = 32         # streams in all, shared out per host (limits.Shares)
 MAX_STREAMS_PER_HOST = 8
+OPEN_RATE = 0.5          # streams a host may open per second, after ...
+OPEN_BURST = 8           # ... this many (each open sends the whole state)
+STALL = 60.0             # s a stream may stay unread before it is dropped
+RETRY_FULL = 10          # s a client refused for want of room is told to wait
 
 
 def event(path, body):
@@ -51,6 +66,7 @@ class Stream:
         self.paused = False
         self.closed = False
         self.pending = OrderedDict()    # path -> event bytes, while paused
+        self._stall = None
 
     def send(self, path, data):
         if self.closed:
@@ -68,9 +84,12 @@ class Stream:
     # IPushProducer
     def pauseProducing(self):
         self.paused = True
+        if self._stall is None and not self.closed:
+            self._stall = self.hub.clock.callLater(STALL, self._stalled)
 
     def resumeProducing(self):
         self.paused = False
+        self._unstall()
         while self.pending and not self.paused and not self.closed:
             _, data = self.pending.popitem(last=False)
             self.request.write(data)
@@ -78,10 +97,26 @@ class Stream:
     def stopProducing(self):
         self.close()
 
+    def _unstall(self):
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self):
+        """Nothing read for STALL seconds: the client is gone or frozen."""
+        self._stall = None
+        self.close()
+        channel = getattr(self.request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
     def close(self, finish=False):
         if self.closed:
             return
         self.closed = True
+        self._unstall()
         self.pending.clear()
         self.hub.remove(self)
         if finish and not self.request.finished:
@@ -107,6 +142,8 @@ class Hub:
             for path, observable, args in leaf.observables():
                 self.paths[path] = (leaf, args, observable)
         self.latest = {}                # path -> event bytes (while watching)
+        self.shares = Shares(MAX_STREAMS, MAX_STREAMS_PER_HOST, replace_own=True)
+        self._opened = OrderedDict()    # host -> Bucket of stream openings
         self._watchers = {}             # path -> watcher callable
         self._dirty = OrderedDict()
         self._generation = {}           # path -> renders started
@@ -116,18 +153,37 @@ class Hub:
 
     # -- streams ------------------------------------------------------------
 
-    def refusal(self, host):
-        if len(self.streams) >= MAX_STREAMS:
-            return f"too many live pages open ({MAX_STREAMS}); close one"
-        if sum(1 for s in self.streams if s.host == host) >= MAX_STREAMS_PER_HOST:
-            return (f"too many live pages open from {host} "
-                    f"({MAX_STREAMS_PER_HOST}); close one")
+    def admit(self, host):
+        """None when ``host`` may open a stream now (the stream it
+        displaces, if any, is closed: it reconnects by itself), else
+        (reason, seconds to wait)."""
+        now = self.clock.seconds()
+        bucket = self._opened.get(host)
+        if bucket is None:
+            bucket = self._opened[host] = Bucket(OPEN_RATE, OPEN_BURST, now)
+            while len(self._opened) > HOSTS_REMEMBERED:
+                self._opened.popitem(last=False)
+        else:
+            self._opened.move_to_end(host)
+        tokens = bucket.level(now)
+        if tokens < 1:
+            wait = math.ceil((1 - tokens) / OPEN_RATE)
+            return (f"too many live pages opened from {host} lately; "
+                    f"try again in {wait} s", wait)
+        admitted, evict = self.shares.admit(host)
+        if not admitted:
+            return (f"every live page place ({MAX_STREAMS}) is taken, a fair share "
+                    f"each; try again shortly", RETRY_FULL)
+        bucket.take(now)
+        if evict is not None:
+            evict.close(finish=True)
         return None
 
     def add(self, stream):
         if not self.streams:
             self._watch()
         self.streams.append(stream)
+        self.shares.add(stream.host, stream)
         stream.request.write(b"retry: 2000\n\n")
         # the current state first, every path
         for path in self.paths:
@@ -139,6 +195,7 @@ class Hub:
         self._schedule(at_once=True)
 
     def remove(self, stream):
+        self.shares.remove(stream.host, stream)
         try:
             self.streams.remove(stream)
         except ValueError:
@@ -237,13 +294,15 @@ class Events(resource.Resource):
 
     def render_GET(self, request):
         from .guard import client_host
-        host = client_host(request)
-        refusal = self.hub.refusal(host)
+        host = host_key(client_host(request))
+        refusal = self.hub.admit(host)
         if refusal is not None:
+            reason, wait = refusal
             request.setResponseCode(503)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            request.setHeader(b"retry-after", b"10")
-            return refusal.encode("utf-8")
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"retry-after", b"%d" % wait)
+            return reason.encode("utf-8")
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")

@@ -9,8 +9,9 @@
 
 Every response says what a browser may do with it: no framing by other
 sites, scripts and styles from this server only, no content sniffing.
-Connections are bounded per client address and in all, request bodies to
-64 KiB.
+Connections, live streams and downloads are shared out per client host
+(``limits``), requests paced per host and in all, a request must arrive
+whole within 10 s, request bodies are capped at 64 KiB.
 """
 
 import hashlib
@@ -22,21 +23,27 @@ from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.protocols import policies
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http, resource, server
 
 from .bridge import MAX_BODY, Api, Tree
 from .events import Events, Hub
 from .files import Downloads
-from .guard import Guard
+from .guard import Guard, Hosts
+from .limits import Pace, Shares, host_key
 
 STATIC = ("app.js", "app.css", "favicon.svg")
 TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8",
          ".html": b"text/html; charset=utf-8", ".svg": b"image/svg+xml"}
 MAX_CONNECTIONS = 128
-MAX_CONNECTIONS_PER_HOST = 32
-WEB_THREADS = 2
+MAX_CONNECTIONS_PER_HOST = 16
+REQUEST_DEADLINE = 10.0     # s for a whole request once a connection waits for one
+IDLE_TIMEOUT = 60           # s without a byte (twisted.web's own timer)
+REQUEST_RATE = 30           # requests/s per host after a burst of ...
+REQUEST_BURST = 60
+TOTAL_REQUEST_RATE = 150    # requests/s of everyone together after ...
+TOTAL_REQUEST_BURST = 300
+WEB_THREADS = 1           # one: a Pi reads one SD card; each more thread kept its own heap
 SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -58,7 +65,9 @@ class WebCannotListen(CannotListenError):
 
 class Request(server.Request):
     """A request whose body is capped: a longer body is read and dropped,
-    and the request answered 413 (never a temporary file on disk)."""
+    and the request answered 413 (never a temporary file on disk). It is
+    handled when the pace of its host and of everyone allows (``Pace``);
+    until then its connection reads nothing more."""
 
     too_large = False
 
@@ -76,15 +85,136 @@ class Request(server.Request):
             self.content.write(data)
 
     def process(self):
+        site = self.channel.site
+        wait = site.pace.delay(getattr(self.channel, "share_host", None))
+        if wait > 0:
+            site.waiting[self] = site.reactor.callLater(wait, self._paced, site)
+            return
+        self._process()
+
+    def _paced(self, site):
+        site.waiting.pop(self, None)
+        if self._disconnected or self.channel is None:
+            return          # the client left while it waited
+        self._process()
+
+    def _process(self):
         for name, value in SECURITY_HEADERS:
             self.setHeader(name, value)
+        site = self.channel.site
+        refusal = site.hosts.refusal(self) if site.hosts is not None else None
+        if refusal is not None:
+            # not this server's name (DNS rebinding): nothing is served
+            self.site = site
+            self.setResponseCode(421, b"Misdirected Request")
+            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self.setHeader(b"cache-control", b"no-store")
+            body = refusal.encode("utf-8")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            if self.method != b"HEAD":
+                self.write(body)
+            self.finish()
+            return
         super().process()
 
 
+class Channel(http.HTTPChannel):
+    """One connection. A request must arrive whole -- head and body --
+    within REQUEST_DEADLINE of the moment the connection waits for it (its
+    opening, or the end of the previous answer): a client that sends a
+    header line now and then (slowloris) is cut off then, whatever the
+    idle timer (which every byte resets) says."""
+
+    share_host = None
+    deadline = None
+    _deadline_call = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self):
+        self._disarm()
+        if self.deadline:
+            self._deadline_call = self.callLater(self.deadline, self._too_slow)
+
+    def _disarm(self):
+        if self._deadline_call is not None:
+            if self._deadline_call.active():
+                self._deadline_call.cancel()
+            self._deadline_call = None
+
+    def allContentReceived(self):
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        if self.persistent:
+            self._arm()         # before the next pipelined request is parsed
+        super().requestDone(request)
+
+    def _too_slow(self):
+        self._deadline_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self._disarm()
+        super().connectionLost(reason)
+        site = getattr(self, "site", None)
+        if site is not None:
+            site.release(self)
+
+
 class Site(server.Site):
+    """The page's HTTP site: connections shared out per host, requests
+    paced, every name but this server's refused (``guard.Hosts``)."""
+
+    protocol = Channel
     requestFactory = Request
     displayTracebacks = False
     noisy = False
+
+    def __init__(self, root, clock, hosts=None, timeout=IDLE_TIMEOUT):
+        super().__init__(root, timeout=timeout, reactor=clock)
+        self.hosts = hosts
+        self.connections = Shares(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_HOST)
+        self.channels = set()
+        self.pace = Pace(clock, REQUEST_RATE, REQUEST_BURST, TOTAL_REQUEST_RATE,
+                         TOTAL_REQUEST_BURST)
+        self.waiting = {}       # request -> its delayed call, while it waits its turn
+
+    def buildProtocol(self, addr):
+        host = host_key(getattr(addr, "host", None))
+        admitted, evict = self.connections.admit(host)
+        if not admitted:
+            return None         # closed at once
+        if evict is not None:
+            # the biggest holder's oldest connection makes room
+            self.connections.remove(evict.share_host, evict)
+            self.channels.discard(evict)
+            if evict.transport is not None:
+                evict.transport.abortConnection()
+        channel = super().buildProtocol(addr)
+        channel.share_host = host
+        channel.deadline = REQUEST_DEADLINE
+        self.connections.add(host, channel)
+        self.channels.add(channel)
+        return channel
+
+    def release(self, channel):
+        self.connections.remove(channel.share_host, channel)
+        self.channels.discard(channel)
+
+    def stop(self):
+        """Cancel the requests waiting their turn; close every connection."""
+        for call in self.waiting.values():
+            if call.active():
+                call.cancel()
+        self.waiting.clear()
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
 
     def log(self, request):
         """No access log line per request (the page makes many)."""
@@ -193,34 +323,6 @@ class Root(resource.Resource):
         return NOT_FOUND
 
 
-class LimitedFactory(policies.WrappingFactory):
-    """At most MAX_CONNECTIONS_PER_HOST connections from one address and
-    MAX_CONNECTIONS in all: one client cannot take every connection."""
-
-    def __init__(self, wrapped):
-        super().__init__(wrapped)
-        self.per_host = {}
-
-    def buildProtocol(self, addr):
-        host = getattr(addr, "host", None)
-        if (sum(self.per_host.values()) >= MAX_CONNECTIONS
-                or self.per_host.get(host, 0) >= MAX_CONNECTIONS_PER_HOST):
-            return None
-        self.per_host[host] = self.per_host.get(host, 0) + 1
-        protocol = super().buildProtocol(addr)
-        protocol._counted_host = host
-        return protocol
-
-    def unregisterProtocol(self, p):
-        super().unregisterProtocol(p)
-        host = getattr(p, "_counted_host", None)
-        left = self.per_host.get(host, 0) - 1
-        if left > 0:
-            self.per_host[host] = left
-        else:
-            self.per_host.pop(host, None)
-
-
 class _Server(internet.TCPServer):
     def privilegedStartService(self):
         try:
@@ -236,7 +338,7 @@ class WebService(service.MultiService):
     log = Logger()
 
     def __init__(self, components, datadir_root, address="::", port=8080,
-                 access=None, clock=None, title="Piccolo"):
+                 access=None, clock=None, title="Piccolo", hosts=()):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -253,8 +355,8 @@ class WebService(service.MultiService):
         self.page = Static(page, TYPES[".html"], cache=b"no-store")
         static = {name: Static(asset(name), TYPES[os.path.splitext(name)[1]])
                   for name in STATIC}
-        self.downloads = (Downloads(datadir_root, self.in_pool),
-                          Downloads(datadir_root, self.in_pool, zipped=True))
+        self.downloads = (Downloads(datadir_root, self.in_pool, clock=clock),
+                          Downloads(datadir_root, self.in_pool, zipped=True, clock=clock))
         root = Root(self.page, {
             "static": Folder(static),
             "api": Api(self.tree, self.guard),
@@ -265,9 +367,8 @@ class WebService(service.MultiService):
             "whoami": WhoAmI(access),
             "favicon.ico": static["favicon.svg"],
         })
-        self.site = Site(root, timeout=60)
-        self.factory = LimitedFactory(self.site)
-        self.server = _Server(port, self.factory, interface=address)
+        self.site = Site(root, clock, hosts=Hosts(hosts))
+        self.server = _Server(port, self.site, interface=address)
         self.server.setServiceParent(self)
 
     def in_pool(self, fn, *args, **kwargs):
@@ -306,10 +407,7 @@ class WebService(service.MultiService):
         # no new connections, then end the live streams and open downloads
         yield super().stopService()
         self.hub.close_all()
-        for protocol in list(self.factory.protocols):
-            transport = getattr(protocol, "transport", None)
-            if transport is not None:
-                transport.loseConnection()
+        self.site.stop()
         if self.pool is not None:
             self.pool.stop()
             self.pool = None

@@ -32,8 +32,10 @@ def parse_emulate(text):
                                f"{', '.join(MODEL_NAMES)})")
         if serial in serials:
             raise EmulateError(f"{item!r}: duplicate serial {serial!r}")
-        if len(serial) > 15 or not serial.isprintable():
-            raise EmulateError(f"{item!r}: invalid serial {serial!r}")
+        from ...config import check_serial
+        if len(serial) > 15 or check_serial(serial):
+            raise EmulateError(f"{item!r}: invalid serial {serial!r}: "
+                               f"{check_serial(serial) or 'more than 15 characters'}")
         if serial.startswith(SIMULATOR_PREFIXES):
             raise EmulateError(f"{item!r}: {serial!r} names the simulator "
                                f"(serials starting {' or '.join(SIMULATOR_PREFIXES)})")

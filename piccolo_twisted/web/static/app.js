@@ -17,6 +17,7 @@ const FILES_PAGE = 50;
 let spectrometers = [], channels = [], paths = new Set();
 const live = {};                  // spectrometer -> {canvas, legend, series}
 let files = {run: null, names: [], shown: 0, chosen: null, picked: false};
+let readOnly = null;              // why this device may not control, or null
 
 // -- small helpers ----------------------------------------------------------
 
@@ -122,11 +123,27 @@ function say(text, ok) {
   p.className = "answer " + (ok ? "ok" : "err");
 }
 
-async function act(label, method, path, body) {
+async function act(label, method, path, body, done = "done") {
   const r = await api(method, path, body);
-  if (r.ok) say(`${label}: done`, true);
+  if (r.ok) say(`${label}: ${done}`, true);
   else say(`${label} refused (${r.status}): ${r.text || "no answer"}`, false);
   return r;
+}
+
+/* A setting typed into a field: PUT to the server; refused (403) or
+   invalid (400), the field shows the server's value again, marked, with
+   the reason as its title. */
+function setting(input, label, path, value) {
+  input.addEventListener("change", async () => {
+    const r = await act(label, "PUT", path, value());
+    input.classList.toggle("refused", !r.ok);
+    input.title = r.ok ? "" : r.text || "";
+    if (!r.ok && state[path] !== undefined) {
+      if (input.type === "checkbox") input.checked = !!state[path];
+      else input.value = state[path];
+    }
+  });
+  input.addEventListener("input", () => input.classList.remove("refused"));
 }
 
 // -- plotting -------------------------------------------------------------------
@@ -136,6 +153,19 @@ function niceStep(range, n) {
   const p = Math.pow(10, Math.floor(Math.log10(raw)));
   for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= raw) return m * p;
   return 10 * p;
+}
+
+/* Tick values of round numbers between lo and hi, about n of them and
+   never fewer than three where the axis allows. */
+function ticks(lo, hi, n) {
+  let step = niceStep(hi - lo, n), out = [];
+  for (let tries = 0; tries < 4; tries++) {
+    out = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(v);
+    if (out.length >= 3) break;
+    step = niceStep(step, 2.2);          // a finer round step
+  }
+  return out;
 }
 
 function countLabel(v) {
@@ -171,7 +201,7 @@ function drawPlot(canvas, series, extra) {
   if (sat && sat < ymax * 1.6) ymax = Math.max(ymax, sat);
   ymax = ymax > 0 ? ymax * 1.06 : 1;
   if (x1 <= x0) x1 = x0 + 1;
-  const L = 46, R = 8, T = 8, B = 30;
+  const L = 46, R = 8, T = 18, B = 30;
   const pw = w - L - R, ph = h - T - B;
   const X = v => L + (v - x0) / (x1 - x0) * pw;
   const Y = v => T + ph - v / ymax * ph;
@@ -179,22 +209,24 @@ function drawPlot(canvas, series, extra) {
   g.strokeStyle = "#e3e8ed";
   g.fillStyle = "#5f6b78";
   g.lineWidth = 1;
-  const ys = niceStep(ymax, Math.max(2, Math.floor(ph / 40)));
   g.textAlign = "right"; g.textBaseline = "middle";
-  for (let v = 0; v <= ymax; v += ys) {
+  for (const v of ticks(0, ymax, Math.max(2, Math.floor(ph / 40)))) {
     const y = Math.round(Y(v)) + .5;
     g.beginPath(); g.moveTo(L, y); g.lineTo(L + pw, y); g.stroke();
     g.fillText(countLabel(v), L - 4, y);
   }
-  const xs = niceStep(x1 - x0, Math.max(2, Math.floor(pw / 70)));
   g.textAlign = "center"; g.textBaseline = "top";
-  for (let v = Math.ceil(x0 / xs) * xs; v <= x1; v += xs) {
+  const xt = ticks(x0, x1, Math.max(3, Math.floor(pw / 70)));
+  for (const v of xt) {
     const x = Math.round(X(v)) + .5;
     g.beginPath(); g.moveTo(x, T); g.lineTo(x, T + ph); g.stroke();
     g.fillText(String(Math.round(v)), x, T + ph + 3);
   }
+  canvas.dataset.xticks = String(xt.length);
   g.textAlign = "right";
   g.fillText("nm", L + pw, T + ph + 15);
+  g.textAlign = "left"; g.textBaseline = "bottom";
+  g.fillText("counts", 4, T - 3);
   g.strokeStyle = "#9aa8b6";
   g.strokeRect(L + .5, T + .5, pw, ph);
   // saturation
@@ -241,8 +273,11 @@ function buildLive() {
       el("figcaption", {}, el("span", {text: s}), el("span", {class: "muted small", id: `live-state-${s}`})),
       canvas,
       el("div", {class: "table-wrap"}, el("table", {class: "legend"},
-        el("thead", {}, el("tr", {}, ...["channel", "kind", "ms", "peak", "saturated", "time"]
-          .map(t => el("th", {text: t, class: t === "time" ? "when" : null})))), legend))));
+        el("thead", {}, el("tr", {},
+          el("th", {text: "channel"}), el("th", {class: "kind", text: "kind"}),
+          el("th", {text: "ms"}), el("th", {text: "peak"}),
+          el("th", {}, el("span", {class: "long", text: "saturated"}), el("span", {class: "short", text: "sat."})),
+          el("th", {class: "when", text: "time"}))), legend))));
     live[s] = {canvas, legend, series: {}, pending: false};
     drawLive(s);
   }
@@ -257,7 +292,8 @@ function onSpectrum(spectrometer, channel, doc) {
   slot[kind] = doc;
   entry.canvas.dataset.updates = String(Number(entry.canvas.dataset.updates) + 1);
   entry.canvas.dataset.last = doc.time || "";
-  if (!entry.pending) {
+  if (!entry.pending && !document.hidden) {
+    // (a hidden page draws nothing: it draws everything when shown again)
     entry.pending = true;
     requestAnimationFrame(() => { entry.pending = false; drawLive(spectrometer); });
   }
@@ -283,7 +319,7 @@ function drawLive(spectrometer) {
       const sat = doc.saturated;
       rows.push(el("tr", {},
         el("td", {}, swatch(colourOf(c), kind === "dark"), c),
-        el("td", {text: doc.kind === "autointegration" ? "auto probe" : doc.kind}),
+        el("td", {class: "kind", text: doc.kind === "autointegration" ? "auto probe" : doc.kind}),
         el("td", {text: doc.integration_time === null ? "-" : String(doc.integration_time)}),
         el("td", {text: doc.peak === null ? "-" : String(doc.peak)}),
         el("td", {class: sat ? "sat" : "", text: sat === null || sat === undefined ? "-" : (sat ? `${sat} px` : "0")}),
@@ -312,12 +348,7 @@ when(/^control\/status$/, status => {
   const badge = $("status");
   badge.textContent = status;
   badge.className = "badge" + (status === "idle" ? "" : status === "paused" ? " paused" : " busy");
-  const busy = status !== "idle";
-  $("b-record").disabled = busy;
-  $("b-dark").disabled = busy;
-  $("b-auto").disabled = busy;
-  $("b-pause").disabled = !busy;
-  $("b-abort").disabled = !busy;
+  showControls();
   $("b-pause").textContent = status === "paused" ? "Resume" : "Pause";
   // a procedure ended: its files are listed
   if (status === "idle" && files.run !== null && files.run === state["data_dir/current_run"]) loadFiles(files.run);
@@ -351,6 +382,26 @@ when(/^control\/scheduler\/(quietTimeEnabled|quietStart|quietEnd|powerOffEnabled
 when(/^control\/scheduler\/fault$/, f => { const p = $("sched-fault"); p.hidden = !f; p.textContent = f || ""; });
 when(/^control\/scheduler\/history$/, showHistory);
 
+/* Buttons follow the status; on a read-only device every control is off,
+   its title saying why. */
+function showControls() {
+  const status = state["control/status"];
+  const busy = status !== undefined && status !== "idle";
+  const off = !!readOnly;
+  for (const [id, enabled] of [["b-record", !busy], ["b-dark", !busy], ["b-auto", !busy],
+                               ["b-pause", busy], ["b-abort", busy]]) {
+    $(id).disabled = off || !enabled;
+  }
+  for (const node of document.querySelectorAll("#control input, #specs input, #b-sync, #jobs button")) {
+    node.disabled = off;
+  }
+  for (const node of document.querySelectorAll("#control button, #control input, #specs input, #b-sync, #jobs button")) {
+    if (node.dataset.title === undefined) node.dataset.title = node.title;
+    if (node.classList.contains("refused")) continue;     // its own reason
+    node.title = off ? `read only: ${readOnly}` : node.dataset.title;
+  }
+}
+
 function showNow() {
   const status = state["control/status"] || "…";
   const p = state["control/progress"] || {};
@@ -382,21 +433,22 @@ function buildSpecs() {
     for (const c of channels) {
       const input = el("input", {type: "text", inputmode: "numeric", class: "narrow",
         id: `t-${s}-${c}`, "aria-label": `${s} ${c} integration time (ms)`});
-      input.addEventListener("change", () => act(`${s} ${c} integration time`, "PUT",
-        `spectrometer/${s}/current_time/${c}`, input.value.trim()));
+      setting(input, `${s} ${c} integration time`, `spectrometer/${s}/current_time/${c}`,
+              () => input.value.trim());
       grid.append(el("div", {}, el("label", {for: input.id, text: `${c} (ms)`}), input,
                      el("span", {class: "muted small", id: `a-${s}-${c}`})));
     }
     for (const key of ["min_time", "max_time"]) {
       const input = el("input", {type: "text", inputmode: "numeric", class: "narrow", id: `${key}-${s}`});
-      input.addEventListener("change", () => act(`${s} ${key}`, "PUT", `spectrometer/${s}/${key}`, input.value.trim()));
+      setting(input, `${s} ${key}`, `spectrometer/${s}/${key}`, () => input.value.trim());
       grid.append(el("div", {}, el("label", {for: input.id, text: key === "min_time" ? "minimum (ms)" : "maximum (ms)"}), input));
     }
     const tec = el("div", {id: `tec-${s}`, hidden: true});
     const tecOn = el("input", {type: "checkbox", id: `tec-on-${s}`});
-    tecOn.addEventListener("change", () => act(`${s} cooler`, "PUT", `spectrometer/${s}/TECenabled`, tecOn.checked));
+    setting(tecOn, `${s} cooler`, `spectrometer/${s}/TECenabled`, () => tecOn.checked);
     const tecTarget = el("input", {type: "text", inputmode: "decimal", class: "narrow", id: `tec-target-${s}`});
-    tecTarget.addEventListener("change", () => act(`${s} cooler target`, "PUT", `spectrometer/${s}/target_temperature`, tecTarget.value.trim()));
+    setting(tecTarget, `${s} cooler target`, `spectrometer/${s}/target_temperature`,
+            () => tecTarget.value.trim());
     tec.append(el("label", {for: tecOn.id}, tecOn, " cooler on"), el("label", {for: tecTarget.id, text: "target (°C)"}), tecTarget);
     grid.append(tec);
     box.append(el("div", {class: "spec", id: `spec-${s}`},
@@ -406,6 +458,7 @@ function buildSpecs() {
       grid));
     showSpec(s);
   }
+  showControls();
 }
 
 function setInput(id, value) {
@@ -510,6 +563,7 @@ function showJobs(jobs) {
   });
   body.replaceChildren(...rows);
   $("jobs-empty").hidden = rows.length > 0;
+  showControls();
   if (paths.has("control/scheduler/history") && !state.historyObserved) loadHistory();
 }
 
@@ -596,6 +650,9 @@ async function plotFile(run, name) {
   for (const li of $("file-list").children) li.classList.toggle("chosen", li.dataset.name === name);
   const href = `/files/${encodeURIComponent(run)}/${encodeURIComponent(name)}`;
   $("file-name").textContent = `${run} / ${name}`;
+  // on a phone the plot is below the list: bring it into view
+  const plotBox = document.querySelector(".file-plot-box");
+  if (plotBox.getBoundingClientRect().top > window.innerHeight * 0.5) plotBox.scrollIntoView({block: "start"});
   const link = $("file-download");
   link.href = href + "?download=1";
   link.setAttribute("download", name);
@@ -639,6 +696,7 @@ async function plotFile(run, name) {
     drawPlot(canvas, series, {saturation});
     canvas.dataset.series = String(series.length);
   }
+  if (plotBox.getBoundingClientRect().top > window.innerHeight * 0.5) plotBox.scrollIntoView({block: "start"});
 }
 
 // -- controls -----------------------------------------------------------------------
@@ -654,16 +712,16 @@ function recordArgs() {
 
 function wire() {
   $("record-form").addEventListener("submit", e => { e.preventDefault(); $("b-record").click(); });
-  $("b-record").addEventListener("click", () => act("record", "PUT", "control/record_sequence", recordArgs()));
+  $("b-record").addEventListener("click", () => act("record", "PUT", "control/record_sequence", recordArgs(), "started"));
   $("b-pause").addEventListener("click", () => act(state["control/status"] === "paused" ? "resume" : "pause", "POST", "control/pause"));
   $("b-abort").addEventListener("click", () => act("abort", "POST", "control/abort"));
   $("b-dark").addEventListener("click", () => {
     const run = $("f-run").value.trim();
-    act("dark sequence", "PUT", "control/record_dark", run ? {run} : {});
+    act("dark sequence", "PUT", "control/record_dark", run ? {run} : {}, "started");
   });
   $("b-auto").addEventListener("click", () => {
     const target = $("f-target").value.trim();
-    act("autointegration", "PUT", "control/auto", target ? {target} : {});
+    act("autointegration", "PUT", "control/auto", target ? {target} : {}, "started");
   });
   $("b-sync").addEventListener("click", async () => {
     await act("set the clock", "PUT", "sysinfo/clock", new Date().toISOString());
@@ -676,6 +734,11 @@ function wire() {
   $("b-more").addEventListener("click", moreFiles);
   $("b-refresh").addEventListener("click", () => loadRuns());
   let resize = null;
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) return;
+    for (const s of spectrometers) drawLive(s);
+    if (retryTimer !== null) connect();       // back in view: try the stream at once
+  });
   window.addEventListener("resize", () => {
     clearTimeout(resize);
     resize = setTimeout(() => { for (const s of spectrometers) drawLive(s); }, 150);
@@ -684,11 +747,39 @@ function wire() {
 
 // -- start --------------------------------------------------------------------------
 
+/* The live stream. EventSource reconnects by itself after a cut
+   connection, but gives up for good when the server answers anything but
+   a stream (503 when it is full or this device opened too many, a proxy's
+   error page): then the page tries again itself, waiting longer each time
+   (2 s doubling to a minute, with jitter), so a refusal never leaves it
+   "reconnecting" until someone reloads it. */
+const RETRY_FIRST = 2000, RETRY_MOST = 60000;
+let stream = null, retryWait = RETRY_FIRST, retryTimer = null;
+
 function connect() {
   const link = $("link");
-  const events = new EventSource("/events");
-  events.onopen = () => { link.textContent = "live"; link.className = "link"; };
-  events.onerror = () => { link.textContent = "reconnecting…"; link.className = "link off"; };
+  clearTimeout(retryTimer);
+  retryTimer = null;
+  if (stream) stream.close();
+  const events = stream = new EventSource("/events");
+  events.onopen = () => {
+    retryWait = RETRY_FIRST;
+    link.textContent = "live";
+    link.className = "link";
+  };
+  events.onerror = () => {
+    link.className = "link off";
+    if (events.readyState !== EventSource.CLOSED) {
+      link.textContent = "reconnecting…";
+      return;
+    }
+    events.close();
+    const wait = Math.round(retryWait * (0.8 + 0.4 * Math.random()));
+    retryWait = Math.min(retryWait * 2, RETRY_MOST);
+    link.textContent = `reconnecting in ${Math.ceil(wait / 1000)} s…`;
+    link.dataset.retries = String(Number(link.dataset.retries || 0) + 1);
+    retryTimer = setTimeout(connect, wait);
+  };
   events.onmessage = e => {
     const i = e.data.indexOf("\n");
     if (i < 0) return;
@@ -715,9 +806,11 @@ async function start() {
   if (host) { $("host").textContent = `Piccolo ${host}`; document.title = `Piccolo ${host}`; }
   if (version) $("version").textContent = `piccolo-twisted ${version}`;
   if (me && !me.control) {
+    readOnly = me.reason;
     const p = $("readonly");
     p.hidden = false;
     p.textContent = `Read only from this device: ${me.reason}`;
+    showControls();
   }
   checkClock();
   setInterval(checkClock, 300000);
