@@ -1031,3 +1031,34 @@ class LongObservation(unittest.SynchronousTestCase):
         self.assertEqual(proto.observer_count(), 1)
         self.assertEqual(len(Client.got), 3 * 24 * 60)
         self.assertIn("127.0.0.40", proto.verified)
+
+
+class Burst(unittest.SynchronousTestCase):
+    """A script adding a season's jobs sends 300 requests that must not run
+    twice at once, from an address not verified (budget 64). Those past
+    the budget wait for the ping's answer and then run, as the verified
+    host's (budget 1024): every one is answered 2.04."""
+
+    def test_a_burst_past_the_budget_waits_for_the_proof(self):
+        from .test_coap_protocol import FakeTransport, request
+        clock = task.Clock()
+        ran = []
+        proto = ServerCoap(Site({"": {"add": Resource(put=lambda *a: ran.append(a))}}),
+                           clock=clock)
+        proto.transport = FakeTransport()
+        peer = ("127.0.0.50", 5683)
+        for i in range(300):
+            proto.datagramReceived(request(_tx.PUT, path="add", mid=i, token=b"j",
+                                           payload=b"[[%d], {}]" % i), peer)
+        sent = [decode(d) for d, _ in proto.transport.sent]
+        proto.transport.sent.clear()
+        pings = [m for m in sent if m.mtype == _tx.CON and m.code == 0]
+        answered = [m for m in sent if m.code]
+        self.assertEqual(len(answered), exchange.DEDUP_PER_HOST)
+        self.assertEqual(len(pings), 1)
+        proto.datagramReceived(struct.pack("!BBH", 0x70, 0, pings[0].mid), peer)   # RST
+        answered += [decode(d) for d, _ in proto.transport.sent]
+        self.assertEqual(sorted(m.mid for m in answered), list(range(300)))
+        self.assertEqual({m.code for m in answered}, {_tx.CHANGED})
+        self.assertEqual(len(ran), 300)
+        self.assertIn("127.0.0.50", proto.verified)

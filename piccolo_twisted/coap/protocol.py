@@ -72,7 +72,8 @@ MAX_QUEUED_BYTES = 512 * 1024  # requests waiting for a busy host's handlers
 QUEUED_PER_HOST = 128 * 1024
 QUEUED_ENTRY = 2048            # estimated bytes of one waiting request
 QUEUE_WAIT = 1.5               # seconds a request may wait (< ACK_TIMEOUT)
-PROOF_WAITERS = 16             # requests of one address waiting for its proof
+PROOF_WAITERS = 256            # requests of one address waiting for its proof
+AWAITING_MAX = 4096            # ... of all addresses
 PING_COST = 8                  # a ping and its one repetition, paid by the request
 
 DedupCache = Dedup
@@ -356,7 +357,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 self.dedup.answer(result, empty(ACK, msg.mid))
             if not req.verified:
                 # a verified host has a bigger budget: a ping after the
-                # answer proves it (every CoAP client answers one)
+                # answer proves it (every CoAP client answers one); a burst
+                # that reaches the budget first waits for a ping of its own
                 req.prove = True
             return True
         if self._await_proof(req, lambda: self._resume_admit(req, key)):
@@ -573,6 +575,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if req.verified or msg.mtype != CON or req.answered:
             return False
         address = req.address
+        if len(self.awaiting) >= AWAITING_MAX:
+            return False
         if address not in self.proofs.pending:
             if not self.proofs.available(address) or req.limit < PING_COST:
                 return False
