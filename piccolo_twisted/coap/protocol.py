@@ -628,9 +628,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 return None
         else:
             upload = self.uploads.get(key)
-            if (upload is not None and block1.more and upload.last == block1.num
-                    and len(upload.data) == (block1.num + 1) * size):
-                # the block again (its 2.31 was lost): nothing to add
+            if (upload is not None and block1.more and upload.last is not None
+                    and block1.num <= upload.last
+                    and len(upload.data) >= (block1.num + 1) * size):
+                # a block again (its 2.31 was lost, or a late copy): nothing
+                # to add
                 szx = min(block1.szx, MAX_SZX)
                 self._send(req, Reply(_tx.CONTINUE, block1=Block(block1.num, True, szx)))
                 return None
