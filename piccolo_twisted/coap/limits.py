@@ -54,8 +54,13 @@ CREDIT_HOSTS = 16384           # unverified addresses whose credit is remembered
 CREDIT_MAX = 16384             # bytes of credit an address may save up
 PROOF_WAIT = 1.5               # seconds a request waits for a ping's answer
                                # (its answer still piggybacked: < ACK_TIMEOUT)
-PROOF_RETRY = 1.0              # the ping goes out again after this, once
-                               # (libcoap 4.3 answers only the repetition)
+PROOF_RETRY = 0.3              # the ping goes out again after this, once.
+                               # libcoap 4.3 sends no RST for an empty message
+                               # until its tick count passes 250 ms, the count
+                               # starting at the whole second coap-client
+                               # started in: one started early in a second
+                               # ignores a ping in its first 250 ms or less.
+                               # A repetition 0.3 s later is always answered.
 PROOF_INTERVAL = 10.0          # a host's next ping at the earliest; a wrong guess voids this long
 PROOFS_PENDING = 4096          # pings in flight, all hosts
 PROOF_HOSTS = 65536            # hosts remembered as pinged or guessing (PROOF_INTERVAL)
