@@ -157,13 +157,27 @@ class CraftedServer(asyncio.DatagramProtocol):
         self.send_later(delay, reply, addr)
         if register:
             observed.registered = asyncio.get_running_loop().time() + delay
-            for i, note in enumerate(observed.notes):
-                n_status, n_body = self.answer(GET, path, b"", note)
-                message = encode(NON, n_status, (mid + 1 + i) & 0xFFFF, token,
-                                 [(OBSERVE, uint(2 + i))] +
-                                 self.block_options(n_status, n_body, 0, 6, True),
-                                 self.block(n_body, 0, 6))
-                self.send_later(delay + observed.interval * (i + 1), message, addr)
+            observed.to = (mid, token, addr)
+            if observed.stepped:
+                # one note now; each next one only after the client has read
+                # the resource again (no race with how fast the client is)
+                self.notify(path, observed, 0, delay + observed.interval)
+            else:
+                for i in range(len(observed.notes)):
+                    self.notify(path, observed, i, delay + observed.interval * (i + 1))
+        elif observed is not None and observed.stepped and code == GET and \
+                0 < observed.sent < len(observed.notes):
+            self.notify(path, observed, observed.sent, delay + observed.interval)
+
+    def notify(self, path, observed, i, delay):
+        mid, token, addr = observed.to
+        observed.sent = i + 1
+        n_status, n_body = self.answer(GET, path, b"", observed.notes[i])
+        message = encode(NON, n_status, (mid + 1 + i) & 0xFFFF, token,
+                         [(OBSERVE, uint(2 + i))] +
+                         self.block_options(n_status, n_body, 0, 6, True),
+                         self.block(n_body, 0, 6))
+        self.send_later(delay, message, addr)
 
     @staticmethod
     def block(body, num, szx):
@@ -238,16 +252,23 @@ class Slow:
 
 class Observed:
     """``first`` to the registration (with an Observe option), then each of
-    ``notes`` as a notification, ``interval`` seconds apart (NON)."""
+    ``notes`` as a notification, ``interval`` seconds apart (NON). With
+    ``stepped``, each note after the first is sent only once the client
+    has read the resource again with a plain GET (``interval`` after it)."""
 
-    def __init__(self, first, notes, interval=0.2):
+    def __init__(self, first, notes, interval=0.2, stepped=False):
         self.first, self.notes, self.interval = first, list(notes), interval
+        self.stepped = stepped      # each next note only after a plain GET
         self.registered = None
+        self.sent = 0
+        self.to = None
 
     def now(self, t):
         """What a GET answers at loop time ``t``: the latest notified."""
         if self.registered is None:
             return self.first
+        if self.stepped:
+            return self.notes[self.sent - 1] if self.sent else self.first
         sent = int((t - self.registered) / self.interval)
         return self.notes[min(sent, len(self.notes)) - 1] if sent >= 1 else self.first
 
