@@ -278,6 +278,17 @@ class BatchWireTests(ServerTestCase):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(directory, name, data, clobber)
         self.patch(pico, "write_atomic", full)
+        # a disk that answers before the next step (files are written in
+        # the file thread while the batch goes on; on a loaded machine the
+        # failure came after sequence 3 was taken): each step waits for
+        # the writes queued before it, so the failure is known there
+        from piccolo_twisted.acquisition.control import Control
+        checkpoint = Control._checkpoint
+
+        async def after_the_writes(control):
+            await control._writes.run(lambda: None)
+            await checkpoint(control)
+        self.patch(Control, "_checkpoint", after_the_writes)
         await self.put("control/record_sequence", {"run": "full", "nsequence": 4, "auto": -1})
         await self.wait_for("control/status", lambda s: s == "idle", timeout=30)
         fault = await self.get("control/fault")
