@@ -669,8 +669,20 @@ class DownloadTests(WebTestCase):
             for i in range(40):
                 with open(os.path.join(run, f"b000000_s{i:06d}_light.pico"), "wb") as f:
                     f.write(payload)
-            s = socket.create_connection(("::1", self.service.web.listening_port))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            # both ends' kernel buffers pinned (the test is not about them):
+            # autotuned, they grew with the machine's speed and sysctls, the
+            # stream pausing and resuming until then, so what was "full"
+            # and how much had gone were the machine's
+            from piccolo_twisted.web import server as web_server
+            made = web_server.Channel.connectionMade
+
+            def pinned(channel):
+                channel.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                made(channel)
+            self.patch(web_server.Channel, "connectionMade", pinned)
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)   # before the handshake
+            s.connect(("::1", self.service.web.listening_port))
             try:
                 s.sendall(b"GET /zip/big HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                 web = self.service.web
