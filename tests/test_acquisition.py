@@ -278,6 +278,21 @@ class BatchWireTests(ServerTestCase):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(directory, name, data, clobber)
         self.patch(pico, "write_atomic", full)
+        # the disk in step with the acquisitions: from sequence 2 on, a
+        # spectrum is taken only once the failed write is known. (Writes
+        # are queued: behind a loaded machine's fsyncs of sequence 0, the
+        # failure came after sequence 3 had been taken, and it was written.)
+        from piccolo_twisted.instrument import spectrometer
+        control = self.service.control
+        real_acquire = spectrometer.acquire_clean
+
+        def acquire(*args):
+            if control.current_sequence.value >= 2:
+                deadline = time.monotonic() + 30
+                while control._write_failed is None and time.monotonic() < deadline:
+                    time.sleep(0.005)       # a device thread, not the reactor
+            return real_acquire(*args)
+        self.patch(spectrometer, "acquire_clean", acquire)
         await self.put("control/record_sequence", {"run": "full", "nsequence": 4, "auto": -1})
         await self.wait_for("control/status", lambda s: s == "idle", timeout=30)
         fault = await self.get("control/fault")
