@@ -166,11 +166,17 @@ class CommandLineWireTests(ServerTestCase):
         out = io.StringIO()
         watching = asyncio.ensure_future(run(["--server", self.base, "status", "--watch",
                                               "--updates", "1"], out=out, err=out))
-        for _ in range(200):                  # the first screen, then the observations
-            if "last fault" in out.getvalue() and self.service.control.status._watchers:
-                break
+        # the first screen, then the run observed (the watch registers its
+        # observations one by one: a change before that one's registration
+        # is in its first answer, never notified, and the watch waited its
+        # 10 s refresh; a 2 s poll and 0.1 s more were not that under load)
+        targets = self.service.coap.protocol.observations.targets
+        deadline = time.monotonic() + 30
+        while not ("last fault" in out.getvalue()
+                   and any(t.observers for path, t in targets.items()
+                           if "current_run" in str(path))) \
+                and time.monotonic() < deadline and not watching.done():
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
         await self.put("data_dir/current_run", "watched")
         self.assertEqual(await asyncio.wait_for(watching, 5), 0)
         screens = out.getvalue().split("\n-- ")
