@@ -252,14 +252,18 @@ class SchedulerSettingsWireTests(ServerTestCase):
         for name in names:
             await self.wait_for(f"spectrometer/{name}/status",
                                 lambda s: s == POWERED_OFF, timeout=10)
-        # off for as long as the window lasts: the scheduler ticks (every
-        # 0.1 s here) and keeps them off
+        # off for as long as the window lasts. The scheduler sleeps until
+        # its next event by the wall clock it read; a step of that clock is
+        # told to it as PUT /sysinfo/clock tells it (it would notice it
+        # itself within MAX_SLEEP)
         wall[0] = end.timestamp() - 0.5
+        self.service.scheduler.wall_changed()
         await asyncio.sleep(0.5)
         for name in names:
             self.assertEqual(await self.get(f"spectrometer/{name}/status"), POWERED_OFF)
         # the window's end: on again
         wall[0] = end.timestamp() + 0.1
+        self.service.scheduler.wall_changed()
         for name in names:
             await self.wait_for(f"spectrometer/{name}/status",
                                 lambda s: s != POWERED_OFF, timeout=10)

@@ -57,19 +57,21 @@ class Scheduler(service.Service):
         self.path = db_path
         self.clock = clock
         self.wall = wall or time.time
+        # the parts read the wall clock through this one attribute
+        shared_wall = lambda: self.wall()   # noqa: E731
         self.settings = {k: Observable(v) for k, v in DEFAULT_SETTINGS.items()}
         self.jobs_changed = Observable(0)
-        self.store = Store(db_path, clock, self.wall, self.settings, run_db, connect)
+        self.store = Store(db_path, clock, shared_wall, self.settings, run_db, connect)
         self.store.on_reload = self._reloaded
         self.store.history_changed.watch(lambda _: self._history_changed())
         #: what is wrong, for /control/scheduler/fault and the health resource
         self.fault = self.store.fault
         instrument = control.instrument
         self.lease = instrument.lease
-        self.runner = Jobs(self.store, control, self.lease, clock, self.wall,
+        self.runner = Jobs(self.store, control, self.lease, clock, shared_wall,
                            self.quiet_now, catch_up, self._jobs_modified)
         self.power = PowerWindow(self.store, instrument.spectrometers, self.lease,
-                                 clock, self.wall, self.settings, self._soon)
+                                 clock, shared_wall, self.settings, self._soon)
         self._pending_adds = 0
         self._listing = None
         self._encoded = None
