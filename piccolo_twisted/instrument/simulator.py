@@ -57,11 +57,11 @@ class Optics:
     #: relative brightness of each channel's light (downwelling sees the sky)
     BRIGHTNESS = {"upwelling": 1.0, "downwelling": 3.0}
 
-    def __init__(self, now=time.monotonic):
+    def __init__(self, now=None):
         self._lock = threading.Lock()
         self._events = {}        # channel -> [(monotonic time, lit)]
         self._times = {}         # channel -> [monotonic time] (the same, for bisect)
-        self._now = now
+        self._now = now if now is not None else time.monotonic
 
     def set_lit(self, channel, lit, when=None):
         when = self._now() if when is None else when
@@ -108,7 +108,9 @@ class Optics:
 class SimulatedBus:
     """The simulated USB bus: devices by serial, and the fault switches."""
 
-    def __init__(self, optics=None, time_scale=1.0, time_source=time):
+    def __init__(self, optics=None, time_scale=1.0, time_source=None):
+        # the time module as it is now (tests put a virtual one in its place)
+        time_source = time_source if time_source is not None else time
         self.optics = optics or Optics(now=time_source.monotonic)
         self.time_scale = time_scale
         self.time_source = time_source
@@ -126,11 +128,11 @@ class SimulatedSpectrometer:
     """Thread-side device API (see ``device.py``), simulated."""
 
     def __init__(self, serial, optics, time_scale=1.0, seed=None, model=None,
-                 time_source=time):
+                 time_source=None):
         self.serial = serial
-        self._time = time_source
+        self._time = time_source if time_source is not None else time
         #: the clock ``started`` in a read's result is on (acquire_clean)
-        self.monotonic = time_source.monotonic
+        self.monotonic = self._time.monotonic
         self.model = model or model_for(serial)
         self.spec = MODELS[self.model]
         self.optics = optics
