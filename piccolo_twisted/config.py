@@ -46,6 +46,8 @@ address = string(default="")
 hosts = force_list(default=list())
 [access]
 control_from = force_list(default=list("any"))
+[scheduler]
+catch_up = integer(min=0, max=86400, default=600)
 """
 
 INSTRUMENT_SPEC = """
@@ -286,6 +288,7 @@ class ServerConfig:
     web_address: str = ""                    # empty: the CoAP address
     web_hosts: tuple = ()                    # more names the page answers to
     control_from: tuple | None = None        # ip networks; None: everyone
+    catch_up: int = 600                      # seconds a missed slot may still run
     source: str = "<defaults>"
 
     @property
@@ -345,6 +348,7 @@ def load_server_config(path=None, text=None):
         web_address=web_address,
         web_hosts=web_hosts,
         control_from=control_from,
+        catch_up=cfg["scheduler"]["catch_up"],
         source=path or "<string>" if (path or text) else "<defaults>",
     )
 

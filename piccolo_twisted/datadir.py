@@ -290,9 +290,15 @@ class DataDir:
 
     def __init__(self, path, device="/dev/sda1", mntpnt="/mnt",
                  run_command=None, mounts_file="/proc/mounts",
-                 to_thread=None, max_runs=MAX_RUNS):
+                 to_thread=None, max_runs=MAX_RUNS, write_file=None):
         self.path = FilePath(os.path.abspath(path))
         self.max_runs = max_runs
+        #: writes one spectrum file atomically (thread side); None:
+        #: ``pico.write_atomic`` (the season simulator injects faults here)
+        self.write_file = write_file
+        #: how an encoding worker gives the GIL away between spectra (no
+        #: use where workers run in simulated time)
+        self.pause = time.sleep
         self.device = device
         self.mntpnt = mntpnt
         self.mounts_file = mounts_file
@@ -819,8 +825,10 @@ class DataDir:
 
         sizes = []
 
+        pause = self.pause
+
         def encode():
-            data = pico.encode(pico.document(spectra))
+            data = pico.encode(pico.document(spectra), pause=pause)
             sizes.append(len(data))
             return data
 
@@ -836,7 +844,7 @@ class DataDir:
             try:
                 before, after, root_change = await self._fs(
                     runindex.save, self.path.path, run, filename, encode, clobber,
-                    pico.write_atomic)
+                    self.write_file or pico.write_atomic)
             except Exception as e:
                 self._unsaving(run)
                 if isinstance(e, runindex.NoSuchRun):

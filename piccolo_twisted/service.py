@@ -4,6 +4,8 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer
@@ -16,9 +18,24 @@ from .datadir import DataDir
 from .sysinfo import Health, SysInfo
 
 
+@dataclass
+class Workers:
+    """Where blocking calls run, each a ``deferToThread``-like callable; None
+    is the component's own pool. The season simulator runs them in
+    simulated time."""
+    devices: Optional[Callable] = None      # spectrometer calls
+    files: Optional[Callable] = None        # the data directory's file system work
+    database: Optional[Callable] = None     # the scheduler's SQLite (one at a time)
+    compute: Optional[Callable] = None      # arithmetic (autointegration), health probes
+    connect: Optional[Callable] = None      # opens the scheduler's SQLite file
+
+
 class PiccoloService(service.MultiService):
     """Builds the instrument, the data directory, control, scheduler and the
-    CoAP server from parsed configuration, and shuts them down in order."""
+    CoAP server from parsed configuration, and shuts them down in order.
+
+    ``serve=False`` builds the components without the CoAP server and the
+    manhole (and leaves the heap alone): the season simulator's server."""
 
     log = Logger()
     STOP_DEVICES_WAIT = 1.0     # for device calls at stop
@@ -26,7 +43,8 @@ class PiccoloService(service.MultiService):
     SWITCH_INTERVAL = 0.001
 
     def __init__(self, settings, instrument, notes=(), clock=None,
-                 configure_logging=True, time_scale=1.0, wall=None):
+                 configure_logging=True, time_scale=1.0, wall=None,
+                 workers=None, bus=None, gpio=None, serve=True):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -39,37 +57,49 @@ class PiccoloService(service.MultiService):
         self.notes = list(notes)
         self.clock = clock
         self.configure_logging = configure_logging
+        self.workers = workers or Workers()
+        self.serve = serve
         self.sysinfo = SysInfo()
         self.datadir = DataDir(settings.datadir, device=settings.device,
-                               mntpnt=settings.mntpnt)
+                               mntpnt=settings.mntpnt, to_thread=self.workers.files)
         self.components = {
             "sysinfo": self.sysinfo.resources(),
             "data_dir": self.datadir.resources(),
         }
-        self._build_instrument(time_scale)
+        self._build_instrument(time_scale, bus, gpio)
         #: [access] control_from: who may change anything, over CoAP and the web
         self.access = ControlPolicy(settings.control_from)
-        self.coap = coap_service(self.components, settings.address,
-                                 settings.port, clock=clock, access=self.access)
-        self.coap.setServiceParent(self)
-        self._build_web()
-        # before the manhole looks for its key: an old one is moved, not remade
-        self._move_state_out_of_the_data()
-        self._build_manhole()
+        self.coap = None
+        self.manhole = None
+        self.web = None
+        if serve:
+            self.coap = coap_service(self.components, settings.address,
+                                     settings.port, clock=clock, access=self.access)
+            self.coap.setServiceParent(self)
+            self._build_web()
+            # before the manhole looks for its key: an old one is moved, not remade
+            self._move_state_out_of_the_data()
+            self._build_manhole()
 
-    def _build_instrument(self, time_scale):
+    def _build_instrument(self, time_scale, bus, gpio):
         from .instrument import build_instrument
         from .acquisition.control import Control
         from .scheduler import DB_NAME, Scheduler
+        workers = self.workers
         self.instrument = build_instrument(
-            self.instrument_config, self.clock, time_scale=time_scale,
+            self.instrument_config, self.clock, gpio=gpio, bus=bus,
+            time_scale=time_scale, to_thread=workers.devices,
             emulate=self.settings.emulate,
             seabreeze_backend=self.settings.seabreeze_backend)
-        self.control = Control(self.instrument, self.datadir, self.clock)
+        control_options = {"to_thread": workers.compute} if workers.compute else {}
+        self.control = Control(self.instrument, self.datadir, self.clock,
+                               wall_time=self.wall, **control_options)
         # the server's own files live out of the runs' reach
+        db_options = {"connect": workers.connect} if workers.connect else {}
         self.scheduler = Scheduler(self.control,
                                    os.path.join(self.datadir.state_dir, DB_NAME),
-                                   self.clock, wall=self.wall)
+                                   self.clock, run_db=workers.database, wall=self.wall,
+                                   catch_up=self.settings.catch_up, **db_options)
         self.control.scheduler = self.scheduler
         self.components.update({
             "shutter": self.control.guard_hardware(self.instrument.shutters.resources()),
@@ -79,10 +109,12 @@ class PiccoloService(service.MultiService):
             "control/scheduler": self.scheduler.resources(),
         })
         self.components["spectrometer"].update(self.control.live.resources())
-        self.scheduler.timer.setServiceParent(self)
+        self.scheduler.setServiceParent(self)
+        self.sysinfo.clock_set.append(self.scheduler.wall_changed)
         self.health = Health(self.datadir, self.clock, control=self.control,
                              spectrometers=self.instrument.spectrometers,
-                             scheduler=self.scheduler)
+                             scheduler=self.scheduler, to_thread=workers.compute,
+                             wall_time=self.wall)
         self.components["sysinfo"].update(self.health.resources())
 
     def _build_web(self):
@@ -110,7 +142,6 @@ class PiccoloService(service.MultiService):
             migrate_host_key(self.settings.datadir, path, note=self.datadir.note_fault)
 
     def _build_manhole(self):
-        self.manhole = None
         if self.settings.manhole_port:
             from .manhole import manhole_service
             self.manhole = manhole_service(self)
@@ -124,7 +155,8 @@ class PiccoloService(service.MultiService):
             "shutters": self.instrument.shutters,
             "spectrometers": self.instrument.spectrometers,
             "control": self.control, "scheduler": self.scheduler,
-            "datadir": self.datadir, "coap": self.coap.protocol,
+            "datadir": self.datadir,
+            "coap": self.coap.protocol if self.coap is not None else None,
             "web": self.web, "access": self.access,
         }
 
@@ -159,15 +191,26 @@ class PiccoloService(service.MultiService):
         self.scheduler.open()
 
     def startService(self):
+        # The order matters. The instrument's lease is held by start-up
+        # until every spectrometer has been tried once: the scheduler (a
+        # child service, started next) may find a job due at once, and its
+        # batch waits for the instrument instead of failing on devices not
+        # yet connected.
+        startup = self.instrument.lease.try_take("start-up")
         super().startService()
         # a worker running Python code (a device driver, an import) gives
         # the GIL up after 1 ms instead of 5 when the reactor asks for it
         sys.setswitchinterval(self.SWITCH_INTERVAL)
-        self.instrument.start().addErrback(
-            lambda f: self.log.failure("starting the instrument failed", f))
-        self.clock.callLater(0, self._freeze_heap)
-        self.log.info("piccolo serving CoAP on [{address}]:{port}",
-                      address=self.settings.address, port=self.coap_port())
+        d = self.instrument.start()
+        d.addErrback(lambda f: self.log.failure("starting the instrument failed", f))
+        # ready once every spectrometer has been tried (a batch's shutter
+        # moves queue behind the closing pulses on each shutter's lock)
+        tried = self.instrument.tried if self.instrument.tried is not None else d
+        tried.addBoth(lambda result: (startup.release(), result)[1])
+        if self.serve:
+            self.clock.callLater(0, self._freeze_heap)
+            self.log.info("piccolo serving CoAP on [{address}]:{port}",
+                          address=self.settings.address, port=self.coap_port())
 
     def coap_port(self):
         """The UDP port bound: the configured one, or the one the system

@@ -35,6 +35,8 @@ class SysInfo:
     def __init__(self, run_command=None, clock_command=("sudo", "-n", "date", "-s")):
         self._run = run_command or self._spawn
         self.clock_command = tuple(clock_command)
+        #: called after the system clock was set (the scheduler looks again)
+        self.clock_set = []
         try:
             self._cpu_last = _read_cpu_times()
         except OSError:
@@ -85,6 +87,8 @@ class SysInfo:
         def done(result):
             commands.check(argv, result)
             self.log.info("system clock set to {when}", when=when.isoformat())
+            for listener in list(self.clock_set):
+                listener()
         return commands.call(self._run, argv).addCallback(done)
 
     def version(self):
@@ -125,14 +129,23 @@ class _Timex(ctypes.Structure):
     ]
 
 
+_adjtimex = []
+
+
 def kernel_clock_state():
     """``(adjtimex return value, timex.status)`` read without changing
     anything (modes = 0, no privileges needed); None where the call is not
     available (not Linux)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        adjtimex = libc.adjtimex
-    except (OSError, AttributeError):
+    if not _adjtimex:
+        # found once: find_library runs ldconfig (a process) every call
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                               use_errno=True)
+            _adjtimex.append(libc.adjtimex)
+        except (OSError, AttributeError):
+            _adjtimex.append(None)
+    adjtimex = _adjtimex[0]
+    if adjtimex is None:
         return None
     timex = _Timex()
     state = adjtimex(ctypes.byref(timex))
@@ -176,7 +189,7 @@ class SpectraScan:
         self.root = root
         self.suffix = suffix
 
-    def _files(self, path, before, since, found):
+    def _files(self, run, path, since, found):
         with os.scandir(path) as entries:
             for i, entry in enumerate(entries):
                 if not entry.name.endswith(self.suffix) or entry.name.startswith("."):
@@ -185,20 +198,21 @@ class SpectraScan:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if since <= st.st_mtime < before:
-                    found.append((st.st_mtime, st.st_size))
+                if since <= st.st_mtime:
+                    found.append((st.st_mtime, st.st_size, (run, entry.name)))
                 if i % 256 == 255:
                     time.sleep(0)       # give the GIL to the reactor
         return found
 
-    def recent(self, since, before):
-        """Mtimes (sorted) and sizes of the spectrum files modified in
-        [since, before), and the newest of those mtimes (None if none)."""
+    def recent(self, since):
+        """``(mtime, size, (run, name))`` of the spectrum files modified at
+        or after ``since`` -- those "from the future" too, after the wall
+        clock went back -- sorted by mtime."""
         found = []
         try:
             entries = list(os.scandir(self.root))
         except OSError:
-            return array("d"), array("q"), None
+            return found
         for i, entry in enumerate(entries):
             if i % 256 == 255:
                 time.sleep(0)
@@ -216,70 +230,86 @@ class SpectraScan:
             if mtime < since:
                 continue
             try:
-                self._files(entry.path, before, since, found)
+                self._files(entry.name, entry.path, since, found)
             except OSError:
                 pass
         found.sort()
-        mtimes = array("d", [m for m, _ in found])
-        sizes = array("q", [size for _, size in found])
-        return mtimes, sizes, (mtimes[-1] if found else None)
+        return found
 
 
 class Tally:
     """Reactor side: mtimes and sizes of the spectrum files of the rate
     window (16 bytes a file), from one ``SpectraScan`` at the first refresh
-    plus every file the server saves from the moment that scan started."""
+    plus every file the server saves.
+
+    Nothing here compares wall times with each other to decide whether a
+    file is counted: a save while the scan runs is told apart from what the
+    scan found by its name, so a wall clock that jumps back (a Pi without
+    an RTC, NTP, ``PUT /sysinfo/clock``) loses nothing. The figures count
+    the files up to the wall clock's now."""
 
     def __init__(self):
         self.mtimes = array("d")    # sorted
         self.sizes = array("q")     # in the same order
-        self.bytes = 0
         self.newest = None
-        self.started = None         # wall time the scan counts up to
+        self.scanning = False
         self.ready = False
-        self._early = []            # saves while the scan runs
+        self.cutoff = None          # files before this were let go
+        self._early = {}            # (run, name) -> (wall time, size) saved meanwhile
 
-    def start(self, now):
-        self.started = now
+    def stale(self, now):
+        """Has the wall clock gone back so far that files this tally let go
+        count again? Then it is built again from a scan."""
+        return self.cutoff is not None and now - RATE_WINDOW < self.cutoff
 
-    def scanned(self, mtimes, sizes, newest):
-        self.mtimes, self.sizes = mtimes, sizes
-        self.bytes = sum(sizes)
-        self.newest = newest
+    def start(self):
+        self.scanning = True
+
+    def scanned(self, found):
+        """The scan's ``(mtime, size, key)``; saves it may have missed are
+        added by name."""
+        self.mtimes = array("d", [m for m, _, _ in found])
+        self.sizes = array("q", [size for _, size, _ in found])
         self.ready = True
-        early, self._early = self._early, []
-        for when, size in early:
-            self.add(when, size)
+        seen = {key for _, _, key in found}
+        early, self._early = self._early, {}
+        for key, (when, size) in early.items():
+            if key not in seen:
+                self._insert(when, size)
+        self.newest = self.mtimes[-1] if self.mtimes else None
 
-    def add(self, when, size):
+    def add(self, when, size, key=None):
         """A file the server saved at wall time ``when``."""
-        if self.started is None:
+        if not self.scanning:
             return              # the scan, when it comes, will find it
         if not self.ready:
-            self._early.append((when, size))
+            self._early[key if key is not None else (when, size)] = (when, size)
             return
-        if when < self.started:
-            return              # the scan found it
+        self._insert(when, size)
+
+    def _insert(self, when, size):
         i = bisect.bisect_right(self.mtimes, when)
         self.mtimes.insert(i, when)
         self.sizes.insert(i, size)
-        self.bytes += size
         if self.newest is None or when > self.newest:
             self.newest = when
 
     def figures(self, now, day_start):
-        """``(files since day_start, bytes per day over the window or None)``."""
+        """``(files from day_start up to now, bytes per day over the
+        window up to now or None)``."""
         mtimes = self.mtimes
         gone = bisect.bisect_left(mtimes, now - RATE_WINDOW)
         if gone:
-            self.bytes -= sum(self.sizes[:gone])
             del mtimes[:gone]
             del self.sizes[:gone]
-        today = len(mtimes) - bisect.bisect_left(mtimes, day_start)
-        if not self.bytes:
+            self.cutoff = max(self.cutoff or 0.0, now - RATE_WINDOW)
+        upto = bisect.bisect_right(mtimes, now)
+        today = upto - bisect.bisect_left(mtimes, day_start, 0, upto)
+        recorded = sum(self.sizes[:upto])
+        if not recorded:
             return today, None
         span = max(now - mtimes[0], MIN_RATE_SPAN)
-        return today, self.bytes * 86400.0 / span
+        return today, recorded * 86400.0 / span
 
 
 class _WatchedObservable(Observable):
@@ -367,7 +397,7 @@ class Health:
     # -- reactor-side bookkeeping -----------------------------------------
 
     def _file_saved(self, run, name, size):
-        self.tally.add(self.wall_time(), size)
+        self.tally.add(self.wall_time(), size, (run, name))
 
     def _status_changed(self, spectrometer, status):
         from .instrument.spectrometer import DROPPED
@@ -420,15 +450,25 @@ class Health:
             return d
         self._pending = []
         now = self.wall_time()
-        day_start = datetime.fromtimestamp(now).astimezone().replace(
-            hour=0, minute=0, second=0, microsecond=0).timestamp()
+        if self.tally.ready and self.tally.stale(now):
+            self.log.info("the wall clock went back more than the rate window: the "
+                          "spectrum files are counted again from the disk")
+            self.tally = Tally()
         tally = self.tally
-        if tally.started is None:
-            tally.start(now)
-        probe = self.to_thread(self._probe, now, day_start,
-                               None if tally.ready else tally.started)
+        scan = not tally.ready and not tally.scanning
+        if scan:
+            tally.start()
+        probe = self.to_thread(self._probe, now, scan)
         d = defer.gatherResults([probe], consumeErrors=True)
-        d.addCallback(lambda results: self._publish(results[0], now))
+        # the figures are as of when the value is made, files saved while
+        # it was being made included
+        d.addCallback(lambda results: self._publish(results[0], self.wall_time()))
+
+        def scan_failed(f):
+            if scan and not tally.ready:
+                tally.scanning = False      # the next refresh scans again
+            return f
+        d.addErrback(scan_failed)
 
         def done(result):
             waiting, self._pending = self._pending, None
@@ -441,10 +481,10 @@ class Health:
         d.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
         return d.addBoth(done)
 
-    def _probe(self, now, day_start, scan_before=None):
+    def _probe(self, now, scan=False):
         """Thread side: everything that touches the file system or the
-        kernel. The spectrum files are read once (``scan_before``: the
-        first refresh), then counted as the server saves them."""
+        kernel. The spectrum files are read once (``scan``: the first
+        refresh), then counted as the server saves them."""
         root = self.scan.root
         try:
             usage = self.disk_usage(root)
@@ -455,9 +495,7 @@ class Health:
         return {
             "disk_free": free, "disk_total": total,
             "datadir_problem": root_problem() if root_problem is not None else None,
-            "day_start": day_start,
-            "recent": (None if scan_before is None else
-                       self.scan.recent(now - RATE_WINDOW, scan_before)),
+            "recent": self.scan.recent(now - RATE_WINDOW) if scan else None,
             "clock_synchronised": clock_synchronised(self.clock_state()),
             "uptime": self.uptime(),
         }
@@ -489,6 +527,13 @@ class Health:
             result[s.serial] = entry
         return result
 
+    def _slots(self, now):
+        """Scheduled slots missed and failed in the 24 h before now (by
+        their time), from the scheduler's history."""
+        problems = getattr(self.scheduler, "problems", None)
+        missed, failed = problems(now) if problems is not None else (0, 0)
+        return {"slots_missed_24h": missed, "slots_failed_24h": failed}
+
     def _faults(self, datadir_problem=None):
         faults = {}
         for name in ("scheduler", "datadir"):
@@ -503,8 +548,10 @@ class Health:
 
     def _publish(self, probe, now):
         if probe["recent"] is not None and not self.tally.ready:
-            self.tally.scanned(*probe["recent"])
-        files_today, rate = self.tally.figures(now, probe["day_start"])
+            self.tally.scanned(probe["recent"])
+        day_start = datetime.fromtimestamp(now).astimezone().replace(
+            hour=0, minute=0, second=0, microsecond=0).timestamp()
+        files_today, rate = self.tally.figures(now, day_start)
         free, total = probe["disk_free"], probe["disk_total"]
         last_batch = self._last_batch if self._last_batch is not None else self.tally.newest
         value = {
@@ -520,6 +567,7 @@ class Health:
             "fault": _value(getattr(self.control, "fault", "")) or "",
             "faults": self._faults(probe.get("datadir_problem")),
             "last_batch_summary": _value(getattr(self.control, "last_batch", None)),
+            **self._slots(now),
             "time": _iso(now),
         }
         self._value = value
@@ -555,7 +603,8 @@ class Health:
                 return True
         return any(old[k] != new[k] for k in
                    ("disk_total", "files_today", "clock_synchronised", "last_batch",
-                    "fault", "faults", "last_batch_summary"))
+                    "fault", "faults", "last_batch_summary", "slots_missed_24h",
+                    "slots_failed_24h"))
 
     def resources(self):
         return {"health": Resource(get=self.get, observe=self.observable)}

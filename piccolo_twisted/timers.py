@@ -28,14 +28,17 @@ def monotonic_timers(reactor, monotonic=time.monotonic):
 
     Call it before the reactor runs (twistd: in makeService). A LoopingCall
     already running keeps its interval; its phase moves once (it computes
-    the next call modulo the interval from a start time on the old clock)."""
+    the next call modulo the interval from a start time on the old clock).
+
+    Whether the reactor was switched is known by what its ``seconds`` is,
+    never by comparing the two clocks' values: a Pi without an RTC boots at
+    the epoch, where the wall clock reads about what the monotonic clock
+    does -- until NTP steps it by fifty years."""
     if not isinstance(reactor, ReactorBase):
         return False
-    now = reactor.seconds()
-    mono = monotonic()
-    if abs(now - mono) < 1.0:
+    if reactor.seconds is monotonic or getattr(reactor, "_monotonic_timers", False):
         return False
-    shift = mono - now
+    shift = monotonic() - reactor.seconds()
     # every DelayedCall reads its own ``seconds`` (reset, delay, repr): re-base
     # deadline and clock together. Cancelled calls stay in the heap until
     # runUntilCurrent pops them: shift them too, one shift for all keeps the
@@ -44,4 +47,5 @@ def monotonic_timers(reactor, monotonic=time.monotonic):
         call.time += shift
         call.seconds = monotonic
     reactor.seconds = monotonic
+    reactor._monotonic_timers = True
     return True

@@ -449,6 +449,25 @@ class CommandLineReviewTests(ServerTestCase):
         self.assertTrue(last.startswith(f"piccolo3: {self.base}"), last)
 
     @coro
+    async def test_jobs_show_each_jobs_last_outcome(self):
+        """``piccolo3 jobs`` names each job's last slot from the scheduler's
+        history: done with its batch, or missed with the reason."""
+        from datetime import datetime, timedelta, timezone
+        soon = datetime.now(timezone.utc) + timedelta(seconds=1)
+        await self.put("control/record_sequence",
+                       {"run": "hourly", "nsequence": 1, "auto": -1,
+                        "at_time": soon.isoformat(), "interval": 3600})
+        history = await self.wait_for("control/scheduler/history", lambda h: h, timeout=20)
+        self.assertEqual(history[0]["outcome"], "done", history)
+        code, out, err = await self.cli("jobs")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"#\d+ record run hourly, 1 sequence .*\[active\]; last: done "
+                              rf"at {soon:%Y-%m-%d %H:%M:%S} UTC \(batch 0\)")
+        code, out, err = await self.cli("health")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"(?m)^slots 24 h   0 missed, 0 failed")
+
+    @coro
     async def test_jobs_next_is_the_next_slot(self):
         """A repeating job whose first time has passed: "next" is its next
         slot on the grid start + k * interval, not the first time (which

@@ -164,9 +164,11 @@ class BadInputMatrixTests(ServerTestCase):
             "control/auto": ("control/status", [{"target": 5}, {"target": "x"}]),
             "control/power_on": ("control/scheduler/jobs", [{"at_time": "x"}]),
             "control/power_off": ("control/scheduler/jobs", [{"at_time": 5}]),
-            "control/scheduler/suspend": ("control/scheduler/jobs", [99, "x"]),
-            "control/scheduler/unsuspend": ("control/scheduler/jobs", [99, "x"]),
-            "control/scheduler/delete": ("control/scheduler/jobs", [99, "x"]),
+            # (an id no job has is 2.04, as the legacy server answered:
+            # test_scheduler_wire's legacy test)
+            "control/scheduler/suspend": ("control/scheduler/jobs", [1.5, "x"]),
+            "control/scheduler/unsuspend": ("control/scheduler/jobs", [1.5, "x"]),
+            "control/scheduler/delete": ("control/scheduler/jobs", [1.5, "x"]),
             "control/scheduler/quietTimeEnabled": ("control/scheduler/quietTimeEnabled", ["x", 3]),
             "control/scheduler/quietStart": ("control/scheduler/quietStart", ["25:00:00+0000", 1]),
             "control/scheduler/quietEnd": ("control/scheduler/quietEnd", ["noon", 1]),

@@ -7,8 +7,15 @@ from datetime import datetime, timedelta, timezone
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from piccolo_twisted.errors import BusyError, PiccoloError
+from piccolo_twisted.errors import PiccoloError
+from piccolo_twisted.observable import Observable
 from piccolo_twisted import scheduler as sch
+
+try:
+    from piccolo_twisted.instrument.lease import Lease
+except ImportError:                 # main before issue 18: no lease
+    class Lease:
+        pass
 
 T0 = datetime(2026, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -17,43 +24,94 @@ def at(dt):
     return dt.isoformat()
 
 
+class FakeSpectrometer:
+    """What the power window looks at: a status, and a (simulated) switch."""
+
+    def __init__(self, name):
+        from piccolo_twisted.instrument.spectrometer import IDLE
+        self.name = name
+        self.status = Observable(IDLE)
+        self.power_pin = None
+
+        class Config:
+            simulated = True
+        self.config = Config()
+
+
 class FakeSpectrometers:
     def __init__(self, log):
         self.log = log
+        self.devices = [FakeSpectrometer("S_a"), FakeSpectrometer("S_b")]
+
+    def __iter__(self):
+        return iter(self.devices)
+
+    def _set(self, off):
+        from piccolo_twisted.instrument.spectrometer import IDLE, POWERED_OFF
+        for s in self.devices:
+            s.status.set(POWERED_OFF if off else IDLE)
 
     def power_off_all(self):
         self.log.append("power_off")
+        self._set(True)
         return defer.succeed("ok")
 
     def power_on_all(self):
         self.log.append("power_on")
+        self._set(False)
         return defer.succeed("ok")
 
 
 class FakeControl:
+    """Control as the scheduler sees it: batches that hold the instrument's
+    lease (``busy = True`` holds it as a running batch would)."""
+
     def __init__(self):
-        self.busy = False
         self.runs = []
         self.power = []
+        self._batch = None
 
         class Instrument:
             pass
         self.instrument = Instrument()
+        self.instrument.lease = Lease()
         self.instrument.spectrometers = FakeSpectrometers(self.power)
 
+    @property
+    def busy(self):
+        return self._batch is not None
+
+    @busy.setter
+    def busy(self, value):
+        if value and self._batch is None:
+            self._batch = self.instrument.lease.try_take("batch")
+        elif not value and self._batch is not None:
+            self._batch.release()
+            self._batch = None
+
+    def start_record(self, job, lease=None):
+        token = lease or self.instrument.lease.try_take("batch")
+        token.release()
+        self.run_record(job)
+        return defer.succeed(Done(job.get("run")))
+
     def run_record(self, job):
-        if self.busy:
-            raise BusyError()
         self.runs.append(job)
 
-    def record_dark(self, run):
+    def start_dark(self, run, lease=None):
+        if lease is not None:
+            lease.release()
         self.runs.append(("dark", run))
+        return defer.succeed(Done(run))
 
-    def power_on(self):
-        self.power.append("power_on")
 
-    def power_off(self):
-        self.power.append("power_off")
+class Done:
+    ok = True
+    reason = None
+    batch = 0
+
+    def __init__(self, run):
+        self.run = run
 
 
 def sync_db(fn, *a):
@@ -118,9 +176,11 @@ class SchedulerTests(unittest.SynchronousTestCase):
 
     def make(self):
         s = sch.Scheduler(self.control, os.path.join(self.dir, sch.DB_NAME), self.clock,
-                          run_db=sync_db)
+                          run_db=sync_db, wall=self.clock.seconds)
         s.open()
+        s.startService()
         self.addCleanup(s.close)
+        self.addCleanup(lambda: s.running and s.stopService())
         return s
 
     def add(self, *a, s=None):
@@ -175,8 +235,12 @@ class SchedulerTests(unittest.SynchronousTestCase):
         self.tick(30)
         self.assertEqual(len(self.control.runs), 1)
         self.assertEqual(self.s.listing(), [])
-        for bad in (jid, 999, "x", None):
+        for bad in ("x", None, 1.5):
             self.assertRaises(PiccoloError, self.s.suspend, bad)
+        # an id no job has: done, as the legacy server answered (2.04)
+        for unknown in (jid, 999):
+            for verb in (self.s.suspend, self.s.unsuspend, self.s.delete):
+                self.assertIsNone(verb(unknown))
 
     def test_listing_format(self):
         self.add("record", JOB, at(T0 + timedelta(seconds=5)), 10)
@@ -263,20 +327,21 @@ class SchedulerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.control.power, ["power_off"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
-    def test_failing_power_job_is_logged_and_reported(self):
+    def test_failing_power_job_is_recorded(self):
         spectrometers = self.control.instrument.spectrometers
         spectrometers.power_on_all = lambda: defer.fail(RuntimeError("relay stuck"))
-        self.add("power_on", None, at(T0 + timedelta(seconds=2)), 86400)
+        jid = self.add("power_on", None, at(T0 + timedelta(seconds=2)), 86400)
         self.tick(3)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertIn("relay stuck", self.s.fault.value)
-        # a later power call that works clears it
+        [entry] = self.s.history
+        self.assertEqual((entry.job, entry.outcome), (jid, "failed"))
+        self.assertIn("relay stuck", entry.reason)
+        # a later power call that works is done
         self.add("power_off", None, at(T0 + timedelta(seconds=5)), 86400)
         self.tick(3)
-        self.assertEqual(self.s.fault.value, "")
+        self.assertEqual(self.s.history[-1].outcome, "done")
 
     def test_tick_survives_anything(self):
-        self.s._run_due = lambda now: 1 / 0
+        self.s.runner.evaluate = lambda now: 1 / 0
         self.s.tick()
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from piccolo_twisted import scheduler as sch
 from piccolo_twisted.errors import PiccoloError
+from piccolo_twisted.scheduler.store import Store
 
 from .test_scheduler import JOB, FakeControl, sync_db
 from .test_scheduler_power import FailingWrites
@@ -42,7 +43,8 @@ class Base(unittest.TestCase):
         self.control = FakeControl()
 
     def make(self):
-        s = sch.Scheduler(self.control, self.path, self.clock, run_db=sync_db)
+        s = sch.Scheduler(self.control, self.path, self.clock, run_db=sync_db,
+                          wall=self.clock.seconds)
         s.open()
         self.addCleanup(s.close)
         return s
@@ -65,7 +67,8 @@ class CommitTests(Base):
             d = defer.Deferred()
             held.append((d, fn, a))
             return d
-        s = sch.Scheduler(self.control, self.path, self.clock, run_db=run_db)
+        s = sch.Scheduler(self.control, self.path, self.clock, run_db=run_db,
+                          wall=self.clock.seconds)
         s.open()
         res = s.resources()
         d1 = res["powerDelay"].put(120)
@@ -87,7 +90,7 @@ class CommitTests(Base):
         self.assertEqual(self.successResultOf(d2), 1)
         self.successResultOf(d3)
         self.assertEqual(len(s.listing()), 1)
-        s._db.close()
+        s.store._db.close()
         jobs, settings, _ = self.reopen()
         self.assertEqual(list(jobs), [1])
         self.assertEqual(settings, {"powerDelay": 120, "quietStart": "21:00:00+0000"})
@@ -96,8 +99,8 @@ class CommitTests(Base):
         s = self.make()
         res = s.resources()
         jid = self.successResultOf(s.add("record", JOB, at(60), 60))
-        real = s._db
-        s._db = FailingWrites(real)
+        real = s.store._db
+        s.store._db = FailingWrites(real)
         before = (s.listing(), s.jobs_changed.value)
         for key, value in (("powerDelay", 5), ("quietTimeEnabled", True),
                            ("quietStart", "20:00:00"), ("powerOffEnabled", True)):
@@ -111,7 +114,7 @@ class CommitTests(Base):
             self.failureResultOf(call(), PiccoloError)
         self.assertEqual((s.listing(), s.jobs_changed.value), before)
         self.assertEqual(s._pending_adds, 0)
-        s._db = real
+        s.store._db = real
         # and it works again once the disk has room
         self.successResultOf(res["powerDelay"].put(5))
         self.assertEqual(self.reopen()[1]["powerDelay"], 5)
@@ -121,7 +124,7 @@ class CommitTests(Base):
         from piccolo_twisted.coap.site import Site
         s = self.make()
         site = Site({"control/scheduler": s.resources()})
-        s._db = FailingWrites(s._db)
+        s.store._db = FailingWrites(s.store._db)
         code, body, _, _ = self.successResultOf(
             site.handle(_tx.PUT, ("control", "scheduler", "powerDelay"), b"[[5], {}]"))
         self.assertEqual(code, _tx.BAD_REQUEST)
@@ -148,7 +151,7 @@ class CommitTests(Base):
         self.assertEqual(s.settings["powerDelay"].value, 77)
         self.assertTrue(s.degraded)
         self.assertIn("in memory only", s.fault.value)
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.assertFalse(s.degraded)
         self.assertEqual(s.fault.value, "")
         jobs, settings, _ = self.reopen()
@@ -160,7 +163,7 @@ class CommitTests(Base):
         db.execute("CREATE TABLE x (y)")
         db.close()
         self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.successResultOf(res["powerDelay"].put(14))
         jobs, settings, _ = self.reopen()
         self.assertEqual((len(jobs), settings["powerDelay"]), (1, 14))
@@ -178,10 +181,10 @@ class StartUpTests(Base):
         self.successResultOf(s.resources()["powerDelay"].put(42))
         self.assertEqual(s.listing()[0][0], jid)
         # still broken at the first retry
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.assertTrue(s.degraded)
         fix()
-        self.clock.advance(2 * s.RETRY_FIRST)
+        self.clock.advance(2 * s.store.RETRY_FIRST)
         self.assertFalse(s.degraded)
         self.assertEqual(s.fault.value, "")
         self.assertEqual(s.settings["powerDelay"].value, 42)
@@ -208,7 +211,7 @@ class StartUpTests(Base):
         other.execute("PRAGMA journal_mode=WAL")
         other.execute("CREATE TABLE x (y)")
         other.execute("BEGIN EXCLUSIVE")
-        self.patch(sch.Scheduler, "OPEN_TIMEOUT", 0.05)
+        self.patch(Store, "OPEN_TIMEOUT", 0.05)
         self.check_degraded_then_recovers(lambda: (other.execute("COMMIT"), other.close()))
 
     def test_what_is_stored_is_used_while_the_database_cannot_be_written(self):
@@ -225,7 +228,7 @@ class StartUpTests(Base):
         listing = s.listing()
         other = sqlite3.connect(self.path, isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")
-        self.patch(sch.Scheduler, "OPEN_TIMEOUT", 0.05)
+        self.patch(Store, "OPEN_TIMEOUT", 0.05)
         s = self.make()
         self.assertTrue(s.degraded)
         self.assertIn("in memory only", s.fault.value)
@@ -235,7 +238,7 @@ class StartUpTests(Base):
         self.successResultOf(s.delete(gone))
         other.execute("COMMIT")
         other.close()
-        self.clock.advance(s.RETRY_FIRST)
+        self.clock.advance(s.store.RETRY_FIRST)
         self.assertFalse(s.degraded)
         self.assertEqual([j[0] for j in s.listing()], [keep])
         jobs, settings, _ = self.reopen()
@@ -337,9 +340,12 @@ class BoundsTests(Base):
 
     def make(self):
         self.held = Held()
-        s = sch.Scheduler(self.control, self.path, self.clock, run_db=self.held)
+        s = sch.Scheduler(self.control, self.path, self.clock, run_db=self.held,
+                          wall=self.clock.seconds)
         s.open()
-        self.addCleanup(lambda: (self.held.run(), s.close(), self.held.run()))
+        s.startService()
+        self.addCleanup(lambda: (s.running and s.stopService(), self.held.run(), s.close(),
+                                 self.held.run()))
         return s
 
     def fill(self, s, n, interval=None):
@@ -432,3 +438,115 @@ class BoundsTests(Base):
             s.tick()
         per_tick = (time.perf_counter() - t0) / 1000
         self.assertLess(per_tick, 50e-6)          # nothing due: no scan of the jobs
+
+
+class PulledAndPluggedBackTests(Base):
+    """The outside attack's finding 8: the data directory (a USB stick)
+    pulled and plugged back in made the scheduled jobs duplicate ("job 1
+    renumbered 2"): the file came back with the jobs memory had kept, and
+    the merge took them for new ones. A job keeps its number and exists
+    once; a slot run while the file was away is in the history once."""
+
+    def setUp(self):
+        super().setUp()
+        self.data = os.path.join(self.dir, "mnt", "piccolo_data")
+        self.path = os.path.join(self.data, ".piccolo", sch.DB_NAME)
+        os.makedirs(os.path.dirname(self.path))
+
+    def running(self):
+        s = self.make()
+        s.startService()
+        self.addCleanup(lambda: s.running and s.stopService())
+        return s
+
+    def pull(self):
+        os.rename(self.data, self.data + ".pulled")
+
+    def plug(self):
+        """Mounted again over the mount point (hiding whatever was made
+        there meanwhile)."""
+        if os.path.exists(self.data):
+            os.rename(self.data, self.data + ".hidden")
+        os.rename(self.data + ".pulled", self.data)
+
+    def test_the_same_file_back_keeps_every_job_once(self):
+        s = self.running()
+        res = s.resources()
+        first = self.successResultOf(s.add("record", JOB, at(600), 3600))
+        second = self.successResultOf(s.add("record", dict(JOB, run="s"), at(7200)))
+        self.assertEqual((first, second), (1, 2))
+        listing = s.listing()
+        self.pull()
+        self.failureResultOf(res["powerDelay"].put(12), PiccoloError)   # finds it gone
+        self.assertTrue(s.degraded)
+        self.clock.advance(600)                     # job 1's slot runs meanwhile
+        self.assertEqual(len(self.control.runs), 1)
+        # nothing made at the mount point while the stick was out
+        self.assertFalse(os.path.exists(self.data))
+        self.plug()
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertFalse(s.degraded)
+        self.assertEqual([j[0] for j in s.listing()], [1, 2])
+        self.assertEqual(s.listing()[1], listing[1])
+        jobs, _, state = self.reopen()
+        self.assertEqual(sorted(jobs), [1, 2])
+        self.assertEqual([j.listing() for j in jobs.values()], s.listing())
+        # the slot run while the file was away: in the history once
+        self.assertEqual([(o.job, o.outcome) for o in state["history"]], [(1, "done")])
+        self.assertEqual(state["running"], [])
+        self.assertEqual([(o.job, o.outcome) for o in s.history], [(1, "done")])
+        # and the next job gets a number of its own
+        self.assertEqual(self.successResultOf(s.add("record", JOB, at(9000))), 3)
+        self.assertEqual(sorted(self.reopen()[0]), [1, 2, 3])
+
+    def test_a_fresh_file_meanwhile_then_the_old_one_back(self):
+        """The data directory is the mount point itself: while the stick is
+        out the server writes a fresh database there; the stick mounted
+        again hides it and brings the old file back, found at the next
+        write. A job deleted meanwhile stays gone, none comes twice."""
+        s = self.running()
+        res = s.resources()
+        self.successResultOf(s.add("record", JOB, at(600), 3600))
+        self.successResultOf(s.add("record", dict(JOB, run="s"), at(7200)))
+        self.pull()
+        os.makedirs(self.data)                      # the empty mount point
+        self.failureResultOf(res["powerDelay"].put(12), PiccoloError)
+        self.successResultOf(s.delete(1))            # kept in memory
+        self.successResultOf(s.add("record", dict(JOB, run="t"), at(8000)))
+        self.clock.advance(s.store.RETRY_MAX)       # the fresh file at the mount point
+        self.assertFalse(s.degraded)
+        self.clock.advance(600)
+        self.plug()
+        f = self.failureResultOf(res["powerDelay"].put(13), PiccoloError)
+        self.assertIn("removed or replaced", str(f.value))
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertFalse(s.degraded)
+        self.assertEqual([j[0] for j in s.listing()], [2, 3])
+        jobs, _, state = self.reopen()
+        self.assertEqual(sorted(jobs), [2, 3])
+        self.assertEqual([j.listing() for j in jobs.values()], s.listing())
+        outcomes = [(o.job, o.slot) for o in state["history"]]
+        self.assertEqual(len(outcomes), len(set(outcomes)))
+
+    def test_another_file_keeps_the_jobs_clients_were_told(self):
+        """A different stick with jobs of its own: the running server's jobs
+        keep their numbers; the file's own jobs are kept beside them, a
+        clashing number given to the file's job, once."""
+        s = self.running()
+        res = s.resources()
+        self.successResultOf(s.add("record", JOB, at(600), 3600))
+        self.pull()
+        self.failureResultOf(res["powerDelay"].put(12), PiccoloError)
+        os.makedirs(os.path.dirname(self.path))
+        other = sch.Scheduler(FakeControl(), self.path, task.Clock(), run_db=sync_db,
+                              wall=lambda: T0.timestamp())
+        other.open()
+        self.successResultOf(other.add("record", dict(JOB, run="other"), at(900), 3600))
+        self.successResultOf(other.close())
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertFalse(s.degraded)
+        listing = s.listing()
+        self.assertEqual([(j[0], j[1][1][0]) for j in listing], [(1, "r"), (2, "other")])
+        self.assertEqual(sorted(self.reopen()[0]), [1, 2])
+        self.clock.advance(s.store.RETRY_MAX)
+        self.assertEqual(len(s.listing()), 2)

@@ -13,20 +13,7 @@ def iso_in(seconds):
     return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
 
 
-class FastTick:
-
-    def setUp(self):
-        # the scheduler ticks every 0.1 s here instead of every second, so
-        # these tests can use sub-second schedules
-        def fast(_):
-            timer = self.service.scheduler.timer
-            timer.stopService()
-            timer.step = 0.1
-            timer.startService()
-        return super().setUp().addCallback(fast)
-
-
-class SchedulerWireTests(FastTick, ServerTestCase):
+class SchedulerWireTests(ServerTestCase):
 
     def light_files(self, run):
         d = self.run_dir(run)
@@ -99,7 +86,7 @@ class SchedulerWireTests(FastTick, ServerTestCase):
             "control/scheduler/quietTimeEnabled": ["abc", 3],
             "control/scheduler/quietStart": ["abc", "25:00:00+0000", 7],
             "control/scheduler/powerDelay": ["abc", -5, "Infinity"],
-            "control/scheduler/suspend": [12345, "x"],
+            "control/scheduler/suspend": ["x", 2.5],
         }
         for path, values in cases.items():
             for v in values:
@@ -122,6 +109,71 @@ class SchedulerWireTests(FastTick, ServerTestCase):
         self.assertEqual(jobs[0][4], 86400)
 
     @coro
+    async def test_unknown_job_ids_are_done_as_the_legacy_server_answered(self):
+        """The deployed client (piccolo3.client PiccoloScheduler.suspend,
+        unsuspend, delete: a_put(verb, jid), i.e. ``[[jid], {}]``) raises on
+        anything but success; the legacy server answered 2.04 for an id no
+        job has. So does this one, and logs it."""
+        import aiocoap
+        from twisted.logger import formatEvent, globalLogPublisher
+        said = []
+
+        def observe(event):
+            said.append(formatEvent(event))
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        await self.put("control/record_sequence",
+                       {"run": "legacy", "nsequence": 1, "at_time": iso_in(3600),
+                        "interval": 600})
+        [job] = await self.get("control/scheduler/jobs")
+        for verb in ("suspend", "unsuspend", "delete"):
+            r = await self.request("PUT", f"control/scheduler/{verb}", raw=b"[[4711], {}]")
+            self.assertEqual(r.code, aiocoap.CHANGED, (verb, r.payload))
+            self.assertEqual(r.payload, b"")
+            self.assertTrue(any(f"{verb} job 4711: no such job" in line for line in said),
+                            said)
+        self.assertEqual(await self.get("control/scheduler/jobs"), [job])
+        # a known id, the same payloads
+        raw = f"[[{job[0]}], {{}}]".encode()
+        for verb, status in (("suspend", "suspended"), ("unsuspend", "active")):
+            r = await self.request("PUT", f"control/scheduler/{verb}", raw=raw)
+            self.assertEqual(r.code, aiocoap.CHANGED)
+            self.assertEqual((await self.get("control/scheduler/jobs"))[0][5], status)
+        r = await self.request("PUT", "control/scheduler/delete", raw=raw)
+        self.assertEqual(r.code, aiocoap.CHANGED)
+        self.assertEqual(await self.get("control/scheduler/jobs"), [])
+        # deleted now: as unknown as 4711
+        r = await self.request("PUT", "control/scheduler/delete", raw=raw)
+        self.assertEqual(r.code, aiocoap.CHANGED)
+        # not a job id at all is still a client error
+        r = await self.request("PUT", "control/scheduler/delete", raw=b'[["x"], {}]')
+        self.assertEqual(r.code, aiocoap.BAD_REQUEST)
+
+    @coro
+    async def test_history_is_observable_and_durable(self):
+        async def schedule():
+            await self.put("control/record_sequence",
+                           {"run": "watched", "nsequence": 1, "auto": -1,
+                            "at_time": iso_in(0.5)})
+        first, seen = await self.observe_changes("control/scheduler/history", 1, schedule,
+                                                 timeout=15)
+        self.assertEqual(first, [])
+        [[entry]] = seen
+        self.assertEqual(set(entry), {"job", "slot", "outcome", "reason", "run", "batch"})
+        self.assertEqual((entry["outcome"], entry["run"], entry["batch"], entry["reason"]),
+                         ("done", "watched", 0, None))
+        datetime.fromisoformat(entry["slot"])
+        self.assertTrue(entry["slot"].endswith("+00:00"))
+        await self.service.stopService().asFuture(asyncio.get_event_loop())
+        self.service = make_service(self.datadir, time_scale=self.time_scale)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.base = f"coap://[::1]:{self.service.coap._port.getHost().port}"
+        self.assertEqual(await self.get("control/scheduler/history"), [entry])
+        health = await self.get("sysinfo/health")
+        self.assertEqual((health["slots_missed_24h"], health["slots_failed_24h"]), (0, 0))
+
+    @coro
     async def test_survives_restart(self):
         await self.put("control/record_sequence",
                        {"run": "keep", "nsequence": 2, "at_time": iso_in(3600), "interval": 600})
@@ -142,7 +194,7 @@ class SchedulerWireTests(FastTick, ServerTestCase):
         self.assertIs(await self.get("control/scheduler/quietTimeEnabled"), True)
 
 
-class SchedulerSettingsWireTests(FastTick, ServerTestCase):
+class SchedulerSettingsWireTests(ServerTestCase):
     """Exact payloads of the deployed piccolo3 client; defaults; the fault."""
 
     @coro
@@ -200,14 +252,18 @@ class SchedulerSettingsWireTests(FastTick, ServerTestCase):
         for name in names:
             await self.wait_for(f"spectrometer/{name}/status",
                                 lambda s: s == POWERED_OFF, timeout=10)
-        # off for as long as the window lasts: the scheduler ticks (every
-        # 0.1 s here) and keeps them off
+        # off for as long as the window lasts. The scheduler sleeps until
+        # its next event by the wall clock it read; a step of that clock is
+        # told to it as PUT /sysinfo/clock tells it (it would notice it
+        # itself within MAX_SLEEP)
         wall[0] = end.timestamp() - 0.5
+        self.service.scheduler.wall_changed()
         await asyncio.sleep(0.5)
         for name in names:
             self.assertEqual(await self.get(f"spectrometer/{name}/status"), POWERED_OFF)
         # the window's end: on again
         wall[0] = end.timestamp() + 0.1
+        self.service.scheduler.wall_changed()
         for name in names:
             await self.wait_for(f"spectrometer/{name}/status",
                                 lambda s: s != POWERED_OFF, timeout=10)

@@ -55,6 +55,17 @@ class BatchFailed(Exception):
     """The batch cannot go on (no device left, files cannot be written)."""
 
 
+@dataclasses.dataclass
+class Outcome:
+    """How a procedure ended: what its Deferred (``start_record``,
+    ``start_dark``) fires with."""
+    kind: str                      # "batch", "dark sequence", "autointegration"
+    run: str | None = None
+    batch: int | None = None       # once the run's directory gave it a number
+    ok: bool = False
+    reason: str | None = None      # why it did not complete
+
+
 class Control:
     log = Logger()
 
@@ -96,6 +107,9 @@ class Control:
         self._writes = defer.DeferredLock()
         self._imported = None           # Deferred: numpy imported in a worker
         self._write_failed = None
+        self._lease = None
+        #: the Outcome of the running (or last) procedure
+        self.outcome = None
 
     def prepare(self):
         """Import what procedures need (numpy, with autointegration), once,
@@ -121,9 +135,18 @@ class Control:
         """Whether an abort was asked of the current (or last) procedure."""
         return self._abort
 
-    def _start(self, kind, coro):
+    def _start(self, kind, coro, lease=None, run=None):
+        """Run procedure ``coro`` holding the instrument's lease (``lease``,
+        already taken, or taken now: BusyError if anyone holds it). Returns
+        a Deferred firing with its Outcome."""
+        if lease is None:
+            lease = self.instrument.lease.try_take(kind)
         if self.busy:
+            lease.release()
             raise BusyError()
+        self._lease = lease
+        self.outcome = Outcome(kind, run)
+        outcome = self.outcome
         self._abort = False
         self.paused.set(False)
         self._write_failed = None
@@ -154,19 +177,27 @@ class Control:
                 s.set_busy(IDLE)
             if self.instrument.leds is not None:
                 self.instrument.leds.recording(False)
-            return result
+            self._lease = None
+            lease.release()
+            return outcome
+
+        def succeeded(_):
+            outcome.ok = True
 
         def failed(f):
             if f.check(Aborted):
+                outcome.reason = "aborted by a client"
                 self.log.info("{kind} aborted", kind=kind)
             elif f.check(BatchFailed, PiccoloError):    # e.g. the run is not a directory
+                outcome.reason = str(f.value)
                 self.fault.set(str(f.value))
                 self.log.error("{kind} stopped: {why}", kind=kind, why=f.value)
             else:
+                outcome.reason = f"unexpected error: {f.value}"
                 self.fault.set(f"unexpected error: {f.value}")
                 self.log.failure("{kind} failed", f, kind=kind)
             return None
-        d.addErrback(failed)
+        d.addCallbacks(succeeded, failed)
         d.addBoth(finished)
         # nothing may end unseen in this Deferred (its callers drop it)
         d.addErrback(lambda f: self.log.failure("ending the {kind} failed", f, kind=kind))
@@ -471,6 +502,7 @@ class Control:
         split = self.instrument.config.split
         clobber = self.instrument.config.clobber
         batch = await self.datadir.prepare_run(run)
+        self.outcome.batch = batch
         self._begin_summary("batch", run, batch)
         self._progress(run=run, batch=batch, nsequence=nsequence)
         self.log.info("batch {batch} of run {run}: {n} sequences, autointegration "
@@ -526,6 +558,7 @@ class Control:
 
     async def _dark_only(self, run):
         batch = await self.datadir.prepare_run(run)
+        self.outcome.batch = batch
         self._begin_summary("dark sequence", run, batch)
         self._progress(run=run, batch=batch, sequence=0, nsequence=1)
         self.current_sequence.set(0)
@@ -599,10 +632,20 @@ class Control:
                 "scheduled record_sequence job {id}", id=job_id))
         if interval is not None or end_time is not None:
             raise PiccoloError("interval and end_time need at_time")
-        return self.run_record(job, update_settings=given)
+        self.start_record(job, update_settings=given)
+        return None
 
     def run_record(self, job, update_settings=None):
-        """Start a batch now (used by the scheduler too); BusyError if busy."""
+        """Start a batch now; BusyError if busy."""
+        self.start_record(job, update_settings=update_settings)
+        return None
+
+    def start_record(self, job, update_settings=None, lease=None):
+        """Start a batch now holding ``lease`` (or the lease taken now:
+        BusyError if it is held); a Deferred firing with its Outcome (the
+        scheduler records it)."""
+        if lease is None and self.instrument.lease.held:
+            raise BusyError()
         if self.busy:
             raise BusyError()
         if update_settings:
@@ -613,9 +656,9 @@ class Control:
         run = job["run"]
         if run != self.datadir.current_run.value:
             self.datadir.current_run.set(run)
-        self._start("batch", self._batch(run, job["nsequence"], job["auto"],
-                                         job["delay"], job["target"]))
-        return None
+        return self._start("batch", self._batch(run, job["nsequence"], job["auto"],
+                                                job["delay"], job["target"]),
+                           lease=lease, run=run)
 
     def put_record_sequence(self, run=None, nsequence=None, auto=None, delay=None,
                             target=None, at_time=None, interval=None, end_time=None):
@@ -650,16 +693,21 @@ class Control:
         return self.datadir.prepare_run(run).addCallback(lambda _: start())
 
     def record_dark(self, run=None):
+        self.start_dark(run)
+
+    def start_dark(self, run=None, lease=None):
+        """A dark sequence now (holding ``lease``, or the lease taken now);
+        a Deferred firing with its Outcome."""
         run = check_run_name(run) if run is not None else self.datadir.current_run.value
-        if self.busy:
+        if self.busy or (lease is None and self.instrument.lease.held):
             raise BusyError()
         if run != self.datadir.current_run.value:
             self.datadir.current_run.set(run)
-        self._start("dark sequence", self._dark_only(run))
+        return self._start("dark sequence", self._dark_only(run), lease=lease, run=run)
 
     def auto(self, target=None):
         target = self._check_target(target) if target is not None else self.target.value
-        if self.busy:
+        if self.busy or self.instrument.lease.held:
             raise BusyError()
         self._start("autointegration", self._auto_only(target))
 
@@ -670,10 +718,11 @@ class Control:
             d = self.scheduler.add("power_on" if on else "power_off", None, at_time,
                                    24 * 3600, None)
             return d.addCallback(lambda _: None)
-        if self.busy:
-            raise BusyError()
         spectrometers = self.instrument.spectrometers
-        d = spectrometers.power_on_all() if on else spectrometers.power_off_all()
+        # answered at once; the switching holds the lease until it is done
+        d = self.instrument.lease.run(f"power {'on' if on else 'off'} (a client)",
+                                      spectrometers.power_on_all if on
+                                      else spectrometers.power_off_all)
         d.addErrback(lambda f: self.log.failure("power switching failed", f))
         return None
 
@@ -729,18 +778,18 @@ class Control:
         return True
 
     def guard_hardware(self, resources):
-        """``resources`` with every hardware action answering 4.00 "busy"
-        while a batch, dark sequence or autointegration runs; settings
-        (integration times, TEC) stay changeable."""
+        """``resources`` with every hardware action holding the instrument's
+        lease while it runs: 4.00 "busy" while a batch, dark sequence,
+        autointegration or power change holds it; settings (integration
+        times, TEC) stay changeable."""
         def guarded(fn):
             if fn is None:
                 return None
 
             @functools.wraps(fn)
             def call(*args, **kwargs):
-                if self.busy:
-                    raise BusyError()
-                return fn(*args, **kwargs)
+                name = getattr(fn, "__name__", "hardware")
+                return self.instrument.lease.run(f"{name} (a client)", fn, *args, **kwargs)
             return call
         return {path: (dataclasses.replace(r, get=guarded(r.get), put=guarded(r.put))
                        if path.rsplit("/", 1)[-1] in HARDWARE_ACTIONS else r)

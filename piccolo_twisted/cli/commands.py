@@ -625,12 +625,30 @@ def describe_job(job):
     return shown(what)
 
 
+def last_outcome(entry):
+    """A job's last slot, from /control/scheduler/history, in a few words."""
+    slot = entry.get("slot")
+    text = (f"last: {shown(entry.get('outcome'))} at "
+            f"{_when(slot) if isinstance(slot, str) else shown(slot)}")
+    if entry.get("batch") is not None:
+        text += f" (batch {number(entry['batch'])})"
+    if entry.get("reason"):
+        text += f" ({shown(entry['reason'])})"
+    return text
+
+
 async def jobs(client, out):
-    listing, quiet, start, end = await asyncio.gather(
+    listing, quiet, start, end, history = await asyncio.gather(
         client.get("control/scheduler/jobs"),
         _maybe(client.get("control/scheduler/quietTimeEnabled")),
         _maybe(client.get("control/scheduler/quietStart")),
-        _maybe(client.get("control/scheduler/quietEnd")))
+        _maybe(client.get("control/scheduler/quietEnd")),
+        # servers before the history have none (4.04)
+        _maybe(client.get("control/scheduler/history"), []))
+    last = {}
+    for entry in history if isinstance(history, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("job"), int):
+            last[entry["job"]] = entry
     if not listing:
         emit(out, "no scheduled jobs")
     now = datetime.now(timezone.utc)
@@ -645,7 +663,10 @@ async def jobs(client, out):
         line = f"#{number(job_id)} {describe_job(job)}: {when}, {_every(interval)}"
         if end_time:
             line += f" until {_when(end_time)}"
-        emit(out, f"{line} [{shown(state)}]")
+        if job_id in last:
+            emit(out, f"{line} [{shown(state)}]; {last_outcome(last[job_id])}")
+        else:
+            emit(out, f"{line} [{shown(state)}]")
     if quiet is not None:
         emit(out, f"quiet time {'on' if quiet else 'off'}"
              + (f" ({shown(start)} to {shown(end)})" if quiet else ""))
@@ -701,6 +722,10 @@ def format_health(h):
                 line += (f" (set point {number(target, 'g')} °C: not stable)"
                          if target is not None else " (not stable)")
         lines.append(line)
+    if "slots_missed_24h" in h:
+        lines.append(f"slots 24 h   {number(h.get('slots_missed_24h'))} missed, "
+                     f"{number(h.get('slots_failed_24h'))} failed (piccolo3 jobs: the "
+                     "last of each)")
     summary = h.get("last_batch_summary")
     if summary is not None:
         lines.append("last batch   " + format_summary(summary).replace("\n", "\n             "))

@@ -325,6 +325,11 @@ JOB = Row(TEXT, ListOf(Scalar(), max_items=16), optional=1)
 #: ``[id, job, start_time, end_time, interval_seconds, status]``
 JOB_ROW = Row(INT, JOB, Nullable(TEXT), Nullable(TEXT), Nullable(Interval()), TEXT)
 JOBS = ListOf(JOB_ROW, max_items=1000)
+#: one slot's outcome: GET /control/scheduler/history
+HISTORY = ListOf(Obj({
+    "job": INT, "slot": Nullable(TEXT), "outcome": Nullable(Text(16)),
+    "reason": Nullable(TEXT), "run": Nullable(TEXT), "batch": Nullable(INT)},
+    required=("job",)), max_items=1000)
 
 #: a batch's summary (GET /control/last_batch, health's last_batch_summary)
 _FLAGGED = Obj({
@@ -365,7 +370,8 @@ HEALTH = Obj({
         "temperature_target": Nullable(NUM), "temperature_stable": Nullable(BOOL)}),
         max_items=64)),
     "fault": Nullable(TEXT), "faults": Nullable(MapOf(WORD, TEXT, max_items=64)),
-    "last_batch_summary": Nullable(SUMMARY), "time": Nullable(TEXT)})
+    "last_batch_summary": Nullable(SUMMARY), "time": Nullable(TEXT),
+    "slots_missed_24h": Nullable(Int(0)), "slots_failed_24h": Nullable(Int(0))})
 
 #: a .pico document: what ``plot`` reads of it
 _COEFFICIENTS = Nullable(ListOf(Num(-1e9, 1e9), max_items=16))
@@ -396,6 +402,7 @@ CATALOGUE = [
     ("GET", r"control/last_batch", Nullable(SUMMARY), 16 << 20),
     ("GET", r"control/(abort|pause)", IGNORED),
     ("GET", r"control/scheduler/jobs", JOBS, 1 << 20),
+    ("GET", r"control/scheduler/history", HISTORY, 4 << 20),
     ("GET", r"control/scheduler/(quietTimeEnabled|powerOffEnabled)", BOOL),
     ("GET", r"control/scheduler/(quietStart|quietEnd|fault)", TEXT),
     ("GET", r"control/scheduler/powerDelay", NUM),

@@ -4,6 +4,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .gpio import GPIO, StatusLEDs
+from .lease import Lease
 from .shutter import Shutter, Shutters
 from .simulator import SimulatedBus
 from .spectrometer import DROPPED, Spectrometer, Spectrometers
@@ -20,6 +21,9 @@ class Instrument:
         self.spectrometers = spectrometers
         self.bus = bus
         self.clock = clock
+        self.tried = None
+        #: one owner of the spectrometers at a time (batches, power changes)
+        self.lease = Lease()
         self.leds = None
         try:
             self.leds = StatusLEDs(gpio, clock)
@@ -45,6 +49,8 @@ class Instrument:
             self.leds.serving()
         d1 = self.shutters.close_all()
         d2 = self.spectrometers.connect_all()
+        #: fires once every spectrometer has been tried (connected or not)
+        self.tried = d2
         return defer.gatherResults([d1, d2], consumeErrors=True)
 
     @defer.inlineCallbacks

@@ -62,7 +62,9 @@ def acquire_clean(device, ms, idle_ms):
     own = getattr(device, "acquire", None)
     if own is not None:
         return own(ms, idle_ms)
-    not_before = time.monotonic()
+    # the device's own clock when it has one (a simulated device in
+    # simulated time), else this thread's
+    not_before = getattr(device, "monotonic", time.monotonic)()
     device.set_integration_time(ms)
     pending = ms           # the time the next integration to start will use
     reads = 0

@@ -6,8 +6,13 @@ applies from the next integration, and each spectrum integrates the light
 of its own time window (``Optics`` records when each channel's shutter was
 open). Integration takes real time in the calling (worker) thread, scaled
 by ``time_scale``. Faults can be injected for tests.
+
+Time comes from ``time_source`` (an object with ``monotonic()`` and
+``sleep()``, by default the ``time`` module): the season simulator runs
+device calls in simulated time.
 """
 
+import bisect
 import math
 import threading
 import time
@@ -52,17 +57,22 @@ class Optics:
     #: relative brightness of each channel's light (downwelling sees the sky)
     BRIGHTNESS = {"upwelling": 1.0, "downwelling": 3.0}
 
-    def __init__(self):
+    def __init__(self, now=None):
         self._lock = threading.Lock()
         self._events = {}        # channel -> [(monotonic time, lit)]
+        self._times = {}         # channel -> [monotonic time] (the same, for bisect)
+        self._now = now if now is not None else time.monotonic
 
     def set_lit(self, channel, lit, when=None):
-        when = time.monotonic() if when is None else when
+        when = self._now() if when is None else when
         with self._lock:
             events = self._events.setdefault(channel, [(0.0, False)])
+            times = self._times.setdefault(channel, [0.0])
             events.append((when, bool(lit)))
+            times.append(when)
             if len(events) > 256:
                 del events[1:len(events) - 128]
+                del times[1:len(times) - 128]
 
     def channels(self):
         with self._lock:
@@ -73,7 +83,13 @@ class Optics:
         if t1 <= t0:
             return 0.0
         with self._lock:
-            events = list(self._events.get(channel, ()))
+            times = self._times.get(channel)
+            if not times:
+                return 0.0
+            # from the last change at or before t0 to the last before t1
+            first = max(bisect.bisect_right(times, t0) - 1, 0)
+            last = bisect.bisect_left(times, t1, first)
+            events = self._events[channel][first:last + 1]
         lit_time = 0.0
         for i, (t, lit) in enumerate(events):
             end = events[i + 1][0] if i + 1 < len(events) else math.inf
@@ -92,23 +108,31 @@ class Optics:
 class SimulatedBus:
     """The simulated USB bus: devices by serial, and the fault switches."""
 
-    def __init__(self, optics=None, time_scale=1.0):
-        self.optics = optics or Optics()
+    def __init__(self, optics=None, time_scale=1.0, time_source=None):
+        # the time module as it is now (tests put a virtual one in its place)
+        time_source = time_source if time_source is not None else time
+        self.optics = optics or Optics(now=time_source.monotonic)
         self.time_scale = time_scale
+        self.time_source = time_source
         self.devices = {}
 
     def device(self, serial):
         if serial not in self.devices:
             self.devices[serial] = SimulatedSpectrometer(
-                serial, self.optics, time_scale=self.time_scale)
+                serial, self.optics, time_scale=self.time_scale,
+                time_source=self.time_source)
         return self.devices[serial]
 
 
 class SimulatedSpectrometer:
     """Thread-side device API (see ``device.py``), simulated."""
 
-    def __init__(self, serial, optics, time_scale=1.0, seed=None, model=None):
+    def __init__(self, serial, optics, time_scale=1.0, seed=None, model=None,
+                 time_source=None):
         self.serial = serial
+        self._time = time_source if time_source is not None else time
+        #: the clock ``started`` in a read's result is on (acquire_clean)
+        self.monotonic = self._time.monotonic
         self.model = model or model_for(serial)
         self.spec = MODELS[self.model]
         self.optics = optics
@@ -135,7 +159,7 @@ class SimulatedSpectrometer:
         # thermo-electric cooler
         self._tec_enabled = False
         self._tec_target = 20.0
-        self._temp_at = (time.monotonic(), 22.0)
+        self._temp_at = (self._time.monotonic(), 22.0)
 
     # -- faults -----------------------------------------------------------
 
@@ -161,7 +185,7 @@ class SimulatedSpectrometer:
             self.refuse_connects -= 1
             raise DeviceError(f"{self.serial}: device refused to open")
         self.is_open = True
-        self._start = time.monotonic()
+        self._start = self._time.monotonic()
         self._current_ms = self._next_ms = self.spec["min_time"]
         s = self.spec
         return DeviceInfo(serial=self.serial, model=self.model,
@@ -226,7 +250,7 @@ class SimulatedSpectrometer:
         """Applies from the next integration: those that began before this
         call keep the time they began with."""
         self._check()
-        self._advance(time.monotonic())
+        self._advance(self._time.monotonic())
         self._next_ms = int(ms)
 
     def _advance(self, now):
@@ -253,19 +277,19 @@ class SimulatedSpectrometer:
         """Block until the integration in progress completes; return it as
         (pixels, monotonic start, ms)."""
         self._check()
-        duration = self._advance(time.monotonic())
+        duration = self._advance(self._time.monotonic())
         end = self._start + duration
-        wait = end - time.monotonic() + self.read_delay
+        wait = end - self._time.monotonic() + self.read_delay
         if self.fail_next_read:
             self.fail_next_read = False
-            time.sleep(max(wait, 0) / 2)
+            self._time.sleep(max(wait, 0) / 2)
             self.plugged = False
             self._check()
         while wait > 0:
-            time.sleep(min(wait, 0.05))
+            self._time.sleep(min(wait, 0.05))
             if not self.plugged:
                 self._check()
-            wait = end - time.monotonic() + self.read_delay
+            wait = end - self._time.monotonic() + self.read_delay
         started, ms = self._start, self._current_ms
         self._start = end
         self._current_ms = self._next_ms
@@ -295,7 +319,7 @@ class SimulatedSpectrometer:
         self._check()
         t0, temp0 = self._temp_at
         target = self._tec_target if self._tec_enabled else 22.0
-        dt = (time.monotonic() - t0) / max(self.time_scale, 1e-6)
+        dt = (self._time.monotonic() - t0) / max(self.time_scale, 1e-6)
         return round(target + (temp0 - target) * math.exp(-dt / 20.0), 2)
 
     def set_tec(self, enabled, target):
@@ -303,6 +327,6 @@ class SimulatedSpectrometer:
         if not self.spec["tec"]:
             raise DeviceError(f"{self.serial}: no thermo-electric cooler")
         current = self.temperature()
-        self._temp_at = (time.monotonic(), current)
+        self._temp_at = (self._time.monotonic(), current)
         self._tec_enabled = bool(enabled)
         self._tec_target = float(target)
