@@ -629,6 +629,36 @@ class Spectrometer:
         }
 
 
+class GroupError(Exception):
+    """Several devices of a group action failed: each one's error."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+
+def settle_all(ds):
+    """One answer for the per-device Deferreds ``ds`` of a group action,
+    given only when every one of them has settled: the devices' answers
+    joined with "|" ("ok" when all are), or, when some failed, their
+    failure (one: as it is; several: a :class:`GroupError` naming each).
+
+    Never sooner: a caller holding the instrument's lease for the action
+    (the power window, a power job, a client's power change) releases it
+    on this answer, and a device still switching after that would act
+    outside the lease. Every failure is consumed here, none is left
+    unhandled in a Deferred."""
+    def joined(results):
+        failures = [r for ok, r in results if not ok]
+        if len(failures) == 1:
+            return failures[0]
+        if failures:
+            raise GroupError(f.value for f in failures)
+        messages = [r for ok, r in results if r != "ok"]
+        return "|".join(messages) if messages else "ok"
+    return defer.DeferredList(ds, consumeErrors=True).addCallback(joined)
+
+
 class Spectrometers:
     """All spectrometers: the /spectrometer resources and group actions."""
 
@@ -650,12 +680,7 @@ class Spectrometers:
         return [s for s in self if s.connected]
 
     def _all(self, action):
-        ds = [getattr(s, action)() for s in self]
-
-        def join(results):
-            messages = [r for r in results if r != "ok"]
-            return "|".join(messages) if messages else "ok"
-        return defer.gatherResults(ds).addCallback(join)
+        return settle_all([defer.maybeDeferred(getattr(s, action)) for s in self])
 
     def connect_all(self):
         return self._all("connect")
@@ -675,16 +700,15 @@ class Spectrometers:
         switched = 0
         for s in self:
             if s.status.value != POWERED_OFF:
-                ds.append(s.power_on())         # on already: connects if need be
+                ds.append(defer.maybeDeferred(s.power_on))   # on already: connects if need be
             elif switched == 0:
-                ds.append(s.power_on())
+                ds.append(defer.maybeDeferred(s.power_on))
                 switched = 1
             else:
                 ds.append(task.deferLater(self.clock, self.POWER_STAGGER * switched,
-                                          s.power_on).addCallback(lambda d: d))
+                                          s.power_on))
                 switched += 1
-        return defer.gatherResults(ds).addCallback(
-            lambda rs: "|".join(r for r in rs if r != "ok") or "ok")
+        return settle_all(ds)
 
     def resources(self):
         res = {
