@@ -262,10 +262,12 @@ def crash(season):
     if season.inc is None:
         return
     r = rng.random()
-    if r < 0.4:
+    if r < 0.35:
         season.crash()
-    elif r < 0.7:
+    elif r < 0.55:
         season.armed = "batch"          # the next batch dies in its first minute
+    elif r < 0.7:
+        season.armed = "write"          # the next spectrum file's write() is torn
     else:
         # mid-commit: between a write's start and its answer
         inc = season.inc

@@ -31,6 +31,9 @@ LATE_SLACK = 1.0 + 90.0 + 1.0
 #: power state must follow the window this long after it last changed
 POWER_OFF_BOUND = 30 * MINUTE
 POWER_ON_BOUND = 10 * MINUTE
+#: a spectrometer plugged in or powered again is connected within this
+#: (the reconnect tries every 5 s; opening it takes up to 3 s)
+READY_GRACE = 30.0
 
 
 class Checks:
@@ -58,6 +61,28 @@ class Checks:
 
     def cable_in_and_powered(self, inc, serial):
         return self.cable_in[serial] and inc.gpio.powered.get(serial, True)
+
+    def outcome_recorded(self, inc, outcome):
+        """A slot's outcome, the moment the scheduler records it: one that
+        failed for want of a spectrometer while the world had every one of
+        them plugged in and powered -- since this process started (the
+        server must wait for the instrument at start-up), or long enough
+        for it to connect them again -- is the server's fault."""
+        if outcome.outcome != "failed" or "no spectrometer" not in (outcome.reason or ""):
+            return
+        now = inc.clock.seconds()
+        for serial in self.serials:
+            since = inc.gpio.ok_since.get(serial)
+            if since is None:
+                return
+            if since > inc.booted_at + 1e-6 and now - since < READY_GRACE:
+                return
+        self.violation("jobs-wait-for-ready",
+                       f"job {outcome.job} slot {iso(outcome.slot)} failed "
+                       f"({outcome.reason}) {now - inc.booted_at:.1f} s after the "
+                       f"server started, with every spectrometer plugged in and "
+                       f"powered since " + ", ".join(
+                           f"{s} {now - inc.gpio.ok_since[s]:.1f} s" for s in self.serials))
 
     def before_switch(self, serial, on):
         inc = self.inc

@@ -33,7 +33,8 @@ from ..service import PiccoloService, Workers
 from .checks import Checks
 from .invariants import Violation, iso
 from .ledger import Ledger
-from .simio import SimGPIO, SimThreads, SimWall, failing_fsync, full_disk_connect
+from .simio import (DiskWrites, SimCrash, SimGPIO, SimThreads, SimWall, failing_fsync,
+                    full_disk_connect)
 from .world import DAY, FAULTS, World, log_uniform
 
 HOUR = 3600.0
@@ -99,7 +100,9 @@ class Incarnation:
         self.compute = SimThreads(self.clock)
         self.gpio = SimGPIO(season.power_pins, plugged=lambda s: season.cable_in[s],
                             failing=lambda s: season.switch_fault,
-                            before_switch=season.before_switch)
+                            before_switch=season.before_switch,
+                            now=self.clock.seconds)
+        self.booted_at = self.clock.seconds()
         self.bus = SimulatedBus(time_scale=1.0, time_source=self.devices)
         for serial in season.serials:
             device = self.bus.device(serial)
@@ -112,6 +115,7 @@ class Incarnation:
             season.settings, season.instrument, clock=self.clock,
             configure_logging=False, time_scale=1.0, wall=self.wall,
             workers=workers, bus=self.bus, gpio=self.gpio, serve=False)
+        season._booting = self
         self.service.datadir.write_file = season.file_writer(self.wall)
         self.service.datadir.pause = lambda seconds: None
         self.control = self.service.control
@@ -123,6 +127,19 @@ class Incarnation:
         self.control.status.watch(self._control_status)
         self.service.datadir.save_listeners.append(season.file_saved)
         self.started = False
+        # the history as a client observing it sees it, outcome by outcome
+        self._seen = None
+        store = getattr(self.scheduler, "store", None)
+        if store is not None:
+            store.history_changed.watch(lambda _: self._history_changed(store))
+
+    def _history_changed(self, store):
+        last = store.history[-1] if store.history else None
+        if last is self._seen:
+            return
+        self._seen = last
+        if self.started and last is not None and self.season.inc is self:
+            self.season.outcome_recorded(self, last)
 
     def _status(self, spectrometer, status):
         if status == DROPPED:
@@ -238,9 +255,20 @@ class Season(Checks):
         """The data directory's atomic writer, on a disk that can be full,
         stamping files with the simulated wall clock as the kernel would."""
         fsync = failing_fsync(self.disk)
+        inc = self._booting
+
+        def tear():
+            if self.armed != "write" or self.inc is not inc:
+                return False
+            # the process dies in the middle of this write
+            self.armed = None
+            self.note("crash in the middle of a spectrum file's write()")
+            self.crash()
+            return True
 
         def write(directory, name, data, clobber=False):
-            pico.write_atomic(directory, name, data, clobber, fsync=fsync)
+            with DiskWrites(self.disk, tear, alive=lambda: self.inc is inc):
+                pico.write_atomic(directory, name, data, clobber, fsync=fsync)
             t = wall()
             os.utime(name, (t, t), dir_fd=directory, follow_symlinks=False)
         return write
@@ -299,16 +327,25 @@ class Season(Checks):
                     action(*args)
             self.final_checks()
         finally:
+            # the dead processes' coroutines are closed now, while the hook
+            # that knows them is in place
+            import gc
+            self.world._queue.clear()
+            self.inc = None
+            gc.collect()
             globalLogPublisher.removeObserver(self._observer)
             sys.unraisablehook = self._previous_unraisable
         return self
 
     def _advance(self, t):
         inc = self.inc
-        if inc is not None and t > inc.clock.seconds():
-            inc.clock.advance(t - inc.clock.seconds())
-        elif inc is not None:
-            inc.clock.advance(0)
+        try:
+            if inc is not None and t > inc.clock.seconds():
+                inc.clock.advance(t - inc.clock.seconds())
+            elif inc is not None:
+                inc.clock.advance(0)
+        except SimCrash:
+            pass                # the process died mid-call: it is gone
         self._t = max(self._t, t)
         if inc is not None and self.inc is inc:
             wall = inc.wall()
@@ -316,9 +353,14 @@ class Season(Checks):
             self.ledger.pass_time(wall, self.t, self.stalled())
 
     def _log_observer(self, event):
+        from twisted.logger import formatEvent
+        if str(event.get("log_format", "")).startswith("Unhandled error in Deferred"):
+            failure = event.get("log_failure")
+            self.violation("errors-handled", "Unhandled error in Deferred: " + (
+                f"{failure.type.__name__}: {failure.getErrorMessage()}"
+                if failure is not None else formatEvent(event)))
         if not self.verbose:
             return
-        from twisted.logger import formatEvent
         text = formatEvent(event)
         level = event.get("log_level")
         failure = event.get("log_failure")
