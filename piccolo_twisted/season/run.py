@@ -408,6 +408,12 @@ class Season(Checks):
         self.history = hasattr(inc.scheduler, "history")
         inc.start()
         self.power_disturbed()
+        if "clock" in self.faults:
+            rng = self.world.rng("clock-back-at-boot")
+            if rng.random() < 0.3:
+                from .actions import clock_back_after_boot
+                self.world.at(self.t + rng.uniform(MINUTE, 30 * MINUTE),
+                              clock_back_after_boot, self, inc)
 
     def crash(self):
         inc = self.inc
