@@ -448,9 +448,11 @@ def aim_at_window_edge(season):
     rng = season.world.rng("edge")
     true_edge = season.t + dt
     w = season.world
-    for offset in (rng.uniform(-1.0, 0.0), rng.uniform(0.0, 0.03), rng.uniform(0.03, 2.0),
-                   rng.uniform(2.0, 60.0)):
-        w.at(true_edge + offset, _edge_batch, season, inc)
+    if rng.random() < 0.5:
+        for offset in (rng.uniform(-1.0, 0.0), rng.uniform(0.0, 0.03),
+                       rng.uniform(0.03, 2.0), rng.uniform(2.0, 60.0)):
+            w.at(true_edge + offset, _edge_batch, season, inc)
+    w.at(true_edge - 1.0, _aim_commits, season, true_edge + 2 * HOUR)
     if rng.random() < 0.3 and live_load(season) < MAX_BATCHES_PER_DAY:
         w.at(season.t, _edge_job, season, wall_edge + rng.choice([0, 0, 1, 2]))
     if "slow-commit" in season.faults and rng.random() < 0.5:
@@ -461,11 +463,20 @@ def aim_at_window_edge(season):
              log_uniform(rng, MINUTE, 20 * MINUTE))
 
 
+def _aim_commits(season, until):
+    """The commits that start until ``until`` (the window's own among
+    them) get a client batch asked for as they answer."""
+    season.aim_commits = (season.t, until, 6)
+
+
 def _edge_batch(season, inc):
     if season.inc is inc and inc.started:
         rng = season.world.rng("edge-batch")
+        # a batch with a pause between its sequences: the spectrometers are
+        # idle in it, and only the lease keeps a power change out
         season.request("control", "record_sequence", run="manual",
-                       nsequence=rng.choice([1, 2]), auto=-1)
+                       nsequence=rng.choice([1, 2, 2, 3]), auto=-1,
+                       delay=float(rng.choice([0, 5, 30, 120])))
 
 
 def _edge_job(season, at):

@@ -97,6 +97,7 @@ class Incarnation:
         self.db = SimThreads(self.clock, serial=True, before=season.commit_time,
                              after=lambda: 0.001)
         self.db.on_call = None
+        self.db.watch = lambda now, run_at: season.commit_started(self, now, run_at)
         self.compute = SimThreads(self.clock)
         self.gpio = SimGPIO(season.power_pins, plugged=lambda s: season.cable_in[s],
                             failing=lambda s: season.switch_fault,
@@ -230,6 +231,7 @@ class Season(Checks):
         self.user_excuse = 0           # window changes a user's power action excuses
         self.slow_reads_until = 0.0
         self.armed = None              # a crash waiting for its moment
+        self.aim_commits = (0.0, 0.0, 0)  # commits starting then are aimed at
         self.history = None            # the scheduler keeps a history (feature)
         self.job_seq = 0
         self.stopped = False
@@ -473,6 +475,17 @@ class Season(Checks):
                 self.world.at(self.t + log_uniform(rng, 10, 30 * MINUTE), self.ntp_sync)
                 self.counts["clock"] += 1
         self.boot(offset)
+
+    def commit_started(self, inc, now, run_at):
+        """An SQLite call was made: one near the power window's edge gets
+        client batches asked for just before and just after it commits."""
+        lo, hi, left = self.aim_commits
+        if inc is self.inc and lo <= now <= hi and left > 0:
+            self.aim_commits = (lo, hi, left - 1)
+            from .actions import _edge_batch
+            rng = self.world.rng("aim-commit")
+            self.world.at(run_at - rng.uniform(0.0, 0.01), _edge_batch, self, inc)
+            self.world.at(run_at + rng.uniform(0.0, 0.001), _edge_batch, self, inc)
 
     def ntp_sync(self):
         if self.inc is not None and self.inc.wall.offset != 0.0:

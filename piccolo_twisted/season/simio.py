@@ -45,6 +45,7 @@ class SimThreads:
         self._now = None
         self.on_error = None        # called with (fn, exception) thread side
         self.on_call = None         # called with (now, when it will run)
+        self.watch = None           # the same, for the world's aim
 
     # -- the time source of the code running "in" the thread --------------
 
@@ -69,6 +70,8 @@ class SimThreads:
             self.free_at = start
         if self.on_call is not None:
             self.on_call(now, start)
+        if self.watch is not None:
+            self.watch(now, start)
         self.running += 1
         self.calls += 1
 
