@@ -119,3 +119,16 @@ class GroupPowerTests(unittest.SynchronousTestCase):
         self.failureResultOf(d, OSError)
         del d
         self.assertEqual(self.unhandled(), [])
+
+    def test_a_failed_power_off_leaves_the_device_connected(self):
+        # seed 2 of the season (day 352.6): the window's power-off closed
+        # both devices, the switches failed, and the spectrometers stayed
+        # on but disconnected: a job once the quiet time was moved failed
+        # with "no spectrometer is connected"
+        self.a.power_pin = BrokenPin(self.a.power_pin)
+        d = self.group.power_off_all()
+        self.failureResultOf(d, OSError)
+        self.assertEqual(self.a.status.value, sp.IDLE)
+        self.assertEqual(self.b.status.value, sp.POWERED_OFF)
+        del d
+        self.assertEqual(self.unhandled(), [])

@@ -317,9 +317,21 @@ class Spectrometer:
             self.status.set(POWERED_OFF)
             self.log.info("{name}: power off", name=self.name)
             return "ok"
+
+        def not_off(f):
+            # the switch did not turn: the device is still on. Connected
+            # again (if it was wanted so) before the failure is answered, so
+            # that whoever holds the instrument's lease for this change
+            # hands back a usable instrument, not one closed and powered
+            if not was_wanted or self.status.value == POWERED_OFF:
+                return f
+            self.log.warn("{name}: power off failed ({error}); connecting again",
+                          name=self.name, error=f.getErrorMessage())
+            return self.connect().addBoth(lambda _: f)
+        was_wanted = self._want_connected
         d = self.disconnect()
         self._want_connected = False
-        return d.addCallback(off)
+        return d.addCallback(off).addErrback(not_off)
 
     # -- device calls -----------------------------------------------------
 
