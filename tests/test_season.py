@@ -10,6 +10,9 @@ import sys
 
 from twisted.trial import unittest
 
+from piccolo_twisted.season.world import FAULTS
+
+ALL = tuple(FAULTS)
 LONG = os.environ.get("PICCOLO_LONG") == "1"
 SEEDS = range(1, 21) if LONG else (1, 2, 3)
 DAYS = 3650 if LONG else 365
@@ -77,6 +80,56 @@ class SeasonCanFailTests(unittest.SynchronousTestCase):
         season = self.run_season(10)
         self.assertTrue(season.violations)
         self.assertEqual(season.violations[0].name, "health-matches-disk")
+
+    def test_jobs_run_before_the_instrument_is_ready_are_found(self):
+        # issue 18's first fault: the start-up lease given back at once, so
+        # a job due at a restart fails on spectrometers still connecting
+        from piccolo_twisted.instrument.lease import Lease
+        real = Lease.try_take
+
+        def try_take(self, holder):
+            token = real(self, holder)
+            if holder == "start-up":
+                token.release()
+            return token
+        self.patch(Lease, "try_take", try_take)
+        season = self.run_season(3, seed=31337, faults=ALL)
+        self.assertTrue(season.violations)
+        self.assertEqual(season.violations[0].name, "jobs-wait-for-ready")
+
+    def test_a_power_change_answered_on_its_first_failure_is_found(self):
+        # finding 7: gatherResults fires on the first failure, the lease
+        # goes while another spectrometer still switches, the other
+        # failures are left unhandled
+        from twisted.internet import defer
+        from piccolo_twisted.instrument import spectrometer
+        self.patch(spectrometer, "settle_all", lambda ds: defer.gatherResults(ds).addCallback(
+            lambda rs: "|".join(r for r in rs if r != "ok") or "ok"))
+        season = self.run_season(8, seed=7777, faults=ALL)
+        self.assertTrue(season.violations)
+        self.assertEqual(season.violations[0].name, "errors-handled")
+
+    def test_a_spectrum_file_written_in_place_is_found(self):
+        # the full disk fails write() (a short write, then ENOSPC) and a
+        # crash can tear a write(): a writer without a temporary leaves a
+        # partial file under the final name
+        import os
+        from piccolo_twisted.acquisition import pico
+
+        def in_place(dir_fd, name, data, clobber, fsync):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                fsync(fd)
+            finally:
+                os.close(fd)
+        self.patch(pico, "_write_at", in_place)
+        season = self.run_season(3, seed=31337, faults=ALL)
+        self.assertTrue(season.violations)
+        self.assertEqual(season.violations[0].name, "files-intact")
+        self.assertIn("not a complete .pico file", season.violations[0].detail)
 
     def test_the_same_seed_is_the_same_season(self):
         first = self.run_season(5, seed=11, faults=("crash", "clock", "unplug")).summary()

@@ -13,6 +13,7 @@ timer of the running incarnation or the next event of the world -- so a
 quiet simulated day costs only what happens in it.
 """
 
+import gc
 import math
 import os
 import shutil
@@ -331,9 +332,8 @@ class Season(Checks):
         finally:
             # the dead processes' coroutines are closed now, while the hook
             # that knows them is in place
-            import gc
             self.world._queue.clear()
-            self.inc = None
+            self.inc = self._booting = None
             gc.collect()
             globalLogPublisher.removeObserver(self._observer)
             sys.unraisablehook = self._previous_unraisable
@@ -430,6 +430,11 @@ class Season(Checks):
         self.stall_changed()
         inc.close_database()
         self.armed = None
+        # what went unhandled in a Deferred is logged when the Deferred is
+        # collected: collected here too, so that it is seen at the same
+        # simulated moments whatever the process did before (an in-process
+        # test, a replay)
+        gc.collect()
         for number, what in self.pending.items():
             what["uncertain"] = True
             job = what.get("job")
