@@ -357,10 +357,10 @@ class Season(Checks):
     def _log_observer(self, event):
         from twisted.logger import formatEvent
         if str(event.get("log_format", "")).startswith("Unhandled error in Deferred"):
-            failure = event.get("log_failure")
+            failure = event.get("log_failure") or event.get("failure")
             self.violation("errors-handled", "Unhandled error in Deferred: " + (
                 f"{failure.type.__name__}: {failure.getErrorMessage()}"
-                if failure is not None else formatEvent(event)))
+                if failure is not None else "(no failure in the event)"))
         if not self.verbose:
             return
         text = formatEvent(event)
