@@ -241,6 +241,20 @@ class Checks:
         if not self.history:
             self._check_batches_on_disk(uptime_now, final)
 
+    def wall_went_back(self):
+        """The wall clock was set (a jump, NTP, a boot with a wrong clock):
+        the open slots it is now before are due again when it comes round
+        -- the server cannot know the earlier time was wrong -- if their
+        job is still there then (a job suspended or deleted meanwhile
+        never reaches them). Marked now, not at the next hourly look,
+        which may come after the clock has passed them again."""
+        wall = self.wall()
+        if wall is None:
+            return
+        for slot in self.ledger.open_slots:
+            if slot.outcome is None and slot.required and wall < slot.time:
+                slot.again = True
+
     def _check_batches_on_disk(self, uptime_now, final):
         """Without a history the only record of a slot is its batch."""
         for job in self.ledger.jobs:

@@ -408,6 +408,7 @@ class Season(Checks):
         self.stall_changed()
         self.note(f"boot #{inc.number}, wall clock {iso(inc.wall())}")
         self.history = hasattr(inc.scheduler, "history")
+        self.wall_went_back()
         inc.start()
         self.power_disturbed()
         if "clock" in self.faults:
@@ -502,6 +503,7 @@ class Season(Checks):
         # nothing tells a real server that NTP stepped the clock: the
         # server is not told here either
         self.power_disturbed()
+        self.wall_went_back()
 
     # -- what the incarnation reports ---------------------------------------------
 
