@@ -155,6 +155,9 @@ def downloads(dst, path, n, code=GET, payload=b"", src="127.0.0.1", window=32,
                     continue
                 if len(data) < 4:
                     continue
+                if loadclient.is_ping(data):
+                    t.sock.send(loadclient.reset_for(data))     # as a client does
+                    continue
                 mtype, rcode, mid, token, block2, chunk = parse(data)
                 if mtype == CON:
                     # a separate response (RFC 7252 5.2.2): acknowledged,
@@ -243,21 +246,52 @@ def flood(dst, make, count, rate, src="127.0.0.9", stop=None):
     return sent
 
 
-def exchange(dst, datagram, src="127.0.0.1", timeout=2.0, sock=None):
-    """Send one datagram and return the first answer (or None)."""
+def exchange(dst, datagram, src="127.0.0.1", timeout=2.0, sock=None, follow=True):
+    """Send one datagram and return its answer (or None). ``follow``: as a
+    client takes it -- a ping (an empty CON: the server checks that we
+    receive what it sends us) is answered with a RST, an empty ACK means
+    the answer follows as a separate CON response (acknowledged); else the
+    first datagram that comes, whatever it is."""
     own = sock is None
     if own:
         sock = udp(src, dst)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
+    mid = struct.unpack_from("!H", datagram, 2)[0]
+    token = datagram[4:4 + (datagram[0] & 15)]
     try:
         sock.send(datagram)
         deadline = time.monotonic() + timeout
         while sel.select(max(0.0, deadline - time.monotonic())):
             try:
-                return sock.recv(65536)
+                data = sock.recv(65536)
             except ConnectionRefusedError:      # nobody listening (yet)
                 return None
+            except BlockingIOError:
+                continue
+            if not follow:
+                return data
+            if len(data) < 4:
+                continue
+            if loadclient.is_ping(data):
+                sock.send(loadclient.reset_for(data))
+                continue
+            mtype, code = (data[0] >> 4) & 3, data[1]
+            if mtype == CON:
+                sock.send(loadclient.ack_for(data))
+                if data[4:4 + (data[0] & 15)] == token:
+                    return data
+                continue
+            if mtype == NON:
+                if data[4:4 + (data[0] & 15)] == token:
+                    return data
+                continue
+            if struct.unpack_from("!H", data, 2)[0] != mid:
+                continue
+            if code == 0 and mtype == 2:
+                deadline = max(deadline, time.monotonic() + SEPARATE_WAIT)
+                continue                        # an empty ACK: the answer follows
+            return data
         return None
     finally:
         sel.close()
@@ -265,12 +299,178 @@ def exchange(dst, datagram, src="127.0.0.1", timeout=2.0, sock=None):
             sock.close()
 
 
-def amplification(dst, datagram, src):
-    """(request bytes, first response bytes, ratio) for one datagram sent
-    from a fresh port of ``src``."""
-    answer = exchange(dst, datagram, src=src)
-    size = len(answer) if answer is not None else 0
+def everything_sent(dst, datagram, src, wait=3.0, sock=None):
+    """Every datagram the server sends to a fresh port of ``src`` after one
+    datagram from it, as a spoofed source (which receives nothing, so
+    answers nothing) would get them: until an answer with a code came and
+    then 0.2 s more, or ``wait`` s."""
+    own = sock is None
+    if own:
+        sock = udp(src, dst)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    out = []
+    try:
+        sock.send(datagram)
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return out
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, ConnectionRefusedError):
+                continue
+            out.append(data)
+            if len(data) >= 4 and data[1] != 0:
+                deadline = min(deadline, time.monotonic() + 0.2)
+    finally:
+        sel.close()
+        if own:
+            sock.close()
+
+
+def amplification(dst, datagram, src, wait=3.0):
+    """(request bytes, bytes of everything sent back, ratio) for one
+    datagram sent from a fresh port of ``src`` (nothing answered: a
+    spoofed source receives nothing)."""
+    size = sum(len(d) for d in everything_sent(dst, datagram, src, wait))
     return len(datagram), size, size / len(datagram)
+
+
+# -- the attacks on issue 19's layer, all at once (issue 19b) ----------------------
+
+def _paced_send(pairs, per_batch=100, pause=0.01, stop=None):
+    for i, (sock, data, to) in enumerate(pairs):
+        if stop is not None and stop.is_set():
+            return i
+        try:
+            sock.sendto(data, to)
+        except OSError:
+            pass
+        if i % per_batch == per_batch - 1:
+            time.sleep(pause)
+    return len(pairs)
+
+
+def attack_mix(dst, stop, counts, scale=1.0):
+    """Until ``stop`` (a threading.Event) is set, from spoofed loopback
+    addresses that never answer anything (findings-19.md): 17 addresses
+    sending ``PUT /control/numSequences`` (~1,000/s in all), 300 addresses x
+    64 ``PUT /sysinfo/clock`` (requests that must not run twice; once per
+    EXCHANGE_LIFETIME), 8 x 32 ``GET current_temperature`` every 9 s,
+    2,100 observers of /control/status every 30 s, 4 x 64 ``GET
+    /spectrometer/power_on`` every 2 s, one host pinning block 1 of 20
+    listings every second. ``counts`` gets the datagrams sent per kind."""
+    import threading
+    _check(dst[0])
+
+    def socks(prefix, n, port=0):
+        out = []
+        for h in range(n):
+            address = f"127.{prefix}.{h // 250}.{h % 250 + 1}"
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((address, port))
+            s.setblocking(False)
+            out.append(s)
+        return out
+
+    def drain(all_socks):
+        for s in all_socks:
+            try:
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass
+
+    def every(period, work, kind):
+        while not stop.is_set():
+            t0 = time.monotonic()
+            counts[kind] = counts.get(kind, 0) + work()
+            stop.wait(max(0.0, period - (time.monotonic() - t0)))
+
+    flood = socks(60, 17)
+    crowd = socks(61, 300)
+    slow = socks(62, 8)
+    power = socks(63, 4)
+    hog = socks(64, 1)
+    mids = {"n": 0}
+
+    def mid():
+        mids["n"] = (mids["n"] + 1) & 0xFFFF
+        return mids["n"]
+
+    def settings():
+        n = _paced_send([(s, request(mid(), "control/numSequences", code=PUT, payload=b"1",
+                                     token=b"n"), dst) for s in flood for _ in range(60)],
+                        stop=stop)
+        drain(flood)
+        return n
+
+    def clocks():
+        n = _paced_send([(s, request(mid(), "sysinfo/clock", code=PUT, payload=b'"x"',
+                                     token=b"c"), dst) for _ in range(64) for s in crowd],
+                        stop=stop)
+        drain(crowd)
+        return n
+
+    def reads():
+        n = _paced_send([(s, request(mid(), "spectrometer/S_sim_QEP00981/current_temperature",
+                                     token=b"t"), dst) for s in slow for _ in range(32)],
+                        stop=stop)
+        drain(slow)
+        return n
+
+    tokens = [os.urandom(4) for _ in range(2100)]
+
+    def observers():
+        sent = 0
+        for start in range(0, 2100, 300):          # a few hundred descriptors at a time
+            batch = []
+            for h in range(start, min(start + 300, 2100)):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((f"127.2.{h // 250}.{h % 250 + 1}", 40000))
+                    s.sendto(request(mid(), "control/status", token=tokens[h], observe=0), dst)
+                    sent += 1
+                except OSError:
+                    pass
+                batch.append(s)
+                if h % 100 == 99:
+                    time.sleep(0.01)
+            for s in batch:
+                s.close()
+            if stop.is_set():
+                break
+        return sent
+
+    def power_on():
+        n = _paced_send([(s, request(mid(), "spectrometer/power_on", token=b"p"), dst)
+                         for s in power for _ in range(64)], stop=stop)
+        drain(power)
+        return n
+
+    def pin():
+        n = 0
+        for i in range(20):
+            hog[0].sendto(request(mid(), "data_dir/runs/attacked/spectra_list",
+                                  token=bytes((i,)), block2=(1, 6)), dst)
+            n += 1
+        drain(hog)
+        return n
+    jobs = [(1.0 / scale, settings, "settings"), (247.0, clocks, "clock"),
+            (9.0, reads, "reads"), (30.0, observers, "observers"),
+            (2.0, power_on, "power_on"), (1.0, pin, "pin")]
+    workers = [threading.Thread(target=every, args=job) for job in jobs]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for s in flood + crowd + slow + power + hog:
+        s.close()
+    return counts
 
 
 # -- the script --------------------------------------------------------------

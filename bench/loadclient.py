@@ -60,6 +60,22 @@ def option(data, wanted):
     return None
 
 
+def is_ping(data):
+    """An empty CON message (RFC 7252 4.3): the server checks that we
+    receive what it sends to our address; every CoAP client answers it with
+    a RST carrying its message ID."""
+    return len(data) >= 4 and data[1] == 0 and (data[0] >> 4) & 3 == 0
+
+
+def reset_for(data):
+    """The RST answering a ping (or any message we do not want)."""
+    return struct.pack("!BBH", 0x70, 0, struct.unpack_from("!H", data, 2)[0])
+
+
+def ack_for(data):
+    return struct.pack("!BBH", 0x60, 0, struct.unpack_from("!H", data, 2)[0])
+
+
 def _check_loopback(host):
     if not ipaddress.ip_address(host).is_loopback:
         raise ValueError(f"{host} is not a loopback address")
@@ -170,6 +186,9 @@ def closed_loop(host, port, path, concurrency=1, duration=5.0, count=None,
                     break
                 if len(data) < 4:
                     continue
+                if is_ping(data):
+                    sock.send(reset_for(data))
+                    continue
                 rmid = struct.unpack_from("!H", data, 2)[0]
                 t0 = inflight.pop(rmid, None)
                 if t0 is None:
@@ -227,6 +246,9 @@ def open_loop(host, port, path, rate=50.0, duration=10.0, timeout=2.0, stop=None
                     data = sock.recv(65536)
                 except (BlockingIOError, ConnectionRefusedError):
                     break
+                if is_ping(data):
+                    sock.send(reset_for(data))
+                    continue
                 rmid = struct.unpack_from("!H", data, 2)[0]
                 t0 = inflight.pop(rmid, None)
                 if t0 is not None:
@@ -261,10 +283,7 @@ def fetch(host, port, path, method=1, payload=b"", timeout=5.0):
                                      payload=payload if not body else b"",
                                      block2=(len(body) // (16 << szx), szx) if body else None,
                                      echo=echo))
-            while True:
-                data = sock.recv(65536)
-                if struct.unpack_from("!H", data, 2)[0] == mid:
-                    break
+            data = answer_of(sock, mid, b"\x42")
             _, code, _, _, block2, chunk = parse(data)
             echo = echo_of(data) or echo
             blocks += 1
@@ -274,6 +293,27 @@ def fetch(host, port, path, method=1, payload=b"", timeout=5.0):
                 return code, body, blocks
     finally:
         sock.close()
+
+
+def answer_of(sock, mid, token):
+    """The answer to request ``mid`` on a blocking socket, as a client
+    takes it: a ping is answered (RST), an empty ACK means the answer
+    follows as a CON (acknowledged)."""
+    while True:
+        data = sock.recv(65536)
+        if len(data) < 4:
+            continue
+        if is_ping(data):
+            sock.send(reset_for(data))
+            continue
+        mtype = (data[0] >> 4) & 3
+        if mtype == 0:
+            sock.send(ack_for(data))
+            if data[4:4 + (data[0] & 15)] == token:
+                return data
+            continue
+        if struct.unpack_from("!H", data, 2)[0] == mid and data[1] != 0:
+            return data
 
 
 def parse(data):

@@ -40,6 +40,7 @@ from datetime import datetime
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import loadclient  # noqa: E402
+import hostile  # noqa: E402
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 QEP, FLAME = "S_sim_QEP00981", "S_sim_FLMT01234"
@@ -102,7 +103,8 @@ class Server:
     ``cpu_quota`` in a 0.25-core cgroup."""
 
     def __init__(self, datadir=None, env=None, cpu_quota=None, args=(),
-                 names=(QEP, FLAME)):
+                 names=(QEP, FLAME), host="::1"):
+        self.host = host
         self.port = free_port()
         self.args = list(args)
         self.names = names
@@ -117,7 +119,7 @@ class Server:
         t0 = time.perf_counter()
         self.log = open(os.path.join(self.datadir, "server.log"), "ab")
         self.proc = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile=", "piccolo", "--address", "::1",
+            TWISTD + ["-n", "--pidfile=", "piccolo", "--address", self.host,
                       "--port", str(self.port), "--data-dir", self.datadir]
             + (["--web", "0"] if "--web" not in self.args else [])
             + self.args,
@@ -125,7 +127,8 @@ class Server:
             preexec_fn=self._preexec)
         while time.perf_counter() - t0 < timeout:
             try:
-                code, _, _ = loadclient.fetch("::1", self.port, "/sysinfo/version", timeout=0.2)
+                code, _, _ = loadclient.fetch(self.host, self.port, "/sysinfo/version",
+                                              timeout=0.2)
                 if code == 0x45:
                     self.startup = time.perf_counter() - t0
                     return self
@@ -154,7 +157,7 @@ class Server:
 
     def call(self, method, path, payload=None, timeout=10.0):
         raw = b"" if payload is None else json.dumps(payload).encode()
-        code, body, _ = loadclient.fetch("::1", self.port, path,
+        code, body, _ = loadclient.fetch(self.host, self.port, path,
                                          method={"GET": 1, "PUT": 3}[method],
                                          payload=raw, timeout=timeout)
         if not 0x40 <= code < 0x60:
@@ -204,7 +207,7 @@ DEFAULT_QUOTA = False       # --cpu-quota: every server in the quota
 LEGACY_RPS_C64 = 3217
 WEB_EVENT_CLIENTS = False   # --web-event-clients: Python stand-ins, not chromium
 CASES = ("startup", "cold-auto", "stop", "get", "batch", "overhead", "fetch", "soak",
-         "scale", "emulated", "web", "web-load")
+         "attacks", "scale", "emulated", "web", "web-load")
 SERVER_CASES = ("get", "batch", "overhead", "fetch", "soak")
 
 EMULATED_SERVER = """[seabreeze]
@@ -1074,6 +1077,8 @@ def main():
 
     if wanted & set(SERVER_CASES):
         server_cases(a, runs, want)
+    if want("attacks"):
+        attack_rows(runs, a.quick)
     if want("scale"):
         scale_rows(runs, a.quick)
     if want("emulated"):
@@ -1085,6 +1090,58 @@ def main():
     missed = [r for r in ROWS if r[4] == "MISSED"]
     print(f"{len(ROWS)} figures, {len(missed)} targets missed")
     return 1 if missed else 0
+
+
+def attack_rows(runs, quick):
+    """Issue 19b: the outside attacks on issue 19's CoAP layer all at once
+    (bench/hostile.py ``attack_mix``: dedup floods from 17 and 300
+    addresses, slow reads of a recording spectrometer from 8, 2,100 spoofed
+    observers, a power_on flood, a Block2 hog), against a server on
+    127.0.0.1 recording a batch, while a second client GETs /control/status
+    at 50/s; then that client's abort must be answered."""
+    import multiprocessing
+    seconds = 10.0 if quick else 30.0
+    mp = multiprocessing.get_context("fork")
+
+    def attack(dst, stop, out):
+        out.put(hostile.attack_mix(dst, stop, {}))
+    p99s, maxes, aborted, sent, cpu = [], [], [], [], []
+    for _ in range(runs):
+        server = Server(host="127.0.0.1").start()
+        try:
+            server.wait_connected()
+            server.set_times(1000)
+            server.call("PUT", "/control/record_sequence",
+                        {"run": "attacked", "nsequence": 500, "auto": -1, "delay": 0})
+            # the attackers in a process of their own (not this one's GIL)
+            stop, out = mp.Event(), mp.Queue()
+            attacking = mp.Process(target=attack, args=(("127.0.0.1", server.port), stop, out))
+            cpu0 = server.cpu_seconds()
+            attacking.start()
+            try:
+                time.sleep(2.0)
+                status = loadclient.open_loop("127.0.0.1", server.port, "/control/status",
+                                              rate=50, duration=seconds)
+                code, _, _ = loadclient.fetch("127.0.0.1", server.port, "/control/abort",
+                                              timeout=5.0)
+            finally:
+                stop.set()
+                counts = out.get(timeout=60)
+                attacking.join(60)
+            cpu.append((server.cpu_seconds() - cpu0) / (seconds + 2.0) * 100)
+            p99s.append(status["p99_ms"])
+            maxes.append(status["max_ms"])
+            aborted.append(1 if code == 0x45 else 0)
+            sent.append(sum(counts.values()) / (seconds + 2.0))
+        finally:
+            server.stop()
+    row("attack datagrams/s sent meanwhile", sent, "/s", fmt="{:.0f}")
+    row("server CPU during the attacks", cpu, "%", fmt="{:.0f}")
+    row("GET /control/status at 50/s during the attacks: p99", p99s, "ms", "<= 20",
+        lambda m: m <= 20, fmt="{:.2f}")
+    row("GET /control/status at 50/s during the attacks: max", maxes, "ms", fmt="{:.2f}")
+    row("abort during the attacks answered 2.05", aborted, "of 1", "1",
+        lambda m: m == 1, fmt="{:.0f}")
 
 
 def server_cases(a, runs, want):

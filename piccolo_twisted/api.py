@@ -41,6 +41,12 @@ class Resource:
     #: the dedup cache, and it is open to every client like a GET, whatever
     #: ``[access] control_from`` says.
     put_reads: bool = False
+    #: PUT sets a value (a setting, a suspended job, the current run): run
+    #: again it leaves the same state and gives the same answer, so a
+    #: duplicate may simply be run again (RFC 7252 4.5 allows it for
+    #: idempotent requests) and it needs no entry in the dedup cache. Still
+    #: a change: ``[access] control_from`` guards it like any PUT.
+    idempotent: bool = False
     #: Served even when every handler slot is taken (abort, pause); the
     #: state and settings (observable resources) are served so anyway.
     urgent: bool = False

@@ -1151,11 +1151,11 @@ class DataDir:
     def resources(self):
         return {
             "datadir": Resource(get=self.get_datadir),
-            "mount": Resource(get=self.get_mount, put=self.set_mount),
+            "mount": Resource(get=self.get_mount, put=self.set_mount, idempotent=True),
             # PUTs that only read (the legacy API's): open to every client
             "all_runs": Resource(put=self.all_runs, put_reads=True),
             "current_run": Resource(get=self.get_current_run, put=self.set_current_run,
-                                    observe=self.current_run),
+                                    observe=self.current_run, idempotent=True),
             "runs": Resource(get=self.run_get, put=self.run_put, parse_path=True,
                              put_reads=True),
         }

@@ -33,7 +33,11 @@ class FileChanged(OSError):
 
 
 def _identity(st):
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """What tells one version of a file from another: a rewrite in place
+    may keep the size and (set back, or on FAT with its 2 s steps) the
+    modification time, but never the status-change time, which only the
+    kernel sets (and utime itself changes)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def identity_of(fd):

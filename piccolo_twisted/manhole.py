@@ -10,8 +10,13 @@ Imported only when the manhole is on: conch costs ~10 MiB.
 Idle connections cannot exhaust the server's descriptors: a connection
 that has not logged in within LOGIN_TIMEOUT seconds is closed (conch's own
 login timeout is 10 h, and it has none before the key exchange), and at
-most MAX_PENDING connections (MAX_PENDING_PER_HOST per host address) may
-be in that state at once; more are closed as they arrive.
+most MAX_PENDING connections (MAX_PENDING_PER_HOST per host: an IPv4
+address or an IPv6 /64, ``hosts.host_of``) may be in that state at once.
+Nor can a few hosts keep the administrator out by holding all of them: when
+all are taken, a connection from a host holding fewer than the host holding
+the most ends one of that host's (the one that has sent the least, the
+oldest of those: an idle connection before one half-way through its key
+exchange). A host at its own share is refused.
 """
 
 import os
@@ -26,6 +31,7 @@ from twisted.cred import portal
 from twisted.logger import Logger
 from twisted.protocols import policies
 
+from .hosts import host_of
 from .statedir import HOST_KEY  # noqa: F401 (the key file's name)
 
 # conch checks every key against cryptography's DSA classes, and since
@@ -189,10 +195,21 @@ class _LoginGuard(policies.ProtocolWrapper):
     """Closes the connection unless it has logged in within LOGIN_TIMEOUT."""
 
     timer = None
+    received = 0                    # bytes from the client so far
+    since = 0.0
 
     def connectionMade(self):
+        self.since = self.factory.clock.seconds()
         self.timer = self.factory.clock.callLater(LOGIN_TIMEOUT, self.expire)
         super().connectionMade()
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        super().dataReceived(data)
+
+    def close(self):
+        abort = getattr(self.transport, "abortConnection", None)
+        (abort or self.transport.loseConnection)()
 
     def logged_in(self):
         wrapped = self.wrappedProtocol
@@ -205,8 +222,7 @@ class _LoginGuard(policies.ProtocolWrapper):
         if not self.logged_in():
             log.info("manhole: {peer} did not log in within {t:.0f} s; closed",
                      peer=self.getPeer(), t=LOGIN_TIMEOUT)
-            abort = getattr(self.transport, "abortConnection", None)
-            (abort or self.transport.loseConnection)()
+            self.close()
 
     def connectionLost(self, reason):
         if self.timer is not None and self.timer.active():
@@ -233,16 +249,41 @@ class LoginGuardFactory(policies.WrappingFactory):
         self.per_host_count = {}
 
     def buildProtocol(self, addr):
-        host = getattr(addr, "host", None)
-        if (len(self.pending) >= self.cap
-                or self.per_host_count.get(host, 0) >= self.per_host):
+        address = getattr(addr, "host", None)
+        host = host_of(address) if isinstance(address, str) else address
+        held = self.per_host_count.get(host, 0)
+        if held >= self.per_host:
             log.info("manhole: connection from {host} refused: {n} not logged in yet",
-                     host=host, n=self.per_host_count.get(host, 0))
+                     host=address, n=held)
             return None
+        if len(self.pending) >= self.cap:
+            victim = self._victim(held)
+            if victim is None:
+                log.info("manhole: connection from {host} refused: {n} connections "
+                         "not logged in yet", host=address, n=len(self.pending))
+                return None
+            log.info("manhole: {peer} closed, not logged in, for {host} (fair share "
+                     "of the {cap} connections)", peer=victim.getPeer(), host=address,
+                     cap=self.cap)
+            self.settled(victim)
+            victim.close()
         guard = super().buildProtocol(addr)
+        if guard is None:
+            return None
         self.pending[guard] = host
         self.per_host_count[host] = self.per_host_count.get(host, 0) + 1
         return guard
+
+    def _victim(self, held):
+        """A connection to end for a host holding ``held``: of the hosts
+        holding the most (more than ``held``), the one that has sent the
+        least, the oldest first; None when no host holds more."""
+        most = max(self.per_host_count.values(), default=0)
+        if most <= held:
+            return None
+        hosts = {h for h, n in self.per_host_count.items() if n == most}
+        return min((g for g, h in self.pending.items() if h in hosts),
+                   key=lambda g: (g.received, g.since), default=None)
 
     def settled(self, guard):
         """``guard``'s login time is over (logged in, closed or expired)."""

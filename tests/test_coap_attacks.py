@@ -60,6 +60,45 @@ def paced(sends, per_batch=100, pause=0.005):
             time.sleep(pause)
 
 
+def in_step(sends, received, per_batch=64, timeout=60.0):
+    """Send ``(sock, datagram)`` pairs ``per_batch`` at a time, each batch
+    once the server has received every datagram before it (``received()``,
+    its count): never more in the kernel's buffer than it holds, however
+    late a loaded machine lets the server read (a burst paced by the
+    test's clock lost datagrams then, and counts were the machine's
+    speed)."""
+    base = received()
+    for start in range(0, len(sends), per_batch):
+        for sock, data in sends[start:start + per_batch]:
+            sock.send(data)
+        sent = min(start + per_batch, len(sends))
+        deadline = time.monotonic() + timeout
+        while received() - base < sent:
+            assert time.monotonic() < deadline, \
+                f"the server read {received() - base} of {sent} datagrams"
+            time.sleep(0.001)
+
+
+def answer_to(dst, datagram, sock, timeout=60.0, every=2.0):
+    """The answer to the CON ``datagram`` (its message ID), as a client
+    waits for it: retransmitted every ``every`` s (RFC 7252 4.2) until it
+    comes, late answers to earlier requests skipped; None after
+    ``timeout``."""
+    mid = hostile.parse(datagram)[2]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.send(datagram)
+        until = min(deadline, time.monotonic() + every)
+        while True:
+            left = until - time.monotonic()
+            data = _next_datagram(sock, left) if left > 0 else None
+            if data is None:
+                break
+            if hostile.parse(data)[2] == mid:
+                return data
+    return None
+
+
 def ask(dst, datagram, sock, tries=4, timeout=2.0):
     """One CON request as a client sends it: retransmitted (same message
     ID) until answered, RFC 7252 4.2; the answer, or None."""
@@ -186,26 +225,37 @@ class WholeServerAttacks(LoopbackServerCase):
         flooder = self.udp("127.0.4.2")
         pause = hostile.request(4242, "control/pause", token=b"q")
 
+        def received():
+            return self.proto.stats["received"]
+
         def scenario():
+            # every answer waited for by its message ID, however long a
+            # loaded server takes (a 2 s wait returned None, or the late
+            # answer to an earlier request), and the flood sent in step
+            # with the server's reading (none of it lost in the kernel)
             deadline = time.monotonic() + 20
+            mid = 7
             while True:                 # pause while the batch waits between sequences
-                status = hostile.exchange(self.dst, hostile.request(
-                    7, "control/status", token=b"w"), sock=client)
+                mid += 1
+                status = answer_to(self.dst, hostile.request(
+                    mid, "control/status", token=b"w"), sock=client)
                 if status and json.loads(hostile.parse(status)[5]) == "waiting":
                     break
                 assert time.monotonic() < deadline, "the batch never waited"
                 time.sleep(0.05)
-            first = hostile.exchange(self.dst, pause, sock=client)
-            paced([(flooder, hostile.request(i & 0xFFFF, "control/numSequences",
-                                             code=PUT, payload=b"1", token=b"f"))
-                   for i in range(4000)])
-            time.sleep(0.5)
+            first = answer_to(self.dst, pause, sock=client)
+            # requests that must not run twice (a PUT that sets a value,
+            # numSequences as the attack sent, needs no entry now)
+            flooded = received()
+            in_step([(flooder, hostile.request(i & 0xFFFF, "sysinfo/clock",
+                                               code=PUT, payload=b'"x"', token=b"f"))
+                     for i in range(4000)], received, per_batch=50)
+            flooded = received() - flooded
             drain(flooder)
-            again = hostile.exchange(self.dst, pause, sock=client)
-            return first, again
-        received = self.proto.stats["received"]
-        first, again = yield self.in_thread(scenario)
-        self.assertGreater(self.proto.stats["received"] - received, 3500)
+            again = answer_to(self.dst, pause, sock=client)
+            return first, again, flooded
+        first, again, flooded = yield self.in_thread(scenario)
+        self.assertGreaterEqual(flooded, 4000)
         self.assertIsNotNone(first)
         self.assertEqual(again, first)
         # paused once (a second pause would have resumed it)
@@ -228,9 +278,16 @@ class WholeServerAttacks(LoopbackServerCase):
                          for i in range(256)]
 
         def register():
-            paced([(silent, r) for r in registrations], per_batch=64, pause=0.02)
-            time.sleep(0.5)
-            return drain(silent)
+            # in step with the server's reading (a burst lost registrations
+            # under load), then every answer, however late
+            in_step([(silent, r) for r in registrations],
+                    lambda: self.proto.stats["received"])
+            answers = []
+            while len(answers) < len(registrations):
+                data = _next_datagram(silent, 30)
+                assert data is not None, f"{len(answers)} answers"
+                answers.append(data)
+            return answers
         answers = yield self.in_thread(register)
         registered = sum(1 for a in answers if decode(a).opt.observe is not None)
         self.assertGreater(registered, 200)
@@ -267,8 +324,8 @@ class WholeServerAttacks(LoopbackServerCase):
                     sends.append((sock, hostile.request(
                         (h << 8) | i, "control/numSequences",
                         token=struct.pack("!BH", h, i), observe=0)))
-            paced(sends, per_batch=64, pause=0.02)
-            time.sleep(0.5)
+            # in step with the server's reading: none lost in the kernel
+            in_step(sends, lambda: self.proto.stats["received"])
             return [drain(s) for s in hosts]
         yield self.in_thread(register)
         self.assertEqual(self.proto.observer_count(), protocol.MAX_OBSERVERS)
@@ -496,9 +553,11 @@ class ClockedEndpoint(unittest.TestCase):
             yield task.deferLater(reactor, 0, lambda: None)
             for data in drain(silent):
                 m = decode(data)
-                counts[m.token] = counts.get(m.token, 0) + 1
+                if m.code:                  # (a ping is not a notification)
+                    counts[m.token] = counts.get(m.token, 0) + 1
         for data in drain(silent):
-            counts[decode(data).token] = counts.get(decode(data).token, 0) + 1
+            if decode(data).code:
+                counts[decode(data).token] = counts.get(decode(data).token, 0) + 1
         self.assertEqual(self.proto.observer_count(), 0)
         self.assertEqual(len(counts), 16)
         self.assertLessEqual(max(counts.values()), 1 + protocol.MAX_RETRANSMIT, counts)
@@ -544,7 +603,10 @@ class ClockedEndpoint(unittest.TestCase):
                 drain(s)
         held = sum(1 for t in self.proto.targets.values() for o in t.observers.values()
                    if getattr(o, "hold", None) or getattr(o, "held", None))
-        self.assertLessEqual(held, 16)
+        # at most one hold per observation (every observer fetching must be
+        # held, or its client's transfer breaks: finding 5 of the attack on
+        # issue 19), so holds are bounded by the observations
+        self.assertLessEqual(held, len(socks))
         # every timer the endpoint started in the minute: retransmissions,
         # holds, housekeeping (50 ms re-checks of 64 holds would be 76,800)
         self.assertLess(len(calls), 5000, len(calls))
@@ -578,6 +640,7 @@ class AccessPolicyTests(unittest.SynchronousTestCase):
         self.transport = FakeTransport()
         self.proto.transport = self.transport
         verify(self.proto, "127.0.0.2")
+        verify(self.proto, "127.0.0.1")
 
     def send(self, code, path, peer, payload=b""):
         self.proto.datagramReceived(self.request(code, path=path, payload=payload,

@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from piccolo_twisted.api import Resource
 from piccolo_twisted.coap import _tx
+from piccolo_twisted.coap.exchange import FULL, HOST_FULL, Seen
 from piccolo_twisted.coap.protocol import (DedupCache, FormatError, ServerCoap,
                                            decode)
 from piccolo_twisted.coap.site import Site
@@ -70,6 +71,7 @@ class ProtocolTests(unittest.SynchronousTestCase):
         # verified (the 3x limit has its own tests)
         verify(self.proto, PEER[0])
         verify(self.proto, "::2")
+        verify(self.proto, "2001:db8::2")
 
     def get_a(self):
         self.calls.append("get")
@@ -190,18 +192,22 @@ class ProtocolTests(unittest.SynchronousTestCase):
     def test_dedup_bounded_and_swept(self):
         # bounded per host and in all; an entry is never evicted early (a
         # retransmission must find it), a request without room is refused
-        cache = DedupCache(self.clock, cap=100, share=60, urgent=0)
+        cache = DedupCache(self.clock, cap=100, share=60, open_share=60, urgent=0)
 
         def key(host, i):
             return (i, (host, 40000))
-        first = [cache.admit(key("::1", i), 10) for i in range(1000)]
-        self.assertEqual(sum(s is not None for s in first), 60)
-        second = [cache.admit(key("::2", i), 10) for i in range(100)]
-        self.assertEqual(sum(s is not None for s in second), 40)
+        first = [cache.admit(key("::1", i), "::1", 10) for i in range(1000)]
+        self.assertEqual(sum(isinstance(s, Seen) for s in first), 60)
+        # the refusals say whose fault: the host's own budget, then the cache
+        self.assertEqual(set(first[60:]), {HOST_FULL})
+        second = [cache.admit(key("2001:db8::2", i), "2001:db8::/64", 10)
+                  for i in range(100)]
+        self.assertEqual(sum(isinstance(s, Seen) for s in second), 40)
+        self.assertEqual(set(second[40:]), {FULL})
         self.assertEqual(len(cache), 100)
         cache.answer(first[0], b"r")
         self.assertEqual(cache.get(key("::1", 0)).answer, b"r")
-        self.assertIsNotNone(cache.get(key("::2", 39)))
+        self.assertIsNotNone(cache.get(key("2001:db8::2", 39)))
         self.clock.advance(9)
         cache.expire()
         self.assertEqual(cache.get(key("::1", 0)).answer, b"r")
@@ -399,6 +405,9 @@ class ProtocolTests(unittest.SynchronousTestCase):
         [r] = self.send(request(token=b"zy", mid=4999, observe=0), peer=("::1", 40001))
         self.assertIsNone(r.opt.observe)
         [r] = self.send(request(token=b"zz", mid=5000, observe=0), peer=("::2", 40001))
+        self.assertIsNone(r.opt.observe)        # the same /64
+        [r] = self.send(request(token=b"zz", mid=5001, observe=0),
+                        peer=("2001:db8::2", 40001))
         self.assertIsNotNone(r.opt.observe)
 
     # -- 16: quiet logs -----------------------------------------------------------

@@ -371,10 +371,9 @@ class ScaleWireTests(ServerTestCase):
 
     @coro
     async def test_listings_from_the_index(self):
-        for _ in range(500):
-            if self.service.datadir._built:
-                break
-            await asyncio.sleep(0.02)
+        # the index built (in its thread: seconds under load), whatever
+        # that takes: a look counted below must not be the build's
+        await self.service.datadir._until_built().asFuture(asyncio.get_running_loop())
         calls = []
         real_scandir, real_listdir = os.scandir, os.listdir
 
@@ -393,11 +392,6 @@ class ScaleWireTests(ServerTestCase):
         # listing
         passes = []
         fingerprint = runindex.fingerprint
-        # a save's mtime is taken as settled at once (here the looks come
-        # within RACY_NS of the save on a fast machine, and each look then
-        # rightly checks again: the count would be the machine's speed)
-        self.patch(runindex, "RACY_NS", -1)
-        self.patch(runindex, "RACY_COARSE_NS", -1)
 
         def counting(fd, *rest):
             passes.append(("listdir", fd))
@@ -433,6 +427,12 @@ class ScaleWireTests(ServerTestCase):
         self.patch(pico, "write_atomic", write_atomic)
         await self.put("control/record_sequence", {"run": "big", "nsequence": 1, "auto": -1})
         await self.wait_for("control/status", lambda s: s == "idle")
+        # the first look only once the save's mtime has settled (RACY_NS):
+        # looks within it rightly check the names again, and their count
+        # would be the machine's speed. (Not RACY_NS patched away: a
+        # change by hand below, in the same clock tick as the save on a
+        # fast machine, would then go unseen.)
+        await self.settled(self.run_dir("big"))
         self.assertEqual(len(writers), 2)
         for name in writers:
             self.assertTrue(name.startswith("PoolThread-piccolo-files-"), name)
@@ -469,6 +469,12 @@ class ScaleWireTests(ServerTestCase):
             await self.get("data_dir/runs/big/current_batch")
             await self.put("data_dir/all_runs")
         self.assertEqual(calls, [])
+
+    async def settled(self, path):
+        """Until ``path``'s mtime is old enough for the index to vouch for
+        a listing at once (runindex.stable_mtime), as time passing makes it."""
+        while runindex.stable_mtime(os.stat(path)) is None:
+            await asyncio.sleep(0.005)
 
     async def first_block(self, path):
         """The first 1 KiB block, as a client that returns the server's

@@ -18,6 +18,11 @@ from piccolo_twisted.config import load_instrument_config, load_server_config
 from . import readme
 from .readme import Server, venv_bin
 
+#: the CLI's wait for each answer, pinned (the tests are not about it): its
+#: default 3 s is a server that has just started (importing, connecting the
+#: emulated devices, freezing its heap) on a loaded machine
+STATUS_TIMEOUT = "30"
+
 DEPLOYMENT = [
     # (the README's command, how this test follows it)
     ("sudo apt install python3-venv libusb-1.0-0",
@@ -63,8 +68,8 @@ class DeploymentTests(unittest.TestCase):
 
     def status(self, port):
         """The laptop's first command against the server."""
-        p = subprocess.run([venv_bin("piccolo3"), "status", "--server",
-                            f"coap://127.0.0.1:{port}"],
+        p = subprocess.run([venv_bin("piccolo3"), "status", "--timeout", STATUS_TIMEOUT,
+                            "--server", f"coap://127.0.0.1:{port}"],
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         return p.stdout
@@ -235,8 +240,8 @@ class ReadmeConfigTests(unittest.TestCase):
         server = self.serve([venv_bin("twistd"), "-n", "--pidfile=", "piccolo", "-c", cfg,
                              "-i", path, "-o", os.path.join(self.dir, "data"),
                              "--address", "127.0.0.1", "--port", "0"])
-        p = subprocess.run([venv_bin("piccolo3"), "status", "--server",
-                            f"coap://127.0.0.1:{server.port}"],
+        p = subprocess.run([venv_bin("piccolo3"), "status", "--timeout", STATUS_TIMEOUT,
+                            "--server", f"coap://127.0.0.1:{server.port}"],
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("S_QEP01234", p.stdout)
@@ -257,8 +262,8 @@ class ReadmeConfigTests(unittest.TestCase):
         argv[0] = venv_bin(argv[0])
         argv[-1] = os.path.join(self.dir, "rehearsal")
         server = self.serve(argv + ["--address", "127.0.0.1", "--port", "0"])
-        p = subprocess.run([venv_bin("piccolo3"), "status", "--server",
-                            f"coap://127.0.0.1:{server.port}"],
+        p = subprocess.run([venv_bin("piccolo3"), "status", "--timeout", STATUS_TIMEOUT,
+                            "--server", f"coap://127.0.0.1:{server.port}"],
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("S_FLMT05678", p.stdout)

@@ -2,7 +2,6 @@
 spectrometer front with a synchronous thread stand-in; instrument config."""
 
 import os
-import time
 
 from gpiozero.pins.mock import MockFactory
 from twisted.internet import defer, task
@@ -153,7 +152,34 @@ class ShutterTests(unittest.SynchronousTestCase):
                                   "extra": "closed"})
 
 
+class VirtualTime:
+    """Stands in for the ``time`` module of the simulator and of
+    ``acquire_clean``: time moves on when something sleeps, and by a
+    microsecond each time it is read (code takes some time between two
+    looks), never by the machine's speed or load."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def monotonic(self):
+        self.now += 1e-6
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += max(seconds, 0.0)
+
+
 class SimulatorTests(unittest.SynchronousTestCase):
+    """The simulator's physics on its own timeline (VirtualTime): what
+    these tests measure is the simulated device's timing, not how soon a
+    loaded machine schedules the thread (a clean read once took 80 ms of
+    the machine's time under load)."""
+
+    def setUp(self):
+        from piccolo_twisted.instrument import device, simulator
+        self.time = VirtualTime()
+        self.patch(simulator, "time", self.time)
+        self.patch(device, "time", self.time)
 
     def make(self, serial, lit=None):
         optics = Optics()
@@ -208,7 +234,7 @@ class SimulatorTests(unittest.SynchronousTestCase):
         dev.open()
         dev.set_integration_time(200)
         dev.read()                       # now integrating 200 ms windows
-        time.sleep(0.1)
+        self.time.sleep(0.1)
         optics.set_lit("upwelling", True)
         half, started, ms = dev.read()   # began ~100 ms before the light
         full = self.clean(dev, 200)
@@ -222,10 +248,10 @@ class SimulatorTests(unittest.SynchronousTestCase):
         dev = SimulatedSpectrometer("sim_QEP1", optics, time_scale=1.0)
         dev.open()
         self.clean(dev, 50)
-        time.sleep(0.05)
-        t0 = time.monotonic()
+        self.time.sleep(0.05)
+        t0 = self.time.monotonic()
         r = self.clean(dev, 50)
-        elapsed = time.monotonic() - t0
+        elapsed = self.time.monotonic() - t0
         self.assertEqual(r.acquisitions, 2)
         self.assertLess(elapsed, 0.050 + 0.008 + 0.015)
 
@@ -243,7 +269,7 @@ class SimulatorTests(unittest.SynchronousTestCase):
         self.assertTrue(info.has_tec)
         start = dev.temperature()
         dev.set_tec(True, -10.0)
-        time.sleep(0.05)
+        self.time.sleep(0.05)
         later = dev.temperature()
         self.assertLess(later, start)
         flame, finfo = self.make("sim_FLMT1")

@@ -203,10 +203,18 @@ class HostileCrowdTests(LoopbackServerCase):
             try:
                 answers = [self.exchange(coap(100, "data_dir/current_run", body[:16],
                                               token=b"v", block1=(0, 1, 0)), victim)]
-                for i, sock in enumerate(socks):     # 100 uploads begun, never ended
+                # 100 uploads begun, never ended: all read by the server
+                # before the victim goes on (a 0.3 s wait let a loaded
+                # server read them after it: the test then tested nothing)
+                stats = self.service.coap.protocol.stats
+                base = stats["received"]
+                for i, sock in enumerate(socks):
                     sock.send(coap(i, "control/delay", b" " * 16, token=b"x",
                                    block1=(0, 1, 0)))
-                hostile.time.sleep(0.3)
+                deadline = hostile.time.monotonic() + 30
+                while stats["received"] - base < len(socks):
+                    assert hostile.time.monotonic() < deadline, "uploads not read"
+                    hostile.time.sleep(0.005)
                 for n in range(1, 4):
                     chunk = body[16 * n:16 * (n + 1)]
                     answers.append(self.exchange(

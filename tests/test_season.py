@@ -20,8 +20,8 @@ DAYS = 3650 if LONG else 365
 LAST_LINE = re.compile(r"^(\d+(?:\.\d+)?) days, (\d+) batches, (\d+) faults, (\d+) violations$")
 
 
-class SeasonTests(unittest.TestCase):
-    """One subprocess per seed: the console script as a user runs it."""
+class SeasonRunner:
+    """One subprocess per season: the console script as a user runs it."""
 
     timeout = 3600 * 4 if LONG else 600
 
@@ -42,12 +42,24 @@ class SeasonTests(unittest.TestCase):
         self.assertGreater(int(m.group(3)), days)
 
 
+class SeasonTests(SeasonRunner, unittest.TestCase):
+    pass
+
+
 for _seed in SEEDS:
     def _test(self, seed=_seed):
         self.season(seed)
     _test.__name__ = f"test_seed_{_seed}_{DAYS}_days"
     setattr(SeasonTests, _test.__name__, _test)
 del _seed, _test
+
+
+class ReplayTests(SeasonRunner, unittest.TestCase):
+    """Seasons that once found a violation, replayed to just past it."""
+
+    def test_seed_930188_an_unanswered_unsuspend_then_a_reboot_with_the_clock_behind(self):
+        # day 196.2: the check went on from where the job was suspended
+        self.season(930188, days=197)
 
 
 class SeasonCanFailTests(unittest.SynchronousTestCase):

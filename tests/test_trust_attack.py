@@ -728,10 +728,15 @@ class StatusWatchTemperatureTests(ServerTestCase):
         watching = asyncio.ensure_future(run(["--server", self.base, "status", "--watch",
                                               "--updates", "1"], out=out, err=out))
         spec = self.service.instrument.spectrometers.by_name[qep]
-        for _ in range(300):                  # the first screen, then the observations
-            if "last fault" in out.getvalue() and spec.temperature._watchers:
-                break
+        # the first screen, then the observations (the readings' is the
+        # last the watch registers), however long a loaded machine takes: a
+        # 3 s poll fell through, and a reading before that registration was
+        # never notified (the watch then waited its 10 s refresh)
+        deadline = time.monotonic() + 30
+        while not ("last fault" in out.getvalue() and spec.temperature._watchers) \
+                and time.monotonic() < deadline and not watching.done():
             await asyncio.sleep(0.01)
+        self.assertTrue(spec.temperature._watchers, out.getvalue())
         first = out.getvalue()
         self.assertRegex(first, rf"(?m)^{qep}\s+idle;.*; temperature -?\d+\.\d °C "
                                 r"\(read \d\d:\d\d:\d\d\)")

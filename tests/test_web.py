@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import zipfile
 
@@ -387,16 +388,30 @@ class EventTests(WebTestCase):
             self.assertEqual(state["spectrometer/S_sim_QEP00981/status"], 6)
             self.assertIsNone(state["spectrometer/S_sim_QEP00981/last_spectrum/upwelling"]["kind"])
             self.assertIn("disk_free", state["sysinfo/health"])
-            # a batch: its status changes and every channel's spectra arrive
-            reader = asyncio.ensure_future(in_thread(
-                read_events, self.http,
-                lambda ev: len({p for p, v in ev if "/last_dark/" in p
-                                and v["kind"] == "dark" and v["sequence"] == 1}) == 4
-                and len({p for p, v in ev if "/last_spectrum/" in p
-                         and v["kind"] == "light" and v["sequence"] == 1}) == 4
-                and ("control/status", "idle") in ev))
-            await asyncio.sleep(0.5)
-            await self.put("control/record_sequence", {"run": "ev", "nsequence": 2, "auto": -1})
+            # a batch: its status changes and every channel's spectra arrive.
+            # It starts once the stream has its first event, so is in the
+            # hub (a sleep let it start first on a loaded machine); it waits
+            # twice the flush interval between its sequences, so a flush
+            # shows it busy (a fast machine's batch was over before the
+            # first flush, which showed only the end: "idle" again); and the
+            # stream is read to the "idle" after its busy statuses
+            from piccolo_twisted.web import events as ev_module
+            streaming = threading.Event()
+
+            def ended(ev):
+                streaming.set()
+                statuses = [v for p, v in ev if p == "control/status"]
+                busy = [i for i, v in enumerate(statuses) if v != "idle"]
+                return len({p for p, v in ev if "/last_dark/" in p
+                            and v["kind"] == "dark" and v["sequence"] == 1}) == 4 \
+                    and len({p for p, v in ev if "/last_spectrum/" in p
+                             and v["kind"] == "light" and v["sequence"] == 1}) == 4 \
+                    and bool(busy) and "idle" in statuses[busy[0]:]
+            reader = asyncio.ensure_future(in_thread(read_events, self.http, ended))
+            while not streaming.is_set() and not reader.done():
+                await asyncio.sleep(0.01)
+            await self.put("control/record_sequence", {"run": "ev", "nsequence": 2, "auto": -1,
+                                                       "delay": 2 * ev_module.MIN_INTERVAL})
             events = await reader
             statuses = [v for p, v in events if p == "control/status"]
             self.assertIn("idle", statuses[1:])
@@ -424,8 +439,12 @@ class EventTests(WebTestCase):
                              (1024, 1024, 2048))
             # a page opened after the batch (which ended with a dark set) is
             # shown the light spectra, and the darks beside them
+            shown = {f"spectrometer/{s}/{what}/{c}"
+                     for s in ("S_sim_QEP00981", "S_sim_FLMT01234")
+                     for c in ("upwelling", "downwelling")
+                     for what in ("last_spectrum", "last_dark")}
             events = await in_thread(read_events, self.http,
-                                     lambda ev: "sysinfo/health" in dict(ev))
+                                     lambda ev: shown <= set(dict(ev)))
             state = dict(events)
             for s in ("S_sim_QEP00981", "S_sim_FLMT01234"):
                 for c in ("upwelling", "downwelling"):
@@ -650,8 +669,20 @@ class DownloadTests(WebTestCase):
             for i in range(40):
                 with open(os.path.join(run, f"b000000_s{i:06d}_light.pico"), "wb") as f:
                     f.write(payload)
-            s = socket.create_connection(("::1", self.service.web.listening_port))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            # both ends' kernel buffers pinned (the test is not about them):
+            # autotuned, they grew with the machine's speed and sysctls, the
+            # stream pausing and resuming until then, so what was "full"
+            # and how much had gone were the machine's
+            from piccolo_twisted.web import server as web_server
+            made = web_server.Channel.connectionMade
+
+            def pinned(channel):
+                channel.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                made(channel)
+            self.patch(web_server.Channel, "connectionMade", pinned)
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)   # before the handshake
+            s.connect(("::1", self.service.web.listening_port))
             try:
                 s.sendall(b"GET /zip/big HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                 web = self.service.web

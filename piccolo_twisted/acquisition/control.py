@@ -797,7 +797,8 @@ class Control:
 
     def resources(self):
         def setting(obs, setter):
-            return Resource(get=lambda: obs.value, put=setter, observe=obs)
+            return Resource(get=lambda: obs.value, put=setter, observe=obs,
+                            idempotent=True)
         return {
             "status": Resource(get=lambda: self.status.value, observe=self.status),
             "current_sequence": Resource(get=lambda: self.current_sequence.value,
@@ -815,8 +816,8 @@ class Control:
             "auto": Resource(put=self.auto),
             "power_on": Resource(put=self.power_on),
             "power_off": Resource(put=self.power_off),
-            "abort": Resource(get=self.abort, get_acts=True),
-            "pause": Resource(get=self.pause, get_acts=True),
+            "abort": Resource(get=self.abort, get_acts=True, urgent=True),
+            "pause": Resource(get=self.pause, get_acts=True, urgent=True),
             "paused": Resource(get=lambda: self.paused.value, put=self.put_paused,
                                observe=self.paused),
         }

@@ -20,7 +20,7 @@ import hashlib
 import struct
 import zlib
 
-from .limits import Shares
+from .limits import Shares, host_of
 
 MAX_SZX = 6                    # 1024-byte blocks
 BLOCK_LIFETIME = 60.0          # seconds a transfer may idle
@@ -68,11 +68,12 @@ class Transfer:
     """A Block2 body kept for its transfer's later blocks."""
 
     __slots__ = ("key", "host", "body", "content_format", "code", "etag", "size",
-                 "used", "done", "cost", "charge", "shared", "waiters")
+                 "used", "done", "cost", "charge", "shared", "waiters", "token")
 
-    def __init__(self, key, body, content_format, code, now):
+    def __init__(self, key, body, content_format, code, now, token=None):
         self.key = key
-        self.host = key[0][0]
+        self.host = host_of(key[0][0])
+        self.token = token
         self.body = body
         self.content_format = content_format
         self.code = code
@@ -102,6 +103,7 @@ class Transfers:
         self.lifetime = lifetime
         self.entries = collections.OrderedDict()   # key -> Transfer, least recent first
         self.latest = {}                           # (remote, path, method) -> key
+        self.latest_token = {}                     # (remote, path, method, token) -> key
         self.count = Shares(max_entries, entries_per_host)
         self.held = Shares(1 << 62, bytes_per_host)  # bytes each host holds
         self.bodies = {}                           # (len, etag) -> [body, refs]
@@ -110,13 +112,17 @@ class Transfers:
 
     request_key = staticmethod(request_key)
 
-    def get(self, key, follow_up_without_payload=False):
+    def get(self, key, follow_up_without_payload=False, token=None):
         """The transfer for ``key`` (a later block was asked for); or, for
         a follow-up without payload, the peer's latest one on that path and
-        method."""
+        method with that token (two transfers of one endpoint on one path
+        are told apart by their tokens, as libcoap keeps them), else its
+        latest one there (aiocoap takes a new token for every block)."""
         transfer = self.entries.get(key)
         if transfer is None and follow_up_without_payload:
-            latest = self.latest.get(key[:3])
+            latest = self.latest_token.get(key[:3] + (token,))
+            if latest is None:
+                latest = self.latest.get(key[:3])
             if latest is not None:
                 transfer = self.entries.get(latest)
         if transfer is None:
@@ -125,12 +131,13 @@ class Transfers:
         self.entries.move_to_end(transfer.key)
         return transfer
 
-    def put(self, key, body, content_format, code):
-        """Keep ``body`` for ``key`` (its block 0 is being sent). Returns
-        the Transfer, kept or not (a body over the host's share is not:
-        its later blocks are rendered again)."""
+    def put(self, key, body, content_format, code, token=None):
+        """Keep ``body`` for ``key`` (its block 0 is being sent, in answer
+        to a request with ``token``). Returns the Transfer, kept or not (a
+        body over the host's share is not: its later blocks are rendered
+        again)."""
         self.remove(key)
-        transfer = Transfer(key, body, content_format, code, self.clock.seconds())
+        transfer = Transfer(key, body, content_format, code, self.clock.seconds(), token)
         host = transfer.host
         if not is_lazy(body):
             transfer.shared = (len(body), transfer.etag)
@@ -166,6 +173,8 @@ class Transfers:
             self.bytes += transfer.cost
         self.entries[key] = transfer
         self.latest[key[:3]] = key
+        if token is not None:
+            self.latest_token[key[:3] + (token,)] = key
         self.count.take(host)
         self.held.take(host, charge)
         transfer.charge = charge
@@ -205,6 +214,10 @@ class Transfers:
             return
         if self.latest.get(key[:3]) == key:
             del self.latest[key[:3]]
+        if transfer.token is not None:
+            by_token = key[:3] + (transfer.token,)
+            if self.latest_token.get(by_token) == key:
+                del self.latest_token[by_token]
         host = transfer.host
         self.count.release(host)
         self.held.release(host, transfer.charge)
@@ -269,11 +282,12 @@ BlockCache = Transfers
 class Upload:
     """A Block1 request body being reassembled."""
 
-    __slots__ = ("data", "used")
+    __slots__ = ("data", "used", "last")
 
     def __init__(self, now):
         self.data = bytearray()
         self.used = now
+        self.last = None            # number of the last block added
 
 
 class Uploads:
@@ -291,10 +305,10 @@ class Uploads:
 
     def start(self, key):
         """A fresh Upload for ``key``, or None when there is no room."""
-        host = key[0][0]
+        host = host_of(key[0][0])
         self.remove(key)
         if not self.count.host_fits(host):
-            oldest = next(k for k in self.entries if k[0][0] == host)
+            oldest = next(k for k in self.entries if host_of(k[0][0]) == host)
             self.remove(oldest)
         if not self.count.fits(host):
             return None
@@ -307,7 +321,7 @@ class Uploads:
 
     def remove(self, key):
         if self.entries.pop(key, None) is not None:
-            self.count.release(key[0][0])
+            self.count.release(host_of(key[0][0]))
 
     def sweep(self):
         now = self.clock.seconds()

@@ -1,45 +1,63 @@
 """Observe (RFC 7641): registrations, notifications and their end.
 
-- At most MAX_OBSERVERS_PER_HOST observations per host address and
-  MAX_OBSERVERS in all. When all are taken, a host holding less than a
-  fair share (the cap split among the hosts observing, and the newcomer)
-  still registers: the oldest-confirmed observation of the biggest holder
-  ends for it (a 5.03 notification with Max-Age tells that client).
+- At most MAX_OBSERVERS_PER_HOST observations per host and MAX_OBSERVERS
+  in all. An observation is *proven* once its client acknowledged one of
+  its confirmable notifications (their message IDs are unpredictable,
+  exchange.MessageIds: a blind spoofer cannot acknowledge them).
+- When all are taken, a registration from a host holding fewer than the
+  biggest holder still gets in: an observation of a host holding more
+  than the newcomer ends for it (a 5.03 notification with Max-Age tells
+  that client) -- the oldest *unproven* one first. A proven observation
+  ends only for a host holding less while its own host holds more than a
+  fair share (the cap split among the hosts observing), so a crowd of
+  spoofed addresses, each holding one unproven registration, cannot push
+  out the proven observation of a client that is really there.
+- While observations are scarce (half of them taken), a new unproven one
+  gets a confirmable notification of the current value PROBE_DELAY after
+  it registered: a client that is there acknowledges it (proven), a
+  spoofed one does not and its observation ends with the retransmissions.
 - Notifications are confirmable, one in flight per observer. A newer one
   replaces the content of the one in flight but not its retransmission
   state (RFC 7641 4.5.2): it goes out at the next retransmission, or at
   once when the previous one is acknowledged. When the retransmissions give
   up (RFC 7252 4.2, about 93 s) the observation ends (RFC 7641 4.5), and a
-  RST or a GET with Observe=1 ends it too.
+  RST or a GET with Observe=1 ends it too. Until the host is verified,
+  notifications are paid from its credit (limits.Credit): when that runs
+  out, the observation ends.
 - Liveness: an observer that has not acknowledged anything (nor
   re-registered) for OBSERVE_CONFIRM seconds -- 24 h, less when the slots
   are scarce -- gets a CON notification of the current value; if nobody
   acknowledges it, the observation ends.
-- A notification whose body spans several blocks is held while the
-  observer is still fetching the later blocks of the previous one (by plain
-  GETs that name no version: replacing that body would hand the client
-  blocks of another body, RFC 7641 4.2). A hold ends when that transfer
-  ends or idles NOTIFY_HOLD seconds, and after NOTIFY_HOLD_MAX at most;
-  holds are bounded per host and in all (beyond, the notification goes out
-  at once). Nothing polls: a hold is one timer.
+- A notification is held while the observer is still fetching the later
+  blocks of the previous one (by plain GETs that name no version:
+  replacing that body would hand the client blocks of another body and
+  end its observation, RFC 7641 4.2 -- aiocoap raises ResourceChanged).
+  This holds whatever the block size: a body sent in small blocks to a host
+  not yet verified is a transfer too. A hold ends when that transfer ends
+  or idles NOTIFY_HOLD seconds, and after NOTIFY_HOLD_MAX at most. An
+  observer has at most one hold, so holds are bounded by the observations.
+  Nothing polls: a hold is one timer.
 """
+
+import collections
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from .blockwise import etag_of, request_key
 from .codec import GET
-from .limits import Shares
+from .limits import Shares, host_of
 
 MAX_OBSERVERS = 2048           # observations in all
-MAX_OBSERVERS_PER_HOST = 256   # observations one host address may hold
+MAX_OBSERVERS_PER_HOST = 256   # observations one host may hold
 OBSERVE_CONFIRM = 24 * 3600.0  # RFC 7641 4.5: a CON notification at least this often
 SCARCE_CONFIRM = 120.0         # ... when the observations are (nearly) all taken
+SCARCE = 0.5                   # observations taken from which they count as scarce
+PROBE_DELAY = 1.0              # seconds after registering that a scarce one is probed
+VICTIM_SCAN = 64               # unproven observations looked at for one eviction
 NOTIFY_HOLD = 2.0              # seconds an observer's transfer may idle before
                                # a newer notification replaces its body
-NOTIFY_HOLD_MAX = 10.0         # seconds a notification is held at most
-MAX_HELD = 256                 # held notifications in all
-MAX_HELD_PER_HOST = 16         # ... of one host address
+NOTIFY_HOLD_MAX = 30.0         # seconds a notification is held at most
 EVICTED_MAX_AGE = 60           # Max-Age of the 5.03 that ends an evicted observation
 
 
@@ -48,7 +66,7 @@ class Observer:
     and the state of its notifications."""
 
     __slots__ = ("remote", "token", "target", "szx", "request_size", "confirmed",
-                 "outgoing", "hold")
+                 "outgoing", "hold", "host", "proven", "probe")
 
     def __init__(self, remote, token, target, szx, request_size, now):
         self.remote = remote
@@ -59,9 +77,12 @@ class Observer:
         self.confirmed = now              # last registration or acknowledgement
         self.outgoing = None              # exchange.Outgoing of the CON in flight
         self.hold = None                  # Hold while a notification waits
+        self.host = host_of(remote[0])    # whose share it counts against
+        self.proven = False               # its client acknowledged a notification
+        self.probe = None                 # timer of its early notification
 
     @property
-    def host(self):
+    def address(self):
         return self.remote[0]
 
     @property
@@ -104,8 +125,8 @@ class Observations:
     """Every observation of one endpoint. ``endpoint`` provides
     ``render_target(target)`` (a result or a Deferred), ``notification(
     observer, result, seq)`` -> (mid, datagram) fitted to the observer's
-    limits, and ``ended(observer, code, max_age)`` to tell an evicted
-    client."""
+    limits, or None when nothing fits what its address may still be sent,
+    and ``ended(observer, max_age)`` to tell an evicted client."""
 
     log = Logger()
 
@@ -117,7 +138,8 @@ class Observations:
         self.transfers = transfers
         self.targets = {}               # path tuple -> Target
         self.count = Shares(cap, share)
-        self.holds = Shares(MAX_HELD, MAX_HELD_PER_HOST)
+        self.by_host = {}               # host -> {observer: None}, oldest first
+        self.unproven = collections.OrderedDict()   # observer -> None, oldest first
         self.seq = 2
 
     # -- registration -------------------------------------------------------
@@ -135,7 +157,7 @@ class Observations:
             observer.confirmed = now        # a renewal
             observer.request_size = request_size
             return True
-        host = remote[0]
+        host = host_of(remote[0])
         if not self.count.host_fits(host):
             return False
         if not self.count.fits(host) and not self._make_room_for(host):
@@ -144,25 +166,19 @@ class Observations:
         if target is None:
             resource, args, observable = handle
             target = self.targets[path] = Target(self, path, resource, args, observable)
-        target.observers[(remote, token)] = Observer(remote, token, target, szx,
-                                                     request_size, now)
+        observer = Observer(remote, token, target, szx, request_size, now)
+        target.observers[observer.key] = observer
         self.count.take(host)
+        self.by_host.setdefault(host, {})[observer] = None
+        self.unproven[observer] = None
+        if self.count.total >= SCARCE * self.count.cap:
+            observer.probe = self.clock.callLater(PROBE_DELAY, self._probe, observer)
         return True
 
     def _make_room_for(self, host):
-        """All slots taken: a host under its fair share gets one from the
-        biggest holder (its least recently confirmed observation)."""
-        if self.count.of(host) >= self.count.fair():
-            return False
-        biggest, held = self.count.largest()
-        if biggest is None or held <= self.count.of(host) + 1:
-            return False
-        victim = None
-        for target in self.targets.values():
-            for observer in target.observers.values():
-                if observer.host == biggest and (victim is None
-                                                 or observer.confirmed < victim.confirmed):
-                    victim = observer
+        """All observations taken: one of a host holding more than ``host``
+        ends for it (see the module doc); False when none may."""
+        victim = self._victim(host)
         if victim is None:
             return False
         self.log.info("observation of /{path} by {remote} ended for another host "
@@ -173,6 +189,28 @@ class Observations:
         self.endpoint.ended(victim, EVICTED_MAX_AGE)
         return True
 
+    def _victim(self, host):
+        holds = self.count.of(host)
+        # the oldest unproven observations first (spoofed registrations
+        # are never proven): the first whose host holds more
+        for i, observer in enumerate(self.unproven):
+            if i >= VICTIM_SCAN:
+                break
+            if self.count.of(observer.host) > holds:
+                return observer
+        biggest, held = self.count.largest()
+        if biggest is None or held <= holds:
+            return None
+        mine = self.by_host.get(biggest, {})
+        for observer in mine:
+            if not observer.proven:
+                return observer
+        # only proven ones: one goes when its host holds more than a fair
+        # share and the newcomer clearly less
+        if held > self.count.fair() and held > holds + 1:
+            return next(iter(mine), None)
+        return None
+
     def deregister(self, remote, token, path):
         observer = self.find(remote, token, path)
         if observer is not None:
@@ -182,7 +220,17 @@ class Observations:
         target = observer.target
         if target.observers.pop(observer.key, None) is not observer:
             return
-        self.count.release(observer.host)
+        host = observer.host
+        self.count.release(host)
+        mine = self.by_host.get(host)
+        if mine is not None:
+            mine.pop(observer, None)
+            if not mine:
+                del self.by_host[host]
+        self.unproven.pop(observer, None)
+        if observer.probe is not None and observer.probe.active():
+            observer.probe.cancel()
+        observer.probe = None
         self._release_hold(observer)
         if observer.outgoing is not None and not keep_outgoing:
             self.retransmitter.cancel(observer.outgoing)
@@ -202,9 +250,10 @@ class Observations:
 
     # -- acknowledgements -----------------------------------------------------
 
-    def acknowledged(self, observer, ack):
+    def acknowledged(self, observer, ack, trusted=True):
         """An ACK or RST of one of ``observer``'s notifications (``ack``: an
-        exchange.Acknowledged)."""
+        exchange.Acknowledged); ``trusted``: no guessing from its address
+        lately, so an ACK proves the client is there."""
         if not self.is_current(observer):
             return
         if ack.reset:
@@ -213,6 +262,9 @@ class Observations:
             self.drop(observer)
             return
         observer.confirmed = self.clock.seconds()
+        if trusted and not observer.proven:
+            observer.proven = True
+            self.unproven.pop(observer, None)
         observer.outgoing = ack.outgoing if ack.sent_following else None
 
     def gave_up(self, outgoing):
@@ -245,24 +297,33 @@ class Observations:
             if self.is_current(observer):
                 self._notify(observer, result, seq)
 
+    def transfer_key(self, observer):
+        return request_key(observer.remote, observer.target.path, GET, b"", ())
+
     def _notify(self, observer, result, seq):
         code, body, cf = result
         if observer.hold is not None:
             return                      # the newest state follows when it ends
-        if len(body) > (16 << observer.szx):
-            key = request_key(observer.remote, observer.target.path, GET, b"", ())
-            transfer = self.transfers.in_progress(key, NOTIFY_HOLD)
-            if (transfer is not None and transfer.etag != etag_of(body)
-                    and self.holds.fits(observer.host)):
-                self._hold(observer, transfer)
-                return
+        # the client still fetching the later blocks of an earlier body (the
+        # registration's answer or a notification): wait for it to finish
+        transfer = self.transfers.in_progress(self.transfer_key(observer), NOTIFY_HOLD)
+        if transfer is not None and transfer.etag != etag_of(body):
+            self._hold(observer, transfer)
+            return
         message = self.endpoint.notification(observer, result, seq)
         if message is None:
+            # nothing fits what its address may still be sent: the end
+            self.log.debug("observer {remote}: no credit for a notification; dropped",
+                           remote=observer.remote)
+            self.drop(observer)
             return
         mid, data = message
         if observer.outgoing is None:
             observer.outgoing = self.retransmitter.send(
                 observer.remote, mid, data, owner=observer, on_fail=self.gave_up)
+            if observer.outgoing is None:       # could not be paid for
+                self.drop(observer)
+                return
         else:
             self.retransmitter.replace(observer.outgoing, mid, data)
         if not 64 <= code < 96:
@@ -270,11 +331,18 @@ class Observations:
             # itself is still delivered (its exchange goes on)
             self.drop(observer, keep_outgoing=True)
 
+    def _probe(self, observer):
+        """An early CON notification of the current value: does anyone
+        acknowledge it?"""
+        observer.probe = None
+        if (self.is_current(observer) and not observer.proven
+                and observer.outgoing is None and observer.hold is None):
+            self.notify(observer.target, [observer])
+
     # -- holds --------------------------------------------------------------------
 
     def _hold(self, observer, transfer):
         hold = observer.hold = Hold(observer, transfer, self.clock.seconds())
-        self.holds.take(observer.host)
         transfer.waiters.append(lambda: self._release(hold))
         hold.timer = self.clock.callLater(NOTIFY_HOLD, self._check_hold, hold)
 
@@ -304,10 +372,13 @@ class Observations:
         if hold is None:
             return
         observer.hold = None
-        self.holds.release(observer.host)
         if hold.timer is not None and hold.timer.active():
             hold.timer.cancel()
         hold.timer = None
+
+    def held(self):
+        return sum(1 for t in self.targets.values() for o in t.observers.values()
+                   if o.hold is not None)
 
     # -- liveness -----------------------------------------------------------------
 
@@ -315,9 +386,9 @@ class Observations:
         """OBSERVE_CONFIRM, shorter as the slots fill: from half full on it
         falls linearly to SCARCE_CONFIRM when all are taken."""
         fill = self.count.total / self.count.cap
-        if fill <= 0.5:
+        if fill <= SCARCE:
             return OBSERVE_CONFIRM
-        f = min(1.0, (fill - 0.5) / 0.5)
+        f = min(1.0, (fill - SCARCE) / (1 - SCARCE))
         return OBSERVE_CONFIRM - f * (OBSERVE_CONFIRM - SCARCE_CONFIRM)
 
     def sweep(self):
@@ -337,8 +408,12 @@ class Observations:
             target.close()
             for observer in target.observers.values():
                 self._release_hold(observer)
+                if observer.probe is not None and observer.probe.active():
+                    observer.probe.cancel()
+                observer.probe = None
                 observer.outgoing = None
             target.observers.clear()
         self.targets.clear()
         self.count.clear()
-        self.holds.clear()
+        self.by_host.clear()
+        self.unproven.clear()

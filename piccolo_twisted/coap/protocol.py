@@ -3,10 +3,12 @@
 The parts live in their own modules, each with small named records:
 
 - ``codec``     the wire format: strict decoding, encoding of answers;
-- ``exchange``  duplicate detection per peer, retransmission of our CONs;
+- ``exchange``  duplicate detection per peer, message IDs, retransmission
+                of our CONs;
 - ``blockwise`` Block2 bodies in transfer, Block1 uploads;
 - ``observe``   registrations, notifications, their end;
-- ``limits``    per-host shares of every pool, address verification.
+- ``limits``    per-host shares of every pool, verification (Echo, pings)
+                and the credit of addresses not verified.
 
 This module ties them together (DESIGN.md's txThings table, #3-#14): every
 request gets an answer (failures 5.00, refusals 4.00), malformed
@@ -15,10 +17,16 @@ datagrams are dropped (a CON one gets a RST), unknown critical options get
 empty ACK carries no token; NON requests get NON answers.
 
 The order of checks for a request, in one place (:meth:`ServerCoap.request`):
-verification (Echo) -> duplicate? -> admitted to the dedup cache (per-host
-budget) -> options -> later Block2 block from a kept body -> Block1 ->
-access policy -> handler slot (per-host share) -> handler -> answer fitted
-to the 3x limit -> remembered for duplicates.
+verification (Echo, or a proof that came before) -> later Block2 block
+from a kept body -> duplicate? -> admitted to the dedup cache (per-host
+budget; a host not verified that finds the open part full proves itself
+first) -> options -> Block1 -> access policy -> handler slot (per-host
+share; urgent requests have a pool of their own) -> handler -> answer
+fitted to what the address may be sent (a CON request whose answer would
+not fit waits for a ping's proof first) -> remembered for duplicates.
+
+Everything written to an address not verified is paid from its credit
+(:meth:`ServerCoap._write`): 3x what came from it, in total.
 """
 
 import collections
@@ -30,16 +38,19 @@ from . import _tx
 from .blockwise import (MAX_SZX, Transfers, Uploads, body_size, etag_of, is_lazy,
                         request_key)
 from .codec import (ACK, CON, ECHO, EMPTY, GET, KNOWN_OPTIONS, NON, PROXY_SCHEME,
-                    PROXY_URI, RST, SIZE1, Block, FormatError, Reply, TooManyOptions,
-                    decode, empty, encode, read_uint)
-from .exchange import EXCHANGE_LIFETIME, NON_LIFETIME, Dedup, Retransmitter
-from .limits import AMPLIFICATION, Shares, Verifier
+                    PROXY_URI, REQUEST_TAG, RST, SIZE1, Block, FormatError, Reply,
+                    TooManyOptions, decode, empty, encode, read_uint)
+from .exchange import (EXCHANGE_LIFETIME, FULL, HOST_FULL, NON_LIFETIME, Dedup,
+                       MessageIds, Retransmitter, Seen)
+from .limits import (AMPLIFICATION, PROOF_INTERVAL, PROOF_WAIT, Credit,  # noqa: F401
+                     Proofs, Shares, Verifier, host_of)
 from .observe import Observations
 
 # the names the first version exported (tests, tools)
 from .blockwise import BLOCK_CACHE_BYTES, BLOCK_ENTRY, BLOCK_LIFETIME, BlockCache  # noqa: F401
 from .codec import MAX_OPTIONS, _extended  # noqa: F401
-from .exchange import ACK_TIMEOUT, DEDUP_BYTES, DEDUP_MAX, MAX_RETRANSMIT  # noqa: F401
+from .exchange import (ACK_TIMEOUT, DEDUP_BYTES, DEDUP_MAX, DEDUP_PER_HOST,  # noqa: F401
+                       MAX_RETRANSMIT)
 from .limits import VERIFIED_MAX  # noqa: F401
 from .observe import MAX_OBSERVERS, MAX_OBSERVERS_PER_HOST, OBSERVE_CONFIRM  # noqa: F401
 
@@ -49,9 +60,11 @@ MAX_OBSERVERS_PER_PEER = MAX_OBSERVERS_PER_HOST
 ACK_DELAY = 0.5                # a slower handler gets an empty ACK first
 MAX_BODY = 64 * 1024           # largest Block1 request body accepted
 HOUSEKEEPING = 10.0            # seconds between sweeps
-MAX_PENDING = 256              # handlers running, all hosts
-MAX_PENDING_PER_HOST = 32      # ... of one host address
-MAX_URGENT = 64                # urgent handlers running beyond those (abort, status, settings)
+MAX_PENDING = 512              # handlers running, all hosts ...
+OPEN_PENDING = 384             # ... of which hosts not verified may hold
+MAX_PENDING_PER_HOST = 32      # ... of one host
+MAX_URGENT = 1024              # urgent handlers running besides (abort, status, settings)
+OPEN_URGENT = 768
 MAX_URGENT_PER_HOST = 8
 BUSY_MAX_AGE = 2               # seconds a 5.03 "busy" asks a client to wait
 DEDUP_MAX_AGE = 30             # ... when its host has used its dedup budget
@@ -59,9 +72,11 @@ MAX_QUEUED_BYTES = 512 * 1024  # requests waiting for a busy host's handlers
 QUEUED_PER_HOST = 128 * 1024
 QUEUED_ENTRY = 2048            # estimated bytes of one waiting request
 QUEUE_WAIT = 1.5               # seconds a request may wait (< ACK_TIMEOUT)
+PROOF_WAITERS = 256            # requests of one address waiting for its proof
+AWAITING_MAX = 4096            # ... of all addresses
+PING_COST = 8                  # a ping and its one repetition, paid by the request
 
 DedupCache = Dedup
-
 
 
 def cut_text(text, room):
@@ -75,20 +90,24 @@ def cut_text(text, room):
         return b""
     return cut[:space].rstrip(b" ([:,;")
 
+
 class Request:
     """One request on its way through the layer."""
 
-    __slots__ = ("msg", "remote", "path", "verified", "limit", "seen", "separate",
-                 "answered", "block_key", "observe", "urgent")
+    __slots__ = ("msg", "remote", "path", "verified", "seen", "separate",
+                 "answered", "block_key", "observe", "urgent", "host", "spent",
+                 "credit", "prove", "arrived")
 
-    def __init__(self, msg, remote, path, verified):
+    def __init__(self, msg, remote, path, verified, credit):
         self.msg = msg
         self.remote = remote
         self.path = path
-        self.verified = verified
-        # RFC 9175 2.4 / RFC 7252 11.3: until the host is verified, an
-        # answer is at most 3x the request (CON or NON)
-        self.limit = None if verified else AMPLIFICATION * msg.size
+        self.verified = verified    # the address is verified (may become so meanwhile)
+        self.host = host_of(remote[0])  # whose shares it counts against
+        self.spent = 0              # bytes sent for it (the 3x limit)
+        self.credit = credit        # limits.Credit: what the address may still be sent
+        self.prove = False          # ping the address once answered
+        self.arrived = None         # when it came (the empty ACK's deadline)
         self.seen = None            # exchange.Seen for a deduplicated request
         self.separate = False       # an empty ACK went out: answer as CON
         self.answered = False
@@ -97,8 +116,18 @@ class Request:
         self.urgent = False
 
     @property
-    def host(self):
+    def address(self):
         return self.remote[0]
+
+    @property
+    def limit(self):
+        """RFC 9175 2.4 / RFC 7252 11.3: until the address is verified, an
+        answer (with all that went out for the request before it) is at
+        most 3x the request, CON or NON. None: no limit."""
+        if self.verified:
+            return None
+        return min(AMPLIFICATION * self.msg.size - self.spent,
+                   self.credit.remaining(self.remote[0]))
 
 
 class Waiting:
@@ -107,7 +136,7 @@ class Waiting:
     __slots__ = ("start", "give_up", "cost", "timer")
 
     def __init__(self, start, give_up, cost):
-        self.start = start
+        self.start = start          # start(verified tier of the slot it gets)
         self.give_up = give_up
         self.cost = cost
         self.timer = None
@@ -134,11 +163,15 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self.dedup = Dedup(clock)
         self.transfers = Transfers(clock)
         self.uploads = Uploads(clock)
+        self.mids = MessageIds()
         self.retransmitter = Retransmitter(clock, self._write)
         self.verifier = Verifier(clock)
+        self.credit = Credit()
+        self.proofs = Proofs(clock, self.verifier, self._send_ping, self.mids.next)
+        self.awaiting = {}          # (mid, remote) -> Request waiting for its proof
         self.observations = Observations(clock, self, self.retransmitter, self.transfers)
-        self.slots = Shares(MAX_PENDING, MAX_PENDING_PER_HOST)
-        self.urgent_slots = Shares(MAX_URGENT, MAX_URGENT_PER_HOST)
+        self.slots = Shares(MAX_PENDING, MAX_PENDING_PER_HOST, OPEN_PENDING)
+        self.urgent_slots = Shares(MAX_URGENT, MAX_URGENT_PER_HOST, OPEN_URGENT)
         self.queued = {}            # host -> deque of Waiting
         self.queue = Shares(MAX_QUEUED_BYTES, QUEUED_PER_HOST)
         self.stats = collections.Counter()
@@ -172,6 +205,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         # go out, nor start retransmitting, once stopped
         self.observations.stop()
         self.retransmitter.stop()
+        self.proofs.stop()
+        self.awaiting.clear()
         for queue in self.queued.values():
             for waiting in queue:
                 if waiting.timer is not None and waiting.timer.active():
@@ -192,6 +227,12 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def datagramReceived(self, data, remote):
         self.stats["received"] += 1
+        verified, due = self.verifier.state(remote[0])
+        if not verified:
+            # what may be sent to an address not verified: 3x what came from it
+            self.credit.received(remote[0], len(data))
+        elif due:
+            self.proofs.start(remote)       # still here: a new proof before it lapses
         try:
             msg = decode(data)
         except TooManyOptions as e:
@@ -206,7 +247,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 self._write(empty(RST, int.from_bytes(data[2:4], "big")), remote)
             return
         try:
-            self.handle_message(msg, remote)
+            self.handle_message(msg, remote, verified)
         except Exception:
             self.log.failure("unexpected error handling a datagram from {remote}",
                              remote=remote)
@@ -216,33 +257,46 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         (no dedup entry, no state): a few bytes, never more than came in."""
         if msg.mtype in (CON, NON) and 1 <= msg.code < 32:
             mtype = ACK if msg.mtype == CON else NON
-            mid = msg.mid if msg.mtype == CON else self.nextMessageID()
+            mid = msg.mid if msg.mtype == CON else self._own_mid(remote)
             self._write(encode(mtype, _tx.BAD_OPTION, mid, msg.token), remote)
         elif msg.mtype == CON:
             self._write(empty(RST, msg.mid), remote)
 
-    def handle_message(self, msg, remote):
+    def handle_message(self, msg, remote, verified=None):
         mtype, code = msg.mtype, msg.code
         if mtype == CON or mtype == NON:
             if 1 <= code < 32:
-                self.request(msg, remote)
+                self.request(msg, remote, verified)
             elif mtype == CON:
                 # CoAP ping, or a response/reserved code we never asked for
                 self._write(empty(RST, msg.mid), remote)
         elif code == EMPTY or 64 <= code < 192:
             # ACK or RST for something we sent (#12: requests here ignored)
+            if self.proofs.answered(remote, msg.mid):
+                return                  # a ping's answer: the address is verified
             ack = self.retransmitter.acknowledge(msg.mid, remote, reset=(mtype == RST))
-            if ack is not None and ack.outgoing.owner is not None:
-                self.observations.acknowledged(ack.outgoing.owner, ack)
+            if ack is None:
+                if not self.retransmitter.knows(msg.mid, remote):
+                    # matches nothing we sent: a guess (no ping of this
+                    # address may be answered for a while)
+                    self.stats["guesses"] += 1
+                    self.proofs.guessed(remote)
+                return
+            if ack.outgoing.owner is not None:
+                self.observations.acknowledged(ack.outgoing.owner, ack,
+                                               self.proofs.trusted(remote[0]))
 
     # backwards-compatible name
     handleMessage = handle_message
 
     # -- one request -----------------------------------------------------------
 
-    def request(self, msg, remote):
+    def request(self, msg, remote, verified=None):
         path = msg.path()
-        req = Request(msg, remote, path, self.verifier.check(remote[0], msg.first(ECHO)))
+        if not verified:
+            verified = self.verifier.check(remote[0], msg.first(ECHO))
+        req = Request(msg, remote, path, verified, self.credit)
+        req.arrived = self.clock.seconds()
         if not self._served_from_transfer(req) and self._admitted(req):
             self._handle_safely(req)
 
@@ -258,7 +312,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             return False
         req.block_key = request_key(req.remote, req.path, msg.code, msg.payload,
                                     msg.options.get(_tx.URI_QUERY, ()))
-        transfer = self.transfers.get(req.block_key, not msg.payload)
+        transfer = self.transfers.get(req.block_key, not msg.payload, msg.token)
         if transfer is None:
             return False
         self._send_body(req, transfer.code, transfer.body, transfer.content_format,
@@ -266,12 +320,18 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         return True
 
     def _admitted(self, req):
-        """Duplicate detection (RFC 7252 4.5): a request that may act is
-        answered from the dedup cache when seen before, and is run only
-        with a dedup entry (its host within its budget). A GET without
-        effects is simply answered again."""
+        """Duplicate detection (RFC 7252 4.5): a request whose second run
+        would do harm is answered from the dedup cache when seen before,
+        and is run only with a dedup entry (its host within its budget). A
+        request without effects, or one that sets a value, is simply run
+        again (``Site.safe``)."""
         msg = req.msg
         if req.path is not None and self.site.safe(msg.code, req.path):
+            return True
+        block1 = msg.block(_tx.BLOCK1)
+        if block1 is not None and block1.more:
+            # a Block1 block before the last only adds to the upload (its
+            # repetition is answered 2.31 again): the last one runs
             return True
         key = (msg.mid, req.remote)
         seen = self.dedup.get(key)
@@ -280,16 +340,43 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if seen.answer is not None:
                 self._write(seen.answer, req.remote)
             return False
+        if key in self.awaiting:
+            # waiting for its address's proof: the answer comes soon
+            self.stats["duplicates"] += 1
+            return False
+        return self._admit(req, key)
+
+    def _admit(self, req, key):
+        msg = req.msg
         urgent = req.path is not None and self.site.urgent(req.path)
         lifetime = EXCHANGE_LIFETIME if msg.mtype == CON else NON_LIFETIME
-        req.seen = self.dedup.admit(key, lifetime, urgent)
-        if req.seen is None:
-            self.stats["dedup_refused"] += 1
-            self._reply(req, _tx.SERVICE_UNAVAILABLE,
-                        "too many requests from this host in the last minutes; "
-                        "try again later", max_age=DEDUP_MAX_AGE)
+        result = self.dedup.admit(key, req.host, lifetime, urgent, req.verified)
+        if isinstance(result, Seen):
+            req.seen = result
+            if req.separate:
+                self.dedup.answer(result, empty(ACK, msg.mid))
+            if not req.verified:
+                # a verified host has a bigger budget: a ping after the
+                # answer proves it (every CoAP client answers one); a burst
+                # that reaches the budget first waits for a ping of its own
+                req.prove = True
+            return True
+        if self._await_proof(req, lambda: self._resume_admit(req, key)):
+            # over what a host not verified may hold: a verified one may
+            # hold more (its budget, the rest of the cache)
             return False
-        return True
+        self.stats["dedup_refused"] += 1
+        if result == HOST_FULL:
+            text = ("too many requests from this host in the last minutes; "
+                    "try again later")
+        else:
+            text = "server busy: too many requests from other hosts; try again later"
+        self._reply(req, _tx.SERVICE_UNAVAILABLE, text, max_age=DEDUP_MAX_AGE)
+        return False
+
+    def _resume_admit(self, req, key):
+        if self._admit(req, key):
+            self._handle_safely(req)
 
     def _handle_safely(self, req):
         """Every request is answered: an exception anywhere in the request
@@ -332,6 +419,11 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         if block1 is not None and block1.szx == 7:
             # RFC 7959 2.2: reserved, 4.00 even on a lone final block 0
             return self._reply(req, _tx.BAD_REQUEST, "Block1 size exponent 7 is reserved")
+        size1 = msg.first(SIZE1)
+        if size1 is not None and read_uint(size1) > self.max_body:
+            # RFC 7959 4: a body announced too large is refused before it comes
+            return self._reply(req, _tx.REQUEST_ENTITY_TOO_LARGE,
+                               f"request body over {self.max_body} bytes", size1=self.max_body)
         payload = msg.payload
         if block1 is not None and (block1.num or block1.more):
             payload = self._collect_block1(req, block1)
@@ -348,6 +440,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         observe = msg.observe() if msg.code == GET else None
         if observe == 0 and msg.mtype == NON and not req.verified:
             observe = None          # no notifications to an unverified NON client
+            req.prove = True        # (its next one, perhaps)
         req.observe = observe
         req.urgent = self.site.urgent(path)
         self._run(req, lambda: self.site.handle(msg.code, path, payload,
@@ -358,32 +451,43 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         something, or None."""
         if self.access is None or not self.site.may_change(req.msg.code, req.path):
             return None
-        return self.access.refusal(req.host)
+        return self.access.refusal(req.address)
 
     # -- handler slots -------------------------------------------------------------
 
     def _run(self, req, handle, deliver=None):
-        """Run the handler if a slot is free for the host (urgent requests
-        have their own pool); a host at its share waits a moment for one of
-        its own to finish; otherwise 5.03. ``deliver`` takes the result
+        """Run the handler if a slot is free for the host. Urgent requests
+        (abort, pause, the state and settings) have a pool of their own and
+        may use the common one too, so they are refused only when their own
+        host has both shares full. A host at its share waits a moment for
+        one of its own to finish; an address not verified that finds the
+        open part of the pools full proves itself first (a ping) and then
+        uses the rest; otherwise 5.03. ``deliver`` takes the result
         (default: answer the request with it)."""
-        host = req.host
-        pool = self.urgent_slots if req.urgent else self.slots
-        if pool.fits(host):
-            return self._call(req, handle, pool, deliver)
+        host, verified = req.host, req.verified
+        pools = (self.urgent_slots, self.slots) if req.urgent else (self.slots,)
+        for pool in pools:
+            if pool.fits(host, 1, verified):
+                return self._call(req, handle, pool, deliver)
+        slots = self.slots
         cost = req.msg.size + QUEUED_ENTRY
-        if not req.urgent and not pool.host_fits(host) and self._queue_room(host, cost):
-            # the host's handlers are all busy (a crowd behind one address,
-            # e.g. 200 clients fetching a file at once): the request waits
-            # a moment for one of them to finish rather than fail at once
-            # (aiocoap gives up on a 5.03)
-            return self._wait_for_slot(req, handle, cost, deliver)
+        if not slots.host_fits(host):
+            if self._queue_room(host, cost):
+                # the host's handlers are all busy (a crowd behind one
+                # address, e.g. 200 clients fetching a file at once): the
+                # request waits a moment for one of them to finish rather
+                # than fail at once (aiocoap gives up on a 5.03)
+                return self._wait_for_slot(req, handle, cost, deliver)
+            return self._busy(req, mine=True)
+        if self._await_proof(req, lambda: self._run(req, handle, deliver)):
+            return
         self._busy(req)
 
-    def _busy(self, req):
+    def _busy(self, req, mine=False):
         self.stats["busy"] += 1
-        self._reply(req, _tx.SERVICE_UNAVAILABLE, "server busy; try again",
-                    max_age=BUSY_MAX_AGE)
+        self._reply(req, _tx.SERVICE_UNAVAILABLE,
+                    "too many requests from this host in progress; try again" if mine
+                    else "server busy; try again", max_age=BUSY_MAX_AGE)
 
     def _queue_room(self, host, cost):
         """Room in the wait queue: a host may use what nobody else needs;
@@ -404,8 +508,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
     def _call(self, req, handle, pool, deliver=None):
         result = handle()
         if isinstance(result, defer.Deferred):
-            pool.take(req.host)
-            self._await(self._holding_slot(req.host, pool, result), req, deliver)
+            pool.take(req.host, 1, req.verified)
+            self._await(self._holding_slot(req.host, pool, result, req.verified),
+                        req, deliver)
         elif deliver is not None:
             deliver(result)
         else:
@@ -418,8 +523,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         host = req.host
         queue = self.queued.setdefault(host, collections.deque())
 
-        def start():
-            self._await(self._holding_slot(host, self.slots, defer.maybeDeferred(handle)),
+        def start(verified):
+            self._await(self._holding_slot(host, self.slots, defer.maybeDeferred(handle),
+                                           verified),
                         req, deliver)
 
         def give_up():
@@ -427,15 +533,16 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if not queue:
                 del self.queued[host]
             self.queue.release(host, cost)
-            self._busy(req)
+            self._busy(req, mine=True)
         waiting = Waiting(start, give_up, cost)
         queue.append(waiting)
         self.queue.take(host, cost)
         waiting.timer = self.clock.callLater(QUEUE_WAIT, give_up)
 
-    def _holding_slot(self, host, pool, d):
-        """``d`` holds one of ``host``'s slots until it fires; the slot then
-        goes to the host's next waiting request, if any."""
+    def _holding_slot(self, host, pool, d, verified):
+        """``d`` holds one of ``host``'s slots (taken in the ``verified``
+        tier) until it fires; the slot then goes to the host's next waiting
+        request, if any."""
         def finished(passthrough):
             queue = self.queued.get(host) if pool is self.slots else None
             if queue:
@@ -446,11 +553,59 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 waiting.timer.cancel()
                 # from the reactor: a long queue of quick handlers must not
                 # run nested in one another's callbacks
-                self.clock.callLater(0, waiting.start)
+                self.clock.callLater(0, waiting.start, verified)
             else:
-                pool.release(host)
+                pool.release(host, 1, verified)
             return passthrough
         return d.addBoth(finished)
+
+    # -- verification by ping --------------------------------------------------------
+
+    def _await_proof(self, req, resume):
+        """For a CON request from an address not verified, whose answer (or
+        admission) needs more than the address may be sent: a ping
+        (limits.Proofs), and ``resume()`` once the address is verified or
+        the ping went unanswered (then the answer is fitted to the 3x
+        limit). The request is not acknowledged meanwhile: its answer is
+        still piggybacked in the ACK, within PROOF_WAIT, before the client
+        retransmits (libcoap 4.3 cannot take a separate response that
+        starts a Block2 transfer). False when that cannot be (NON,
+        verified already, no ping possible): the caller goes on without it."""
+        msg = req.msg
+        if req.verified or msg.mtype != CON or req.answered:
+            return False
+        address = req.address
+        if len(self.awaiting) >= AWAITING_MAX:
+            return False
+        if address not in self.proofs.pending:
+            if not self.proofs.available(address) or req.limit < PING_COST:
+                return False
+        elif len(self.proofs.pending[address].waiters) >= PROOF_WAITERS:
+            return False
+        key = (msg.mid, req.remote)
+
+        def proven(verified):
+            if self.awaiting.get(key) is req:
+                del self.awaiting[key]
+            req.verified = req.verified or verified or self.verifier.is_verified(address)
+            try:
+                resume()
+            except Exception:
+                self._internal_error(req)
+        starting = address not in self.proofs.pending
+        if not self.proofs.wait(req.remote, proven):
+            return False        # no ping went out after all: carry on without
+        if starting:
+            req.spent += PING_COST
+        self.stats["proofs_awaited"] += 1
+        self.awaiting[key] = req
+        return True
+
+    def _send_ping(self, data, remote):
+        if not self._write(data, remote):
+            return False
+        self.retransmitter.note(int.from_bytes(data[2:4], "big"), remote)
+        return True
 
     # -- Block1 ----------------------------------------------------------------------
 
@@ -458,7 +613,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         """Reassemble a Block1 body; return it when complete, else None."""
         msg = req.msg
         size = 16 << block1.szx
-        key = (req.remote, req.path)
+        # two uploads to one path from one endpoint are told apart by their
+        # Request-Tag (RFC 9175 3); not by token: aiocoap takes a new one
+        # for every block
+        key = (req.remote, req.path, msg.first(REQUEST_TAG))
         if block1.num == 0:
             upload = self.uploads.start(key)
             if upload is None:
@@ -470,6 +628,14 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 return None
         else:
             upload = self.uploads.get(key)
+            if (upload is not None and block1.more and upload.last is not None
+                    and block1.num <= upload.last
+                    and len(upload.data) >= (block1.num + 1) * size):
+                # a block again (its 2.31 was lost, or a late copy): nothing
+                # to add
+                szx = min(block1.szx, MAX_SZX)
+                self._send(req, Reply(_tx.CONTINUE, block1=Block(block1.num, True, szx)))
+                return None
             if upload is None or len(upload.data) != block1.num * size:
                 self.uploads.remove(key)
                 self._reply(req, _tx.REQUEST_ENTITY_INCOMPLETE,
@@ -481,6 +647,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                         "a non-final block must be exactly one block long")
             return None
         upload.data += msg.payload
+        upload.last = block1.num
         upload.used = self.clock.seconds()
         size1 = msg.first(SIZE1)
         if len(upload.data) > self.max_body or (
@@ -503,8 +670,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         ACK, and the answer follows as a separate (CON) response."""
         deliver = deliver or (lambda result: self._respond(req, result))
         timer = None
-        if req.msg.mtype == CON:
-            timer = self.clock.callLater(ACK_DELAY, self._empty_ack, req)
+        if req.msg.mtype == CON and not req.separate:
+            # ACK_DELAY after it came (it may have waited for a proof)
+            delay = ACK_DELAY - (self.clock.seconds() - req.arrived)
+            timer = self.clock.callLater(max(0.0, delay), self._empty_ack, req)
 
         def done(result):
             if timer is not None and timer.active():
@@ -518,9 +687,12 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         d.addCallback(done).addErrback(failed)
 
     def _empty_ack(self, req):
+        if req.separate or req.answered:
+            return
         req.separate = True
         ack = empty(ACK, req.msg.mid)
         self.dedup.answer(req.seen, ack)
+        req.spent += len(ack)
         self._write(ack, req.remote)
 
     def _respond(self, req, result):
@@ -536,6 +708,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 if self.observations.register(req.remote, msg.token, req.path, handle,
                                               szx, msg.size):
                     observe = self.observations.seq
+                    # its notifications are paid from its credit until it
+                    # proves it is there: a ping (aiocoap answers it)
+                    req.prove = True
             else:
                 self.observations.deregister(req.remote, msg.token, req.path)
         block1 = req.msg.block(_tx.BLOCK1)
@@ -555,24 +730,40 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         """An answer carrying ``body``: whole, or the Block2 block asked
         for (1024 bytes, or smaller: what the client asked for, and what
         fits the 3x limit -- RFC 7959 2.4 lets the server answer with
-        smaller blocks, the block number scaling with them)."""
+        smaller blocks, the block number scaling with them). A CON request
+        from an address not verified whose answer would have to shrink
+        waits for a ping's proof first (an empty ACK, then the answer as a
+        separate response): once the client has the first block at a size,
+        it keeps that size for the whole transfer."""
         msg = req.msg
         block2 = msg.block(_tx.BLOCK2)
         szx, num = MAX_SZX, 0
         if block2 is not None:
             szx, num = min(block2.szx, MAX_SZX), block2.num
+        if not req.verified and self.verifier.is_verified(req.address):
+            req.verified = True
         total = body_size(body)
         if total <= (16 << szx) and not num and transfer is None and not is_lazy(body):
             reply = Reply(code, body, cf, observe=observe, block1=block1)
             data = self._encode(req, reply)
-            if req.limit is None or len(data) <= req.limit:
+            limit = req.limit
+            if limit is None or len(data) <= limit:
                 return self._send(req, reply, data=data)
+            if self._await_proof(req, lambda: self._send_body(req, code, body, cf, observe,
+                                                              block1, transfer)):
+                return
+        elif req.limit is not None:
+            fit, _, _ = self._fit_block(req, total, code, cf, szx, num, observe, block1)
+            if fit != szx and self._await_proof(
+                    req, lambda: self._send_body(req, code, body, cf, observe, block1,
+                                                 transfer)):
+                return
         if transfer is None:
             if req.block_key is None:
                 req.block_key = request_key(req.remote, req.path or (), msg.code,
                                             msg.payload, ())
-            transfer = self.transfers.put(req.block_key, body, cf, code)
-        szx, num, echo = self._fit_block(req, transfer, szx, num, observe, block1)
+            transfer = self.transfers.put(req.block_key, body, cf, code, msg.token)
+        szx, num, echo = self._fit_block(req, total, code, cf, szx, num, observe, block1)
         size = 16 << szx
         start = num * size
         if start >= total and start:
@@ -582,6 +773,12 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             self.transfers.finished(transfer)
 
         def send(chunk):
+            if chunk is None:
+                # a file changed since its transfer began (jsontext.FileChanged)
+                self.transfers.remove(transfer.key)
+                return self._reply(req, _tx.REQUEST_ENTITY_INCOMPLETE,
+                                   "the file changed during its transfer; "
+                                   "fetch it again from block 0")
             self._send(req, Reply(code, chunk, cf, etag=transfer.etag, observe=observe,
                                   block2=Block(num, more, szx),
                                   size2=total if num == 0 else None,
@@ -590,29 +787,29 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             return send(body[start:start + size])
         # a file: this block is read from it by offset (in the file pool,
         # holding one of the host's slots meanwhile)
-        self._run(req, lambda: body.read(start, min(size, total - start)), send)
+        self._run(req, lambda: _read_block(body, start, min(size, total - start)), send)
 
-    def _fit_block(self, req, transfer, szx, num, observe, block1):
+    def _fit_block(self, req, total, code, cf, szx, num, observe, block1):
         """The largest block size (and so block number) whose answer fits
         the request's limit (RFC 7959 2.4: the server may answer with
         smaller blocks, the number scaling with them); a shrunk answer
         offers an Echo value (RFC 9175) where it still fits."""
-        if req.limit is None:
+        limit = req.limit
+        if limit is None:
             return szx, num, None
 
         def fits(s, echo):
             n = num << (szx - s)
             size = 16 << s
-            payload = max(0, min(size, transfer.size - n * size))
-            reply = Reply(transfer.code, b"", transfer.content_format, etag=transfer.etag,
-                          observe=observe, block2=Block(n, True, s),
-                          size2=transfer.size if n == 0 else None, block1=block1,
-                          echo=echo)
-            return self._length(req, reply) + 1 + payload <= req.limit
+            payload = max(0, min(size, total - n * size))
+            reply = Reply(code, b"", cf, etag=b"0000", observe=observe,
+                          block2=Block(n, True, s), size2=total if n == 0 else None,
+                          block1=block1, echo=echo)
+            return self._length(req, reply) + 1 + payload <= limit
         plain = next((s for s in range(szx, -1, -1) if fits(s, None)), 0)
         if plain == szx:
             return szx, num, None
-        echo = self.verifier.echo_for(req.host)
+        echo = self.verifier.echo_for(req.address)
         offered = next((s for s in range(plain, -1, -1) if fits(s, echo)), None)
         if offered is None:
             return plain, num << (szx - plain), None
@@ -620,6 +817,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def _length(self, req, reply):
         return len(reply.encode(ACK, 0, req.msg.token))
+
+    def _own_mid(self, remote):
+        """A message ID for a message we originate to ``remote``."""
+        return self.mids.next(remote)
 
     def _encode(self, req, reply):
         """``reply`` as the datagram answering ``req`` (piggybacked in the
@@ -629,7 +830,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             req_mid = msg.mid
             mtype = ACK
         else:
-            mtype, req_mid = (CON if msg.mtype == CON else NON), self.nextMessageID()
+            mtype, req_mid = (CON if msg.mtype == CON else NON), self._own_mid(req.remote)
         return reply.encode(mtype, req_mid, msg.token)
 
     def _send(self, req, reply, text=False, data=None):
@@ -638,36 +839,59 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         msg = req.msg
         if data is None:
             data = self._encode(req, reply)
-        if req.limit is not None and len(data) > req.limit:
-            reply = self._shrunk(req, reply, text)
+        if not req.verified and self.verifier.is_verified(req.address):
+            req.verified = True
+        limit = req.limit
+        if limit is not None and len(data) > limit:
+            reply = self._shrunk(req, reply, text, limit, data[:4])
+            req.prove = True
             if reply is None:
                 self.log.debug("request from {remote}: no answer fits 3x",
                                remote=req.remote)
                 return
-            data = self._encode(req, reply)
+            data = reply.encode(data[0] >> 4 & 3, int.from_bytes(data[2:4], "big"),
+                                msg.token)
         req.answered = True
-        if data[0] >> 4 & 3 == CON:
+        req.spent += len(data)
+        mtype = data[0] >> 4 & 3
+        if mtype == CON:
             self.retransmitter.send(req.remote, int.from_bytes(data[2:4], "big"), data)
             self.dedup.answer(req.seen, empty(ACK, msg.mid))
         else:
             self.dedup.answer(req.seen, data)
-            self._write(data, req.remote)
+            if mtype == NON:
+                self.retransmitter.note(int.from_bytes(data[2:4], "big"), req.remote)
+            self._write(data, req.remote, req.verified)
+        if ((req.prove or reply.echo is not None) and not req.verified
+                and req.limit >= PING_COST):
+            # an answer made smaller: the address's next requests need not
+            # be, once it answers a ping (paid within this request's 3x)
+            if self.proofs.start(req.remote):
+                req.spent += PING_COST
 
-    def _shrunk(self, req, reply, text):
+    def _shrunk(self, req, reply, text, limit, header):
         """An answer over the 3x limit that cannot be made of smaller
         blocks: its diagnostic text cut short, or 4.01 with an Echo option
-        (RFC 9175 2.4) the client repeats to be verified."""
-        limit = req.limit
-        echo = self.verifier.echo_for(req.host)
+        (RFC 9175 2.4) the client repeats to be verified, or at least its
+        bare code (the header and token of the request's own size: 3x
+        always has room for it, so every request is answered)."""
+        echo = self.verifier.echo_for(req.address)
         if text and reply.code >= 128:
             bare = reply._replace(payload=b"", content_format=None)
-            room = limit - self._length(req, bare) - 2      # payload marker, format
+            # the payload marker and a Content-Format option of 0 (one byte)
+            room = limit - self._length(req, bare) - 2
             if room >= 0:
                 cut = cut_text(reply.payload, room)
                 return reply._replace(payload=cut, content_format=0 if cut else None)
+            bare = Reply(reply.code)
+            if self._length(req, bare) <= limit:
+                return bare
         unauthorized = Reply(_tx.UNAUTHORIZED, echo=echo)
         if self._length(req, unauthorized) <= limit:
             return unauthorized
+        bare = Reply(reply.code if reply.code >= 128 else _tx.UNAUTHORIZED)
+        if self._length(req, bare) <= limit:
+            return bare
         return None
 
     # -- what the observe layer asks of its endpoint -----------------------------
@@ -677,50 +901,82 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def notification(self, observer, result, seq):
         """(mid, datagram) of a CON notification for ``observer``: its
-        first block when the body spans several, within 3x its
-        registration until its host is verified."""
+        first block when the body spans several; until its address is
+        verified, within 3x its registration and within what the address
+        may still be sent (None when nothing fits)."""
         code, body, cf = result
         observe = seq if 64 <= code < 96 else None
-        limit = (None if self.verifier.is_verified(observer.host)
-                 else AMPLIFICATION * observer.request_size)
-        mid = self.nextMessageID()
+        address = observer.address
+        limit = (None if self.verifier.is_verified(address)
+                 else min(AMPLIFICATION * observer.request_size,
+                          self.credit.remaining(address)))
+        mid = self._own_mid(observer.remote)
         token = observer.token
         szx = observer.szx
-        reply = Reply(code, body, cf, observe=observe)
-        if len(body) > (16 << szx) or (limit is not None
-                                       and len(reply.encode(CON, mid, token)) > limit):
-            key = request_key(observer.remote, observer.target.path, GET, b"", ())
-            etag = self.transfers.put(key, body, cf, code).etag if len(body) > 16 else etag_of(body)
-            echo = None
-            while True:
-                size = 16 << szx
-                reply = Reply(code, body[:size], cf, etag=etag, observe=observe,
-                              block2=Block(0, len(body) > size, szx), size2=len(body),
-                              echo=echo)
-                if limit is None or len(reply.encode(CON, mid, token)) <= limit:
-                    break
-                if echo is None:
-                    echo = self.verifier.echo_for(observer.host)
-                    continue
-                if szx == 0:
-                    return None
-                szx -= 1
-        return mid, reply.encode(CON, mid, token)
+        data = Reply(code, body, cf, observe=observe).encode(CON, mid, token)
+        if len(body) <= (16 << szx) and (limit is None or len(data) <= limit):
+            return mid, data
+        etag = etag_of(body)
+
+        def first_block(s, echo):
+            size = 16 << s
+            return Reply(code, body[:size], cf, etag=etag, observe=observe,
+                         block2=Block(0, len(body) > size, s), size2=len(body),
+                         echo=echo).encode(CON, mid, token)
+        # the largest block that fits; made smaller, it offers an Echo
+        # value where that still fits (as _fit_block)
+        fitting = [s for s in range(szx, -1, -1)
+                   if limit is None or len(first_block(s, None)) <= limit]
+        if not fitting:
+            return None
+        plain = fitting[0]
+        data = first_block(plain, None)
+        if plain != szx:
+            echo = self.verifier.echo_for(address)
+            offered = next((s for s in fitting if len(first_block(s, echo)) <= limit), None)
+            if offered is not None:
+                plain, data = offered, first_block(offered, echo)
+        size = 16 << plain
+        if len(body) > size:
+            # kept for the client's requests of the later blocks
+            self.transfers.put(self.observations.transfer_key(observer), body, cf, code)
+        return mid, data
 
     def ended(self, observer, max_age):
         """Tell a client its observation ended for lack of room (RFC 7641
         3.2: an error notification ends it)."""
+        mid = self._own_mid(observer.remote)
         data = Reply(_tx.SERVICE_UNAVAILABLE, max_age=max_age).encode(
-            NON, self.nextMessageID(), observer.token)
-        self._write(data, observer.remote)
+            NON, mid, observer.token)
+        if self._write(data, observer.remote):
+            self.retransmitter.note(mid, observer.remote)
 
     def notify(self, target, observers=None):
         self.observations.notify(target, observers)
 
     # -- output ------------------------------------------------------------------------
 
-    def _write(self, data, remote):
+    def _write(self, data, remote, verified=False):
+        """Send a datagram; to an address not verified only when its credit
+        pays for it (False: not sent). ``verified``: known to be so."""
+        if (not verified and not self.verifier.is_verified(remote[0])
+                and not self.credit.spend(remote[0], len(data))):
+            self.stats["unpaid"] += 1
+            return False
         try:
             self.transport.write(data, remote)
         except Exception as e:      # unreachable peer, family mismatch, ...
             self.log.debug("cannot send to {remote}: {e}", remote=remote, e=e)
+        return True
+
+
+def _read_block(body, start, length):
+    """One block of a lazy body (a file): the bytes, a Deferred of them, or
+    None when the file is no longer the one whose transfer began."""
+    try:
+        result = body.read(start, length)
+    except OSError:
+        return None
+    if isinstance(result, defer.Deferred):
+        result.addErrback(lambda f: f.trap(OSError) and None)
+    return result

@@ -171,15 +171,21 @@ class Site:
         return leaf is None or leaf is WellKnownCore or not leaf.spec.get_acts
 
     def safe(self, code, path):
-        """True when the request has no effect (a GET that does not act, a
-        PUT that only reads, e.g. a file or a listing): a duplicate is
-        run again rather than kept in the dedup cache."""
+        """True when running a duplicate again does no harm: a GET that
+        does not act, a PUT that only reads (a file, a listing) or that
+        sets a value (``idempotent``: the same state and answer again).
+        Such a request needs no entry in the dedup cache. Unknown paths
+        are answered 4.04 and other methods 4.05, whatever happens: safe
+        too."""
+        leaf = self._leaf(path)
+        if leaf is None or leaf is WellKnownCore:
+            return True                 # 4.04 (or 4.05), whatever the method
+        spec = leaf.spec
         if code == _tx.GET:
-            return self.safe_get(path)
+            return not (spec.get_acts and spec.get is not None)
         if code == _tx.PUT:
-            leaf = self._leaf(path)
-            return leaf is not None and leaf is not WellKnownCore and leaf.spec.put_reads
-        return False
+            return spec.put is None or spec.put_reads or spec.idempotent
+        return True                     # 4.05: only GET and PUT do anything
 
     def acts(self, path):
         """True when a GET of ``path`` changes something (abort, pause,

@@ -575,21 +575,72 @@ class Spectrometer:
         return False
 
     def current_temperature(self):
+        """The detector temperature read now; while the device is busy (an
+        integration, which may last an hour) the last reading, taken just
+        before the integration began: a request never waits for an
+        integration. Requests that
+        arrive while a reading is under way share it (one device call)."""
         if not self.connected:
             raise PiccoloError(f"{self.name} is not connected")
         if not self.info.has_tec:
             raise PiccoloError(f"{self.name} has no thermo-electric cooler")
+        last = self.temperature.value
+        if self._temperature_read is None and last is not None and self.lock.locked:
+            return last["temperature"]
+        waiter = defer.Deferred()
+        if self._temperature_read is not None:
+            self._temperature_waiters.append(waiter)
+            return waiter
+        waiters = self._temperature_waiters = [waiter]
 
         def keep(value):
             self._keep_temperature(value)
             return value
-        return self._setting_call(self.device.temperature).addCallback(keep)
+
+        def done(result, fire):
+            self._temperature_read = None
+            for w in waiters:
+                fire(w, result)
+        self._temperature_read = read = self._setting_call(self.device.temperature)
+        read.addCallback(keep).addCallbacks(
+            done, done, callbackArgs=(defer.Deferred.callback,),
+            errbackArgs=(defer.Deferred.errback,))
+        return waiter
+
+    _temperature_read = None
+    _temperature_waiters = ()
 
     def _apply_tec(self):
+        """Send the TEC settings to the device: at once when it is free
+        (a failure is the request's 4.00); while it is busy (an integration)
+        the request is answered at once and the settings go to the device
+        as soon as it is free, once for every change made meanwhile (the
+        latest values then)."""
         if not self.connected or not self.info.has_tec:
+            return None
+        if self.lock.locked:
+            if not self._tec_pending:
+                self._tec_pending = True
+
+                def apply():
+                    # the device is ours now: the latest values go to it
+                    self._tec_pending = False
+                    if not self.connected or not self.info.has_tec:
+                        return None
+                    return self.to_thread(self.device.set_tec, self.tec_enabled.value,
+                                          self.target_temperature.value)
+
+                def failed(f):
+                    f.trap(DeviceError)
+                    self.dropped(f.value)
+                    self.log.warn("{name}: cannot apply the TEC settings: {error}",
+                                  name=self.name, error=f.value)
+                self.lock.run(apply).addErrback(failed)
             return None
         return self._setting_call(self.device.set_tec, self.tec_enabled.value,
                                   self.target_temperature.value).addCallback(lambda _: None)
+
+    _tec_pending = False
 
     def set_tec_enabled(self, value):
         value = to_bool(value, "TECenabled")
@@ -619,13 +670,15 @@ class Spectrometer:
             "power_off": Resource(get=self.power_off, get_acts=True),
             "status": Resource(get=lambda: self.status.value, observe=self.status),
             "min_time": Resource(get=lambda: self.min_time.value,
-                                 put=self.set_min_time, observe=self.min_time),
+                                 put=self.set_min_time, observe=self.min_time,
+                                 idempotent=True),
             "max_time": Resource(get=lambda: self.max_time.value,
-                                 put=self.set_max_time, observe=self.max_time),
+                                 put=self.set_max_time, observe=self.max_time,
+                                 idempotent=True),
             "current_time": Resource(get=self.get_current_time,
                                      put=self.set_current_time, parse_path=True,
                                      observe=obs_channel(self.current_time),
-                                     known=tuple(self.channels)),
+                                     known=tuple(self.channels), idempotent=True),
             "autointegration": Resource(get=self.get_auto, parse_path=True,
                                         observe=obs_channel(self.auto_state),
                                         known=tuple(self.channels)),
@@ -634,10 +687,12 @@ class Spectrometer:
             "last_temperature": Resource(get=self.get_last_temperature,
                                          observe=self.temperature),
             "TECenabled": Resource(get=lambda: self.tec_enabled.value,
-                                   put=self.set_tec_enabled, observe=self.tec_enabled),
+                                   put=self.set_tec_enabled, observe=self.tec_enabled,
+                                   idempotent=True),
             "target_temperature": Resource(get=lambda: self.target_temperature.value,
                                            put=self.set_target_temperature,
-                                           observe=self.target_temperature),
+                                           observe=self.target_temperature,
+                                           idempotent=True),
         }
 
 

@@ -397,13 +397,14 @@ class Scheduler(service.Service):
             "jobs": Resource(get=self.listing_encoded, observe=self.jobs_changed),
             "history": Resource(get=self.history_encoded,
                                 observe=self.store.history_changed),
-            "suspend": Resource(put=self.suspend),
-            "unsuspend": Resource(put=self.unsuspend),
+            "suspend": Resource(put=self.suspend, idempotent=True),
+            "unsuspend": Resource(put=self.unsuspend, idempotent=True),
             "delete": Resource(put=self.delete),
             "fault": Resource(get=lambda: self.fault.value, observe=self.fault),
         }
         for key, check in checks.items():
             obs = self.settings[key]
             res[key] = Resource(get=lambda obs=obs: obs.value,
-                                put=self._setter(key, check), observe=obs)
+                                put=self._setter(key, check), observe=obs,
+                                idempotent=True)
         return res

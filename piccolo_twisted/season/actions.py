@@ -173,6 +173,8 @@ def job_admin(season):
             season.ledger.resumed(job, season.wall())
         elif state == "deleted":
             job.state = "deleted"
+    if verb == "unsuspend":
+        job.resume_wall = season.wall()
     season.request("control/scheduler", verb, job.id,
                    change={"job": job, "on_ack": done})
 

@@ -154,10 +154,13 @@ class Checks:
                     elif job.state in ("active", "suspended"):
                         job.state = "deleted"       # a delete went through
                 elif row[5] == "active" and job.state == "suspended":
-                    job.state = "active"
-                    if job.floor is not None:
-                        job.cursor, job.floor = job.floor, None
-                        ledger._push(job)
+                    # an unsuspend unanswered at the crash went through: the
+                    # job goes on from its next slot after the server's wall
+                    # clock when it was asked, as an answered one does (not
+                    # from where it was suspended: after a reboot with the
+                    # clock behind, NTP's step made those slots due)
+                    ledger.resumed(job, job.resume_wall if job.resume_wall is not None
+                                   else inc.wall())
                 elif row[5] == "suspended" and job.state == "active":
                     ledger.suspended(job)
                 else:

@@ -48,6 +48,7 @@ class SimJob:
     uncertain: bool = False    # a write about it was unanswered at a crash
     cursor: float | None = None
     floor: float | None = None # the cursor when it was suspended
+    resume_wall: float | None = None  # the server's wall clock at the last unsuspend asked
     slots: dict = field(default_factory=dict)
 
     def first_slot(self):
