@@ -7,9 +7,13 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 from twisted.trial import unittest
 
+from piccolo_twisted.season.world import FAULTS
+
+ALL = tuple(FAULTS)
 LONG = os.environ.get("PICCOLO_LONG") == "1"
 SEEDS = range(1, 21) if LONG else (1, 2, 3)
 DAYS = 3650 if LONG else 365
@@ -89,6 +93,82 @@ class SeasonCanFailTests(unittest.SynchronousTestCase):
         season = self.run_season(10)
         self.assertTrue(season.violations)
         self.assertEqual(season.violations[0].name, "health-matches-disk")
+
+    def mutated_season(self, mutation, days, seed):
+        """A season of all faults in a process of its own, with
+        ``mutation`` (Python source) applied to the server first: the name
+        and text of the first violation. (In a process of its own: trial
+        keeps logged failures, and with them the Deferreds whose unhandled
+        errors the season looks for.)"""
+        code = (textwrap.dedent(mutation) + textwrap.dedent(f"""
+            from piccolo_twisted.season.run import Season
+            from piccolo_twisted.season.world import FAULTS
+            from twisted.logger import globalLogBeginner
+            globalLogBeginner.beginLoggingTo([], discardBuffer=True,
+                                             redirectStandardIO=False)
+            season = Season({days}, {seed}, tuple(FAULTS))
+            try:
+                season.run()
+            finally:
+                season.cleanup()
+            v = season.violations[:1]
+            print(v[0].name if v else "none")
+            print(v[0].detail if v else "")
+            """))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=600, env=dict(os.environ, GPIOZERO_PIN_FACTORY="mock"))
+        lines = proc.stdout.strip().splitlines()
+        self.assertGreaterEqual(len(lines), 1, proc.stderr[-3000:])
+        return lines[-2] if len(lines) >= 2 and lines[-1] != "" else lines[-1], lines[-1]
+
+    def test_jobs_run_before_the_instrument_is_ready_are_found(self):
+        # issue 18's first fault: the start-up lease given back at once, so
+        # a job due at a restart fails on spectrometers still connecting
+        name, _ = self.mutated_season("""
+            from piccolo_twisted.instrument.lease import Lease
+            real = Lease.try_take
+            def try_take(self, holder):
+                token = real(self, holder)
+                if holder == "start-up":
+                    token.release()
+                return token
+            Lease.try_take = try_take
+            """, 3, 31337)
+        self.assertEqual(name, "jobs-wait-for-ready")
+
+    def test_a_power_change_answered_on_its_first_failure_is_found(self):
+        # finding 7: gatherResults fires on the first failure, the lease
+        # goes while another spectrometer still switches, the other
+        # failures are left unhandled
+        name, _ = self.mutated_season("""
+            from twisted.internet import defer
+            from piccolo_twisted.instrument import spectrometer
+            spectrometer.settle_all = lambda ds: defer.gatherResults(ds).addCallback(
+                lambda rs: "|".join(r for r in rs if r != "ok") or "ok")
+            """, 12, 31337)
+        self.assertEqual(name, "errors-handled")
+
+    def test_a_spectrum_file_written_in_place_is_found(self):
+        # the full disk fails write() (a short write, then ENOSPC) and a
+        # crash can tear a write(): a writer without a temporary leaves a
+        # partial file under the final name
+        name, detail = self.mutated_season("""
+            import os
+            from piccolo_twisted.acquisition import pico
+            def in_place(dir_fd, name, data, clobber, fsync):
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644,
+                             dir_fd=dir_fd)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    fsync(fd)
+                finally:
+                    os.close(fd)
+            pico._write_at = in_place
+            """, 3, 31337)
+        self.assertEqual(name, "files-intact")
+        self.assertIn("not a complete .pico file", detail)
 
     def test_the_same_seed_is_the_same_season(self):
         first = self.run_season(5, seed=11, faults=("crash", "clock", "unplug")).summary()

@@ -317,9 +317,21 @@ class Spectrometer:
             self.status.set(POWERED_OFF)
             self.log.info("{name}: power off", name=self.name)
             return "ok"
+
+        def not_off(f):
+            # the switch did not turn: the device is still on. Connected
+            # again (if it was wanted so) before the failure is answered, so
+            # that whoever holds the instrument's lease for this change
+            # hands back a usable instrument, not one closed and powered
+            if not was_wanted or self.status.value == POWERED_OFF:
+                return f
+            self.log.warn("{name}: power off failed ({error}); connecting again",
+                          name=self.name, error=f.getErrorMessage())
+            return self.connect().addBoth(lambda _: f)
+        was_wanted = self._want_connected
         d = self.disconnect()
         self._want_connected = False
-        return d.addCallback(off)
+        return d.addCallback(off).addErrback(not_off)
 
     # -- device calls -----------------------------------------------------
 
@@ -684,6 +696,36 @@ class Spectrometer:
         }
 
 
+class GroupError(Exception):
+    """Several devices of a group action failed: each one's error."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+
+def settle_all(ds):
+    """One answer for the per-device Deferreds ``ds`` of a group action,
+    given only when every one of them has settled: the devices' answers
+    joined with "|" ("ok" when all are), or, when some failed, their
+    failure (one: as it is; several: a :class:`GroupError` naming each).
+
+    Never sooner: a caller holding the instrument's lease for the action
+    (the power window, a power job, a client's power change) releases it
+    on this answer, and a device still switching after that would act
+    outside the lease. Every failure is consumed here, none is left
+    unhandled in a Deferred."""
+    def joined(results):
+        failures = [r for ok, r in results if not ok]
+        if len(failures) == 1:
+            return failures[0]
+        if failures:
+            raise GroupError(f.value for f in failures)
+        messages = [r for ok, r in results if r != "ok"]
+        return "|".join(messages) if messages else "ok"
+    return defer.DeferredList(ds, consumeErrors=True).addCallback(joined)
+
+
 class Spectrometers:
     """All spectrometers: the /spectrometer resources and group actions."""
 
@@ -705,12 +747,7 @@ class Spectrometers:
         return [s for s in self if s.connected]
 
     def _all(self, action):
-        ds = [getattr(s, action)() for s in self]
-
-        def join(results):
-            messages = [r for r in results if r != "ok"]
-            return "|".join(messages) if messages else "ok"
-        return defer.gatherResults(ds).addCallback(join)
+        return settle_all([defer.maybeDeferred(getattr(s, action)) for s in self])
 
     def connect_all(self):
         return self._all("connect")
@@ -730,16 +767,15 @@ class Spectrometers:
         switched = 0
         for s in self:
             if s.status.value != POWERED_OFF:
-                ds.append(s.power_on())         # on already: connects if need be
+                ds.append(defer.maybeDeferred(s.power_on))   # on already: connects if need be
             elif switched == 0:
-                ds.append(s.power_on())
+                ds.append(defer.maybeDeferred(s.power_on))
                 switched = 1
             else:
                 ds.append(task.deferLater(self.clock, self.POWER_STAGGER * switched,
-                                          s.power_on).addCallback(lambda d: d))
+                                          s.power_on))
                 switched += 1
-        return defer.gatherResults(ds).addCallback(
-            lambda rs: "|".join(r for r in rs if r != "ok") or "ok")
+        return settle_all(ds)
 
     def resources(self):
         res = {

@@ -36,6 +36,9 @@ def schedule(season):
     w.stream("pause-abort", 2.0, lambda: pause_or_abort(season), t0)
     w.stream("shutter", 0.5, lambda: shutter(season), t0)
     w.stream("power-now", 0.1, lambda: power_now(season), t0)
+    # the moments where the order of check, commit and act matters most:
+    # the power window's edges, a clock gone back past the server's start
+    w.stream("edge", 1.5, lambda: aim_at_window_edge(season), t0)
     # faults
     f = season.faults
     if "crash" in f:
@@ -264,10 +267,12 @@ def crash(season):
     if season.inc is None:
         return
     r = rng.random()
-    if r < 0.4:
+    if r < 0.35:
         season.crash()
-    elif r < 0.7:
+    elif r < 0.55:
         season.armed = "batch"          # the next batch dies in its first minute
+    elif r < 0.7:
+        season.armed = "write"          # the next spectrum file's write() is torn
     else:
         # mid-commit: between a write's start and its answer
         inc = season.inc
@@ -401,3 +406,133 @@ def slow_commit(season):
         season.slow_commit = False
         season.note("SQLite commits fast again")
     season.world.at(season.t + log_uniform(rng, MINUTE, 6 * HOUR), heal)
+
+
+# -- aimed at the seams ----------------------------------------------------------
+
+def next_window_edge(season, inc):
+    """(wall time, "open" or "close") of the power window's next edge
+    after now, or None (no window)."""
+    from .checks import quiet_window
+    get = lambda key: inc.resource("control/scheduler", key).get()   # noqa: E731
+    if not (get("quietTimeEnabled") and get("powerOffEnabled")):
+        return None
+    wall = inc.wall()
+    delay = get("powerDelay")
+    start, end = quiet_window(wall, get("quietStart"), get("quietEnd"))
+    if end - start <= 2 * delay:
+        return None
+    opens, closes = start + delay, end - delay
+    if opens > wall:
+        return opens, "open"
+    if closes > wall:
+        return closes, "close"
+    return None
+
+
+def aim_at_window_edge(season):
+    """At the power window's next edge (as the server's wall clock will
+    read it): client batches asked for just before, at and during the
+    window's commit; now and then a job due at that very second; a commit
+    made slow across the edge; the power switches failing as the window
+    opens. Whatever order the server puts these in, a batch must never
+    lose its spectrometers, and a failed switch-off must be retried."""
+    inc = season.inc
+    if inc is None or not inc.started:
+        return
+    edge = next_window_edge(season, inc)
+    if edge is None:
+        return
+    wall_edge, kind = edge
+    dt = wall_edge - inc.wall()
+    if dt > DAY:
+        return
+    rng = season.world.rng("edge")
+    true_edge = season.t + dt
+    w = season.world
+    if rng.random() < 0.5:
+        for offset in (rng.uniform(-1.0, 0.0), rng.uniform(0.0, 0.03),
+                       rng.uniform(0.03, 2.0), rng.uniform(2.0, 60.0)):
+            w.at(true_edge + offset, _edge_batch, season, inc)
+    w.at(true_edge - 1.0, _aim_commits, season, true_edge + 2 * HOUR)
+    if rng.random() < 0.3 and live_load(season) < MAX_BATCHES_PER_DAY:
+        w.at(season.t, _edge_job, season, wall_edge + rng.choice([0, 0, 1, 2]))
+    if "slow-commit" in season.faults and rng.random() < 0.5:
+        w.at(true_edge - rng.uniform(0.0, 2.0), _slow_for, season,
+             rng.uniform(10.0, 180.0))
+    if "power" in season.faults and kind == "open" and rng.random() < 0.5:
+        w.at(true_edge - rng.uniform(0.0, 2.0), _switches_fail_for, season,
+             log_uniform(rng, MINUTE, 20 * MINUTE))
+
+
+def _aim_commits(season, until):
+    """The commits that start until ``until`` (the window's own among
+    them) get a client batch asked for as they answer."""
+    season.aim_commits = (season.t, until, 6)
+
+
+def _edge_batch(season, inc):
+    if season.inc is inc and inc.started:
+        rng = season.world.rng("edge-batch")
+        # a batch with a pause between its sequences: the spectrometers are
+        # idle in it, and only the lease keeps a power change out
+        season.request("control", "record_sequence", run="manual",
+                       nsequence=rng.choice([1, 2, 2, 3]), auto=-1,
+                       delay=float(rng.choice([0, 5, 30, 120])))
+
+
+def _edge_job(season, at):
+    wall = season.wall()
+    if wall is None or at <= wall:
+        return
+    season.job_seq += 1
+    run = f"job{season.job_seq}"
+    job = season.ledger.new_job("record", run, float(at), None, None, wall)
+    _job_request(season, job, "control", "record_sequence",
+                 kwargs=dict(run=run, nsequence=1, auto=-1, delay=0.0, at_time=at_iso(at)))
+
+
+def _slow_for(season, duration):
+    if season.slow_commit:
+        return
+    season.counts["slow-commit"] += 1
+    season.note(f"SQLite commits slow across the power window's edge ({duration:.0f} s)")
+    season.slow_commit = True
+
+    def heal():
+        season.slow_commit = False
+    season.world.at(season.t + duration, heal)
+
+
+def _switches_fail_for(season, duration):
+    if season.switch_fault:
+        return
+    season.counts["power"] += 1
+    season.note(f"power switches fail as the window opens ({duration:.0f} s)")
+    season.switch_fault = True
+
+    def heal():
+        season.switch_fault = False
+        season.power_disturbed()
+        season.note("power switches work again")
+    season.world.at(season.t + duration, heal)
+
+
+def clock_back_after_boot(season, inc):
+    """Soon after a start, the wall clock goes back past the moment the
+    server started (a wrong NTP server, a manual PUT /sysinfo/clock), and
+    files are saved before it is put right: health must count them."""
+    if season.inc is not inc:
+        return
+    rng = season.world.rng("clock-back")
+    size = (inc.clock.seconds() - inc.booted_at) + log_uniform(rng, MINUTE, 6 * HOUR)
+    season.counts["clock"] += 1
+    season.note(f"wall clock jumps {-size:+.0f} s (back past the start)")
+    inc.wall.offset -= size
+    season.clock_moved()
+    w = season.world
+    w.at(season.t + rng.uniform(10, 120), _edge_batch, season, inc)
+    w.at(season.t + rng.uniform(120, 600), _edge_batch, season, inc)
+    w.at(season.t + rng.uniform(15, 30) * MINUTE, season.check_health)
+    w.at(season.t + rng.uniform(40, 90) * MINUTE, season.check_health)
+    w.at(season.t + log_uniform(rng, 2 * HOUR, 8 * HOUR), season.ntp_sync)

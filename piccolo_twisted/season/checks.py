@@ -31,6 +31,9 @@ LATE_SLACK = 1.0 + 90.0 + 1.0
 #: power state must follow the window this long after it last changed
 POWER_OFF_BOUND = 30 * MINUTE
 POWER_ON_BOUND = 10 * MINUTE
+#: a spectrometer plugged in or powered again is connected within this
+#: (the reconnect tries every 5 s; opening it takes up to 3 s)
+READY_GRACE = 30.0
 
 
 class Checks:
@@ -58,6 +61,28 @@ class Checks:
 
     def cable_in_and_powered(self, inc, serial):
         return self.cable_in[serial] and inc.gpio.powered.get(serial, True)
+
+    def outcome_recorded(self, inc, outcome):
+        """A slot's outcome, the moment the scheduler records it: one that
+        failed for want of a spectrometer while the world had every one of
+        them plugged in and powered -- since this process started (the
+        server must wait for the instrument at start-up), or long enough
+        for it to connect them again -- is the server's fault."""
+        if outcome.outcome != "failed" or "no spectrometer" not in (outcome.reason or ""):
+            return
+        now = inc.clock.seconds()
+        for serial in self.serials:
+            since = inc.gpio.ok_since.get(serial)
+            if since is None:
+                return
+            if since > inc.booted_at + 1e-6 and now - since < READY_GRACE:
+                return
+        self.violation("jobs-wait-for-ready",
+                       f"job {outcome.job} slot {iso(outcome.slot)} failed "
+                       f"({outcome.reason}) {now - inc.booted_at:.1f} s after the "
+                       f"server started, with every spectrometer plugged in and "
+                       f"powered since " + ", ".join(
+                           f"{s} {now - inc.gpio.ok_since[s]:.1f} s" for s in self.serials))
 
     def before_switch(self, serial, on):
         inc = self.inc
@@ -218,6 +243,20 @@ class Checks:
         ledger.open_slots = still
         if not self.history:
             self._check_batches_on_disk(uptime_now, final)
+
+    def wall_went_back(self):
+        """The wall clock was set (a jump, NTP, a boot with a wrong clock):
+        the open slots it is now before are due again when it comes round
+        -- the server cannot know the earlier time was wrong -- if their
+        job is still there then (a job suspended or deleted meanwhile
+        never reaches them). Marked now, not at the next hourly look,
+        which may come after the clock has passed them again."""
+        wall = self.wall()
+        if wall is None:
+            return
+        for slot in self.ledger.open_slots:
+            if slot.outcome is None and slot.required and wall < slot.time:
+                slot.again = True
 
     def _check_batches_on_disk(self, uptime_now, final):
         """Without a history the only record of a slot is its batch."""

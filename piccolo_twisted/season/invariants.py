@@ -29,6 +29,13 @@ INVARIANTS = {
         "no batch uses a device that is not connected without the fault "
         "being recorded (the spectrometer DROPPED with its error, or the "
         "batch failed with a reason)",
+    "jobs-wait-for-ready":
+        "a scheduled slot never fails for want of a spectrometer while every "
+        "spectrometer is plugged in and powered (since the server started, or "
+        "long enough for it to connect again)",
+    "errors-handled":
+        "no error is left unhandled in a Deferred (every failure of a device, "
+        "a switch, a write is consumed by the code that waits for it)",
     "timers-on-wall-time":
         "scheduled batches start at their wall time, never before it and not "
         "later than the catch-up allows, across clock jumps",

@@ -13,6 +13,7 @@ timer of the running incarnation or the next event of the world -- so a
 quiet simulated day costs only what happens in it.
 """
 
+import gc
 import math
 import os
 import shutil
@@ -33,7 +34,8 @@ from ..service import PiccoloService, Workers
 from .checks import Checks
 from .invariants import Violation, iso
 from .ledger import Ledger
-from .simio import SimGPIO, SimThreads, SimWall, failing_fsync, full_disk_connect
+from .simio import (DiskWrites, SimCrash, SimGPIO, SimThreads, SimWall, failing_fsync,
+                    full_disk_connect)
 from .world import DAY, FAULTS, World, log_uniform
 
 HOUR = 3600.0
@@ -96,10 +98,13 @@ class Incarnation:
         self.db = SimThreads(self.clock, serial=True, before=season.commit_time,
                              after=lambda: 0.001)
         self.db.on_call = None
+        self.db.watch = lambda now, run_at: season.commit_started(self, now, run_at)
         self.compute = SimThreads(self.clock)
         self.gpio = SimGPIO(season.power_pins, plugged=lambda s: season.cable_in[s],
                             failing=lambda s: season.switch_fault,
-                            before_switch=season.before_switch)
+                            before_switch=season.before_switch,
+                            now=self.clock.seconds)
+        self.booted_at = self.clock.seconds()
         self.bus = SimulatedBus(time_scale=1.0, time_source=self.devices)
         for serial in season.serials:
             device = self.bus.device(serial)
@@ -112,6 +117,7 @@ class Incarnation:
             season.settings, season.instrument, clock=self.clock,
             configure_logging=False, time_scale=1.0, wall=self.wall,
             workers=workers, bus=self.bus, gpio=self.gpio, serve=False)
+        season._booting = self
         self.service.datadir.write_file = season.file_writer(self.wall)
         self.service.datadir.pause = lambda seconds: None
         self.control = self.service.control
@@ -123,6 +129,19 @@ class Incarnation:
         self.control.status.watch(self._control_status)
         self.service.datadir.save_listeners.append(season.file_saved)
         self.started = False
+        # the history as a client observing it sees it, outcome by outcome
+        self._seen = None
+        store = getattr(self.scheduler, "store", None)
+        if store is not None:
+            store.history_changed.watch(lambda _: self._history_changed(store))
+
+    def _history_changed(self, store):
+        last = store.history[-1] if store.history else None
+        if last is self._seen:
+            return
+        self._seen = last
+        if self.started and last is not None and self.season.inc is self:
+            self.season.outcome_recorded(self, last)
 
     def _status(self, spectrometer, status):
         if status == DROPPED:
@@ -213,6 +232,7 @@ class Season(Checks):
         self.user_excuse = 0           # window changes a user's power action excuses
         self.slow_reads_until = 0.0
         self.armed = None              # a crash waiting for its moment
+        self.aim_commits = (0.0, 0.0, 0)  # commits starting then are aimed at
         self.history = None            # the scheduler keeps a history (feature)
         self.job_seq = 0
         self.stopped = False
@@ -238,9 +258,20 @@ class Season(Checks):
         """The data directory's atomic writer, on a disk that can be full,
         stamping files with the simulated wall clock as the kernel would."""
         fsync = failing_fsync(self.disk)
+        inc = self._booting
+
+        def tear():
+            if self.armed != "write" or self.inc is not inc:
+                return False
+            # the process dies in the middle of this write
+            self.armed = None
+            self.note("crash in the middle of a spectrum file's write()")
+            self.crash()
+            return True
 
         def write(directory, name, data, clobber=False):
-            pico.write_atomic(directory, name, data, clobber, fsync=fsync)
+            with DiskWrites(self.disk, tear, alive=lambda: self.inc is inc):
+                pico.write_atomic(directory, name, data, clobber, fsync=fsync)
             t = wall()
             os.utime(name, (t, t), dir_fd=directory, follow_symlinks=False)
         return write
@@ -299,16 +330,24 @@ class Season(Checks):
                     action(*args)
             self.final_checks()
         finally:
+            # the dead processes' coroutines are closed now, while the hook
+            # that knows them is in place
+            self.world._queue.clear()
+            self.inc = self._booting = None
+            gc.collect()
             globalLogPublisher.removeObserver(self._observer)
             sys.unraisablehook = self._previous_unraisable
         return self
 
     def _advance(self, t):
         inc = self.inc
-        if inc is not None and t > inc.clock.seconds():
-            inc.clock.advance(t - inc.clock.seconds())
-        elif inc is not None:
-            inc.clock.advance(0)
+        try:
+            if inc is not None and t > inc.clock.seconds():
+                inc.clock.advance(t - inc.clock.seconds())
+            elif inc is not None:
+                inc.clock.advance(0)
+        except SimCrash:
+            pass                # the process died mid-call: it is gone
         self._t = max(self._t, t)
         if inc is not None and self.inc is inc:
             wall = inc.wall()
@@ -316,9 +355,14 @@ class Season(Checks):
             self.ledger.pass_time(wall, self.t, self.stalled())
 
     def _log_observer(self, event):
+        from twisted.logger import formatEvent
+        if str(event.get("log_format", "")).startswith("Unhandled error in Deferred"):
+            failure = event.get("log_failure") or event.get("failure")
+            self.violation("errors-handled", "Unhandled error in Deferred: " + (
+                f"{failure.type.__name__}: {failure.getErrorMessage()}"
+                if failure is not None else "(no failure in the event)"))
         if not self.verbose:
             return
-        from twisted.logger import formatEvent
         text = formatEvent(event)
         level = event.get("log_level")
         failure = event.get("log_failure")
@@ -364,8 +408,15 @@ class Season(Checks):
         self.stall_changed()
         self.note(f"boot #{inc.number}, wall clock {iso(inc.wall())}")
         self.history = hasattr(inc.scheduler, "history")
+        self.wall_went_back()
         inc.start()
         self.power_disturbed()
+        if "clock" in self.faults:
+            rng = self.world.rng("clock-back-at-boot")
+            if rng.random() < 0.3:
+                from .actions import clock_back_after_boot
+                self.world.at(self.t + rng.uniform(MINUTE, 30 * MINUTE),
+                              clock_back_after_boot, self, inc)
 
     def crash(self):
         inc = self.inc
@@ -380,6 +431,11 @@ class Season(Checks):
         self.stall_changed()
         inc.close_database()
         self.armed = None
+        # what went unhandled in a Deferred is logged when the Deferred is
+        # collected: collected here too, so that it is seen at the same
+        # simulated moments whatever the process did before (an in-process
+        # test, a replay)
+        gc.collect()
         for number, what in self.pending.items():
             what["uncertain"] = True
             job = what.get("job")
@@ -426,6 +482,17 @@ class Season(Checks):
                 self.counts["clock"] += 1
         self.boot(offset)
 
+    def commit_started(self, inc, now, run_at):
+        """An SQLite call was made: one near the power window's edge gets
+        client batches asked for just before and just after it commits."""
+        lo, hi, left = self.aim_commits
+        if inc is self.inc and lo <= now <= hi and left > 0:
+            self.aim_commits = (lo, hi, left - 1)
+            from .actions import _edge_batch
+            rng = self.world.rng("aim-commit")
+            self.world.at(run_at - rng.uniform(0.0, 0.01), _edge_batch, self, inc)
+            self.world.at(run_at + rng.uniform(0.0, 0.001), _edge_batch, self, inc)
+
     def ntp_sync(self):
         if self.inc is not None and self.inc.wall.offset != 0.0:
             self.note(f"NTP: wall clock {iso(self.inc.wall())} -> {iso(self.t)}")
@@ -436,6 +503,7 @@ class Season(Checks):
         # nothing tells a real server that NTP stepped the clock: the
         # server is not told here either
         self.power_disturbed()
+        self.wall_went_back()
 
     # -- what the incarnation reports ---------------------------------------------
 

@@ -45,6 +45,7 @@ class SimThreads:
         self._now = None
         self.on_error = None        # called with (fn, exception) thread side
         self.on_call = None         # called with (now, when it will run)
+        self.watch = None           # the same, for the world's aim
 
     # -- the time source of the code running "in" the thread --------------
 
@@ -69,6 +70,8 @@ class SimThreads:
             self.free_at = start
         if self.on_call is not None:
             self.on_call(now, start)
+        if self.watch is not None:
+            self.watch(now, start)
         self.running += 1
         self.calls += 1
 
@@ -151,7 +154,7 @@ class SimGPIO(GPIO):
     would be 172,800 timer events a simulated day), power switches that
     can fail and that cut the simulated device's power."""
 
-    def __init__(self, power_pins, plugged, failing, before_switch=None):
+    def __init__(self, power_pins, plugged, failing, before_switch=None, now=None):
         from gpiozero.pins.mock import MockFactory
         super().__init__(MockFactory())
         self.power_pins = dict(power_pins)     # pin -> serial
@@ -161,6 +164,8 @@ class SimGPIO(GPIO):
         self.powered = {}
         self.devices = {}                      # serial -> SimulatedSpectrometer
         self.pins = {}                         # serial -> PowerPin
+        self.now = now                         # the incarnation's clock
+        self.ok_since = {}                     # serial -> plugged and powered since
 
     def output(self, pin, initial=False):
         if pin in (STATUS_LED_PIN, RECORDING_LED_PIN):
@@ -181,9 +186,67 @@ class SimGPIO(GPIO):
 
     def apply(self, serial):
         """The device answers when its cable is in and its power is on."""
+        ok = self.plugged(serial) and self.powered.get(serial, True)
+        if not ok:
+            self.ok_since[serial] = None
+        elif self.ok_since.get(serial) is None and self.now is not None:
+            self.ok_since[serial] = self.now()
         device = self.devices.get(serial)
         if device is not None:
-            device.plugged = self.plugged(serial) and self.powered.get(serial, True)
+            device.plugged = ok
+
+
+class SimCrash(BaseException):
+    """The process died in the middle of a system call (a torn write):
+    raised through the dead incarnation's code so that it does no more."""
+
+
+class DiskWrites:
+    """``os.write`` on the simulated disk, for the duration of one file
+    write of the data directory (``with DiskWrites(...)``: the module
+    attribute is swapped, so whatever writer the server uses -- the atomic
+    one or any other -- goes through it).
+
+    - While ``disk.full`` a write stores part of its bytes and returns the
+      short count, and the next write on that descriptor fails with ENOSPC
+      (what a full ext4 or FAT does): a writer that wrote in place leaves
+      a partial file under the final name.
+    - When ``tear()`` answers true, the write stores part of its bytes and
+      the process dies right there (:class:`SimCrash`): what is on disk is
+      what a ``kill -9`` or a power cut mid-``write()`` leaves.
+    - ``alive()`` false: the process is dead, nothing more is written."""
+
+    def __init__(self, disk, tear, alive):
+        self.disk = disk
+        self.tear = tear
+        self.alive = alive
+        self._short = set()
+        self._real = None
+
+    def __enter__(self):
+        self._real = os.write
+        os.write = self.write
+        return self
+
+    def __exit__(self, *exc):
+        os.write = self._real
+        return False
+
+    def write(self, fd, data):
+        real = self._real
+        if not self.alive():
+            raise SimCrash()
+        n = len(data)
+        if self.tear():
+            if n > 1:
+                real(fd, bytes(data[:n // 2]))
+            raise SimCrash()
+        if self.disk.full:
+            if fd in self._short or n <= 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self._short.add(fd)
+            return real(fd, bytes(data[:n // 2]))
+        return real(fd, data)
 
 
 def failing_fsync(disk):
