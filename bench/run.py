@@ -268,7 +268,9 @@ def channel_overheads(server, ms, nsequence):
             assert meta["IntegrationTime"] == ms, (name, meta["IntegrationTime"])
             t = datetime.strptime(meta["Datetime"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
             per_channel[meta["Direction"]] = max(per_channel.get(meta["Direction"], 0), t)
-        stamps += [per_channel[ch] for ch in CHANNELS]
+        # the channels in the order they were taken (the batch takes them
+        # in sorted name order, downwelling first)
+        stamps += sorted(per_channel.values())
     return [(b - a) * 1000.0 - ms for a, b in zip(stamps, stamps[1:])]
 
 
@@ -1006,7 +1008,9 @@ def sequence_overhead(server, ms, nsequence):
             meta = s["Metadata"]
             t = datetime.strptime(meta["Datetime"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
             per_channel[meta["Direction"]] = max(per_channel.get(meta["Direction"], 0), t)
-        stamps += [per_channel[ch] for ch in CHANNELS]
+        # the channels in the order they were taken (the batch takes them
+        # in sorted name order, downwelling first)
+        stamps += sorted(per_channel.values())
     cycle = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     return (cycle - ms / 1000.0) * 1000.0
 
