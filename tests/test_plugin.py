@@ -37,6 +37,47 @@ class PluginTests(unittest.SynchronousTestCase):
         self.assertEqual(type(services[0]).__name__, "PiccoloService")
 
 
+class TacProcessTests(unittest.SynchronousTestCase):
+    """The README's ``twistd -n --pidfile= -y piccolo.tac``, run as a
+    process: it serves CoAP (a GET over loopback UDP answers) and stops
+    cleanly on SIGTERM."""
+
+    def test_twistd_y_serves(self):
+        import socket
+        from tests import readme
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        tac = os.path.join(here, "piccolo.tac")
+        if not os.path.exists(tac):
+            raise unittest.SkipTest("piccolo.tac is not in this tree")
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        cfg = os.path.join(work, "piccolo.cfg")
+        with open(cfg, "w") as f:
+            f.write("[coap]\naddress = 127.0.0.1\nport = 0\n[web]\nport = 0\n")
+        data = os.path.join(work, "data")
+        # the README's words, with the venv's twistd
+        argv = [readme.venv_bin("twistd"), "-n", "--pidfile=", "-y", tac]
+        server = readme.Server(argv, os.path.join(work, "log"), cwd=work,
+                               env={"PICCOLO_CONFIG": cfg, "PICCOLO_DATA_DIR": data})
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(sock.close)
+            sock.settimeout(10)
+            # CON GET /sysinfo/version, message ID 0x1234, no token
+            sock.sendto(b"\x40\x01\x12\x34\xb7sysinfo\x07version",
+                        ("127.0.0.1", server.port))
+            while True:
+                answer = sock.recv(2048)
+                if answer[2:4] == b"\x12\x34" and answer[1] != 0:
+                    break               # (a ping of ours, if any, is not the answer)
+            self.assertEqual(answer[1], 0x45, answer)   # 2.05 Content
+            self.assertIn(b"\xff", answer)
+            self.assertTrue(os.path.isdir(data))
+        finally:
+            code = server.stop()
+        self.assertIn(code, (0, -15), server.log()[-2000:])
+
+
 class OptionsTests(unittest.SynchronousTestCase):
 
     def write(self, text):
