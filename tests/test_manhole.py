@@ -293,3 +293,24 @@ class ManholeLockoutTests(unittest.TestCase):
         finally:
             stop.set()
             yield holding
+
+
+from tests.helpers import ServerTestCase  # noqa: E402
+from tests import readme  # noqa: E402
+
+
+class ReadmeNamespaceTests(ServerTestCase):
+    """The README's manhole lines (``>>> ...``) evaluated in the namespace
+    the running server gives the manhole: every name they use is there
+    and means what the README says."""
+
+    def test_the_readme_expressions_work_in_the_live_namespace(self):
+        body = readme.section("SSH manhole")
+        lines = [line.strip()[4:] for line in body.splitlines()
+                 if line.strip().startswith(">>> ")]
+        self.assertIn("control.status.value", lines)
+        namespace = self.service.namespace()
+        for line in lines:
+            value = eval(line, dict(namespace))
+            if line == "control.status.value":
+                self.assertEqual(value, "idle")
