@@ -19,8 +19,8 @@ again; instead the entries are bounded:
   may hold DEDUP_OPEN / DEDUP_BYTES_OPEN. Filling the open part takes
   DEDUP_OPEN / DEDUP_PER_HOST = 256 addresses each at its budget (and as
   many with the bytes); a host that proves it receives what is sent to it
-  (a ping, limits.Proofs, which the protocol tries before it refuses) is
-  then admitted to the rest, which only hosts that receive can fill;
+  (it returns the Echo value its refusal offers, limits.Verifier) is then
+  admitted to the rest, which only hosts that receive can fill;
 - ``abort``, ``pause`` and ``paused`` (urgent) have room of their own
   besides: DEDUP_URGENT entries, DEDUP_URGENT_PER_HOST per host.
 
@@ -168,7 +168,7 @@ class Dedup:
 
 class MessageIds:
     """Message IDs for the messages the server originates (separate
-    responses, notifications, pings, NON answers): for each endpoint a
+    responses, notifications, NON answers): for each endpoint a
     keyed hash of it plus a counter shared by all. An endpoint's IDs do not
     repeat before 65,536 messages have been sent (RFC 7252 4.4), and seeing
     the IDs sent to one's own address tells nothing of those sent to
