@@ -37,6 +37,16 @@ Until verified, everything sent to an address -- answers, empty ACKs,
 notifications, retransmissions -- is paid from its :class:`Credit`:
 AMPLIFICATION times the bytes received from it, less what was sent. No
 answer to one request is more than AMPLIFICATION times that request.
+One thing pays back: an ACK (not a RST) of an observer's CON
+notification, from the observer's own endpoint and matching the
+notification's unpredictable message ID, refunds that notification (one
+copy). It proves the endpoint received it and took it for its own
+observation: an endpoint that did not register rejects a notification
+with a RST (RFC 7252 5.3.2, RFC 7641 3.6), which ends the observation.
+So an aiocoap client observing for months is never cut off for credit,
+while a spoofed registration in a CoAP endpoint's name ends at its first
+notification, within 3x. Its ACKs verify nothing: full-size answers to
+other requests still need an Echo value.
 """
 
 import hashlib
@@ -208,6 +218,14 @@ class Credit:
 
     def received(self, address, size):
         balance = self.balance.pop(address, 0) + AMPLIFICATION * size
+        self.balance[address] = min(balance, self.most)
+        if len(self.balance) > self.hosts:
+            del self.balance[next(iter(self.balance))]
+
+    def refund(self, address, size):
+        """``size`` bytes sent to ``address`` are paid back (an observer
+        acknowledged the notification: see ServerCoap.handle_message)."""
+        balance = self.balance.pop(address, 0) + size
         self.balance[address] = min(balance, self.most)
         if len(self.balance) > self.hosts:
             del self.balance[next(iter(self.balance))]

@@ -262,6 +262,13 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 self._write(empty(RST, msg.mid), remote)
         elif code == EMPTY or 64 <= code < 192:
             # ACK or RST for something we sent (#12: requests here ignored)
+            trusted = self.guesses.trusted(remote[0])
+            out = self.retransmitter.by_key.get((msg.mid, remote))
+            if (out is not None and out.owner is not None and mtype == ACK
+                    and trusted and not verified):
+                # an observer took its notification: paid back (see limits),
+                # before a newer notification waiting for this ACK goes out
+                self.credit.refund(remote[0], len(out.data))
             ack = self.retransmitter.acknowledge(msg.mid, remote, reset=(mtype == RST))
             if ack is None:
                 if not self.retransmitter.knows(msg.mid, remote):
@@ -271,8 +278,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                     self.guesses.guessed(remote[0])
                 return
             if ack.outgoing.owner is not None:
-                self.observations.acknowledged(ack.outgoing.owner, ack,
-                                               self.guesses.trusted(remote[0]))
+                self.observations.acknowledged(ack.outgoing.owner, ack, trusted)
 
     # backwards-compatible name
     handleMessage = handle_message
