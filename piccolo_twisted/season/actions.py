@@ -435,7 +435,7 @@ def aim_at_window_edge(season):
     read it): client batches asked for just before, at and during the
     window's commit; now and then a job due at that very second; a commit
     made slow across the edge; the power switches failing as the window
-    opens. Whatever order the server puts these in, a batch must never
+    opens or closes. Whatever order the server puts these in, a batch must never
     lose its spectrometers, and a failed switch-off must be retried."""
     inc = season.inc
     if inc is None or not inc.started:
@@ -443,7 +443,7 @@ def aim_at_window_edge(season):
     edge = next_window_edge(season, inc)
     if edge is None:
         return
-    wall_edge, kind = edge
+    wall_edge = edge[0]
     dt = wall_edge - inc.wall()
     if dt > DAY:
         return
@@ -460,7 +460,9 @@ def aim_at_window_edge(season):
     if "slow-commit" in season.faults and rng.random() < 0.5:
         w.at(true_edge - rng.uniform(0.0, 2.0), _slow_for, season,
              rng.uniform(10.0, 180.0))
-    if "power" in season.faults and kind == "open" and rng.random() < 0.5:
+    # at either edge: a switch-off that fails as the window opens, and a
+    # switch-on that fails as it closes, must each be retried
+    if "power" in season.faults and rng.random() < 0.5:
         w.at(true_edge - rng.uniform(0.0, 2.0), _switches_fail_for, season,
              log_uniform(rng, MINUTE, 20 * MINUTE))
 
