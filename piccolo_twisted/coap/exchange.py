@@ -10,17 +10,18 @@ is never evicted early, so a retransmission can never run a request
 again; instead the entries are bounded:
 
 - per host not verified (limits.Verifier): DEDUP_PER_HOST entries and
-  DEDUP_BYTES_PER_HOST bytes in any EXCHANGE_LIFETIME (a person does not
-  pause a batch 64 times in four minutes); a verified host (it proved that
-  it receives what is sent to its address) DEDUP_PER_VERIFIED /
-  DEDUP_BYTES_PER_VERIFIED (a script adding a season's jobs); beyond,
-  *that host* is refused (5.03, "from this host");
+  DEDUP_BYTES_PER_HOST bytes in any EXCHANGE_LIFETIME -- enough for a
+  piccolo3 script adding a season's jobs (300 at once): aiocoap returns
+  no Echo value, so the deployed client is never verified; a verified
+  host (it returned an Echo value) DEDUP_PER_VERIFIED /
+  DEDUP_BYTES_PER_VERIFIED; beyond, *that host* is refused (5.03, "from
+  this host", offering an Echo value to a host not verified);
 - in all: DEDUP_MAX entries / DEDUP_BYTES, of which hosts not verified
   may hold DEDUP_OPEN / DEDUP_BYTES_OPEN. Filling the open part takes
-  DEDUP_OPEN / DEDUP_PER_HOST = 256 addresses each at its budget (and as
+  DEDUP_OPEN / DEDUP_PER_HOST = 32 addresses each at its budget (and as
   many with the bytes); a host that proves it receives what is sent to it
-  (a ping, limits.Proofs, which the protocol tries before it refuses) is
-  then admitted to the rest, which only hosts that receive can fill;
+  (it returns the Echo value its refusal offers, limits.Verifier) is then
+  admitted to the rest, which only hosts that receive can fill;
 - ``abort``, ``pause`` and ``paused`` (urgent) have room of their own
   besides: DEDUP_URGENT entries, DEDUP_URGENT_PER_HOST per host.
 
@@ -50,8 +51,8 @@ MAX_RETRANSMIT = 4
 EXCHANGE_LIFETIME = 247.0      # RFC 7252 4.8.2
 NON_LIFETIME = 145.0
 
-DEDUP_PER_HOST = 64            # entries of one host not verified in a lifetime
-DEDUP_BYTES_PER_HOST = 32 << 10
+DEDUP_PER_HOST = 512           # entries of one host not verified in a lifetime
+DEDUP_BYTES_PER_HOST = 128 << 10
 DEDUP_PER_VERIFIED = 1024      # ... of a verified host
 DEDUP_BYTES_PER_VERIFIED = 256 << 10
 DEDUP_MAX = 24576              # entries in all ...
@@ -168,7 +169,7 @@ class Dedup:
 
 class MessageIds:
     """Message IDs for the messages the server originates (separate
-    responses, notifications, pings, NON answers): for each endpoint a
+    responses, notifications, NON answers): for each endpoint a
     keyed hash of it plus a counter shared by all. An endpoint's IDs do not
     repeat before 65,536 messages have been sent (RFC 7252 4.4), and seeing
     the IDs sent to one's own address tells nothing of those sent to

@@ -15,28 +15,38 @@ lifetime, a running handler runs on) is exhaustible by enough spoofed
 addresses, whatever its cap. Such pools have a second, smaller cap for
 hosts that have not shown that they receive what is sent to their address
 (``open_cap``): a crowd of blind spoofers fills that part only, and a host
-that can prove itself (:class:`Proofs`) uses the rest.
+that proves itself (returns an Echo value, below) uses the rest.
 
-Verification. A host is *verified* when it has shown that it receives the
-datagrams sent to its address, in one of two ways:
+Verification (RFC 9175 2.4). A host is *verified* only when it returns
+an Echo value the server gave it (libcoap's coap-client does): a value a
+blind spoofer never sees. Nothing else verifies: not a CON request (a
+spoofer sends one), not an ACK, and not an answered CoAP ping -- every
+CoAP endpoint answers a ping with a RST (RFC 7252 4.3), so a ping proves
+that *someone* at the address speaks CoAP, not that it sent the request.
+(A spoofer naming a CoAP device's address had it verified that way, and
+reflected full blocks at it: 41.7x.) A verified host stays so for
+VERIFIED_FOR seconds after its last Echo, and an Echo value is good for
+one or two ECHO_EPOCHs.
 
-- it returned an Echo value the server gave it (RFC 9175 2.4; libcoap's
-  coap-client does);
-- it answered a CoAP ping (an empty CON message, RFC 7252 4.3) whose
-  message ID it could only know by receiving it: every CoAP endpoint
-  answers a ping with a RST carrying that ID (aiocoap, node-coap, libcoap
-  and Californium do), so the deployed clients prove themselves without
-  knowing it. The ID is unpredictable (a keyed hash of the endpoint plus a
-  counter, :class:`exchange.MessageIds`), one ping per host is pending at a
-  time, a host is pinged at most once per PROOF_INTERVAL, and an ACK or RST
-  from the host that matches nothing the server sent voids the ping in
-  flight: a blind spoofer gets one guess of 16 bits per PROOF_INTERVAL,
-  about 3.8 days on average per address.
+Clients that ignore Echo (aiocoap, which the deployed piccolo3 client
+uses) are never verified and keep working within the limits: answers
+in small blocks (RFC 7959 2.4), each at most 3x its request, and the
+address's credit.
 
 Until verified, everything sent to an address -- answers, empty ACKs,
-notifications, retransmissions, pings -- is paid from its :class:`Credit`:
+notifications, retransmissions -- is paid from its :class:`Credit`:
 AMPLIFICATION times the bytes received from it, less what was sent. No
 answer to one request is more than AMPLIFICATION times that request.
+One thing pays back: an ACK (not a RST) of an observer's CON
+notification, from the observer's own endpoint and matching the
+notification's unpredictable message ID, refunds that notification (one
+copy). It proves the endpoint received it and took it for its own
+observation: an endpoint that did not register rejects a notification
+with a RST (RFC 7252 5.3.2, RFC 7641 3.6), which ends the observation.
+So an aiocoap client observing for months is never cut off for credit,
+while a spoofed registration in a CoAP endpoint's name ends at its first
+notification, within 3x. Its ACKs verify nothing: full-size answers to
+other requests still need an Echo value.
 """
 
 import hashlib
@@ -48,22 +58,13 @@ from ..hosts import host_of  # noqa: F401 (the unit of the shares)
 AMPLIFICATION = 3              # unverified: sent <= 3 x received (RFC 7252 11.3)
 ECHO_EPOCH = 300.0             # an Echo value is good for 5-10 minutes
 VERIFIED_FOR = 3600.0          # a verified host stays so this long after its last proof
-RENEW_BEFORE = 600.0           # an active verified host is pinged again this long before
 VERIFIED_MAX = 4096            # hosts remembered as verified
 CREDIT_HOSTS = 16384           # unverified addresses whose credit is remembered
 CREDIT_MAX = 16384             # bytes of credit an address may save up
-PROOF_WAIT = 1.5               # seconds a request waits for a ping's answer
-                               # (its answer still piggybacked: < ACK_TIMEOUT)
-PROOF_RETRY = 0.3              # the ping goes out again after this, once.
-                               # libcoap 4.3 sends no RST for an empty message
-                               # until its tick count passes 250 ms, the count
-                               # starting at the whole second coap-client
-                               # started in: one started early in a second
-                               # ignores a ping in its first 250 ms or less.
-                               # A repetition 0.3 s later is always answered.
-PROOF_INTERVAL = 10.0          # a host's next ping at the earliest; a wrong guess voids this long
-PROOFS_PENDING = 4096          # pings in flight, all hosts
-PROOF_HOSTS = 65536            # hosts remembered as pinged or guessing (PROOF_INTERVAL)
+GUESS_VOID = 10.0              # an ACK/RST that matches nothing we sent voids
+                               # the address's ACKs this long (observe.py)
+GUESS_HOSTS = 65536            # addresses remembered as guessing
+
 
 class Shares:
     """Usage of one pool by host: ``cap`` in all, ``share`` per host, and
@@ -144,10 +145,10 @@ class Shares:
 
 class Verifier:
     """Which addresses have shown that they receive what is sent to them:
-    by returning an Echo value the server gave them (RFC 9175 2.4), or by
-    answering a ping (:class:`Proofs`, which calls :meth:`verify`). A CON
-    request proves nothing (a blind spoofer can send one), nor does an ACK
-    of a guessable message ID.
+    by returning an Echo value the server gave them (RFC 9175 2.4), and
+    only so. A CON request proves nothing (a blind spoofer can send one),
+    nor does an ACK, nor an answered ping (any CoAP endpoint answers one,
+    including one whose address a spoofer names).
 
     Until verified, an answer may be at most AMPLIFICATION times the
     request that caused it, and all that is sent to the address is paid
@@ -178,33 +179,20 @@ class Verifier:
     def check(self, host, echo):
         """True when ``host`` is verified, now or by the ``echo`` value its
         request carries (one we gave it in this or the previous epoch)."""
+        if echo is not None:
+            epoch = int(self.clock.seconds() // ECHO_EPOCH)
+            if echo == self._value(host, epoch) or echo == self._value(host, epoch - 1):
+                self.verify(host)       # (again: VERIFIED_FOR from its last Echo)
+                return True
         until = self.verified.get(host)
         if until is not None:
             if until >= self.clock.seconds():
                 return True
             del self.verified[host]
-        if echo is not None:
-            epoch = int(self.clock.seconds() // ECHO_EPOCH)
-            if echo == self._value(host, epoch) or echo == self._value(host, epoch - 1):
-                self.verify(host)
-                return True
         return False
 
     def is_verified(self, host):
         return self.check(host, None)
-
-    def state(self, host):
-        """(verified, due): ``due`` when the verification ends within
-        RENEW_BEFORE (a host still active is then asked for a new proof,
-        so that a client observing for days is never cut off)."""
-        until = self.verified.get(host)
-        if until is None:
-            return False, False
-        now = self.clock.seconds()
-        if until < now:
-            del self.verified[host]
-            return False, False
-        return True, until - now < RENEW_BEFORE
 
     def __contains__(self, host):
         return self.is_verified(host)
@@ -234,6 +222,14 @@ class Credit:
         if len(self.balance) > self.hosts:
             del self.balance[next(iter(self.balance))]
 
+    def refund(self, address, size):
+        """``size`` bytes sent to ``address`` are paid back (an observer
+        acknowledged the notification: see ServerCoap.handle_message)."""
+        balance = self.balance.pop(address, 0) + size
+        self.balance[address] = min(balance, self.most)
+        if len(self.balance) > self.hosts:
+            del self.balance[next(iter(self.balance))]
+
     def remaining(self, address):
         return self.balance.get(address, 0)
 
@@ -249,146 +245,39 @@ class Credit:
         return len(self.balance)
 
 
-class Proof:
-    """A ping in flight to prove one address."""
+class Guesses:
+    """Addresses that lately sent an ACK or RST matching nothing the
+    server sent: a blind spoofer guessing the (unpredictable,
+    exchange.MessageIds) message ID of a CON notification, to pass for an
+    observer that is there. For GUESS_VOID seconds after a guess the
+    address's ACKs prove nothing (:meth:`trusted`), so a guesser gets one
+    try of 16 bits per GUESS_VOID. At most GUESS_HOSTS addresses are
+    remembered (the oldest forgotten first)."""
 
-    __slots__ = ("remote", "mid", "data", "waiters", "retry", "expiry")
-
-    def __init__(self, remote, mid, data):
-        self.remote = remote
-        self.mid = mid
-        self.data = data
-        self.waiters = []
-        self.retry = None
-        self.expiry = None
-
-
-class Proofs:
-    """Return-routability proofs by ping (see the module doc).
-
-    ``send(datagram, remote) -> bool`` writes a datagram (False when the
-    address's credit cannot pay for it); ``next_mid(remote)`` gives an
-    unpredictable message ID for the endpoint. ``wait(remote, callback)``
-    has ``callback(verified)`` called once the address is proven (True) or
-    the ping went unanswered (False); it returns False when no ping can be
-    in flight for the address (one failed less than PROOF_INTERVAL ago, a
-    wrong guess voided it, or its credit cannot pay for the ping).
-    """
-
-    def __init__(self, clock, verifier, send, next_mid):
+    def __init__(self, clock, hosts=GUESS_HOSTS):
         self.clock = clock
-        self.verifier = verifier
-        self.send = send
-        self.next_mid = next_mid
-        self.pending = {}               # address -> Proof
-        self.started = {}               # address -> when its last ping went out (time order)
-        self.void = {}                  # address -> when a wrong guess came (time order)
+        self.hosts = hosts
+        self.when = OrderedDict()       # address -> when it last guessed (time order)
 
-    @staticmethod
-    def _purge(table, now):
-        while table:
-            address = next(iter(table))
-            if table[address] + PROOF_INTERVAL > now:
-                return
-            del table[address]
-
-    def _remember(self, table, address, now):
-        self._purge(table, now)
-        table.pop(address, None)
-        if len(table) >= PROOF_HOSTS:
-            return False
-        table[address] = now
-        return True
+    def guessed(self, address):
+        now = self.clock.seconds()
+        self._purge(now)
+        self.when.pop(address, None)
+        self.when[address] = now
+        while len(self.when) > self.hosts:
+            self.when.popitem(last=False)
 
     def trusted(self, address):
-        """False while a wrong guess from ``address`` is recent: its ACKs
-        prove nothing then (an observer's liveness included)."""
-        when = self.void.get(address)
-        return when is None or when + PROOF_INTERVAL <= self.clock.seconds()
+        """False while a wrong guess from ``address`` is recent."""
+        when = self.when.get(address)
+        return when is None or when + GUESS_VOID <= self.clock.seconds()
 
-    def available(self, address):
-        """Whether :meth:`wait` could have a ping in flight for ``address``."""
-        if address in self.pending:
-            return True
-        now = self.clock.seconds()
-        started = self.started.get(address)
-        return ((started is None or started + PROOF_INTERVAL <= now)
-                and self.trusted(address) and len(self.pending) < PROOFS_PENDING)
+    def _purge(self, now):
+        while self.when:
+            address, when = next(iter(self.when.items()))
+            if when + GUESS_VOID > now:
+                return
+            del self.when[address]
 
-    def wait(self, remote, callback):
-        address = remote[0]
-        proof = self.pending.get(address)
-        if proof is None:
-            proof = self._start(remote)
-            if proof is None:
-                return False
-        proof.waiters.append(callback)
-        return True
-
-    def start(self, remote):
-        """A ping for ``remote``'s address if none is in flight and one may
-        go out now (nobody waits for it: the host's next requests profit).
-        True when one went out."""
-        return remote[0] not in self.pending and self._start(remote) is not None
-
-    def _start(self, remote):
-        address = remote[0]
-        if not self.available(address):
-            return None
-        now = self.clock.seconds()
-        mid = self.next_mid(remote)
-        data = bytes((0x40, 0, mid >> 8, mid & 0xFF))       # CON, empty
-        if not self._remember(self.started, address, now):
-            return None
-        if not self.send(data, remote):
-            return None
-        proof = self.pending[address] = Proof(remote, mid, data)
-        proof.retry = self.clock.callLater(PROOF_RETRY, self._again, proof)
-        proof.expiry = self.clock.callLater(PROOF_WAIT, self._finish, proof, False)
-        return proof
-
-    def _again(self, proof):
-        proof.retry = None
-        if self.pending.get(proof.remote[0]) is proof:
-            self.send(proof.data, proof.remote)
-
-    def _finish(self, proof, verified):
-        address = proof.remote[0]
-        if self.pending.get(address) is not proof:
-            return
-        del self.pending[address]
-        for timer in (proof.retry, proof.expiry):
-            if timer is not None and timer.active():
-                timer.cancel()
-        proof.retry = proof.expiry = None
-        if verified:
-            self.verifier.verify(address)
-        waiters, proof.waiters = proof.waiters, []
-        for callback in waiters:
-            callback(verified)
-
-    def answered(self, remote, mid):
-        """An ACK or RST from ``remote``: True when it answers the ping in
-        flight to it (the address is then verified)."""
-        proof = self.pending.get(remote[0])
-        if proof is None or proof.mid != mid or proof.remote != remote:
-            return False
-        self._finish(proof, True)
-        return True
-
-    def guessed(self, remote):
-        """An ACK or RST from ``remote`` that matches nothing the server
-        sent: a guess. The ping in flight to the address fails, and for
-        PROOF_INTERVAL its ACKs prove nothing."""
-        address = remote[0]
-        self._remember(self.void, address, self.clock.seconds())
-        proof = self.pending.get(address)
-        if proof is not None:
-            self._finish(proof, False)
-
-    def stop(self):
-        for proof in list(self.pending.values()):
-            for timer in (proof.retry, proof.expiry):
-                if timer is not None and timer.active():
-                    timer.cancel()
-        self.pending.clear()
+    def __len__(self):
+        return len(self.when)

@@ -22,8 +22,9 @@
   once when the previous one is acknowledged. When the retransmissions give
   up (RFC 7252 4.2, about 93 s) the observation ends (RFC 7641 4.5), and a
   RST or a GET with Observe=1 ends it too. Until the host is verified,
-  notifications are paid from its credit (limits.Credit): when that runs
-  out, the observation ends.
+  notifications are paid from its credit (limits.Credit), and one its
+  client acknowledges is paid back: when the credit runs out (nobody
+  acknowledges), the observation ends.
 - Liveness: an observer that has not acknowledged anything (nor
   re-registered) for OBSERVE_CONFIRM seconds -- 24 h, less when the slots
   are scarce -- gets a CON notification of the current value; if nobody

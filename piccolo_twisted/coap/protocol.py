@@ -7,7 +7,7 @@ The parts live in their own modules, each with small named records:
                 of our CONs;
 - ``blockwise`` Block2 bodies in transfer, Block1 uploads;
 - ``observe``   registrations, notifications, their end;
-- ``limits``    per-host shares of every pool, verification (Echo, pings)
+- ``limits``    per-host shares of every pool, verification (by Echo only)
                 and the credit of addresses not verified.
 
 This module ties them together (DESIGN.md's txThings table, #3-#14): every
@@ -17,13 +17,13 @@ datagrams are dropped (a CON one gets a RST), unknown critical options get
 empty ACK carries no token; NON requests get NON answers.
 
 The order of checks for a request, in one place (:meth:`ServerCoap.request`):
-verification (Echo, or a proof that came before) -> later Block2 block
-from a kept body -> duplicate? -> admitted to the dedup cache (per-host
-budget; a host not verified that finds the open part full proves itself
-first) -> options -> Block1 -> access policy -> handler slot (per-host
-share; urgent requests have a pool of their own) -> handler -> answer
-fitted to what the address may be sent (a CON request whose answer would
-not fit waits for a ping's proof first) -> remembered for duplicates.
+verification (an Echo value returned now, or before) -> later Block2
+block from a kept body -> duplicate? -> admitted to the dedup cache
+(per-host budget; a host not verified that finds the open part full is
+refused with an Echo value to return) -> options -> Block1 -> access
+policy -> handler slot (per-host share; urgent requests have a pool of
+their own) -> handler -> answer fitted to what the address may be sent
+(smaller blocks, offering an Echo value) -> remembered for duplicates.
 
 Everything written to an address not verified is paid from its credit
 (:meth:`ServerCoap._write`): 3x what came from it, in total.
@@ -42,8 +42,7 @@ from .codec import (ACK, CON, ECHO, EMPTY, GET, KNOWN_OPTIONS, NON, PROXY_SCHEME
                     TooManyOptions, decode, empty, encode, read_uint)
 from .exchange import (EXCHANGE_LIFETIME, FULL, HOST_FULL, NON_LIFETIME, Dedup,
                        MessageIds, Retransmitter, Seen)
-from .limits import (AMPLIFICATION, PROOF_INTERVAL, PROOF_WAIT, Credit,  # noqa: F401
-                     Proofs, Shares, Verifier, host_of)
+from .limits import AMPLIFICATION, Credit, Guesses, Shares, Verifier, host_of
 from .observe import Observations
 
 # the names the first version exported (tests, tools)
@@ -72,9 +71,6 @@ MAX_QUEUED_BYTES = 512 * 1024  # requests waiting for a busy host's handlers
 QUEUED_PER_HOST = 128 * 1024
 QUEUED_ENTRY = 2048            # estimated bytes of one waiting request
 QUEUE_WAIT = 1.5               # seconds a request may wait (< ACK_TIMEOUT)
-PROOF_WAITERS = 256            # requests of one address waiting for its proof
-AWAITING_MAX = 4096            # ... of all addresses
-PING_COST = 8                  # a ping and its one repetition, paid by the request
 
 DedupCache = Dedup
 
@@ -96,7 +92,7 @@ class Request:
 
     __slots__ = ("msg", "remote", "path", "verified", "seen", "separate",
                  "answered", "block_key", "observe", "urgent", "host", "spent",
-                 "credit", "prove", "arrived")
+                 "credit", "arrived")
 
     def __init__(self, msg, remote, path, verified, credit):
         self.msg = msg
@@ -106,7 +102,6 @@ class Request:
         self.host = host_of(remote[0])  # whose shares it counts against
         self.spent = 0              # bytes sent for it (the 3x limit)
         self.credit = credit        # limits.Credit: what the address may still be sent
-        self.prove = False          # ping the address once answered
         self.arrived = None         # when it came (the empty ACK's deadline)
         self.seen = None            # exchange.Seen for a deduplicated request
         self.separate = False       # an empty ACK went out: answer as CON
@@ -167,8 +162,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         self.retransmitter = Retransmitter(clock, self._write)
         self.verifier = Verifier(clock)
         self.credit = Credit()
-        self.proofs = Proofs(clock, self.verifier, self._send_ping, self.mids.next)
-        self.awaiting = {}          # (mid, remote) -> Request waiting for its proof
+        self.guesses = Guesses(clock)
         self.observations = Observations(clock, self, self.retransmitter, self.transfers)
         self.slots = Shares(MAX_PENDING, MAX_PENDING_PER_HOST, OPEN_PENDING)
         self.urgent_slots = Shares(MAX_URGENT, MAX_URGENT_PER_HOST, OPEN_URGENT)
@@ -205,8 +199,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         # go out, nor start retransmitting, once stopped
         self.observations.stop()
         self.retransmitter.stop()
-        self.proofs.stop()
-        self.awaiting.clear()
         for queue in self.queued.values():
             for waiting in queue:
                 if waiting.timer is not None and waiting.timer.active():
@@ -227,12 +219,10 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
 
     def datagramReceived(self, data, remote):
         self.stats["received"] += 1
-        verified, due = self.verifier.state(remote[0])
+        verified = self.verifier.is_verified(remote[0])
         if not verified:
             # what may be sent to an address not verified: 3x what came from it
             self.credit.received(remote[0], len(data))
-        elif due:
-            self.proofs.start(remote)       # still here: a new proof before it lapses
         try:
             msg = decode(data)
         except TooManyOptions as e:
@@ -272,19 +262,23 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 self._write(empty(RST, msg.mid), remote)
         elif code == EMPTY or 64 <= code < 192:
             # ACK or RST for something we sent (#12: requests here ignored)
-            if self.proofs.answered(remote, msg.mid):
-                return                  # a ping's answer: the address is verified
+            trusted = self.guesses.trusted(remote[0])
+            out = self.retransmitter.by_key.get((msg.mid, remote))
+            if (out is not None and out.owner is not None and mtype == ACK
+                    and trusted and not verified):
+                # an observer took its notification: paid back (see limits),
+                # before a newer notification waiting for this ACK goes out
+                self.credit.refund(remote[0], len(out.data))
             ack = self.retransmitter.acknowledge(msg.mid, remote, reset=(mtype == RST))
             if ack is None:
                 if not self.retransmitter.knows(msg.mid, remote):
-                    # matches nothing we sent: a guess (no ping of this
-                    # address may be answered for a while)
+                    # matches nothing we sent: a guess (the address's
+                    # ACKs prove no observation for a while)
                     self.stats["guesses"] += 1
-                    self.proofs.guessed(remote)
+                    self.guesses.guessed(remote[0])
                 return
             if ack.outgoing.owner is not None:
-                self.observations.acknowledged(ack.outgoing.owner, ack,
-                                               self.proofs.trusted(remote[0]))
+                self.observations.acknowledged(ack.outgoing.owner, ack, trusted)
 
     # backwards-compatible name
     handleMessage = handle_message
@@ -340,10 +334,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if seen.answer is not None:
                 self._write(seen.answer, req.remote)
             return False
-        if key in self.awaiting:
-            # waiting for its address's proof: the answer comes soon
-            self.stats["duplicates"] += 1
-            return False
         return self._admit(req, key)
 
     def _admit(self, req, key):
@@ -355,28 +345,18 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             req.seen = result
             if req.separate:
                 self.dedup.answer(result, empty(ACK, msg.mid))
-            if not req.verified:
-                # a verified host has a bigger budget: a ping after the
-                # answer proves it (every CoAP client answers one); a burst
-                # that reaches the budget first waits for a ping of its own
-                req.prove = True
             return True
-        if self._await_proof(req, lambda: self._resume_admit(req, key)):
-            # over what a host not verified may hold: a verified one may
-            # hold more (its budget, the rest of the cache)
-            return False
         self.stats["dedup_refused"] += 1
         if result == HOST_FULL:
             text = ("too many requests from this host in the last minutes; "
                     "try again later")
         else:
-            text = "server busy: too many requests from other hosts; try again later"
-        self._reply(req, _tx.SERVICE_UNAVAILABLE, text, max_age=DEDUP_MAX_AGE)
+            text = "busy: too many requests from other hosts; try again later"
+        # a host not verified may hold more (its bigger budget, the rest of
+        # the cache) once it returns the Echo value offered here
+        self._reply(req, _tx.SERVICE_UNAVAILABLE, text, max_age=DEDUP_MAX_AGE,
+                    echo=not req.verified)
         return False
-
-    def _resume_admit(self, req, key):
-        if self._admit(req, key):
-            self._handle_safely(req)
 
     def _handle_safely(self, req):
         """Every request is answered: an exception anywhere in the request
@@ -440,7 +420,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         observe = msg.observe() if msg.code == GET else None
         if observe == 0 and msg.mtype == NON and not req.verified:
             observe = None          # no notifications to an unverified NON client
-            req.prove = True        # (its next one, perhaps)
         req.observe = observe
         req.urgent = self.site.urgent(path)
         self._run(req, lambda: self.site.handle(msg.code, path, payload,
@@ -460,9 +439,9 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         (abort, pause, the state and settings) have a pool of their own and
         may use the common one too, so they are refused only when their own
         host has both shares full. A host at its share waits a moment for
-        one of its own to finish; an address not verified that finds the
-        open part of the pools full proves itself first (a ping) and then
-        uses the rest; otherwise 5.03. ``deliver`` takes the result
+        one of its own to finish; otherwise 5.03 (to an address not
+        verified that found the open part of the pools full, with an Echo
+        value: returned, it admits the host to the rest). ``deliver`` takes the result
         (default: answer the request with it)."""
         host, verified = req.host, req.verified
         pools = (self.urgent_slots, self.slots) if req.urgent else (self.slots,)
@@ -479,15 +458,13 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 # than fail at once (aiocoap gives up on a 5.03)
                 return self._wait_for_slot(req, handle, cost, deliver)
             return self._busy(req, mine=True)
-        if self._await_proof(req, lambda: self._run(req, handle, deliver)):
-            return
-        self._busy(req)
+        self._busy(req, echo=not verified)
 
-    def _busy(self, req, mine=False):
+    def _busy(self, req, mine=False, echo=False):
         self.stats["busy"] += 1
         self._reply(req, _tx.SERVICE_UNAVAILABLE,
                     "too many requests from this host in progress; try again" if mine
-                    else "server busy; try again", max_age=BUSY_MAX_AGE)
+                    else "server busy; try again", max_age=BUSY_MAX_AGE, echo=echo)
 
     def _queue_room(self, host, cost):
         """Room in the wait queue: a host may use what nobody else needs;
@@ -559,54 +536,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             return passthrough
         return d.addBoth(finished)
 
-    # -- verification by ping --------------------------------------------------------
-
-    def _await_proof(self, req, resume):
-        """For a CON request from an address not verified, whose answer (or
-        admission) needs more than the address may be sent: a ping
-        (limits.Proofs), and ``resume()`` once the address is verified or
-        the ping went unanswered (then the answer is fitted to the 3x
-        limit). The request is not acknowledged meanwhile: its answer is
-        still piggybacked in the ACK, within PROOF_WAIT, before the client
-        retransmits (libcoap 4.3 cannot take a separate response that
-        starts a Block2 transfer). False when that cannot be (NON,
-        verified already, no ping possible): the caller goes on without it."""
-        msg = req.msg
-        if req.verified or msg.mtype != CON or req.answered:
-            return False
-        address = req.address
-        if len(self.awaiting) >= AWAITING_MAX:
-            return False
-        if address not in self.proofs.pending:
-            if not self.proofs.available(address) or req.limit < PING_COST:
-                return False
-        elif len(self.proofs.pending[address].waiters) >= PROOF_WAITERS:
-            return False
-        key = (msg.mid, req.remote)
-
-        def proven(verified):
-            if self.awaiting.get(key) is req:
-                del self.awaiting[key]
-            req.verified = req.verified or verified or self.verifier.is_verified(address)
-            try:
-                resume()
-            except Exception:
-                self._internal_error(req)
-        starting = address not in self.proofs.pending
-        if not self.proofs.wait(req.remote, proven):
-            return False        # no ping went out after all: carry on without
-        if starting:
-            req.spent += PING_COST
-        self.stats["proofs_awaited"] += 1
-        self.awaiting[key] = req
-        return True
-
-    def _send_ping(self, data, remote):
-        if not self._write(data, remote):
-            return False
-        self.retransmitter.note(int.from_bytes(data[2:4], "big"), remote)
-        return True
-
     # -- Block1 ----------------------------------------------------------------------
 
     def _collect_block1(self, req, block1):
@@ -671,7 +600,7 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         deliver = deliver or (lambda result: self._respond(req, result))
         timer = None
         if req.msg.mtype == CON and not req.separate:
-            # ACK_DELAY after it came (it may have waited for a proof)
+            # ACK_DELAY after it came (it may have waited for a slot)
             delay = ACK_DELAY - (self.clock.seconds() - req.arrived)
             timer = self.clock.callLater(max(0.0, delay), self._empty_ack, req)
 
@@ -707,10 +636,8 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
                 szx = min(block2.szx, MAX_SZX) if block2 is not None else MAX_SZX
                 if self.observations.register(req.remote, msg.token, req.path, handle,
                                               szx, msg.size):
+                    # (paid from its address's credit until it is verified)
                     observe = self.observations.seq
-                    # its notifications are paid from its credit until it
-                    # proves it is there: a ping (aiocoap answers it)
-                    req.prove = True
             else:
                 self.observations.deregister(req.remote, msg.token, req.path)
         block1 = req.msg.block(_tx.BLOCK1)
@@ -720,21 +647,23 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             block1 = None
         self._send_body(req, code, body, cf, observe=observe, block1=block1)
 
-    def _reply(self, req, code, text, size1=None, max_age=None):
+    def _reply(self, req, code, text, size1=None, max_age=None, echo=False):
         """An answer with a plain-text diagnostic (never blockwise): over
-        the 3x limit the text is cut short."""
+        the 3x limit the text is cut short. ``echo``: it offers an Echo
+        value (RFC 9175 2.4)."""
         self._send(req, Reply(code, text.encode("utf-8"), 0 if text else None,
-                              size1=size1, max_age=max_age), text=True)
+                              size1=size1, max_age=max_age,
+                              echo=self.verifier.echo_for(req.address) if echo else None),
+                   text=True)
 
     def _send_body(self, req, code, body, cf, observe=None, block1=None, transfer=None):
         """An answer carrying ``body``: whole, or the Block2 block asked
         for (1024 bytes, or smaller: what the client asked for, and what
         fits the 3x limit -- RFC 7959 2.4 lets the server answer with
-        smaller blocks, the block number scaling with them). A CON request
-        from an address not verified whose answer would have to shrink
-        waits for a ping's proof first (an empty ACK, then the answer as a
-        separate response): once the client has the first block at a size,
-        it keeps that size for the whole transfer."""
+        smaller blocks, the block number scaling with them). To an address
+        not verified a block made smaller offers an Echo value: a client
+        that returns it (coap-client) is verified from its next request,
+        and one that does not (aiocoap) goes on in small blocks."""
         msg = req.msg
         block2 = msg.block(_tx.BLOCK2)
         szx, num = MAX_SZX, 0
@@ -749,15 +678,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             limit = req.limit
             if limit is None or len(data) <= limit:
                 return self._send(req, reply, data=data)
-            if self._await_proof(req, lambda: self._send_body(req, code, body, cf, observe,
-                                                              block1, transfer)):
-                return
-        elif req.limit is not None:
-            fit, _, _ = self._fit_block(req, total, code, cf, szx, num, observe, block1)
-            if fit != szx and self._await_proof(
-                    req, lambda: self._send_body(req, code, body, cf, observe, block1,
-                                                 transfer)):
-                return
         if transfer is None:
             if req.block_key is None:
                 req.block_key = request_key(req.remote, req.path or (), msg.code,
@@ -844,7 +764,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
         limit = req.limit
         if limit is not None and len(data) > limit:
             reply = self._shrunk(req, reply, text, limit, data[:4])
-            req.prove = True
             if reply is None:
                 self.log.debug("request from {remote}: no answer fits 3x",
                                remote=req.remote)
@@ -862,12 +781,6 @@ class ServerCoap(_tx.Coap, protocol.DatagramProtocol):
             if mtype == NON:
                 self.retransmitter.note(int.from_bytes(data[2:4], "big"), req.remote)
             self._write(data, req.remote, req.verified)
-        if ((req.prove or reply.echo is not None) and not req.verified
-                and req.limit >= PING_COST):
-            # an answer made smaller: the address's next requests need not
-            # be, once it answers a ping (paid within this request's 3x)
-            if self.proofs.start(req.remote):
-                req.spent += PING_COST
 
     def _shrunk(self, req, reply, text, limit, header):
         """An answer over the 3x limit that cannot be made of smaller
