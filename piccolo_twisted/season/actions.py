@@ -510,7 +510,7 @@ def _switches_fail_for(season, duration):
     if season.switch_fault:
         return
     season.counts["power"] += 1
-    season.note(f"power switches fail as the window opens ({duration:.0f} s)")
+    season.note(f"power switches fail at the window's edge ({duration:.0f} s)")
     season.switch_fault = True
 
     def heal():
