@@ -350,14 +350,7 @@ def power_fault(season):
     season.counts["power"] += 1
     if rng.random() < 0.5:
         season.note("power switches fail")
-        season.switch_fault = True
-        duration = log_uniform(rng, MINUTE, 3 * HOUR)
-
-        def heal():
-            season.switch_fault = False
-            season.power_disturbed()
-            season.note("power switches work again")
-        season.world.at(season.t + duration, heal)
+        _switches_fail(season, log_uniform(rng, MINUTE, 3 * HOUR))
     else:
         # slow devices: an abort leaves a read running, and a power change
         # meanwhile answers "busy"
@@ -400,12 +393,30 @@ def slow_commit(season):
         return
     season.counts["slow-commit"] += 1
     season.note("SQLite commits slow")
-    season.slow_commit = True
+    _commits_slow(season, log_uniform(rng, MINUTE, 6 * HOUR))
+
+
+def _for_a_while(season, flag, duration, healed):
+    """``season.<flag>`` true for ``duration`` simulated seconds, then
+    ``healed()``."""
+    setattr(season, flag, True)
 
     def heal():
-        season.slow_commit = False
-        season.note("SQLite commits fast again")
-    season.world.at(season.t + log_uniform(rng, MINUTE, 6 * HOUR), heal)
+        setattr(season, flag, False)
+        healed()
+    season.world.at(season.t + duration, heal)
+
+
+def _switches_fail(season, duration):
+    def healed():
+        season.power_disturbed()
+        season.note("power switches work again")
+    _for_a_while(season, "switch_fault", duration, healed)
+
+
+def _commits_slow(season, duration):
+    _for_a_while(season, "slow_commit", duration,
+                 lambda: season.note("SQLite commits fast again"))
 
 
 # -- aimed at the seams ----------------------------------------------------------
@@ -499,11 +510,7 @@ def _slow_for(season, duration):
         return
     season.counts["slow-commit"] += 1
     season.note(f"SQLite commits slow across the power window's edge ({duration:.0f} s)")
-    season.slow_commit = True
-
-    def heal():
-        season.slow_commit = False
-    season.world.at(season.t + duration, heal)
+    _commits_slow(season, duration)
 
 
 def _switches_fail_for(season, duration):
@@ -511,13 +518,7 @@ def _switches_fail_for(season, duration):
         return
     season.counts["power"] += 1
     season.note(f"power switches fail at the window's edge ({duration:.0f} s)")
-    season.switch_fault = True
-
-    def heal():
-        season.switch_fault = False
-        season.power_disturbed()
-        season.note("power switches work again")
-    season.world.at(season.t + duration, heal)
+    _switches_fail(season, duration)
 
 
 def clock_back_after_boot(season, inc):
