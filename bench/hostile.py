@@ -248,8 +248,8 @@ def flood(dst, make, count, rate, src="127.0.0.9", stop=None):
 
 def exchange(dst, datagram, src="127.0.0.1", timeout=2.0, sock=None, follow=True):
     """Send one datagram and return its answer (or None). ``follow``: as a
-    client takes it -- a ping (an empty CON: the server checks that we
-    receive what it sends us) is answered with a RST, an empty ACK means
+    client takes it -- a ping (an empty CON) is answered with a RST, as
+    any CoAP endpoint must (this server sends none), an empty ACK means
     the answer follows as a separate CON response (acknowledged); else the
     first datagram that comes, whatever it is."""
     own = sock is None
